@@ -1,0 +1,484 @@
+"""NIH ChestX-ray14: labels, patient-level splits, decoding, transforms and the Dataset.
+
+Importing this file needs only numpy and Pillow: pandas (label tables) and torch (the
+Dataset) are imported where used, so the OpenVINO edge path in infer.py shares the exact
+evaluation preprocessing without torch installed, and stats.py starts fast.
+
+Command line:
+    python dataset.py split --data-dir data --split random --split-seed 0
+        writes a fresh patient-level split and prints where the lists are;
+    python dataset.py check --data-dir data [--decode]
+        checks every listed image is there (and decodes) before a long run.
+"""
+import argparse
+import gzip
+import os
+import re
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+CLASS_NAMES = [
+    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening",
+    "Hernia",
+]
+NUM_CLASSES = len(CLASS_NAMES)
+SPLITS = ("train", "val", "test")
+REPO_DIR = Path(__file__).resolve().parent
+SHIPPED_SPLIT_DIR = REPO_DIR / "splits" / "chexnet"  # the published CheXNet lists
+SHIPPED_LABEL_TABLE = REPO_DIR / "nih" / "Data_Entry_2017_v2020.csv.gz"
+# Both NIH revisions, newest first; either may be gzipped.
+LABEL_TABLE_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv",
+                     "Data_Entry_2017_v2020.csv.gz", "Data_Entry_2017.csv.gz")
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+HOW_TO_GET_DATA = ("run `bash batch_download.sh` to fetch ChestX-ray14 (42 GB), "
+                   "or pass --data-dir sample to use the bundled 200-image sample")
+
+
+class DataError(Exception):
+    """Bad input data; the message is one line naming the file (and line) at fault."""
+
+
+def one_line(exc):
+    """The last line of an error message: DataLoader workers re-raise errors with the worker's
+    traceback folded into the message, and the user needs only the original line."""
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else type(exc).__name__
+    # The worker's traceback ends with "dataset.DataError: <message>".
+    return re.sub(rf"^([\w.]*\.)?{type(exc).__name__}: ", "", last)
+
+
+def atomic_write_text(path, text):
+    """Write a file so that a crash never leaves it half-written (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def patient_of(name):
+    """NIH image names are <8-digit patient id>_<3-digit follow-up>.png."""
+    return int(name.split("_", 1)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Label table (Data_Entry_2017.csv / Data_Entry_2017_v2020.csv)
+
+def find_label_table(data_dir):
+    for name in LABEL_TABLE_NAMES:
+        if (Path(data_dir) / name).is_file():
+            return Path(data_dir) / name
+    raise DataError(f"{data_dir}: no label table (expected {LABEL_TABLE_NAMES[0]} or "
+                    f"{LABEL_TABLE_NAMES[1]}); {HOW_TO_GET_DATA}")
+
+
+def read_label_table(path):
+    """Returns (names, patient_ids int64 [N], labels uint8 [N, 14]) in file order.
+
+    The 2017 file ends every line with a comma (pandas sees an extra 'Unnamed: 11' column);
+    the 2020 revision does not. Only the three columns used here are required.
+    """
+    import pandas as pd
+
+    needed = ["Image Index", "Finding Labels", "Patient ID"]
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: cannot read label table ({one_line(e)})") from None
+    missing = [c for c in needed if c not in table.columns]
+    if missing:
+        raise DataError(f"{path}: label table lacks column(s) {', '.join(map(repr, missing))}")
+    findings = table["Finding Labels"].str.split("|")
+    known = set(CLASS_NAMES) | {"No Finding"}
+    labels = np.zeros((len(table), NUM_CLASSES), dtype=np.uint8)
+    column = {c: i for i, c in enumerate(CLASS_NAMES)}
+    for row, diseases in enumerate(findings):
+        for disease in diseases:
+            if disease not in known:
+                raise DataError(f"{path}:{row + 2}: unknown disease {disease!r} in Finding Labels "
+                                f"(expected {', '.join(CLASS_NAMES)} or 'No Finding')")
+            if disease != "No Finding":
+                labels[row, column[disease]] = 1
+    try:
+        patients = table["Patient ID"].astype(np.int64).to_numpy()
+    except ValueError:
+        bad = next(i for i, p in enumerate(table["Patient ID"]) if not p.strip().isdigit())
+        raise DataError(f"{path}:{bad + 2}: Patient ID {table['Patient ID'][bad]!r} "
+                        "is not a number") from None
+    return table["Image Index"].tolist(), patients, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# List files: "<image name> <14 space-separated 0/1>", one line per image
+
+def read_list(path):
+    """Returns (names, labels uint8 [N, 14])."""
+    names, rows = [], []
+    try:
+        with open(path) as f:
+            for line_no, line in enumerate(f, 1):
+                fields = line.split()
+                if not fields:
+                    continue
+                if len(fields) != NUM_CLASSES + 1 or not all(v in ("0", "1") for v in fields[1:]):
+                    raise DataError(f"{path}:{line_no}: expected an image name and {NUM_CLASSES} "
+                                    f"labels of 0/1, got {line.strip()[:80]!r}")
+                names.append(fields[0])
+                rows.append(fields[1:])
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read list file ({e})") from None
+    if not names:
+        raise DataError(f"{path}: list file is empty")
+    return names, np.array(rows, dtype=np.uint8).reshape(-1, NUM_CLASSES)
+
+
+def write_list(path, names, labels):
+    atomic_write_text(path, "".join(f"{n} {' '.join(map(str, row))}\n"
+                                    for n, row in zip(names, labels.tolist())))
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits
+
+def patient_split(patients, fractions=(0.7, 0.1, 0.2), seed=0):
+    """Assign whole patients to train/val/test so each split holds ~fractions of the images.
+
+    Deterministic: patients are shuffled by a seeded generator from their sorted ids, then
+    filled into train until it holds fractions[0] of the images, then val, then test.
+    Returns {split: sorted image indices}.
+    """
+    patients = np.asarray(patients)
+    unique, counts = np.unique(patients, return_counts=True)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    cum = np.cumsum(counts[order])
+    # A patient goes to the first split whose image quota is not yet filled when it starts.
+    start = cum - counts[order]
+    bounds = np.cumsum(fractions)[:-1] * len(patients)
+    which = np.searchsorted(bounds, start, side="right")
+    split_of_patient = dict(zip(unique[order].tolist(), which.tolist()))
+    assignment = np.array([split_of_patient[p] for p in patients.tolist()])
+    return {s: np.flatnonzero(assignment == i) for i, s in enumerate(SPLITS)}
+
+
+def make_random_split(data_dir, seed=0, fractions=(0.7, 0.1, 0.2)):
+    """A fresh patient-level split of the data directory's label table, written (atomically,
+    only where it changed) to <data-dir>/splits/random-seed<seed>/."""
+    table = find_label_table(data_dir)
+    names, patients, labels = read_label_table(table)
+    tag = "" if tuple(fractions) == (0.7, 0.1, 0.2) else "-" + "-".join(
+        f"{round(100 * f)}" for f in fractions)
+    out = Path(data_dir) / "splits" / f"random-seed{seed}{tag}"
+    order = np.argsort(names, kind="stable")
+    names, patients, labels = [names[i] for i in order], patients[order], labels[order]
+    for split, idx in patient_split(patients, fractions, seed).items():
+        _write_if_changed(out / f"{split}_list.txt", [names[i] for i in idx], labels[idx])
+    return out
+
+
+def make_official_split(data_dir, seed=0, val_fraction=0.125):
+    """NIH's own train_val_list.txt / test_list.txt, with val carved out of train_val by patient
+    (1/8 of train_val by default, which makes the whole ~70/10/20)."""
+    data_dir = Path(data_dir)
+    table = find_label_table(data_dir)
+    names, patients, labels = read_label_table(table)
+    row_of = {n: i for i, n in enumerate(names)}
+    official = {}
+    for part in ("train_val", "test"):
+        path = data_dir / f"{part}_list.txt"
+        if not path.is_file():
+            raise DataError(f"{path}: not found (NIH's official split lists ship with the data; "
+                            "`bash batch_download.sh` fetches them)")
+        with open(path) as f:
+            listed = [ln.strip() for ln in f if ln.strip()]
+        unknown = [n for n in listed if n not in row_of]
+        if unknown:
+            raise DataError(f"{path}: {len(unknown)} image(s) not in {table.name}, "
+                            f"e.g. {', '.join(unknown[:3])}")
+        official[part] = np.array(sorted(row_of[n] for n in listed), dtype=np.int64)
+    trainval = official["train_val"]
+    carve = patient_split(patients[trainval], (1 - val_fraction, val_fraction, 0.0), seed)
+    out = data_dir / "splits" / f"official-seed{seed}"
+    rows = {"train": trainval[carve["train"]], "val": trainval[carve["val"]],
+            "test": official["test"]}
+    for split, idx in rows.items():
+        _write_if_changed(out / f"{split}_list.txt", [names[i] for i in idx], labels[idx])
+    return out
+
+
+def _write_if_changed(path, names, labels):
+    text = "".join(f"{n} {' '.join(map(str, row))}\n" for n, row in zip(names, labels.tolist()))
+    if not (path.is_file() and path.read_text() == text):
+        atomic_write_text(path, text)
+
+
+def resolve_split(split="auto", data_dir=None, seed=0):
+    """Where the list files of a split live: {'train': Path, 'val': Path, 'test': Path}.
+
+    split:
+      auto     the data directory's own lists (<data-dir>/train_list.txt ...) if it has them
+               (the bundled sample does), else the shipped CheXNet split
+      chexnet  the published CheXNet lists shipped in splits/chexnet/
+      random   a fresh seeded patient-level 70/10/20 split of <data-dir>'s label table
+      official NIH's train_val_list.txt / test_list.txt, val carved out by patient
+      DIR      a directory holding train_list.txt, val_list.txt, test_list.txt
+    """
+    if split == "auto":
+        own = data_dir is not None and all((Path(data_dir) / f"{s}_list.txt").is_file()
+                                           for s in SPLITS)
+        directory = Path(data_dir) if own else SHIPPED_SPLIT_DIR
+    elif split == "chexnet":
+        directory = SHIPPED_SPLIT_DIR
+    elif split in ("random", "official"):
+        if data_dir is None or not Path(data_dir).is_dir():
+            raise DataError(f"--split {split} needs a data directory with the label table "
+                            f"({data_dir} not found); {HOW_TO_GET_DATA}")
+        make = make_random_split if split == "random" else make_official_split
+        directory = make(data_dir, seed=seed)
+    else:
+        directory = Path(split)
+        if not directory.is_dir():
+            raise DataError(f"--split {split}: not auto, chexnet, random, official "
+                            "or a directory of list files")
+    lists = {s: directory / f"{s}_list.txt" for s in SPLITS}
+    for path in lists.values():
+        if not path.is_file():
+            raise DataError(f"{path}: list file not found")
+    return lists
+
+
+# ---------------------------------------------------------------------------------------------
+# Images and preprocessing
+
+def check_data_dir(data_dir):
+    """Fail fast, before any long work, on a data directory that cannot be used."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"data directory {data_dir}/ not found: {HOW_TO_GET_DATA}")
+    image_dir = data_dir / "images"
+    if not image_dir.is_dir() or not any(n.endswith(".png") for n in os.listdir(image_dir)):
+        raise DataError(f"{image_dir}/: no PNG images; {HOW_TO_GET_DATA}")
+    find_label_table(data_dir)
+
+
+def check_images_present(image_dir, names, list_path):
+    present = set(os.listdir(image_dir))
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise DataError(f"{list_path}: {len(missing)} of {len(names)} listed images are missing "
+                        f"from {image_dir}/, e.g. {', '.join(missing[:3])}")
+
+
+def load_gray(path):
+    """Decode an image as 8-bit single-channel (H, W). NIH ships 8-bit grayscale PNGs and a few
+    RGBA ones whose colour channels are equal and alpha opaque, so one channel loses nothing;
+    it is replicated to the 3 channels the ImageNet-initialised model expects at the end."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("L")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: unreadable image ({one_line(e)})") from None
+
+
+def resize_shorter(img, size):
+    """torchvision.transforms.Resize(int) on a PIL image: shorter side to `size`, bilinear."""
+    w, h = img.size
+    if w <= h:
+        new = (size, int(size * h / w))
+    else:
+        new = (int(size * w / h), size)
+    return img if new == (w, h) else img.resize(new, Image.BILINEAR)
+
+
+def normalize_gray(gray_u8):
+    """(..., H, W) uint8 -> (..., 3, H, W) float32, ImageNet-normalised per channel."""
+    x = gray_u8.astype(np.float32)[..., None, :, :] / 255.0
+    return (x - IMAGENET_MEAN[:, None, None]) / IMAGENET_STD[:, None, None]
+
+
+def crop_gray(gray, crop, ten_crop=True):
+    """Crops of a resized (H, W) uint8 array, as torchvision's TenCrop / CenterCrop take them.
+
+    Returns (10, crop, crop) uint8 for ten-crop (corners and centre of the image, then of its
+    mirror image) or (1, crop, crop) for the centre crop.
+    """
+    h, w = gray.shape
+    if h < crop or w < crop:
+        raise ValueError(f"crop {crop} is larger than the resized image {w}x{h}")
+    top, left = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
+    centre = gray[top:top + crop, left:left + crop]
+    if not ten_crop:
+        return centre[None]
+    five = [gray[:crop, :crop], gray[:crop, w - crop:], gray[h - crop:, :crop],
+            gray[h - crop:, w - crop:], centre]
+    return np.stack(five + [c[:, ::-1] for c in (five[1], five[0], five[3], five[2], five[4])])
+
+
+def eval_input(path, resize=256, crop=224, ten_crop=True):
+    """The evaluation protocol for one image file: Resize(resize) -> TenCrop(crop) (or centre
+    crop) -> ImageNet normalisation. Returns (10 or 1, 3, crop, crop) float32."""
+    gray = np.asarray(resize_shorter(load_gray(path), resize))
+    return normalize_gray(crop_gray(gray, crop, ten_crop))
+
+
+def train_transform(crop=224):
+    """Random resized crop + horizontal flip on the single-channel PIL image, then
+    (3, crop, crop) float32 normalised."""
+    from torchvision import transforms
+    return transforms.Compose([
+        transforms.RandomResizedCrop(crop),
+        transforms.RandomHorizontalFlip(),
+        transforms.PILToTensor(),  # (1, crop, crop) uint8
+        _GrayToNormalizedRGB(),
+    ])
+
+
+class _GrayToNormalizedRGB:
+    def __call__(self, gray_u8):
+        import torch
+        return torch.from_numpy(normalize_gray(gray_u8.numpy()[0]))
+
+
+class ChestXray14:
+    """Map-style dataset over one list file: item = (image tensor, labels float32 [14], name).
+
+    mode 'train': random resized crop + flip -> (3, crop, crop); 'ten_crop': (10, 3, crop, crop);
+    'center': (3, crop, crop). Random augmentation is seeded from (seed, epoch, index) so a
+    resumed run sees exactly the pixels an uninterrupted one would.
+    With skip_bad_images an unreadable image yields None (dropped by `collate`) and a warning.
+    """
+
+    def __init__(self, data_dir, list_path, mode="train", resize=256, crop=224, seed=0,
+                 skip_bad_images=False, limit=None):
+        self.image_dir = Path(data_dir) / "images"
+        self.names, self.labels = read_list(list_path)
+        if limit:
+            self.names, self.labels = self.names[:limit], self.labels[:limit]
+        check_images_present(self.image_dir, self.names, list_path)
+        if mode not in ("train", "ten_crop", "center"):
+            raise ValueError(f"unknown mode {mode!r}")
+        self.mode, self.resize, self.crop = mode, resize, crop
+        self.transform = train_transform(crop) if mode == "train" else None
+        self.seed, self.epoch = seed, 0
+        self.skip_bad_images = skip_bad_images
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, index):
+        import torch
+        path = self.image_dir / self.names[index]
+        try:
+            img = load_gray(path)
+        except DataError as e:
+            if not self.skip_bad_images:
+                raise
+            warnings.warn(f"skipping {e}")
+            return None
+        if self.mode == "train":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF)
+                x = self.transform(img)
+        else:
+            gray = np.asarray(resize_shorter(img, self.resize))
+            x = torch.from_numpy(normalize_gray(crop_gray(gray, self.crop, self.mode == "ten_crop")))
+            if self.mode == "center":
+                x = x[0]
+        return x, torch.from_numpy(self.labels[index].astype(np.float32)), self.names[index]
+
+
+def collate(batch):
+    """default_collate without the images skipped as unreadable (None); None if all were."""
+    from torch.utils.data import default_collate
+    batch = [item for item in batch if item is not None]
+    return default_collate(batch) if batch else None
+
+
+def add_data_args(parser):
+    """The data flags every script shares."""
+    parser.add_argument("--data-dir", default="data",
+                        help="ChestX-ray14 directory: images/ and the label table (default: data)")
+    parser.add_argument("--split", default="auto",
+                        help="auto | chexnet | random | official | DIR with the three list files "
+                             "(default auto: the data dir's own lists, else the CheXNet split)")
+    parser.add_argument("--split-seed", type=int, default=0,
+                        help="seed of the random/official patient-level split")
+    parser.add_argument("--resize", type=int, default=256, help="evaluation resize (default 256)")
+    parser.add_argument("--crop-size", type=int, default=224, help="crop size (default 224)")
+    parser.add_argument("--limit", type=int, default=None, help="use the first N images of a split")
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="skip unreadable images with a warning instead of stopping")
+
+
+def check(data_dir, lists, decode=False, workers=None, skip_bad_images=False):
+    """Check a data directory against a split before a long run: every listed image present
+    and, with decode, every one decodable. Returns {split: image count}."""
+    check_data_dir(data_dir)
+    image_dir = Path(data_dir) / "images"
+    counts = {}
+    for split, path in lists.items():
+        names, _ = read_list(path)
+        check_images_present(image_dir, names, path)
+        counts[split] = len(names)
+        if decode:
+            from concurrent.futures import ProcessPoolExecutor
+            paths = [image_dir / n for n in names]
+            with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
+                bad = [msg for msg in pool.map(_decode_error, paths, chunksize=64) if msg]
+            if bad and not skip_bad_images:
+                raise DataError(f"{bad[0]} ({len(bad)} unreadable image(s) in {path})")
+            for msg in bad:
+                print(f"warning: skipping {msg}", file=sys.stderr)
+            counts[split] -= len(bad)
+    return counts
+
+
+def _decode_error(path):
+    try:
+        load_gray(path).load()
+    except DataError as e:
+        return str(e)
+    return None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    split = sub.add_parser("split", help="write a split's list files and print where they are")
+    add_data_args(split)
+    check_cmd = sub.add_parser("check", help="check that every listed image is present "
+                               "(and with --decode, readable) before a long run")
+    add_data_args(check_cmd)
+    check_cmd.add_argument("--decode", action="store_true", help="decode every image too")
+    check_cmd.add_argument("--workers", type=int, default=None)
+    args = parser.parse_args(argv)
+    try:
+        lists = resolve_split(args.split, args.data_dir, args.split_seed)
+        if args.command == "split":
+            for s, path in lists.items():
+                print(f"{s:<5} {len(read_list(path)[0]):>7} images  {path}")
+        else:
+            counts = check(args.data_dir, lists, args.decode, args.workers, args.skip_bad_images)
+            print(f"{args.data_dir}: ok, " + ", ".join(f"{n} {s}" for s, n in counts.items())
+                  + (" images decoded" if args.decode else " images present"))
+    except DataError as e:
+        sys.exit(f"error: {one_line(e)}")
+
+
+if __name__ == "__main__":
+    main()
