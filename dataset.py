@@ -333,12 +333,12 @@ def eval_input(path, resize=256, crop=224, ten_crop=True):
     return normalize_gray(crop_gray(gray, crop, ten_crop))
 
 
-def train_transform(crop=224):
+def train_transform(crop=224, crop_scale=0.08):
     """Random resized crop + horizontal flip on the single-channel PIL image, then
     (3, crop, crop) float32 normalised."""
     from torchvision import transforms
     return transforms.Compose([
-        transforms.RandomResizedCrop(crop),
+        transforms.RandomResizedCrop(crop, scale=(crop_scale, 1.0)),
         transforms.RandomHorizontalFlip(),
         transforms.PILToTensor(),  # (1, crop, crop) uint8
         _GrayToNormalizedRGB(),
@@ -361,7 +361,7 @@ class ChestXray14:
     """
 
     def __init__(self, data_dir, list_path, mode="train", resize=256, crop=224, seed=0,
-                 skip_bad_images=False, limit=None):
+                 skip_bad_images=False, limit=None, crop_scale=0.08):
         self.image_dir = Path(data_dir) / "images"
         self.names, self.labels = read_list(list_path)
         if limit:
@@ -370,7 +370,7 @@ class ChestXray14:
         if mode not in ("train", "ten_crop", "center"):
             raise ValueError(f"unknown mode {mode!r}")
         self.mode, self.resize, self.crop = mode, resize, crop
-        self.transform = train_transform(crop) if mode == "train" else None
+        self.transform = train_transform(crop, crop_scale) if mode == "train" else None
         self.seed, self.epoch = seed, 0
         self.skip_bad_images = skip_bad_images
 
@@ -400,6 +400,22 @@ class ChestXray14:
             if self.mode == "center":
                 x = x[0]
         return x, torch.from_numpy(self.labels[index].astype(np.float32)), self.names[index]
+
+
+def roc_aucs(labels, probs):
+    """Per-disease ROC-AUC (float64 [14]); NaN where the images hold a single class, for
+    which AUC is undefined. labels, probs: [N, 14]."""
+    from sklearn.metrics import roc_auc_score
+    labels, probs = np.asarray(labels), np.asarray(probs)
+    return np.array([roc_auc_score(labels[:, k], probs[:, k])
+                     if 0 < labels[:, k].sum() < len(labels) else np.nan
+                     for k in range(labels.shape[1])])
+
+
+def mean_auc(aucs):
+    """Mean over the diseases whose AUC is defined (NaN if none is)."""
+    aucs = np.asarray(aucs)
+    return float(aucs[~np.isnan(aucs)].mean()) if (~np.isnan(aucs)).any() else float("nan")
 
 
 def collate(batch):

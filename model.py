@@ -1,0 +1,162 @@
+"""CheXNet: a torchvision DenseNet-121 (or ResNet-50) with a 14-way linear head.
+
+The module returns logits (train with BCEWithLogitsLoss, which is numerically stable);
+`with_sigmoid(model)` gives the probability model used for inference and export, as the
+original CheXNet's Linear + Sigmoid classifier. State dict keys are torchvision's own
+(`features.conv0.weight`, ..., `classifier.weight`), so a checkpoint is a torchvision model's
+state dict with a 14-way head.
+"""
+import re
+import urllib.error
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+ARCHS = {
+    # arch: (torchvision builder, ImageNet weights, name of the head attribute)
+    "densenet121": (torchvision.models.densenet121,
+                    torchvision.models.DenseNet121_Weights.IMAGENET1K_V1, "classifier"),
+    "resnet50": (torchvision.models.resnet50,
+                 torchvision.models.ResNet50_Weights.IMAGENET1K_V1, "fc"),
+}
+
+
+class CheckpointError(Exception):
+    """A checkpoint or weights file that cannot be used; one line naming the file."""
+
+
+def build_model(arch="densenet121", num_classes=14, pretrained="imagenet", weights=None,
+                freeze_backbone=False):
+    """The CheXNet model, initialised from ImageNet (torchvision's weights API, downloaded
+    once into the torch cache) or at random (`pretrained='none'`); or from a local file
+    (`weights`): a torchvision ImageNet file (the head is then new) or a CheXNet checkpoint,
+    ours or the legacy format (the head is loaded too)."""
+    if arch not in ARCHS:
+        raise CheckpointError(f"unknown --arch {arch!r} (choose from {', '.join(ARCHS)})")
+    builder, imagenet, head_name = ARCHS[arch]
+    model = builder(weights=None)
+    state = None
+    if weights is not None:
+        state = read_state_dict(weights, what="weights file")
+    elif pretrained == "imagenet":
+        state = _download_imagenet(arch, imagenet)
+    elif pretrained != "none":
+        raise CheckpointError(f"unknown --pretrained {pretrained!r} (imagenet or none)")
+    head_weight = f"{head_name}.weight"
+    if state is not None and head_weight in state and state[head_weight].shape[0] == 1000:
+        load_weights(model, state, weights or imagenet.url, arch, 1000)  # an ImageNet backbone
+        state = None
+    in_features = getattr(model, head_name).in_features
+    setattr(model, head_name, nn.Linear(in_features, num_classes))
+    if state is not None:  # a CheXNet checkpoint (ours or the legacy format): head included
+        load_weights(model, state, weights, arch, num_classes)
+    if freeze_backbone:
+        # The two-stage transfer recipe: train only the new head on frozen ImageNet features.
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith(head_name + ".")
+    return model
+
+
+def _download_imagenet(arch, imagenet):
+    try:
+        state = imagenet.get_state_dict(progress=False, check_hash=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as e:
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(imagenet.url).name
+        raise CheckpointError(
+            f"cannot download the ImageNet weights of {arch} from {imagenet.url} "
+            f"({type(e).__name__}: {e}); on an offline machine copy that file to {cache} or pass "
+            f"--weights PATH to a local copy, or start from random weights with --pretrained none"
+        ) from None
+    return _torchvision_names(state)
+
+
+def model_from_checkpoint(path, arch=None):
+    """The bare model of a checkpoint (ours or legacy), in eval mode, and its metadata."""
+    obj = load_file(path)
+    meta = obj if isinstance(obj, dict) and "model" in obj else {}
+    arch = arch or meta.get("args", {}).get("arch", "densenet121")
+    state = read_state_dict(path, obj=obj)
+    head = next((state[k] for k in ("classifier.weight", "fc.weight") if k in state), None)
+    if head is None:
+        raise CheckpointError(f"{path}: no classifier.weight or fc.weight: not a CheXNet checkpoint")
+    model = build_model(arch, num_classes=head.shape[0], pretrained="none")
+    load_weights(model, state, path, arch, head.shape[0])
+    return model.eval(), meta
+
+
+def with_sigmoid(model):
+    """The inference model: (N, 3, H, W) normalised images -> (N, 14) probabilities."""
+    return nn.Sequential(model, nn.Sigmoid()).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading state dicts safely (weights_only), from our checkpoints and from the legacy format
+
+def read_state_dict(path, what="checkpoint", obj=None):
+    """A state dict from any file we accept: a bare state dict, our checkpoint (its 'model'),
+    or the legacy CheXNet format {'state_dict': {'module.densenet121.features...': ...}}.
+    Keys come back in today's torchvision names. `obj`: the file's content, if already loaded."""
+    obj = load_file(path, what) if obj is None else obj
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not (isinstance(obj, dict) and obj and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())):
+        raise CheckpointError(f"{path}: not a state dict ({what} holds a {type(obj).__name__})")
+    return _torchvision_names(obj)
+
+
+def load_file(path, what="checkpoint"):
+    """torch.load with weights_only=True: tensors and plain containers, never arbitrary code."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: {what} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, truncated zip, not a torch file at all ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a loadable {what} ({reason[:200]})") from None
+
+
+_LEGACY_PREFIXES = ("module.", "_orig_mod.", "densenet121.", "resnet50.")
+# Old torchvision DenseNet names: denselayer1.norm.1 -> norm1, conv.2 -> conv2
+_OLD_DENSENET = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:1|2)\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+
+
+def _torchvision_names(state):
+    """Strip DataParallel/DDP/compile/CheXNet-wrapper prefixes and rename old torchvision
+    DenseNet keys, so legacy checkpoints and torchvision's own files load into build_model."""
+    renamed = {}
+    for key, value in state.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in _LEGACY_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        match = _OLD_DENSENET.match(key)
+        if match:
+            key = match.group(1) + match.group(2)
+        # The original CheXNet head is Sequential(Linear, Sigmoid): classifier.0 -> classifier
+        key = re.sub(r"^classifier\.0\.", "classifier.", key)
+        renamed[key] = value
+    return renamed
+
+
+def load_weights(model, state, path, arch, num_classes):
+    """Load a state dict into the bare model, or say in one line why it does not fit."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        if wrong:
+            k = wrong[0]
+            detail = f"{k} has shape {tuple(state[k].shape)}, expected {tuple(own[k].shape)}"
+        else:
+            detail = (f"{len(missing)} missing keys (e.g. {missing[0]})" if missing
+                      else f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        raise CheckpointError(f"{path}: does not fit {arch} with {num_classes} classes: {detail}")
+    model.load_state_dict(state)
