@@ -288,3 +288,40 @@ def test_device_errors():
                            "--device cuda")
     proc = run_script("main.py", "--device", "tpu")
     assert proc.returncode == 2 and "invalid choice: 'tpu'" in proc.stderr
+
+
+# ---- run.sh -----------------------------------------------------------------------------------
+
+def _run_sh(*args, env=None, path_prefix=None):
+    venv = Path(sys.prefix)  # this interpreter's environment: run.sh installs nothing new
+    full_env = {**os.environ, "VENV": str(venv), **(env or {})}
+    if path_prefix:
+        full_env["PATH"] = f"{path_prefix}:{full_env['PATH']}"
+    return subprocess.run(["bash", "run.sh", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, env=full_env, timeout=600)
+
+
+def test_run_sh_without_data_runs_the_sample_demo(tmp_path):
+    tiny = [a for a in TINY if a not in ("--data-dir", REPO / "sample")]
+    proc = _run_sh(*tiny, "--epochs", "1", "--out-dir", tmp_path,
+                   env={"DATA_DIR": str(tmp_path / "data")})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"no ChestX-ray14 in {tmp_path / 'data'}/" in proc.stdout
+    assert "demonstration on the bundled 200-image sample with 1 x cpu" in proc.stdout
+    assert (tmp_path / "last.pt").is_file() and (tmp_path / "metrics.jsonl").is_file()
+
+
+def test_run_sh_trains_on_the_data_dir_and_finds_gpus(tmp_path, nih_data_dir):
+    tiny = [a for a in TINY if a not in ("--data-dir", REPO / "sample")]
+    proc = _run_sh(*tiny, "--epochs", "1", "--batch-size", "4", "--out-dir", tmp_path / "run",
+                   env={"DATA_DIR": str(nih_data_dir), "MAX_RESTARTS": "0"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"training on {nih_data_dir} with 1 x cpu" in proc.stdout
+    # Two (pretend) NVIDIA GPUs: one process each, on CUDA.
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: H100'\necho 'GPU 1: H100'\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    proc = _run_sh("--epochs", "1", path_prefix=fake, env={"DATA_DIR": str(tmp_path / "none")})
+    assert "with 2 x cuda" in proc.stdout
+    assert "--nproc_per_node=2" in proc.stderr and "--device cuda" in proc.stderr
