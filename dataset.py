@@ -8,15 +8,20 @@ Command line:
     python dataset.py split --data-dir data --split random --split-seed 0
         writes a fresh patient-level split and prints where the lists are;
     python dataset.py check --data-dir data [--decode]
-        checks every listed image is there (and decodes) before a long run.
+        checks every listed image is there (and decodes) before a long run;
+    python dataset.py prepare --data-dir data [--size 256]
+        decodes every image once into data/store/256/, which main.py then reads.
 """
 import argparse
 import gzip
+import json
 import os
 import re
 import sys
 import tempfile
+import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +64,7 @@ def atomic_write_text(path, text):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide results from the rest of the team
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -333,16 +339,14 @@ def eval_input(path, resize=256, crop=224, ten_crop=True):
     return normalize_gray(crop_gray(gray, crop, ten_crop))
 
 
-def train_transform(crop=224, crop_scale=0.08):
+def train_transform(crop=224, crop_scale=0.08, raw=False):
     """Random resized crop + horizontal flip on the single-channel PIL image, then
-    (3, crop, crop) float32 normalised."""
+    (3, crop, crop) float32 normalised, or with raw (1, crop, crop) uint8."""
     from torchvision import transforms
-    return transforms.Compose([
-        transforms.RandomResizedCrop(crop, scale=(crop_scale, 1.0)),
-        transforms.RandomHorizontalFlip(),
-        transforms.PILToTensor(),  # (1, crop, crop) uint8
-        _GrayToNormalizedRGB(),
-    ])
+    steps = [transforms.RandomResizedCrop(crop, scale=(crop_scale, 1.0)),
+             transforms.RandomHorizontalFlip(),
+             transforms.PILToTensor()]  # (1, crop, crop) uint8
+    return transforms.Compose(steps if raw else steps + [_GrayToNormalizedRGB()])
 
 
 class _GrayToNormalizedRGB:
@@ -351,17 +355,31 @@ class _GrayToNormalizedRGB:
         return torch.from_numpy(normalize_gray(gray_u8.numpy()[0]))
 
 
+@contextmanager
+def _seeded(seed, epoch, index):
+    """Augmentation randomness from (seed, epoch, image index) alone, not from the global
+    generator, so workers, restarts and resumed runs draw exactly the same crops."""
+    import torch
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(hash((seed, epoch, index)) & 0x7FFF_FFFF)
+        yield
+
+
 class ChestXray14:
-    """Map-style dataset over one list file: item = (image tensor, labels float32 [14], name).
+    """Map-style dataset over one list file, decoding PNGs: item = (image, labels float32 [14],
+    name).
 
     mode 'train': random resized crop + flip -> (3, crop, crop); 'ten_crop': (10, 3, crop, crop);
-    'center': (3, crop, crop). Random augmentation is seeded from (seed, epoch, index) so a
-    resumed run sees exactly the pixels an uninterrupted one would.
+    'center': (3, crop, crop), float32 ImageNet-normalised. With raw=True the same pixels come
+    as single-channel uint8, (1, crop, crop) or (10, 1, crop, crop): 12x less to copy to the
+    device, where `to_model_input` finishes them (main.py's path).
+    Random augmentation is seeded from (seed, epoch, index) so a resumed run sees exactly the
+    pixels an uninterrupted one would.
     With skip_bad_images an unreadable image yields None (dropped by `collate`) and a warning.
     """
 
     def __init__(self, data_dir, list_path, mode="train", resize=256, crop=224, seed=0,
-                 skip_bad_images=False, limit=None, crop_scale=0.08):
+                 skip_bad_images=False, limit=None, crop_scale=0.08, raw=False):
         self.image_dir = Path(data_dir) / "images"
         self.names, self.labels = read_list(list_path)
         if limit:
@@ -369,8 +387,8 @@ class ChestXray14:
         check_images_present(self.image_dir, self.names, list_path)
         if mode not in ("train", "ten_crop", "center"):
             raise ValueError(f"unknown mode {mode!r}")
-        self.mode, self.resize, self.crop = mode, resize, crop
-        self.transform = train_transform(crop, crop_scale) if mode == "train" else None
+        self.mode, self.resize, self.crop, self.raw = mode, resize, crop, raw
+        self.transform = train_transform(crop, crop_scale, raw) if mode == "train" else None
         self.seed, self.epoch = seed, 0
         self.skip_bad_images = skip_bad_images
 
@@ -390,16 +408,212 @@ class ChestXray14:
                 raise
             warnings.warn(f"skipping {e}")
             return None
+        labels = torch.from_numpy(self.labels[index].astype(np.float32))
         if self.mode == "train":
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF)
+            with _seeded(self.seed, self.epoch, index):
                 x = self.transform(img)
         else:
             gray = np.asarray(resize_shorter(img, self.resize))
-            x = torch.from_numpy(normalize_gray(crop_gray(gray, self.crop, self.mode == "ten_crop")))
-            if self.mode == "center":
-                x = x[0]
-        return x, torch.from_numpy(self.labels[index].astype(np.float32)), self.names[index]
+            x = _eval_tensor(crop_gray(gray, self.crop, self.mode == "ten_crop"), self.mode,
+                             self.raw)
+        return x, labels, self.names[index]
+
+
+def _eval_tensor(crops_u8, mode, raw):
+    """(n, crop, crop) uint8 crops -> the evaluation item of `mode`."""
+    import torch
+    x = torch.from_numpy(np.ascontiguousarray(crops_u8)[:, None] if raw else normalize_gray(crops_u8))
+    return x[0] if mode == "center" else x
+
+
+# ---------------------------------------------------------------------------------------------
+# The preprocessed store: every image decoded once, resized, kept as one uint8 memmap
+
+class Store:
+    """<data-dir>/store/<size>/: images.u8 (N, size, size) uint8, names.txt (row order) and
+    meta.json, written last, which marks the store complete."""
+
+    def __init__(self, directory):
+        self.dir = Path(directory)
+        self.meta = json.loads((self.dir / "meta.json").read_text())
+        self.size, self.count = self.meta["size"], self.meta["count"]
+        self.names = (self.dir / "names.txt").read_text().split()
+        self.row = {n: i for i, n in enumerate(self.names)}
+        self._array = None
+
+    @property
+    def array(self):
+        # Opened lazily, so each loader worker maps the file itself instead of pickling it.
+        if self._array is None:
+            self._array = np.memmap(self.dir / "images.u8", np.uint8, "r",
+                                    shape=(self.count, self.size, self.size))
+        return self._array
+
+
+def store_dir(data_dir, size):
+    return Path(data_dir) / "store" / str(size)
+
+
+def open_store(data_dir, size):
+    """The complete store for this image size, None if there is none, or a DataError when one
+    is there but partial or stale: a store is never used silently."""
+    directory = store_dir(data_dir, size)
+    if not directory.is_dir():
+        return None
+    how = f"run `python dataset.py prepare --data-dir {data_dir} --size {size}`"
+    if not (directory / "meta.json").is_file():
+        raise DataError(f"{directory}/: incomplete store (preparation was interrupted); {how} "
+                        "to finish it, or pass --no-store to read the PNGs")
+    store = Store(directory)
+    expected = store.count * size * size
+    if (len(store.names) != store.count or not (directory / "images.u8").is_file()
+            or (directory / "images.u8").stat().st_size != expected):
+        raise DataError(f"{directory}/: damaged store (sizes do not match meta.json); "
+                        f"delete it and {how}")
+    pngs = sorted(n for n in os.listdir(Path(data_dir) / "images") if n.endswith(".png"))
+    if pngs != store.names:
+        raise DataError(f"{directory}/: stale store ({store.count} images, {data_dir}/images/ "
+                        f"has {len(pngs)} different ones); {how} to bring it up to date")
+    return store
+
+
+def _store_rows(job):
+    """Loader-pool work: decode, resize and write rows [(row, path)] of the partial store."""
+    partial, count, size, rows = job
+    array = np.memmap(partial, np.uint8, "r+", shape=(count, size, size))
+    for row, path in rows:
+        gray = resize_shorter(load_gray(path), size)
+        w, h = gray.size  # NIH images are square; others are centre-cropped to a square
+        left, top = (w - size) // 2, (h - size) // 2
+        array[row] = np.asarray(gray.crop((left, top, left + size, top + size)))
+    array.flush()
+    return [row for row, _ in rows]
+
+
+def prepare_store(data_dir, size=256, workers=None, progress=True):
+    """Decode every PNG of <data-dir>/images once, in parallel, into the store. Resumable: rows
+    already written are kept (done.partial) when the same images are prepared again; the
+    store only counts as complete once meta.json is written (atomically, last)."""
+    from multiprocessing import Pool
+    from tqdm import tqdm
+
+    check_data_dir(data_dir)
+    image_dir = Path(data_dir) / "images"
+    names = sorted(n for n in os.listdir(image_dir) if n.endswith(".png"))
+    directory = store_dir(data_dir, size)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = directory / "meta.json"
+    if meta.is_file():
+        if (directory / "names.txt").read_text().split() == names:
+            return directory, 0
+        meta.unlink()  # stale: the images changed; prepare anew
+    partial, done_path = directory / "images.u8.partial", directory / "done.partial"
+    names_path = directory / "names.txt.partial"
+    same = names_path.is_file() and names_path.read_text().split() == names
+    if not same or not partial.is_file() or not done_path.is_file():
+        for path in (partial, done_path):
+            path.unlink(missing_ok=True)
+        atomic_write_text(names_path, "\n".join(names) + "\n")
+        np.memmap(partial, np.uint8, "w+", shape=(len(names), size, size)).flush()
+        np.zeros(len(names), np.uint8).tofile(done_path)
+    done = np.fromfile(done_path, np.uint8)
+    todo = np.flatnonzero(done == 0)
+    chunk = 64
+    jobs = [(str(partial), len(names), size,
+             [(int(r), str(image_dir / names[r])) for r in todo[i:i + chunk]])
+            for i in range(0, len(todo), chunk)]
+    last_save = time.monotonic()
+
+    def save_done():
+        tmp = done_path.with_suffix(".tmp")
+        done.tofile(tmp)
+        os.replace(tmp, done_path)
+
+    with Pool(workers or os.cpu_count()) as pool, tqdm(
+            total=len(names), initial=len(names) - len(todo), unit="img",
+            desc=f"store {size}x{size}", disable=not progress) as bar:
+        try:
+            for rows in pool.imap_unordered(_store_rows, jobs):
+                done[rows] = 1
+                bar.update(len(rows))
+                if time.monotonic() - last_save > 5:
+                    save_done()
+                    last_save = time.monotonic()
+        finally:
+            save_done()
+    os.replace(partial, directory / "images.u8")
+    os.replace(names_path, directory / "names.txt")
+    atomic_write_text(meta, json.dumps({"size": size, "count": len(names),
+                                        "source": str(image_dir)}) + "\n")
+    done_path.unlink()
+    return directory, len(todo)
+
+
+class StoreDataset:
+    """ChestXray14 read from the store: uint8 items, finished on the device by
+    `to_model_input`. mode 'train' -> ((1, size, size) image, labels, name, crop box
+    int64 [top, left, height, width, flip]); 'center' / 'ten_crop' -> the same crops the PNG
+    path takes, as (1, crop, crop) / (10, 1, crop, crop) uint8."""
+
+    def __init__(self, store, list_path, mode="train", crop=224, seed=0, limit=None,
+                 crop_scale=0.08):
+        self.store = store
+        self.names, self.labels = read_list(list_path)
+        if limit:
+            self.names, self.labels = self.names[:limit], self.labels[:limit]
+        missing = [n for n in self.names if n not in store.row]
+        if missing:
+            raise DataError(f"{list_path}: {len(missing)} listed images are not in the store "
+                            f"{store.dir}/, e.g. {', '.join(missing[:3])}")
+        self.rows = [store.row[n] for n in self.names]
+        self.mode, self.crop, self.crop_scale = mode, crop, crop_scale
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, index):
+        import torch
+        from torchvision.transforms import RandomResizedCrop
+        gray = self.store.array[self.rows[index]]  # (size, size) uint8, a view of the memmap
+        labels = torch.from_numpy(self.labels[index].astype(np.float32))
+        if self.mode != "train":
+            return _eval_tensor(crop_gray(gray, self.crop, self.mode == "ten_crop"), self.mode,
+                                True), labels, self.names[index]
+        with _seeded(self.seed, self.epoch, index):
+            box = RandomResizedCrop.get_params(torch.empty(1, *gray.shape), (self.crop_scale, 1.0),
+                                               (3 / 4, 4 / 3))
+            flip = int(torch.rand(1) < 0.5)
+        return (torch.from_numpy(np.array(gray))[None], labels, self.names[index],
+                torch.tensor([*box, flip]))
+
+
+def to_model_input(x, boxes=None, crop=None):
+    """On the device: uint8 single-channel images -> ImageNet-normalised 3-channel float.
+
+    x: (B, 1, H, W) or (B, 10, 1, h, w) uint8 (already float and 3-channel: returned as is).
+    boxes (store training batches): (B, 5) [top, left, height, width, flip] per image: each box
+    is cropped, resized to crop x crop (bilinear, antialiased, as PIL does) and maybe flipped.
+    """
+    import torch
+    import torch.nn.functional as F
+    if x.dtype != torch.uint8:
+        return x
+    x = x.float().div_(255.0)
+    if boxes is not None:
+        out = torch.empty(x.shape[0], 1, crop, crop, device=x.device)
+        for b, (top, left, height, width, flip) in enumerate(boxes.tolist()):
+            patch = F.interpolate(x[b:b + 1, :, top:top + height, left:left + width],
+                                  size=(crop, crop), mode="bilinear", align_corners=False,
+                                  antialias=True)[0]
+            out[b] = patch.flip(-1) if flip else patch
+        x = out
+    mean = torch.as_tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.as_tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+    return (x - mean) / std  # (..., 1, H, W) broadcast to (..., 3, H, W)
 
 
 def roc_aucs(labels, probs):
@@ -482,8 +696,22 @@ def main(argv=None):
     add_data_args(check_cmd)
     check_cmd.add_argument("--decode", action="store_true", help="decode every image too")
     check_cmd.add_argument("--workers", type=int, default=None)
+    prepare = sub.add_parser("prepare", help="decode every image once into the preprocessed "
+                             "store that training and evaluation read (resumable)")
+    prepare.add_argument("--data-dir", default="data")
+    prepare.add_argument("--size", type=int, default=256,
+                         help="stored resolution; must equal main.py's --resize (256, or 512)")
+    prepare.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     args = parser.parse_args(argv)
     try:
+        if args.command == "prepare":
+            start = time.perf_counter()
+            directory, written = prepare_store(args.data_dir, args.size, args.workers,
+                                               progress=sys.stderr.isatty())
+            store = open_store(args.data_dir, args.size)
+            print(f"{directory}/: {store.count} images at {args.size}x{args.size} "
+                  f"({written} decoded now, {time.perf_counter() - start:.1f} s)")
+            return
         lists = resolve_split(args.split, args.data_dir, args.split_seed)
         if args.command == "split":
             for s, path in lists.items():

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from dataset import (CLASS_NAMES, ChestXray14, DataError, add_data_args, check_data_dir, collate,
-                     mean_auc, one_line, resolve_split, roc_aucs)
+from dataset import (CLASS_NAMES, ChestXray14, DataError, StoreDataset, add_data_args,
+                     check_data_dir, collate, mean_auc, one_line, open_store, resolve_split,
+                     roc_aucs, to_model_input)
 from model import ARCHS, CheckpointError, build_model, load_file, load_weights
 
 
@@ -43,6 +44,8 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_data_args(p)
     p.add_argument("--out-dir", default="runs/chexnet", help="checkpoints and metrics")
+    p.add_argument("--no-store", action="store_true",
+                   help="decode PNGs even where `python dataset.py prepare` made a store")
     p.add_argument("--arch", default="densenet121", choices=list(ARCHS))
     p.add_argument("--pretrained", default="imagenet", choices=["imagenet", "none"])
     p.add_argument("--weights", default=None,
@@ -178,11 +181,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, rt, args, epoch
         batches += 1
         if batch is None:  # every image of the batch was unreadable and skipped
             continue
-        x, y, _ = batch
-        x = x.to(rt.device, non_blocking=True)  # (B, 3, H, W)
-        y = y.to(rt.device, non_blocking=True)  # (B, 14)
-        if args.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x, y = to_device(batch, rt, args)  # (B, 3, crop, crop) float, (B, 14)
         with amp:
             loss = criterion(model(x), y)
         loss_value = loss.item()
@@ -216,10 +215,9 @@ def evaluate(model, loader, rt, args, pos_weight=None):
                       disable=not (rt.is_main and sys.stderr.isatty())):
         if batch is None:
             continue
-        x, y, batch_names = batch
-        x = x.to(rt.device, non_blocking=True)
-        if args.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x, y = to_device(batch, rt, args)
+        batch_names = batch[2]
+        y = y.cpu()
         if x.dim() == 5:  # ten-crop (B, 10, 3, H, W): mean of the crops' logits
             b, n = x.shape[:2]
             with amp:
@@ -243,6 +241,18 @@ def evaluate(model, loader, rt, args, pos_weight=None):
     probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
     aucs = roc_aucs(labels, probs)
     return {"loss": loss, "auc": aucs, "mean_auc": mean_auc(aucs), "images": len(labels)}
+
+
+def to_device(batch, rt, args):
+    """A loader batch -> model input and labels on the device. Images travel as uint8, one
+    channel (the store's training batches uncropped, with their crop boxes); channel expansion,
+    normalisation and the store's crops happen on the device."""
+    x, y = batch[0].to(rt.device, non_blocking=True), batch[1].to(rt.device, non_blocking=True)
+    boxes = batch[3] if len(batch) > 3 else None
+    x = to_model_input(x, boxes, args.crop_size)
+    if args.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y
 
 
 def _autocast(rt, args):
@@ -286,6 +296,23 @@ def load_checkpoint(path, model, optimizer, scheduler, scaler, args):
 
 # ---------------------------------------------------------------------------------------------
 
+def make_datasets(args, lists, log):
+    """From the preprocessed store when `python dataset.py prepare` made one for --resize,
+    else from the PNGs; either way uint8 items finished on the device."""
+    store = None if args.no_store else open_store(args.data_dir, args.resize)
+    if store is not None:
+        log(f"reading the preprocessed store {store.dir}/")
+        kwargs = dict(crop=args.crop_size, limit=args.limit)
+        return (StoreDataset(store, lists["train"], "train", seed=args.seed,
+                             crop_scale=args.crop_scale, **kwargs),
+                StoreDataset(store, lists["val"], "center", **kwargs))
+    kwargs = dict(resize=args.resize, crop=args.crop_size, skip_bad_images=args.skip_bad_images,
+                  limit=args.limit, raw=True)
+    return (ChestXray14(args.data_dir, lists["train"], mode="train", seed=args.seed,
+                        crop_scale=args.crop_scale, **kwargs),
+            ChestXray14(args.data_dir, lists["val"], mode="center", **kwargs))
+
+
 def make_loader(dataset, sampler_indices, args, rt, train):
     return torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, sampler=sampler_indices, num_workers=args.workers,
@@ -315,11 +342,7 @@ def run(args, rt):
     log = print if rt.is_main else (lambda *a, **k: None)
     check_data_dir(args.data_dir)
     lists = resolve_split(args.split, args.data_dir, args.split_seed)
-    kwargs = dict(resize=args.resize, crop=args.crop_size, skip_bad_images=args.skip_bad_images,
-                  limit=args.limit)
-    train_set = ChestXray14(args.data_dir, lists["train"], mode="train", seed=args.seed,
-                            crop_scale=args.crop_scale, **kwargs)
-    val_set = ChestXray14(args.data_dir, lists["val"], mode="center", **kwargs)
+    train_set, val_set = make_datasets(args, lists, log)
     if len(train_set) < args.batch_size * rt.world_size:
         raise DataError(f"{lists['train']}: {len(train_set)} images, fewer than one batch "
                         f"({args.batch_size} x {rt.world_size} processes)")

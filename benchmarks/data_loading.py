@@ -1,9 +1,12 @@
-"""Data-loading throughput of the training transform from full-size NIH PNGs.
+"""Data-loading throughput: decoding full-size NIH PNGs versus the preprocessed store.
 
     python benchmarks/data_loading.py [--images ../shared/data/nih_sample/images] [--n 240]
 
-Prints images/s for 0, 1 and 2 DataLoader workers (batch 16, RandomResizedCrop 224 + flip,
-the training path of main.py). The baseline that the preprocessed store is measured against.
+Prints images/s of main.py's training loader (batch 16) with 0, 1 and 2 workers, from PNGs
+(decode 1024x1024 -> RandomResizedCrop 224 + flip, uint8) and from the store that
+`python dataset.py prepare` writes (a memmap row of 256x256 uint8 + a crop box; the crop,
+resize and normalisation run on the accelerator). The last column runs that device-side
+finish on this CPU too, as an upper bound of its cost where there is no accelerator.
 """
 import argparse
 import os
@@ -17,25 +20,19 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from dataset import ChestXray14, collate  # noqa: E402
+from dataset import (ChestXray14, StoreDataset, collate, open_store, prepare_store,  # noqa: E402
+                     to_model_input)
 
 
-def loader_throughput(dataset, workers, batch_size=16):
+def loader_throughput(dataset, workers, finish=None, batch_size=16):
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          collate_fn=collate, shuffle=False)
     start, seen = time.perf_counter(), 0
-    for images, _, _ in loader:
-        seen += images.shape[0]
+    for batch in loader:
+        if finish is not None:
+            finish(batch)
+        seen += batch[0].shape[0]
     return seen / (time.perf_counter() - start)
-
-
-def png_dataset(image_dir, n, crop):
-    """A throwaway data directory linking to the PNGs, with a list file of the first n."""
-    names = sorted(p.name for p in Path(image_dir).glob("*.png"))[:n]
-    root = Path(tempfile.mkdtemp(prefix="chexnet-bench-"))
-    os.symlink(Path(image_dir).resolve(), root / "images")
-    (root / "list.txt").write_text("".join(f"{n} " + "0 " * 13 + "0\n" for n in names))
-    return ChestXray14(root, root / "list.txt", mode="train", crop=crop)
 
 
 def main():
@@ -45,13 +42,36 @@ def main():
     parser.add_argument("--crop-size", type=int, default=224)
     args = parser.parse_args()
     torch.set_num_threads(1)  # what each loader worker gets
-    dataset = png_dataset(args.images, args.n, args.crop_size)
-    with Image.open(dataset.image_dir / dataset.names[0]) as first:
+
+    # A throwaway data directory: links to the first n PNGs and a list file of them.
+    names = sorted(p.name for p in Path(args.images).glob("*.png"))[:args.n]
+    root = Path(tempfile.mkdtemp(prefix="chexnet-bench-"))
+    (root / "images").mkdir()
+    for n in names:
+        os.symlink(Path(args.images).resolve() / n, root / "images" / n)
+    (root / "Data_Entry_2017_v2020.csv").write_text("Image Index,Finding Labels,Patient ID\n")
+    (root / "list.txt").write_text("".join(f"{n} " + "0 " * 13 + "0\n" for n in names))
+    start = time.perf_counter()
+    prepare_store(root, 256, progress=False)
+    prepare_seconds = time.perf_counter() - start
+    store = open_store(root, 256)
+
+    png = ChestXray14(root, root / "list.txt", mode="train", crop=args.crop_size, raw=True)
+    stored = StoreDataset(store, root / "list.txt", mode="train", crop=args.crop_size)
+
+    def finish(batch):
+        to_model_input(batch[0], batch[3], args.crop_size)
+
+    with Image.open(png.image_dir / names[0]) as first:
         size = "x".join(map(str, first.size))
-    print(f"{len(dataset)} PNGs of {size}, training transform, batch 16, {os.cpu_count()} cores")
-    print(f"{'workers':>8} {'images/s':>10}")
+    print(f"{len(names)} NIH PNGs of {size}, training loader, batch 16, {os.cpu_count()} cores; "
+          f"store prepared in {prepare_seconds:.1f} s ({len(names) / prepare_seconds:.0f} images/s)")
+    print(f"{'workers':>8}{'PNG img/s':>12}{'store img/s':>13}{'ratio':>8}{'store+finish img/s':>20}")
     for workers in (0, 1, 2):
-        print(f"{workers:>8} {loader_throughput(dataset, workers):>10.1f}")
+        a = loader_throughput(png, workers)
+        b = loader_throughput(stored, workers)
+        c = loader_throughput(stored, workers, finish)
+        print(f"{workers:>8}{a:>12.1f}{b:>13.1f}{b / a:>7.1f}x{c:>20.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,117 @@
+"""Inference speed and AUC of PyTorch, OpenVINO FP32 and OpenVINO INT8, in one process on the
+same full-size NIH images, with OpenVINO's benchmark_app for comparison.
+
+    python benchmarks/inference.py [--checkpoint best.pt] [--n 48]
+
+Without --checkpoint a random-weights DenseNet-121 is exported (AUCs are then ~0.5 and only
+the speeds mean anything). End to end = decode PNG -> Resize(256) -> TenCrop(224) ->
+normalise -> model -> mean of the 10 crops, as infer.py does it; model only = the same crops
+already in memory.
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import infer  # noqa: E402
+from dataset import eval_input, mean_auc, read_label_table, roc_aucs, write_list  # noqa: E402
+from model import build_model  # noqa: E402
+
+
+def model_only(backend, crops, repeats):
+    """Crops per second through the back end, inputs already decoded."""
+    backend.run_all(((i, crops) for i in range(2)), lambda *a: None)  # warm-up
+    start = time.perf_counter()
+    backend.run_all(((i, crops) for i in range(repeats)), lambda *a: None)
+    return repeats * len(crops) / (time.perf_counter() - start)
+
+
+def benchmark_app(xml, batch, seconds):
+    """benchmark_app's throughput (crops/s) for the model at batch x 3 x 224 x 224."""
+    cmd = ["benchmark_app", "-m", str(xml), "-d", "CPU", "-hint", "throughput",
+           "-shape", f"[{batch},3,224,224]", "-t", str(seconds), "-infer_precision", "f32"]
+    bin_dir = Path(sys.executable).parent
+    out = subprocess.run(cmd, capture_output=True, text=True,
+                         env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}).stdout
+    match = re.search(r"Throughput:\s+([\d.]+) FPS", out)
+    return float(match.group(1)) if match else float("nan")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--images", default=str(REPO.parent / "shared/data/nih_sample"))
+    p.add_argument("--n", type=int, default=48, help="images evaluated by every mode")
+    p.add_argument("--calibration-size", type=int, default=100)
+    a = p.parse_args()
+
+    image_dir = Path(a.images) / "images"
+    names, _, labels = read_label_table(Path(a.images) / "Data_Entry_2017_v2020_sample.csv")
+    work = Path(tempfile.mkdtemp(prefix="chexnet-infer-bench-"))
+    os.symlink(image_dir.resolve(), work / "images")
+    (work / "Data_Entry_2017_v2020.csv").write_bytes(
+        (Path(a.images) / "Data_Entry_2017_v2020_sample.csv").read_bytes())
+    # Calibration (val) and evaluation (test) images are disjoint.
+    cal = slice(0, a.calibration_size)
+    test = slice(a.calibration_size, a.calibration_size + a.n)
+    write_list(work / "train_list.txt", names[cal], labels[cal])
+    write_list(work / "val_list.txt", names[cal], labels[cal])
+    write_list(work / "test_list.txt", names[test], labels[test])
+
+    checkpoint = a.checkpoint
+    if checkpoint is None:
+        torch.manual_seed(0)
+        checkpoint = work / "random.pt"
+        torch.save(build_model(pretrained="none").state_dict(), checkpoint)
+    export_args = infer.get_args(["--export", "--checkpoint", str(checkpoint), "--model-dir",
+                                  str(work / "models"), "--data-dir", str(work),
+                                  "--calibration-size", str(a.calibration_size)])
+    infer.fill_defaults(export_args, {})
+    infer.export(export_args)
+
+    paths = [image_dir / n for n in names[test]]
+    y = labels[test]
+    crops = eval_input(paths[0])
+    rows = {}
+    for mode in ("torch", "fp32", "int8"):
+        args = infer.get_args(["--mode", mode, "--model-dir", str(work / "models"),
+                               "--checkpoint", str(checkpoint)])
+        infer.fill_defaults(args, {})
+        backend = infer.load_backend(args, {})
+        infer.predict(backend, paths[:2], args)  # warm-up
+        start = time.perf_counter()
+        probs = infer.predict(backend, paths, args)
+        seconds = time.perf_counter() - start
+        repeats = 3 if mode == "torch" else 20
+        rows[mode] = {"e2e": len(paths) / seconds, "model": model_only(backend, crops, repeats),
+                      "auc": mean_auc(roc_aucs(y, probs))}
+        print(f"{mode}: done", flush=True)
+    bench = benchmark_app(work / "models" / "chexnet_int8.xml", 10, 15)
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                if ln.startswith("model name")), "CPU")
+    print(f"\n{len(paths)} NIH images (1024x1024 PNG), ten-crop 224, batch 10 crops, "
+          f"{os.cpu_count()} cores ({cpu})")
+    print(f"{'mode':<8}{'e2e img/s':>11}{'e2e crops/s':>13}{'model crops/s':>15}{'mean AUC':>10}")
+    for mode, r in rows.items():
+        print(f"{mode:<8}{r['e2e']:>11.2f}{10 * r['e2e']:>13.1f}{r['model']:>15.1f}{r['auc']:>10.4f}")
+    print(f"speed-up end to end: fp32/torch {rows['fp32']['e2e'] / rows['torch']['e2e']:.1f}x, "
+          f"int8/fp32 {rows['int8']['e2e'] / rows['fp32']['e2e']:.1f}x; model only: fp32/torch "
+          f"{rows['fp32']['model'] / rows['torch']['model']:.1f}x, int8/fp32 "
+          f"{rows['int8']['model'] / rows['fp32']['model']:.1f}x")
+    print(f"benchmark_app int8 [10,3,224,224]: {bench:.1f} crops/s; infer.py int8 end to end "
+          f"reaches {10 * rows['int8']['e2e'] / bench:.0%} of it")
+    print(f"AUC cost of INT8: {rows['fp32']['auc'] - rows['int8']['auc']:+.4f}")
+
+
+if __name__ == "__main__":
+    main()
