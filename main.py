@@ -215,9 +215,8 @@ def evaluate(model, loader, rt, args, pos_weight=None):
                       disable=not (rt.is_main and sys.stderr.isatty())):
         if batch is None:
             continue
-        x, y = to_device(batch, rt, args)
-        batch_names = batch[2]
-        y = y.cpu()
+        x, _ = to_device(batch, rt, args)
+        y, batch_names = batch[1], batch[2]
         if x.dim() == 5:  # ten-crop (B, 10, 3, H, W): mean of the crops' logits
             b, n = x.shape[:2]
             with amp:

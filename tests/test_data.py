@@ -189,21 +189,39 @@ def test_unreadable_image_is_named(nih_data_dir, damage):
     assert proc.returncode == 0 and name in proc.stderr and "skipping" in proc.stderr
 
 
-def test_unreadable_image_in_a_loader_worker(nih_data_dir):
-    """Errors from DataLoader workers reach the user as the original one line."""
-    from dataset import one_line
+LOADER_PROBE = """
+import sys, warnings, torch
+sys.path.insert(0, {repo!r})
+from dataset import ChestXray14, DataError, collate, one_line
+ds = ChestXray14({data!r}, {data!r} + "/val_list.txt", mode="center")
+try:
+    list(torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1, collate_fn=collate))
+except DataError as e:
+    print("ERROR", one_line(e))
+ds.skip_bad_images = True
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    seen = sum(len(b[2]) for b in torch.utils.data.DataLoader(
+        ds, batch_size=4, num_workers=0, collate_fn=collate) if b is not None)
+print("SEEN", seen, len(ds), "WARNED", str(caught[0].message))
+"""
+
+
+def test_unreadable_image_in_a_loader_worker(nih_data_dir, tmp_path):
+    """Errors from DataLoader workers reach the user as the original one line. Run in a process
+    of its own: loader workers in the pytest process, then OpenVINO and torch inference with
+    child processes in that same process, crashed it with SIGSEGV (a signal arriving while a
+    pipe closed; torch installs a SIGCHLD handler for loader workers)."""
     name = read_list(nih_data_dir / "val_list.txt")[0][0]
     (nih_data_dir / "images" / name).write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    ds = ChestXray14(nih_data_dir, nih_data_dir / "val_list.txt", mode="center")
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1, collate_fn=collate)
-    with pytest.raises(DataError) as err:
-        list(loader)
-    assert one_line(err.value).startswith(str(nih_data_dir / "images" / name))
-    ds.skip_bad_images = True
-    with pytest.warns(UserWarning, match=name):
-        seen = sum(len(b[2]) for b in torch.utils.data.DataLoader(
-            ds, batch_size=4, num_workers=0, collate_fn=collate) if b is not None)
-    assert seen == len(ds) - 1
+    probe = tmp_path / "probe.py"
+    probe.write_text(LOADER_PROBE.format(repo=str(REPO), data=str(nih_data_dir)))
+    proc = run_script(probe)
+    assert proc.returncode == 0, proc.stderr
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+    assert lines["ERROR"].startswith(str(nih_data_dir / "images" / name) + ": unreadable image")
+    seen, total, _, warning = lines["SEEN"].split(" ", 3)
+    assert int(seen) == int(total) - 1 and name in warning
 
 
 def test_label_table_missing_column(nih_data_dir):

@@ -1,6 +1,7 @@
 """Edge inference: infer.sh exports OpenVINO FP32 and INT8; infer.py evaluates torch, fp32 and
 int8 on real NIH images; the OpenVINO path runs without torch; bad inputs."""
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -149,6 +150,20 @@ def test_image_mode_prints_sorted_probabilities(small_model, nih_dir):
     assert len(blocks) == 3
     values = [float(ln.split()[-1]) for ln in blocks[1].splitlines()[:14]]
     assert len(values) == 14 and values == sorted(values, reverse=True)
+
+
+def test_accuracy_controlled_quantization(small_model, nih_dir, tmp_path):
+    work, _ = small_model
+    proc = subprocess.run(
+        ["bash", "infer.sh", work / "run" / "best.pt", "--model-dir", tmp_path / "models",
+         "--data-dir", nih_dir, "--calibration-size", "40", "--max-auc-drop", "0.01"],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "VENV": sys.prefix})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Accuracy drop" in proc.stdout + proc.stderr  # NNCF validated the quantized model
+    meta = json.loads((tmp_path / "models" / "chexnet.json").read_text())
+    assert meta["calibration"] == {"split": str(nih_dir / "val_list.txt"), "images": 40,
+                                   "max_auc_drop": 0.01}
+    assert (tmp_path / "models" / "chexnet_int8.xml").is_file()
 
 
 def test_bad_inputs(small_model, nih_dir, tmp_path):
