@@ -577,18 +577,40 @@ class StoreDataset:
 
     def __getitem__(self, index):
         import torch
-        from torchvision.transforms import RandomResizedCrop
         gray = self.store.array[self.rows[index]]  # (size, size) uint8, a view of the memmap
         labels = torch.from_numpy(self.labels[index].astype(np.float32))
         if self.mode != "train":
             return _eval_tensor(crop_gray(gray, self.crop, self.mode == "ten_crop"), self.mode,
                                 True), labels, self.names[index]
-        with _seeded(self.seed, self.epoch, index):
-            box = RandomResizedCrop.get_params(torch.empty(1, *gray.shape), (self.crop_scale, 1.0),
-                                               (3 / 4, 4 / 3))
-            flip = int(torch.rand(1) < 0.5)
+        # numpy's generator, seeded per image: far cheaper than forking torch's global one,
+        # which is what lets one loader worker feed a GPU.
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        box = random_resized_crop_box(*gray.shape, (self.crop_scale, 1.0), rng)
+        flip = int(rng.random() < 0.5)
         return (torch.from_numpy(np.array(gray))[None], labels, self.names[index],
                 torch.tensor([*box, flip]))
+
+
+def random_resized_crop_box(height, width, scale, rng, ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params, drawn from a numpy Generator:
+    (top, left, crop height, crop width)."""
+    area = height * width
+    log_ratio = np.log(ratio)
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = np.exp(rng.uniform(*log_ratio))
+        w, h = int(round(np.sqrt(target * aspect))), int(round(np.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    # Fallback, as torchvision: the whole image, clamped to the ratio range, centred.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 def to_model_input(x, boxes=None, crop=None):

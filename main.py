@@ -367,6 +367,12 @@ def run(args, rt):
     out_dir = Path(args.out_dir)
     last, best = out_dir / "last.pt", out_dir / "best.pt"
     resume = args.resume or (last if last.is_file() else None)
+    if rt.distributed:  # every rank must resume from the same file, or none
+        seen = [None] * rt.world_size
+        dist.all_gather_object(seen, str(resume) if resume else None)
+        if len(set(seen)) > 1:
+            raise SetupError(f"rank 0 resumes from {seen[0]} but other ranks see {set(seen[1:])}: "
+                             "put --out-dir on a filesystem every node shares")
     start_epoch, step, skip_steps, best_auc = 0, 0, 0, -math.inf
     partial = {"loss_sum": 0.0, "images": 0}
     if resume:

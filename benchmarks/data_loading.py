@@ -24,9 +24,11 @@ from dataset import (ChestXray14, StoreDataset, collate, open_store, prepare_sto
                      to_model_input)
 
 
-def loader_throughput(dataset, workers, finish=None, batch_size=16):
+def loader_throughput(dataset, workers, finish=None, passes=1, batch_size=16):
+    """images/s over `passes` passes of the dataset (the store needs many to time)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                         collate_fn=collate, shuffle=False)
+                                         collate_fn=collate,
+                                         sampler=list(range(len(dataset))) * passes)
     start, seen = time.perf_counter(), 0
     for batch in loader:
         if finish is not None:
@@ -69,8 +71,8 @@ def main():
     print(f"{'workers':>8}{'PNG img/s':>12}{'store img/s':>13}{'ratio':>8}{'store+finish img/s':>20}")
     for workers in (0, 1, 2):
         a = loader_throughput(png, workers)
-        b = loader_throughput(stored, workers)
-        c = loader_throughput(stored, workers, finish)
+        b = loader_throughput(stored, workers, passes=20)
+        c = loader_throughput(stored, workers, finish, passes=2)
         print(f"{workers:>8}{a:>12.1f}{b:>13.1f}{b / a:>7.1f}x{c:>20.1f}", flush=True)
 
 

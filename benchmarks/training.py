@@ -1,13 +1,19 @@
 """Training throughput (images/s) of main.py's training step at 224x224.
 
     python benchmarks/training.py [--steps 6] [--batch-size 16] [--device auto]
+    python benchmarks/training.py --data-dir DIR [--steps 200] [--workers 8]
 
-Runs main.train_one_epoch on in-memory batches (so the number is the model's, not the data
-loader's) for fp32, channels_last, bf16 autocast and both, and prints one table.
-On CUDA the same variants run with --amp; add --compile to also try torch.compile.
+The first form runs main.train_one_epoch on in-memory batches (the model's number, not the
+data loader's) for fp32, channels_last, bf16 autocast and both, and prints one table; add
+--compile to also try torch.compile. The second trains for real with main.py (--amp
+--channels-last) on DIR, once decoding PNGs and once from the preprocessed store (prepared
+first if missing), and reports images/s and, on NVIDIA GPUs, the mean GPU utilisation.
 """
 import argparse
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -51,6 +57,70 @@ def throughput(flags, rt, steps, batch_size, crop):
     return steps * batch_size / run(steps)
 
 
+class GpuUtilisation:
+    """Mean utilisation.gpu that nvidia-smi reports, sampled every half second."""
+
+    def __init__(self):
+        self.samples, self.stop = [], threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self):
+        while not self.stop.wait(0.5):
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu",
+                                      "--format=csv,noheader,nounits", "-i", "0"],
+                                     capture_output=True, text=True, timeout=5).stdout
+                self.samples.append(float(out.split()[0]))
+            except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+                return
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    @property
+    def mean(self):
+        return sum(self.samples) / len(self.samples) if self.samples else float("nan")
+
+
+def end_to_end(a):
+    """main.py for --steps steps from PNGs, then from the store; images/s of the training loop."""
+    from dataset import open_store, prepare_store
+    if open_store(a.data_dir, 256) is None:
+        prepare_store(a.data_dir, 256)
+    results = {}
+    train_one_epoch = main.train_one_epoch
+    for path, flags in (("PNG", ["--no-store"]), ("store", [])):
+        epochs = []
+
+        def timed(*args, **kwargs):
+            stats = train_one_epoch(*args, **kwargs)
+            epochs.append(stats)
+            return stats
+
+        main.train_one_epoch = timed
+        argv = ["--data-dir", a.data_dir, "--pretrained", "none", "--amp", "--channels-last",
+                "--batch-size", str(a.batch_size), "--workers", str(a.workers), "--epochs", "1000",
+                "--max-steps", str(a.steps), "--device", a.device,
+                "--out-dir", tempfile.mkdtemp(prefix="chexnet-bench-"), *flags]
+        with GpuUtilisation() as gpu:
+            main.main(argv)
+        images = sum(e["images"] for e in epochs)
+        seconds = sum(e["seconds"] for e in epochs)
+        results[path] = (images / seconds, gpu.mean)
+    main.train_one_epoch = train_one_epoch
+    print(f"\nmain.py --amp --channels-last, batch {a.batch_size}, {a.workers} workers, "
+          f"{a.steps} steps on {a.data_dir}")
+    print(f"{'path':<8}{'images/s':>10}{'GPU util %':>12}")
+    for path, (rate, util) in results.items():
+        print(f"{path:<8}{rate:>10.1f}{util:>12.0f}")
+    print(f"store / PNG: {results['store'][0] / results['PNG'][0]:.1f}x")
+
+
 def main_():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=6)
@@ -58,7 +128,11 @@ def main_():
     p.add_argument("--crop-size", type=int, default=224)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "hpu"])
     p.add_argument("--compile", action="store_true", help="also measure torch.compile variants")
+    p.add_argument("--data-dir", default=None, help="train for real on this data directory")
+    p.add_argument("--workers", type=int, default=8, help="loader workers (with --data-dir)")
     a = p.parse_args()
+    if a.data_dir:
+        return end_to_end(a)
     rt = main.setup(a.device)
     name = (torch.cuda.get_device_name() if rt.device.type == "cuda"
             else f"CPU, {torch.get_num_threads()} threads")

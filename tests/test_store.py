@@ -107,3 +107,16 @@ def test_stale_or_partial_store_is_never_used_silently(prepared, tmp_path):
     extra.unlink()
     (data_dir / "store" / "256" / "meta.json").unlink()
     assert_clean_error(run_script(*args), "incomplete store", "--no-store")
+
+
+def test_store_crop_boxes_follow_random_resized_crop():
+    from dataset import random_resized_crop_box
+    areas = []
+    for i in range(500):
+        top, left, h, w = random_resized_crop_box(256, 256, (0.08, 1.0), np.random.default_rng(i))
+        assert 0 <= top and top + h <= 256 and 0 <= left and left + w <= 256
+        assert 3 / 4 - 0.05 <= w / h <= 4 / 3 + 0.05
+        areas.append(h * w / 256 ** 2)
+    assert 0.07 < min(areas) and max(areas) <= 1.0 and 0.3 < np.mean(areas) < 0.7
+    # Same seed, same box; scale (1, 1) on a square image: the whole image (the fallback).
+    assert random_resized_crop_box(256, 256, (1.0, 1.0), np.random.default_rng(0)) == (0, 0, 256, 256)
