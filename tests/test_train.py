@@ -186,6 +186,19 @@ def test_the_loop_learns_labels_visible_in_the_pixels(tmp_path):
     assert max(r["val_mean_auc"] for r in records) > 0.95, proc.stdout
 
 
+def test_freeze_backbone_trains_only_the_head(tmp_path):
+    proc = run_script("main.py", *TINY, "--epochs", "1", "--freeze-backbone", "--seed", "3",
+                      "--out-dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    torch.manual_seed(3)  # main.py seeds the same way before building the model
+    initial = build_model(pretrained="none").state_dict()
+    trained = weights(tmp_path / "last.pt")
+    assert torch.equal(trained["features.conv0.weight"], initial["features.conv0.weight"])
+    assert torch.equal(trained["features.denseblock4.denselayer16.conv2.weight"],
+                       initial["features.denseblock4.denselayer16.conv2.weight"])
+    assert not torch.equal(trained["classifier.weight"], initial["classifier.weight"])
+
+
 # ---- checkpoints and weights ----------------------------------------------------------------
 
 def _old_names(model, prefix=""):
