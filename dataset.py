@@ -152,8 +152,12 @@ def read_list(path):
 
 
 def write_list(path, names, labels):
-    atomic_write_text(path, "".join(f"{n} {' '.join(map(str, row))}\n"
-                                    for n, row in zip(names, labels.tolist())))
+    """Write a list file atomically; an identical file is left untouched (a split made again
+    from the same table and seed does not change its files' times)."""
+    path = Path(path)
+    text = "".join(f"{n} {' '.join(map(str, row))}\n" for n, row in zip(names, labels.tolist()))
+    if not (path.is_file() and path.read_text() == text):
+        atomic_write_text(path, text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +194,7 @@ def make_random_split(data_dir, seed=0, fractions=(0.7, 0.1, 0.2)):
     order = np.argsort(names, kind="stable")
     names, patients, labels = [names[i] for i in order], patients[order], labels[order]
     for split, idx in patient_split(patients, fractions, seed).items():
-        _write_if_changed(out / f"{split}_list.txt", [names[i] for i in idx], labels[idx])
+        write_list(out / f"{split}_list.txt", [names[i] for i in idx], labels[idx])
     return out
 
 
@@ -220,14 +224,8 @@ def make_official_split(data_dir, seed=0, val_fraction=0.125):
     rows = {"train": trainval[carve["train"]], "val": trainval[carve["val"]],
             "test": official["test"]}
     for split, idx in rows.items():
-        _write_if_changed(out / f"{split}_list.txt", [names[i] for i in idx], labels[idx])
+        write_list(out / f"{split}_list.txt", [names[i] for i in idx], labels[idx])
     return out
-
-
-def _write_if_changed(path, names, labels):
-    text = "".join(f"{n} {' '.join(map(str, row))}\n" for n, row in zip(names, labels.tolist()))
-    if not (path.is_file() and path.read_text() == text):
-        atomic_write_text(path, text)
 
 
 def resolve_split(split="auto", data_dir=None, seed=0):

@@ -230,12 +230,13 @@ def export(args):
     import torch
     from model import model_from_checkpoint, with_sigmoid
 
+    model, ckpt_meta = model_from_checkpoint(args.checkpoint)
+    fill_defaults(args, ckpt_meta.get("args", {}))  # calibrate on the data it was trained on
     model_dir = Path(args.model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     print(f"exporting {args.checkpoint} ({args.crop_size}x{args.crop_size} crops); INT8 calibration "
           f"on val images of {args.data_dir}/ (split {args.split})")
     t0 = time.perf_counter()
-    model, ckpt_meta = model_from_checkpoint(args.checkpoint)
     crop = args.crop_size
     ov_model = ov.convert_model(with_sigmoid(model), example_input=torch.zeros(1, 3, crop, crop),
                                 input=[(-1, 3, crop, crop)])  # dynamic batch
@@ -347,18 +348,11 @@ def main(argv=None):
         if args.export:
             if not args.checkpoint:
                 raise InferError("--export needs --checkpoint")
-            from model import load_file
-            ckpt = load_file(args.checkpoint)
-            fill_defaults(args, ckpt.get("args", {}) if isinstance(ckpt, dict) else {})
             export(args)
         else:
             fill_defaults(args, read_metadata(args.model_dir))
             classify_images(args) if args.image else evaluate(args)
-    except (DataError, InferError) as e:
-        sys.exit(f"error: {one_line(e)}")
-    except Exception as e:  # a checkpoint problem raised from model.py (needs torch to name it)
-        if type(e).__name__ != "CheckpointError":
-            raise
+    except (DataError, InferError) as e:  # DataError includes model.py's CheckpointError
         sys.exit(f"error: {one_line(e)}")
 
 

@@ -326,7 +326,7 @@ def main(argv=None):
     try:
         rt = setup(args.device)
         return run(args, rt)
-    except (DataError, CheckpointError, SetupError, NonFiniteLoss) as e:
+    except (DataError, SetupError, NonFiniteLoss) as e:  # CheckpointError is a DataError
         prefix = f"[rank {rt.rank}] " if rt is not None and rt.distributed else ""
         if rt is None or rt.is_main or not isinstance(e, DataError):
             print(f"{prefix}error: {one_line(e)}", file=sys.stderr)

@@ -14,6 +14,8 @@ import torch
 import torchvision
 from torch import nn
 
+from dataset import DataError
+
 ARCHS = {
     # arch: (torchvision builder, ImageNet weights, name of the head attribute)
     "densenet121": (torchvision.models.densenet121,
@@ -23,7 +25,7 @@ ARCHS = {
 }
 
 
-class CheckpointError(Exception):
+class CheckpointError(DataError):
     """A checkpoint or weights file that cannot be used; one line naming the file."""
 
 

@@ -17,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +74,6 @@ def main():
     export_args = infer.get_args(["--export", "--checkpoint", str(checkpoint), "--model-dir",
                                   str(work / "models"), "--data-dir", str(work),
                                   "--calibration-size", str(a.calibration_size)])
-    infer.fill_defaults(export_args, {})
     infer.export(export_args)
 
     paths = [image_dir / n for n in names[test]]

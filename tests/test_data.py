@@ -9,7 +9,7 @@ from PIL import Image
 
 from conftest import REPO, assert_clean_error, run_script
 from dataset import (CLASS_NAMES, SHIPPED_SPLIT_DIR, ChestXray14, DataError, collate,
-                     make_official_split, make_random_split, patient_of, read_label_table,
+                     make_random_split, patient_of, read_label_table,
                      read_list, resolve_split)
 
 

@@ -1,15 +1,14 @@
 """The preprocessed store: prepared once from real full-size NIH PNGs, the same pixels as the
 PNG path, resumable, never used when partial or stale, and training runs from either path."""
-import os
 import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, assert_clean_error, make_data_dir, run_script
+from conftest import assert_clean_error, make_data_dir, run_script
 from dataset import (ChestXray14, DataError, StoreDataset, collate, open_store, prepare_store,
-                     read_list, to_model_input)
+                     to_model_input)
 
 
 @pytest.fixture

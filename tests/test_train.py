@@ -9,14 +9,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 import torchvision
 from PIL import Image
 
 from conftest import REPO, assert_clean_error, run_script
 from dataset import CLASS_NAMES, write_list
-from model import build_model, load_file, read_state_dict, with_sigmoid
+from model import build_model, load_file, with_sigmoid
 
 # Small and fast: 64x64 resize, 56x56 crops, random init, no loader workers.
 TINY = ["--data-dir", REPO / "sample", "--pretrained", "none", "--resize", "64",
