@@ -10,13 +10,14 @@
 #     --mirror URL       fetch URL/images_01.tar.gz ... instead of NIH's links (or $CHEXNET_MIRROR)
 #     --list FILE        the archive list (default nih/downloads.tsv: name, url, sha256, images)
 #     --no-space-check   skip the free-disk-space check
+# A failed request is retried 5 times, CHEXNET_RETRY_DELAY (2) x attempt seconds apart.
 # State lives in DIR/.download/: NAME.part (partial download, continued on the next run),
 # NAME (complete), NAME.verified (checksum matched), NAME.extracted (all of it in images/).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 prog=batch_download.sh
 
-die() { echo "$prog: $*" >&2; exit 2; }
+die() { echo "error: $*" >&2; exit 2; }
 usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 
 dir=data first=0 jobs=3 delete=0 space_check=1
@@ -42,10 +43,32 @@ for tool in curl sha256sum python3 df; do
     command -v $tool >/dev/null || die "needs $tool"
 done
 
-# The archives to fetch: "name url sha256 images", header skipped, --first N of them.
-archives=$(awk -F'\t' 'NR > 1 && NF >= 4 { print $1, $2, $3, $4 }' "$list")
-total_archives=$(printf '%s\n' "$archives" | grep -c . || true)
+# The archives to fetch: "name url sha256 images" per line after the header, every field
+# checked before any work (names become file names; CRLF line ends are tolerated).
+archives=
+line_no=0 total_archives=0
+declare -A seen_name=()
+while IFS= read -r line || [ -n "$line" ]; do
+    line_no=$((line_no + 1))
+    line=${line%$'\r'}
+    [ "$line_no" = 1 ] && continue  # header
+    [ -z "${line//[[:space:]]/}" ] && continue
+    IFS=$'\t' read -r name url sha count extra <<< "$line"
+    where="$list:$line_no"
+    [ -n "$count" ] || die "$where: expected 4 tab-separated fields (archive, url, sha256, images)"
+    [ -z "$extra" ] || die "$where: more than 4 fields"
+    [[ $name =~ ^[A-Za-z0-9][A-Za-z0-9._-]*\.(tar\.gz|tgz)$ ]] \
+        || die "$where: archive name '$name' is not a plain file name ending in .tar.gz"
+    [[ $url =~ ^https?://[^[:space:]]+$ ]] || die "$where: '$url' is not an http(s) URL"
+    [[ $sha =~ ^[0-9a-fA-F]{64}$ ]] || die "$where: '$sha' is not a SHA-256 (64 hex digits)"
+    [[ $count =~ ^[1-9][0-9]{0,8}$ ]] || die "$where: image count '$count' is not a positive number"
+    [ -z "${seen_name[$name]:-}" ] || die "$where: archive $name is listed twice"
+    seen_name[$name]=1
+    total_archives=$((total_archives + 1))
+    archives+="$name $url ${sha,,} $count"$'\n'
+done < "$list"
 [ "$total_archives" -gt 0 ] || die "$list: no archives listed"
+archives=${archives%$'\n'}
 if [ "$first" -gt 0 ]; then
     archives=$(printf '%s\n' "$archives" | head -n "$first")
 fi
@@ -77,33 +100,41 @@ fi
 
 # ---- one archive: download (resumable), verify, extract safely --------------------------------
 download() {  # url out: continue a partial download; retry transient errors
-    local url=$1 out=$2 attempt rc
+    local url=$1 out=$2 attempt rc code
     local show=(-sS)
     if [ "$jobs" = 1 ] && [ -t 2 ]; then show=(--progress-bar); fi
     for attempt in 1 2 3 4 5; do
         rc=0
-        curl -fL --connect-timeout 30 --speed-limit 1000 --speed-time 60 -C - "${show[@]}" \
-             -o "$out" "$url" || rc=$?
+        code=$(curl -fL --connect-timeout 30 --speed-limit 1000 --speed-time 60 -C - "${show[@]}" \
+                    -w '%{http_code}' -o "$out" "$url") || rc=$?
         case $rc in
             0) return 0 ;;
             33) rm -f "$out" ;;  # the server cannot resume: start again from zero
-            22) [ -s "$out" ] && return 0 ;;  # range not satisfiable: already complete? verify
+            22) # An HTTP error. Only "416 range not satisfiable" on a non-empty file means it
+                # is complete (the checksum decides); any other keeps the partial file.
+                if [ "$code" = 416 ] && [ -s "$out" ]; then return 0; fi ;;
         esac
-        echo "$prog: ${out##*/}: download interrupted (curl exit $rc), retry $attempt of 5" >&2
-        sleep $((attempt * 2))
+        echo "$prog: ${out##*/}: download interrupted (curl exit $rc${code:+, HTTP $code}), retry $attempt of 5" >&2
+        sleep $((attempt * ${CHEXNET_RETRY_DELAY:-2}))
     done
     return 1
 }
 
 extract() {  # archive name: all members to a staging folder, then the PNGs into images/
     python3 - "$1" "$dir" "$2" <<'PY'
-import os, shutil, sys, tarfile
+import os, shutil, sys, tarfile, zlib
 archive, root, name = sys.argv[1:]
 staging = os.path.join(root, ".download", name + ".staging")
 shutil.rmtree(staging, ignore_errors=True)  # a partial extraction of an earlier run
 def refuse(why):
     shutil.rmtree(staging, ignore_errors=True)
     sys.exit(f"batch_download.sh: {name}: {why}; archive refused, nothing extracted")
+with open(archive, "rb") as f:
+    magic = f.read(4)
+if magic.startswith(b"PK"):
+    refuse("is a zip archive, not a tar.gz")
+if not magic.startswith(b"\x1f\x8b"):
+    refuse("is not a gzip-compressed tar archive")
 try:
     with tarfile.open(archive) as tar:
         for member in tar:
@@ -116,16 +147,16 @@ try:
                 tar.extract(member, staging, filter="data")
             except TypeError:  # Python without extraction filters; checked above
                 tar.extract(member, staging)
-except (tarfile.TarError, OSError, EOFError) as e:
-    refuse(f"not a readable tar.gz ({e})")
-count = 0
+except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+    refuse(f"not a readable tar.gz ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+names = set()  # a file name twice (in two folders, or a member repeated) is one image
 for folder, _, files in os.walk(staging):
     for f in files:
         if f.endswith(".png"):
             os.replace(os.path.join(folder, f), os.path.join(root, "images", f))
-            count += 1
+            names.add(f)
 shutil.rmtree(staging)
-print(count)
+print(len(names))
 PY
 }
 

@@ -1,54 +1,106 @@
-"""CheXNet evaluation and inference on the CPU: PyTorch, OpenVINO FP32 or OpenVINO INT8.
+"""CheXNet evaluation and inference: PyTorch (CPU, CUDA, Gaudi; every device under torchrun),
+OpenVINO FP32 or OpenVINO INT8.
 
     python infer.py --mode int8                      # ten-crop evaluation on the test split
-    python infer.py --mode torch --limit 500         # the first 500 test images, PyTorch
+    python infer.py --mode torch --device cuda       # PyTorch on a GPU, batched
+    torchrun --nproc_per_node=8 infer.py --mode torch  # every GPU, rank 0 gathers and writes
     python infer.py --image a.png b.png              # the 14 probabilities of each image
     python infer.py --export --checkpoint runs/chexnet/best.pt   # what infer.sh runs
 
 Evaluation follows the CheXNet protocol: Resize(256) -> TenCrop(224) -> ImageNet normalisation,
-probabilities averaged over the 10 crops; per-disease ROC-AUC; predictions to a CSV.
+probabilities averaged over the 10 crops; per-disease ROC-AUC; predictions to a CSV, written in
+chunks as they are made: the same command after a kill continues after the last complete chunk.
+Crops come from the preprocessed store of --resize when there is one (the same pixels).
 The OpenVINO modes import no torch: an edge box needs openvino, numpy, pillow, scikit-learn.
-Decoding runs in threads (Pillow and numpy release the GIL) ahead of inference, which keeps
-OpenVINO's optimal number of asynchronous requests in flight under the THROUGHPUT hint, so
-neither waits for the other.
 """
-import argparse
 import collections
+import hashlib
 import json
 import os
+import shutil
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from dataset import (CLASS_NAMES, DataError, add_data_args, atomic_write_text,
-                     check_images_present, eval_input, mean_auc, one_line, read_list,
-                     resolve_split, roc_aucs)
+from common import (ArgumentParser, DataError, SetupError, atomic_path, atomic_write_text,
+                    check_writable_file, one_line, positive_int)
+from dataset import ImageList, SkippedImage, add_data_args, check_data_dir
+from images import eval_input, normalize_gray
+from labels import CLASS_NAMES, resolve_split
+from metrics import mean_auc, roc_aucs
 
 MODEL_NAMES = {"fp32": "chexnet_fp32.xml", "int8": "chexnet_int8.xml"}
 METADATA = "chexnet.json"
 
 
-class InferError(Exception):
-    """Missing or mismatched model; one line."""
+class InferError(DataError):
+    """Missing, mismatched or damaged model; one line."""
 
 
 # ---------------------------------------------------------------------------------------------
-# Back ends: each maps a float32 (N, 3, crop, crop) batch of crops to (N, 14) probabilities
+# The model directory: what infer.sh wrote, checked against its own manifest
+
+def read_metadata(model_dir, required=False):
+    """chexnet.json as a dict ({} when there is none and it is not required)."""
+    path = Path(model_dir) / METADATA
+    if not path.exists():
+        if required:
+            raise InferError(f"{path} not found: run `bash infer.sh` to export the model first")
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise InferError(f"{path}: damaged model metadata ({one_line(e)}); run `bash infer.sh` "
+                         "to export the model again") from None
+    return meta
+
+
+def file_digest(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_model_files(model_dir, xml, meta):
+    """The .xml and .bin must be the ones this export's manifest lists: never an INT8 graph
+    with FP32 weights, or a model from an export that was interrupted."""
+    files = meta.get("files")
+    if files is None:  # exported before manifests existed: OpenVINO's own checks only
+        return
+    for path in (xml, xml.with_suffix(".bin")):
+        expected = files.get(path.name)
+        if expected is None or not path.is_file() or file_digest(path) != expected:
+            raise InferError(f"{path}: does not belong to the export recorded in "
+                             f"{Path(model_dir) / METADATA} (changed, missing, or left by an "
+                             "interrupted export); run `bash infer.sh` again")
+
+
+# ---------------------------------------------------------------------------------------------
+# Back ends
 
 class OpenVINOModel:
-    """An exported model compiled for this CPU. FP32 really is FP32: this CPU would otherwise
-    silently run in bf16 (INFERENCE_PRECISION_HINT), which is also slower on it."""
+    """An exported model compiled for this CPU: float32 (n, 3, crop, crop) crops -> (n, 14)
+    probabilities. FP32 really is FP32: this CPU would otherwise silently run in bf16
+    (INFERENCE_PRECISION_HINT), which is also slower on it."""
 
     def __init__(self, xml, crop, crops_per_request, streams=None):
         import openvino as ov
-        if not Path(xml).is_file():
+        xml = Path(xml)
+        if not xml.is_file():
             raise InferError(f"{xml} not found: run `bash infer.sh` to export the model first")
         core = ov.Core()
-        model = core.read_model(xml)
+        try:
+            model = core.read_model(xml)
+        except RuntimeError as e:
+            raise InferError(f"{xml}: cannot read the model ({_ov_reason(e)}); run `bash "
+                             "infer.sh` to export it again") from None
         shape = model.inputs[0].get_partial_shape()
         if (len(shape) != 4 or not shape[1].is_static or shape[1].get_length() != 3
                 or any(not d.is_dynamic and d.get_length() != crop for d in (shape[2], shape[3]))):
@@ -63,7 +115,10 @@ class OpenVINOModel:
         config = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "f32"}
         if streams:
             config["NUM_STREAMS"] = str(streams)
-        self.compiled = core.compile_model(model, "CPU", config)
+        try:
+            self.compiled = core.compile_model(model, "CPU", config)
+        except RuntimeError as e:
+            raise InferError(f"{xml}: cannot compile the model ({_ov_reason(e)})") from None
         self.requests = self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
         self.batch = crops_per_request
 
@@ -91,43 +146,179 @@ class OpenVINOModel:
             finish_oldest()
 
 
-class TorchModel:
-    """The checkpoint in PyTorch eager mode, the reference the OpenVINO models are held to."""
+def _ov_reason(exc):
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.startswith("[")]
+    return (lines[0] if lines else type(exc).__name__)[:200]
 
-    def __init__(self, checkpoint):
+
+class TorchModel:
+    """The checkpoint in PyTorch: (n, 3, crop, crop) normalised crops -> (n, 14) probabilities,
+    on the run's device. The reference the OpenVINO models are held to."""
+
+    def __init__(self, checkpoint, rt=None, args=None):
         import torch
         from model import model_from_checkpoint, with_sigmoid
-        self.torch = torch
+        self.torch, self.rt, self.args = torch, rt, args
         model, _ = model_from_checkpoint(checkpoint)
         self.model = with_sigmoid(model)
+        if rt is not None:
+            self.model = self.model.to(rt.device)
+            if args.channels_last:
+                self.model = self.model.to(memory_format=torch.channels_last)
         self.requests = 1
 
     def __call__(self, crops):
-        with self.torch.inference_mode():
-            return self.model(self.torch.from_numpy(crops)).numpy()
+        torch = self.torch
+        x = crops if isinstance(crops, torch.Tensor) else torch.from_numpy(crops)
+        with torch.inference_mode():
+            if self.rt is None:
+                return self.model(x).numpy()
+            from runtime import autocast
+            x = x.to(self.rt.device, non_blocking=True)
+            if self.args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(self.rt, self.args):
+                return self.model(x).float()
 
     def run_all(self, batches, on_result):
         for key, crops in batches:
             on_result(key, self(crops))
 
 
-def load_backend(args, meta):
-    crops = 10 * args.images_per_request
-    if args.mode == "torch":
-        checkpoint = args.checkpoint or meta.get("checkpoint")
-        if not checkpoint:
-            raise InferError("--mode torch needs --checkpoint (no exported model records one)")
-        try:
-            return TorchModel(checkpoint)
-        except ImportError:
-            raise InferError("--mode torch needs PyTorch (pip install torch torchvision); "
-                             "the fp32 and int8 modes do not") from None
-    return OpenVINOModel(Path(args.model_dir) / MODEL_NAMES[args.mode], args.crop_size, crops,
-                         args.streams)
+def load_openvino(args, meta):
+    xml = Path(args.model_dir) / MODEL_NAMES[args.mode]
+    if xml.is_file():
+        verify_model_files(args.model_dir, xml, meta)
+    return OpenVINOModel(xml, args.crop_size, 10 * args.images_per_request, args.streams)
+
+
+def torch_checkpoint(args, meta):
+    checkpoint = args.checkpoint or meta.get("checkpoint")
+    if not checkpoint:
+        raise InferError("--mode torch needs --checkpoint (no exported model records one)")
+    return checkpoint
+
+
+def import_torch():
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise InferError("--mode torch needs PyTorch (pip install torch torchvision); "
+                         "the fp32 and int8 modes do not") from None
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation
+# Predictions in chunks: written as they are made, resumed after a kill
+
+class Chunks:
+    """<out-csv>.partial/: key.json (what is being predicted) and chunk-NNNNN.npz files, each
+    the probabilities of `size` consecutive images, written atomically. The same command after a
+    kill continues after the last complete chunk; a different model, list or protocol starts
+    afresh. Removed once the CSV is written."""
+
+    def __init__(self, out_csv, key, size, log):
+        self.dir = Path(f"{out_csv}.partial")
+        self.size = size
+        old = None
+        try:
+            old = json.loads((self.dir / "key.json").read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            pass
+        if old != key:
+            if self.dir.exists():
+                log(f"note: {self.dir}/ holds predictions of another model, list or protocol: "
+                    "starting afresh")
+                shutil.rmtree(self.dir, ignore_errors=True)
+            atomic_write_text(self.dir / "key.json", json.dumps(key) + "\n", "predictions")
+        self.done = 0
+        while (self.dir / f"chunk-{self.done:05d}.npz").is_file():
+            self.done += 1
+
+    def write(self, index, probs, readable):
+        with atomic_path(self.dir / f"chunk-{index:05d}.npz", "predictions") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, probs=probs, readable=readable)
+
+    def read(self, index):
+        try:
+            with np.load(self.dir / f"chunk-{index:05d}.npz") as z:
+                return z["probs"], z["readable"]
+        except (OSError, ValueError, KeyError) as e:
+            raise DataError(f"{self.dir}/chunk-{index:05d}.npz: unreadable ({one_line(e)}); "
+                            f"delete {self.dir}/ to predict again") from None
+
+    def remove(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Progress:
+    """A tqdm bar (images/s, ETA) on a terminal; a plain line every `every` seconds and at the
+    end otherwise (the log of a batch job)."""
+
+    def __init__(self, total, initial, enabled, every=30.0, label="predicted"):
+        self.total, self.count, self.label, self.every = total, initial, label, every
+        self.enabled, self.start, self.first = enabled, time.perf_counter(), initial
+        self.last = self.start
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, unit="img", desc=label)
+
+    def update(self, n):
+        self.count += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled and (time.perf_counter() - self.last >= self.every
+                               or self.count >= self.total):
+            self.last = time.perf_counter()
+            rate = (self.count - self.first) / max(self.last - self.start, 1e-9)
+            eta = (self.total - self.count) / rate if rate > 0 else float("nan")
+            print(f"{self.label} {self.count}/{self.total} images  {rate:.1f} images/s  "
+                  f"ETA {_duration(eta)}", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _duration(seconds):
+    if not np.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def predict_openvino(backend, images, indices, args):
+    """Ten-crop probabilities (len(indices), 14) of the images, averaged over their crops, and
+    which were readable. Decoding runs in threads ahead of the infer requests."""
+    per_request = args.images_per_request
+    groups = [indices[i:i + per_request] for i in range(0, len(indices), per_request)]
+    probs = np.zeros((len(indices), len(CLASS_NAMES)), np.float32)
+    readable = np.ones(len(indices), bool)
+
+    def load(g):  # (10 * per_request, 3, crop, crop); skipped and padding slots repeat a crop
+        crops = []
+        for j, i in enumerate(groups[g]):
+            try:
+                crops.append(images.eval_crops(i, args.crop_size))
+            except SkippedImage:
+                readable[g * per_request + j] = False
+                crops.append(None)
+        filler = next((c for c in crops if c is not None), None)
+        if filler is None:
+            filler = np.zeros((10, args.crop_size, args.crop_size), np.uint8)
+        crops = [c if c is not None else filler for c in crops]
+        crops += [filler] * (per_request - len(crops))
+        return normalize_gray(np.concatenate(crops))
+
+    def store(g, out):
+        n = len(groups[g])
+        probs[g * per_request:g * per_request + n] = out[:10 * n].reshape(n, 10, -1).mean(1)
+
+    window = 2 * backend.requests + args.workers
+    backend.run_all(enumerate(prefetch(load, range(len(groups)), args.workers, window)), store)
+    return probs, readable
+
 
 def prefetch(function, items, workers, window):
     """function(item) for every item in order, computed by `workers` threads at most `window`
@@ -147,52 +338,158 @@ def prefetch(function, items, workers, window):
             yield result
 
 
-def predict(backend, paths, args):
-    """Ten-crop probabilities (N, 14) of every image, averaged over its crops."""
-    per_request = args.images_per_request
-    groups = [paths[i:i + per_request] for i in range(0, len(paths), per_request)]
+class TorchPredictor:
+    """Batched ten-crop evaluation in PyTorch through a DataLoader with workers, on the device;
+    under torchrun each rank takes every world_size-th image of a chunk and rank 0 gathers."""
 
-    def load(group):  # (10 * len(group), 3, crop, crop); a short last group is padded
-        crops = np.concatenate([eval_input(p, args.resize, args.crop_size) for p in group])
-        pad = 10 * per_request - len(crops)
-        return np.concatenate([crops, np.repeat(crops[-1:], pad, 0)]) if pad else crops
+    def __init__(self, checkpoint, images, args, rt):
+        self.model = TorchModel(checkpoint, rt, args)
+        self.images, self.args, self.rt = images, args, rt
 
-    probs = np.zeros((len(paths), len(CLASS_NAMES)), np.float32)
+    def __call__(self, indices):
+        import torch
+        from dataset import collate, to_model_input
+        from runtime import gather_from_ranks
+        args, rt = self.args, self.rt
+        mine = indices[rt.rank::rt.world_size]
+        batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
+        dataset = _IndexedTenCrop(self.images, args.crop_size)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=batches, num_workers=args.workers if batches else 0,
+            collate_fn=collate, pin_memory=rt.device.type == "cuda")
+        positions, outputs = [], []
+        for batch in loader:
+            if batch is None:
+                continue
+            x, where = batch  # (B, 10, 1, crop, crop) uint8, (B,) list positions
+            x = to_model_input(x.to(rt.device, non_blocking=True)).flatten(0, 1)
+            outputs.append(self.model(x).view(-1, 10, len(CLASS_NAMES)).mean(1))
+            rt.mark_step()
+            positions.append(where.numpy())
+        empty = np.zeros((0, len(CLASS_NAMES)), np.float32)
+        probs = torch.cat(outputs).cpu().numpy() if outputs else empty
+        positions = np.concatenate(positions) if positions else np.zeros(0, np.int64)
+        probs, positions = gather_from_ranks(rt, probs, positions)
+        out = np.zeros((len(indices), len(CLASS_NAMES)), np.float32)
+        readable = np.zeros(len(indices), bool)
+        slot = {i: k for k, i in enumerate(indices)}
+        for p, i in zip(probs, positions):
+            out[slot[int(i)]] = p
+            readable[slot[int(i)]] = True
+        return out, readable
 
-    def store(index, out):
-        n = len(groups[index])
-        probs[index * per_request:index * per_request + n] = out[:10 * n].reshape(n, 10, -1).mean(1)
 
-    window = 2 * backend.requests + args.workers
-    backend.run_all(enumerate(prefetch(load, groups, args.workers, window)), store)
-    return probs
+class _IndexedTenCrop:
+    """Ten-crop uint8 items with their list position; None for a skipped image."""
+
+    def __init__(self, images, crop):
+        self.images, self.crop = images, crop
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        import torch
+        try:
+            crops = self.images.eval_crops(index, self.crop)
+        except SkippedImage:
+            return None
+        return torch.from_numpy(np.array(crops)[:, None]), index
 
 
-def evaluate(args):
-    meta = read_metadata(args.model_dir)
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+def evaluation_images(args, log):
+    """The list to evaluate, from the store of --resize when there is one."""
+    check_data_dir(args.data_dir)
     lists = resolve_split(args.split, args.data_dir, args.split_seed)
-    names, labels = read_list(lists["test"])
-    if args.limit:
-        names, labels = names[:args.limit], labels[:args.limit]
-    image_dir = Path(args.data_dir) / "images"
-    if not Path(args.data_dir).is_dir():
-        raise DataError(f"data directory {args.data_dir}/ not found: run `bash batch_download.sh`, "
-                        "or pass --data-dir sample to use the bundled sample")
-    check_images_present(image_dir, names, lists["test"])
-    backend = load_backend(args, meta)
+    store = None
+    if not args.no_store:
+        from store import open_store
+        store = open_store(args.data_dir, args.resize)
+        if store is not None:
+            log(f"reading the preprocessed store {store.dir}/")
+    images = ImageList(args.data_dir, lists[args.part], args.resize, store,
+                       args.skip_bad_images, args.limit)
+    return lists[args.part], images
+
+
+def evaluate(args, rt=None):
+    """Predict every image of the chosen part of the split (in chunks, resumable), then report."""
+    is_main = rt is None or rt.is_main
+    log = (lambda *a, **k: print(*a, **k)) if is_main else (lambda *a, **k: None)
+    meta = read_metadata(args.model_dir)
+    out_csv = Path(args.out_csv or Path(args.model_dir) / (
+        f"predictions_{args.mode}.csv" if args.part == "test" else
+        f"predictions_{args.mode}_{args.part}.csv"))
+    if is_main:
+        check_writable_file(out_csv, "--out-csv")
+    list_path, images = evaluation_images(args, log)
+    if args.mode == "torch":
+        checkpoint = torch_checkpoint(args, meta)
+        predictor = TorchPredictor(checkpoint, images, args, rt)
+        model_id = file_digest(checkpoint)
+    else:
+        backend = load_openvino(args, meta)
+        xml = Path(args.model_dir) / MODEL_NAMES[args.mode]
+        model_id = file_digest(xml) + file_digest(xml.with_suffix(".bin"))
+
+        def predictor(indices):
+            return predict_openvino(backend, images, indices, args)
+
+    key = {"model": model_id, "mode": args.mode, "names": hashlib.sha256(
+        "\n".join(images.names).encode()).hexdigest(), "resize": args.resize,
+        "crop": args.crop_size, "chunk": args.chunk_size,
+        "amp": bool(getattr(args, "amp", False)) and args.amp_dtype}
+    chunks = Chunks(out_csv, key, args.chunk_size, log) if is_main else None
+    n = len(images)
+    n_chunks = -(-n // args.chunk_size)
+    done = chunks.done if is_main else 0
+    if rt is not None and rt.distributed:
+        import torch.distributed as dist
+        shared = [done]
+        dist.broadcast_object_list(shared, src=0)
+        done = shared[0]
+    if done:
+        log(f"continuing after {min(done * args.chunk_size, n)} images already predicted "
+            f"({chunks.dir}/)")
+    progress = Progress(n, min(done * args.chunk_size, n), is_main)
     start = time.perf_counter()
-    probs = predict(backend, [image_dir / n for n in names], args)
+    for c in range(done, n_chunks):
+        indices = list(range(c * args.chunk_size, min(n, (c + 1) * args.chunk_size)))
+        probs, readable = predictor(indices)
+        if is_main:
+            chunks.write(c, probs, readable)
+        progress.update(len(indices))
+    progress.close()
     seconds = time.perf_counter() - start
-    aucs = roc_aucs(labels, probs)
-    out_csv = Path(args.out_csv or Path(args.model_dir) / f"predictions_{args.mode}.csv")
+    predicted = n - min(done * args.chunk_size, n)
+    if not is_main:
+        return None
+    parts = [chunks.read(c) for c in range(n_chunks)]
+    probs = np.concatenate([p for p, _ in parts])
+    readable = np.concatenate([r for _, r in parts])
+    names = [nm for nm, ok in zip(images.names, readable) if ok]
+    labels, probs = images.labels[readable], probs[readable]
+    if not np.isfinite(probs).all():
+        raise InferError(f"the model gives non-finite probabilities on {list_path}")
     atomic_write_text(out_csv, "Image Index," + ",".join(CLASS_NAMES) + "\n" + "".join(
-        n + "," + ",".join(f"{p:.6f}" for p in row) + "\n" for n, row in zip(names, probs)))
-    print(f"mode {args.mode}: {len(names)} test images of {lists['test']}")
+        nm + "," + ",".join(f"{p:.6f}" for p in row) + "\n" for nm, row in zip(names, probs)),
+        "predictions")
+    chunks.remove()
+    aucs = roc_aucs(labels, probs)
+    skipped = n - len(names)
+    print(f"mode {args.mode}: {len(names)} {args.part} images of {list_path}"
+          + (f" ({skipped} unreadable skipped)" if skipped else ""))
     print(format_aucs(aucs))
-    print(f"throughput: {len(names) / seconds:.1f} images/s, {10 * len(names) / seconds:.1f} crops/s "
-          f"(end to end, decoding included); {seconds:.1f} s")
+    if predicted:
+        print(f"throughput: {predicted / seconds:.1f} images/s, {10 * predicted / seconds:.1f} "
+              f"crops/s (end to end, decoding included); {predicted} images predicted now in "
+              f"{seconds:.1f} s")
     print(f"predictions: {out_csv}")
-    return {"aucs": aucs, "mean_auc": mean_auc(aucs), "probs": probs, "seconds": seconds}
+    return {"aucs": aucs, "mean_auc": mean_auc(aucs), "probs": probs, "names": names,
+            "seconds": seconds}
 
 
 def format_aucs(aucs):
@@ -205,134 +502,78 @@ def format_aucs(aucs):
 
 def classify_images(args):
     meta = read_metadata(args.model_dir)
-    backend = load_backend(args, meta)
+    if args.mode == "torch":
+        backend = TorchModel(torch_checkpoint(args, meta))
+    else:
+        backend = load_openvino(args, meta)
     for path in args.image:
-        crops = eval_input(path, args.resize, args.crop_size)
-        crops = np.concatenate([crops] * args.images_per_request)
+        crops = np.concatenate([eval_input(path, args.resize, args.crop_size)]
+                               * args.images_per_request)
         result = {}
         backend.run_all([(0, crops)], lambda key, out: result.update(p=out[:10].mean(0)))
-        order = np.argsort(-result["p"])
+        probs = np.asarray(result["p"])
+        if not np.isfinite(probs).all():
+            raise InferError(f"{path}: the model gives non-finite probabilities")
         print(f"{path}:")
-        for k in order:
-            print(f"  {CLASS_NAMES[k]:<20}{result['p'][k]:.4f}")
-
-
-def read_metadata(model_dir):
-    path = Path(model_dir) / METADATA
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-# ---------------------------------------------------------------------------------------------
-# Export (infer.sh): PyTorch checkpoint -> OpenVINO FP32 -> NNCF INT8
-
-def export(args):
-    import openvino as ov
-    import torch
-    from model import model_from_checkpoint, with_sigmoid
-
-    model, ckpt_meta = model_from_checkpoint(args.checkpoint)
-    fill_defaults(args, ckpt_meta.get("args", {}))  # calibrate on the data it was trained on
-    model_dir = Path(args.model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    print(f"exporting {args.checkpoint} ({args.crop_size}x{args.crop_size} crops); INT8 calibration "
-          f"on val images of {args.data_dir}/ (split {args.split})")
-    t0 = time.perf_counter()
-    crop = args.crop_size
-    ov_model = ov.convert_model(with_sigmoid(model), example_input=torch.zeros(1, 3, crop, crop),
-                                input=[(-1, 3, crop, crop)])  # dynamic batch
-    ov_model.inputs[0].get_tensor().set_names({"images"})
-    ov_model.outputs[0].get_tensor().set_names({"probabilities"})
-    fp32 = model_dir / MODEL_NAMES["fp32"]
-    save_model(ov_model, fp32)
-    print(f"wrote {fp32} ({size_mb(fp32):.1f} MB) in {time.perf_counter() - t0:.1f} s")
-
-    t0 = time.perf_counter()
-    int8, calibration = quantize(ov_model, args)
-    path = model_dir / MODEL_NAMES["int8"]
-    save_model(int8, path)
-    print(f"wrote {path} ({size_mb(path):.1f} MB) in {time.perf_counter() - t0:.1f} s "
-          f"({calibration['images']} val images for calibration)")
-    meta = {"checkpoint": str(args.checkpoint), "arch": ckpt_meta.get("args", {}).get(
-        "arch", "densenet121"), "class_names": CLASS_NAMES, "data_dir": str(args.data_dir),
-        "split": args.split, "resize": args.resize, "crop_size": crop, "calibration": calibration}
-    atomic_write_text(model_dir / METADATA, json.dumps(meta, indent=1) + "\n")
-
-
-def quantize(ov_model, args):
-    """NNCF post-training quantization calibrated on val images (never test), each one
-    preprocessed exactly as evaluation does: its 10 crops are one calibration sample."""
-    import nncf
-    lists = resolve_split(args.split, args.data_dir, args.split_seed)
-    names, labels = read_list(lists["val"])
-    names, labels = names[:args.calibration_size], labels[:args.calibration_size]
-    image_dir = Path(args.data_dir) / "images"
-    check_images_present(image_dir, names, lists["val"])
-    items = [(image_dir / n, y) for n, y in zip(names, labels)]
-    # Decode once, in parallel; ~6 MB of crops per image.
-    with ThreadPoolExecutor(args.workers) as pool:
-        crops = list(pool.map(lambda item: eval_input(item[0], args.resize, args.crop_size), items))
-    calibration = nncf.Dataset(crops)
-    info = {"split": str(lists["val"]), "images": len(crops)}
-    if args.max_auc_drop is None:
-        return nncf.quantize(ov_model, calibration, subset_size=len(crops)), info
-
-    validation = nncf.Dataset(list(zip(crops, labels)), lambda item: item[0])
-
-    def val_mean_auc(compiled, data):
-        """Mean AUC, and each image's probabilities: AUC has no per-image value, so NNCF ranks
-        the layers to keep in float by how far each image's output moved instead."""
-        data = list(data)
-        probs = [compiled(x)[0].mean(0) for x, _ in data]
-        return mean_auc(roc_aucs(np.stack([y for _, y in data]), np.stack(probs))), [[p] for p in probs]
-
-    quantized = nncf.quantize_with_accuracy_control(
-        ov_model, calibration, validation, val_mean_auc, max_drop=args.max_auc_drop,
-        drop_type=nncf.DropType.ABSOLUTE, subset_size=len(crops))
-    info["max_auc_drop"] = args.max_auc_drop
-    return quantized, info
-
-
-def save_model(ov_model, xml):
-    """FP32 weights (compress_to_fp16=False), written beside and renamed into place."""
-    import openvino as ov
-    with tempfile.TemporaryDirectory(dir=xml.parent, prefix=".export-") as tmp:
-        ov.save_model(ov_model, Path(tmp) / xml.name, compress_to_fp16=False)
-        os.replace(Path(tmp) / xml.with_suffix(".bin").name, xml.with_suffix(".bin"))
-        os.replace(Path(tmp) / xml.name, xml)  # last: the .xml marks a complete model
-
-
-def size_mb(xml):
-    return (xml.stat().st_size + xml.with_suffix(".bin").stat().st_size) / 1e6
+        for k in np.argsort(-probs):
+            print(f"  {CLASS_NAMES[k]:<20}{probs[k]:.4f}")
 
 
 # ---------------------------------------------------------------------------------------------
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     add_data_args(p)
     p.add_argument("--mode", default="fp32", choices=["torch", "fp32", "int8"])
+    p.add_argument("--part", default="test", choices=["test", "val"],
+                   help="which list of the split to evaluate")
     p.add_argument("--model-dir", default="models", help="where infer.sh writes the models")
     p.add_argument("--checkpoint", default=None,
                    help="PyTorch checkpoint (--mode torch, --export); default: the exported one's")
     p.add_argument("--image", nargs="+", default=None, help="print the probabilities of images")
-    p.add_argument("--out-csv", default=None, help="default: MODEL_DIR/predictions_MODE.csv")
+    p.add_argument("--out-csv", default=None,
+                   help="default: MODEL_DIR/predictions_MODE.csv (_val for --part val)")
+    p.add_argument("--no-store", action="store_true",
+                   help="decode PNGs even where `python dataset.py prepare` made a store")
+    p.add_argument("--chunk-size", type=positive_int, default=1000,
+                   help="images per saved chunk of predictions (what a kill can cost)")
     # Decoding and cropping a 1024x1024 PNG costs ~7% of what DenseNet-121 INT8 costs on the
     # same core, so a thread per 4 cores keeps ahead without taking cores from inference.
-    p.add_argument("--workers", type=int, default=max(1, os.cpu_count() // 4),
-                   help="decoding threads")
-    p.add_argument("--images-per-request", type=int, default=1,
-                   help="images (10 crops each) per inference request")
-    p.add_argument("--streams", type=int, default=None,
+    p.add_argument("--workers", type=positive_int, default=max(1, (os.cpu_count() or 1) // 4),
+                   help="decoding threads (OpenVINO) or loader workers (torch)")
+    # OpenVINO
+    p.add_argument("--images-per-request", type=positive_int, default=1,
+                   help="OpenVINO: images (10 crops each) per inference request")
+    p.add_argument("--streams", type=positive_int, default=None,
                    help="OpenVINO CPU streams (default: the THROUGHPUT hint chooses)")
+    # PyTorch
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "hpu"],
+                   help="--mode torch: where to run (auto: a GPU if there is one)")
+    p.add_argument("--hpu", action="store_true", help="shorthand for --device hpu (Intel Gaudi)")
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="--mode torch: images (10 crops each) per batch and process")
+    p.add_argument("--amp", action="store_true", help="--mode torch: mixed precision autocast")
+    p.add_argument("--amp-dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--channels-last", action="store_true", help="--mode torch: NHWC")
+    # Export (infer.sh)
     p.add_argument("--export", action="store_true", help="export FP32 and INT8 (infer.sh)")
-    p.add_argument("--calibration-size", type=int, default=300, help="val images for INT8")
+    p.add_argument("--calibration-size", type=positive_int, default=300,
+                   help="val images to calibrate INT8 on")
+    p.add_argument("--validation-size", type=positive_int, default=300,
+                   help="other val images on which INT8 is compared with FP32")
     p.add_argument("--max-auc-drop", type=float, default=None,
                    help="accuracy-controlled quantization: largest allowed drop of val mean AUC")
     # Unset data flags come from the checkpoint (export) or the exported model (evaluation):
     # a model trained on 56x56 crops of the sample is calibrated and evaluated the same way.
     p.set_defaults(data_dir=None, split=None, resize=None, crop_size=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.hpu:
+        args.device = "hpu"
+    if args.mode != "torch" and args.device not in ("auto", "cpu") and not args.export:
+        p.error(f"argument --device: {args.device} is for --mode torch; OpenVINO runs on the CPU")
+    if args.max_auc_drop is not None and not 0 <= args.max_auc_drop < 1:
+        p.error(f"argument --max-auc-drop: must be in [0, 1), got {args.max_auc_drop}")
+    return args
 
 
 def fill_defaults(args, source):
@@ -340,20 +581,40 @@ def fill_defaults(args, source):
     for key, value in fallback.items():
         if getattr(args, key) is None:
             setattr(args, key, source.get(key, value))
+    if args.crop_size > args.resize:
+        raise DataError(f"--crop-size {args.crop_size} is larger than --resize {args.resize}")
 
 
 def main(argv=None):
     args = get_args(argv)
+    rt = None
     try:
         if args.export:
             if not args.checkpoint:
                 raise InferError("--export needs --checkpoint")
-            export(args)
-        else:
-            fill_defaults(args, read_metadata(args.model_dir))
-            classify_images(args) if args.image else evaluate(args)
-    except (DataError, InferError) as e:  # DataError includes model.py's CheckpointError
-        sys.exit(f"error: {one_line(e)}")
+            import_torch()
+            from export import export
+            return export(args)
+        fill_defaults(args, read_metadata(args.model_dir))
+        if args.mode == "torch":
+            import_torch()
+            if not args.image:
+                from runtime import setup
+                rt = setup(args.device)
+        return classify_images(args) if args.image else evaluate(args, rt)
+    except (DataError, SetupError) as e:  # DataError includes model.py's CheckpointError
+        if rt is None or rt.is_main:
+            print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted: run the same command to continue after the last saved chunk",
+              file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if rt is not None and rt.distributed:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 if __name__ == "__main__":

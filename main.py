@@ -8,14 +8,12 @@ Rank and device come from torchrun's environment; rank 0 prints and writes. Star
 with the same --out-dir resumes from its last.pt; torchrun --max-restarts=K does that for you
 after a worker dies (export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 first: pytorch#135712).
 """
-import argparse
+import io
 import json
 import math
-import os
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -25,14 +23,33 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from dataset import (CLASS_NAMES, ChestXray14, DataError, StoreDataset, add_data_args,
-                     check_data_dir, collate, mean_auc, one_line, open_store, resolve_split,
-                     roc_aucs, to_model_input)
-from model import ARCHS, CheckpointError, build_model, load_file, load_weights
+from common import (ArgumentParser, DataError, atomic_copy, atomic_path, atomic_write_text,
+                    check_writable_dir, exclusive_lock, fraction, strict_json, nonnegative_float,
+                    nonnegative_int, one_line, positive_float, positive_int)
+from dataset import (TRAIN_SIZE, ChestXray14, add_data_args, check_data_dir, collate,
+                     to_model_input)
+from labels import CLASS_NAMES, resolve_split
+from metrics import mean_auc, roc_aucs
+from model import ARCHS, CheckpointError, build_model, load_file, load_weights, train_mode
+from runtime import SetupError, autocast, gather_from_ranks, setup
+from store import open_store, png_names
 
-
-class SetupError(Exception):
-    """A device or distribution problem; one line."""
+# Training recipes. Defaults reproduce the best published DenseNet-121 on the shipped split;
+# `--recipe chexnet` is the CheXNet paper's. Each value is one flag away (--lr, ...).
+RECIPES = {
+    # zoogzog/chexnet: mean test AUC 0.851 on this split (arnoweng's), the best published
+    # DenseNet-121 on it: Adam 1e-4, weight decay 1e-5, RandomResizedCrop(224) of the
+    # full-resolution image + flip, BCE, batch 16, lr / 10 after 5 epochs without
+    # val-loss improvement, up to 100 epochs.
+    "zoogzog": dict(lr=1e-4, weight_decay=1e-5, patience=5, epochs=100, crop_scale=0.08,
+                    crop_ratio=(3 / 4, 4 / 3)),
+    # Rajpurkar et al. 2017 (CheXNet): Adam 1e-3, the whole image resized to 224 + flip,
+    # batch 16, lr / 10 when the val loss plateaus.
+    "chexnet": dict(lr=1e-3, weight_decay=0.0, patience=1, epochs=100, crop_scale=1.0,
+                    crop_ratio=(1.0, 1.0)),
+}
+RECIPE_BATCH = 16  # the global batch both recipes were tuned at
+WARMUP_STEPS = 500  # at most, and never more than one epoch
 
 
 class NonFiniteLoss(Exception):
@@ -40,8 +57,7 @@ class NonFiniteLoss(Exception):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     add_data_args(p)
     p.add_argument("--out-dir", default="runs/chexnet", help="checkpoints and metrics")
     p.add_argument("--no-store", action="store_true",
@@ -50,143 +66,137 @@ def get_args(argv=None):
     p.add_argument("--pretrained", default="imagenet", choices=["imagenet", "none"])
     p.add_argument("--weights", default=None,
                    help="local initial weights: a torchvision ImageNet file or a CheXNet checkpoint")
-    p.add_argument("--crop-scale", type=float, default=0.08,
-                   help="smallest area fraction of RandomResizedCrop (torchvision's default)")
+    p.add_argument("--recipe", default="zoogzog", choices=list(RECIPES),
+                   help="zoogzog: Adam 1e-4, wd 1e-5, random resized crops (0.851 on this split); "
+                        "chexnet: the paper's lr 1e-3, whole image resized")
+    p.add_argument("--train-size", type=positive_int, default=TRAIN_SIZE,
+                   help="training crops are drawn from the image resized to this (1024: the "
+                        f"NIH original; default {TRAIN_SIZE})")
+    p.add_argument("--crop-scale", type=fraction, default=None,
+                   help="smallest area fraction of RandomResizedCrop (recipe: 0.08, chexnet 1)")
     p.add_argument("--freeze-backbone", action="store_true",
                    help="train only the head (first stage of the two-stage transfer recipe)")
-    # The CheXNet paper: Adam (0.9, 0.999), lr 1e-3, batch 16, lr / 10 when val loss plateaus.
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=16, help="per process")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--patience", type=int, default=1,
-                   help="epochs without val-loss improvement before lr / 10")
+    p.add_argument("--epochs", type=positive_int, default=None, help="recipe: 100")
+    p.add_argument("--batch-size", type=positive_int, default=RECIPE_BATCH, help="per process")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="learning rate at a global batch of 16 (recipe: 1e-4, chexnet 1e-3)")
+    p.add_argument("--no-lr-scaling", action="store_true",
+                   help="keep --lr at any global batch (default: lr x sqrt(global batch / 16), "
+                        "reached by a linear warm-up)")
+    p.add_argument("--weight-decay", type=nonnegative_float, default=None, help="recipe: 1e-5")
+    p.add_argument("--patience", type=nonnegative_int, default=None,
+                   help="epochs without val-loss improvement before lr / 10 (recipe: 5)")
     p.add_argument("--pos-weight", action="store_true",
                    help="weight positives by negatives/positives of each disease in train")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=4, help="data-loader workers per process")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--workers", type=nonnegative_int, default=4, help="data-loader workers per process")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "hpu"])
     p.add_argument("--hpu", action="store_true", help="shorthand for --device hpu (Intel Gaudi)")
     p.add_argument("--amp", action="store_true", help="mixed precision autocast")
     p.add_argument("--amp-dtype", default="bf16", choices=["bf16", "fp16"],
-                   help="autocast dtype (fp16 adds a gradient scaler)")
+                   help="autocast dtype (fp16 adds a gradient scaler; not on Gaudi)")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--resume", default=None, help="checkpoint to resume (default: out-dir/last.pt)")
-    p.add_argument("--save-every", type=int, default=0, help="also save last.pt every N steps")
-    p.add_argument("--max-steps", type=int, default=0,
+    p.add_argument("--save-every", type=nonnegative_int, default=0,
+                   help="also save last.pt every N steps")
+    p.add_argument("--max-steps", type=nonnegative_int, default=0,
                    help="stop (saving last.pt) after N optimizer steps in all; 0: no limit")
+    p.add_argument("--log-every", type=positive_int, default=50,
+                   help="steps between reads of the loss (each read waits for the device)")
+    p.add_argument("--check", action="store_true",
+                   help="check data, weights, checkpoint and out-dir, then exit (run.sh does "
+                        "this once before torchrun)")
     args = p.parse_args(argv)
     if args.hpu:
         args.device = "hpu"
+    recipe = RECIPES[args.recipe]
+    for key, value in recipe.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    for flag, size in (("--resize", args.resize), ("--train-size", args.train_size)):
+        if args.crop_size > size:
+            p.error(f"argument --crop-size: {args.crop_size} is larger than {flag} {size}")
     return args
 
 
 # ---------------------------------------------------------------------------------------------
-# Device and distribution
+# The order of an epoch: one permutation for all ranks, consumed by global batches
 
-@dataclass
-class Runtime:
-    device: torch.device
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    htcore: object = None  # habana_frameworks.torch.core on Gaudi in lazy mode, else None
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    @property
-    def distributed(self):
-        return self.world_size > 1
-
-    def mark_step(self):
-        """Gaudi lazy mode runs the accumulated graph here; elsewhere nothing."""
-        if self.htcore is not None:
-            self.htcore.mark_step()
+def epoch_order(n, seed, epoch):
+    """The epoch's permutation of the n training images: DistributedSampler's
+    (torch.randperm seeded with seed + epoch), the same on every rank and world size."""
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    return torch.randperm(n, generator=g).tolist()
 
 
-def _import_gaudi():
-    try:
-        import habana_frameworks.torch.core as htcore
-    except ImportError:
-        raise SetupError("--hpu: the Intel Gaudi software (habana_frameworks) is not installed; "
-                         "run inside an Intel Gaudi PyTorch container, or use --device cpu/cuda"
-                         ) from None
-    return htcore
-
-
-def setup(device="auto"):
-    """Pick the device and join the process group torchrun describes (if any)."""
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    htcore = None
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise SetupError("--device cuda: no CUDA GPU is visible to PyTorch")
-        if local_rank >= torch.cuda.device_count():
-            raise SetupError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs")
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    elif device == "hpu":
-        core = _import_gaudi()
-        if world_size > 1:
-            import habana_frameworks.torch.distributed.hccl  # noqa: F401  registers 'hccl'
-        # Recent Gaudi releases run eager by default; lazy mode (PT_HPU_LAZY_MODE=1) needs
-        # mark_step() to cut the graph after backward() and after optimizer.step().
-        htcore = core if os.environ.get("PT_HPU_LAZY_MODE", "0") == "1" else None
-        dev = torch.device("hpu")
-    elif device == "cpu":
-        dev = torch.device("cpu")
-    else:
-        raise SetupError(f"unknown --device {device!r} (auto, cpu, cuda or hpu)")
-    if world_size > 1 and not dist.is_initialized():
-        if (rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-                and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0):
-            # pytorch/pytorch#135712: with the store shared between torchrun's rendezvous and
-            # the process group, restarted workers can read the last attempt's addresses
-            # and hang. run.sh sets this for you.
-            print("warning: restarts need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's "
-                  "environment (pytorch/pytorch#135712)", file=sys.stderr)
-        backend = {"cpu": "gloo", "cuda": "nccl", "hpu": "hccl"}[dev.type]
-        dist.init_process_group(backend=backend)
-    return Runtime(dev, rank, local_rank, world_size, htcore)
-
-
-def gather_from_ranks(rt, *arrays):
-    """Concatenate each array over ranks (rank order), as numpy."""
-    if not rt.distributed:
-        return arrays
-    gathered = [None] * rt.world_size
-    dist.all_gather_object(gathered, arrays)
-    return tuple(np.concatenate([g[i] for g in gathered]) for i in range(len(arrays)))
+def rank_indices(order, start, world_size, rank, batch_size):
+    """This rank's images for the rest of an epoch that has used order[:start]: global batches
+    of world_size x batch_size, rank r taking every world_size-th image from r on (as
+    DistributedSampler with drop_last does), the last incomplete global batch dropped.
+    Position in the epoch is a count of images, so a run resumes exactly where it stopped
+    even with another world size or batch size."""
+    rest = order[start:]
+    steps = len(rest) // (world_size * batch_size)
+    return rest[rank:steps * world_size * batch_size:world_size]
 
 
 # ---------------------------------------------------------------------------------------------
 # Train and evaluate
 
-def train_one_epoch(model, loader, criterion, optimizer, scaler, rt, args, epoch, step, on_step):
+class LearningRate:
+    """The recipe's lr scaled by sqrt(global batch / 16) (Adam's square-root rule), reached
+    by a linear warm-up from the recipe's own lr over the first steps; ReduceLROnPlateau's
+    divisions apply on top."""
+
+    def __init__(self, args, global_batch, steps_per_epoch):
+        self.base = args.lr
+        scale = 1.0 if args.no_lr_scaling else math.sqrt(global_batch / RECIPE_BATCH)
+        self.peak = args.lr * scale
+        self.warmup = min(WARMUP_STEPS, steps_per_epoch) if scale > 1 else 0
+
+    def at(self, step):
+        """The lr for optimizer step `step` (0-based) during the warm-up, else None."""
+        if step >= self.warmup:
+            return None
+        return self.base + (self.peak - self.base) * (step + 1) / self.warmup
+
+
+def train_one_epoch(model, loader, criterion, optimizer, scaler, rt, args, epoch, step, on_step,
+                    lr=None):
     """One pass over this rank's shard. `step` counts optimizer steps over the whole run;
-    on_step(step, batches, loss_sum, images) is called after each. Returns the epoch's metrics."""
-    model.train()
-    loss_sum, images, batches, start = 0.0, 0, 0, time.perf_counter()
-    amp = _autocast(rt, args)
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False,
+    on_step(step, batches, stats) is called after each. Returns the epoch's metrics.
+
+    Nothing here waits for the device except every --log-every steps and before a checkpoint:
+    the loss is summed and checked for finiteness on the device."""
+    train_mode(model, args.freeze_backbone)
+    images, batches, start = 0, 0, time.perf_counter()
+    loss_sum = torch.zeros((), device=rt.device)  # sum over images of the batch-mean loss
+    first_bad = torch.full((), -1, dtype=torch.long, device=rt.device)  # first non-finite step
+    step_counter = torch.full((), step, dtype=torch.long, device=rt.device)
+    amp = autocast(rt, args)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False,
                disable=not (rt.is_main and sys.stderr.isatty()))
+
+    def check():
+        """Wait for the device: raise if any loss so far was non-finite."""
+        bad = int(first_bad)
+        if bad >= 0:
+            raise NonFiniteLoss(f"loss is non-finite at epoch {epoch + 1} step {bad}")
+        return float(loss_sum) / max(images, 1)
+
     for batch in bar:
         batches += 1
-        if batch is None:  # every image of the batch was unreadable and skipped
+        if batch is None:  # evaluation only: training batches are always full
             continue
+        warm = lr.at(step) if lr is not None else None
+        if warm is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = warm
         x, y = to_device(batch, rt, args)  # (B, 3, crop, crop) float, (B, 14)
         with amp:
             loss = criterion(model(x), y)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise NonFiniteLoss(f"loss is {loss_value} at epoch {epoch + 1} step {step + 1}")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         rt.mark_step()
@@ -194,29 +204,34 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, rt, args, epoch
         scaler.update()
         rt.mark_step()
         step += 1
-        loss_sum += loss_value * x.shape[0]
+        step_counter += 1
+        loss = loss.detach().float()
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step_counter, first_bad)
+        loss_sum += loss * x.shape[0]
         images += x.shape[0]
-        bar.set_postfix(loss=f"{loss_sum / images:.4f}")
-        on_step(step, batches, loss_sum, images)
-        if args.max_steps and step >= args.max_steps:
+        last = args.max_steps and step >= args.max_steps
+        if step % args.log_every == 0 or last:
+            bar.set_postfix(loss=f"{check():.4f}")
+        on_step(step, batches, check)
+        if last:
             break
-    return {"loss_sum": loss_sum, "images": images, "batches": batches, "step": step,
+    train_loss = check()
+    return {"loss_sum": train_loss * images, "images": images, "batches": batches, "step": step,
             "seconds": time.perf_counter() - start}
 
 
 @torch.no_grad()
 def evaluate(model, loader, rt, args, pos_weight=None):
     """Loss and per-disease ROC-AUC over the whole split: every rank's predictions gathered,
-    the duplicates DistributedSampler pads with dropped (by image name)."""
+    the duplicates DistributedSampler pads with dropped, in the order of the list."""
     model.eval()
     logits, labels, names = [], [], []
-    amp = _autocast(rt, args)
+    amp = autocast(rt, args)
     for batch in tqdm(loader, desc="val", leave=False,
                       disable=not (rt.is_main and sys.stderr.isatty())):
         if batch is None:
             continue
         x, _ = to_device(batch, rt, args)
-        y, batch_names = batch[1], batch[2]
         if x.dim() == 5:  # ten-crop (B, 10, 3, H, W): mean of the crops' logits
             b, n = x.shape[:2]
             with amp:
@@ -225,57 +240,79 @@ def evaluate(model, loader, rt, args, pos_weight=None):
             with amp:
                 out = model(x)
         rt.mark_step()
-        logits.append(out.float().cpu().numpy())
-        labels.append(y.numpy())
-        names.extend(batch_names)
+        logits.append(out.float())
+        labels.append(batch[1].numpy())
+        names.extend(batch[2])
     empty = np.zeros((0, len(CLASS_NAMES)), np.float32)
+    logits = torch.cat(logits).cpu().numpy() if logits else empty  # one wait, at the end
     logits, labels, names = gather_from_ranks(
-        rt, np.concatenate(logits) if logits else empty,
-        np.concatenate(labels) if labels else empty, np.array(names, dtype=object))
+        rt, logits, np.concatenate(labels) if labels else empty, np.array(names, dtype=object))
+    position = {n: i for i, n in enumerate(loader.dataset.names)}
     _, first = np.unique(names, return_index=True)
-    logits, labels = logits[np.sort(first)], labels[np.sort(first)]
+    keep = sorted(first, key=lambda i: position[names[i]])
+    logits, labels, names = logits[keep], labels[keep], names[keep]
+    if not np.isfinite(logits).all():
+        raise NonFiniteLoss("validation outputs are non-finite: the weights diverged")
     loss = F.binary_cross_entropy_with_logits(
         torch.from_numpy(logits), torch.from_numpy(labels),
         pos_weight=None if pos_weight is None else pos_weight.cpu()).item()
     probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
     aucs = roc_aucs(labels, probs)
-    return {"loss": loss, "auc": aucs, "mean_auc": mean_auc(aucs), "images": len(labels)}
+    return {"loss": loss, "auc": aucs, "mean_auc": mean_auc(aucs), "images": len(labels),
+            "names": names, "probs": probs}
 
 
 def to_device(batch, rt, args):
     """A loader batch -> model input and labels on the device. Images travel as uint8, one
-    channel (the store's training batches uncropped, with their crop boxes); channel expansion,
-    normalisation and the store's crops happen on the device."""
+    channel; channel expansion and normalisation happen on the device."""
     x, y = batch[0].to(rt.device, non_blocking=True), batch[1].to(rt.device, non_blocking=True)
-    boxes = batch[3] if len(batch) > 3 else None
-    x = to_model_input(x, boxes, args.crop_size)
+    x = to_model_input(x)
     if args.channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y
 
 
-def _autocast(rt, args):
-    if not args.amp:
-        return nullcontext()
-    dtype = torch.bfloat16 if args.amp_dtype == "bf16" else torch.float16
-    return torch.autocast(device_type=rt.device.type, dtype=dtype)
-
-
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints: last.pt, best.pt and metrics.jsonl are one record
 
 def save_checkpoint(path, model, optimizer, scheduler, scaler, args, **state):
-    """Atomically (temp file + rename): a kill never leaves a broken checkpoint. Holds the bare
-    model's state dict (no DDP or compile prefixes) and everything needed to resume."""
+    """Atomically (unique temp file + rename): a kill never leaves a broken checkpoint, a full
+    disk leaves the previous one. Holds the bare model's state dict (no DDP or compile
+    prefixes) and everything needed to resume."""
     for name, p in model.state_dict().items():
         if p.is_floating_point() and not torch.isfinite(p).all():
             raise NonFiniteLoss(f"weights became non-finite ({name}); {path} not overwritten")
     payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                "args": vars(args), "class_names": CLASS_NAMES, **state}
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()  # serialised first: a failed write is then an OSError naming its cause
+    torch.save(payload, buffer)
+    with atomic_path(path, "checkpoint") as tmp:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+
+
+def write_metrics(out_dir, history):
+    """metrics.jsonl rewritten from the checkpoint's own history: strict JSON (NaN -> null)."""
+    atomic_write_text(Path(out_dir) / "metrics.jsonl", "".join(
+        json.dumps(strict_json(r), allow_nan=False) + "\n" for r in history), "metrics")
+
+
+def repair_outputs(out_dir, ckpt, log):
+    """After a kill at any instant the three outputs agree again: last.pt is written first, so
+    it is the record; best.pt is restored from it when the kill came before best.pt was
+    written, metrics.jsonl is rewritten from its history."""
+    last, best = Path(out_dir) / "last.pt", Path(out_dir) / "best.pt"
+    best_epoch = ckpt.get("best_epoch")
+    if best_epoch and best_epoch == ckpt["epoch"] and ckpt["epoch_images"] == 0:
+        try:
+            held = load_file(best).get("epoch") if best.is_file() else None
+        except CheckpointError:
+            held = None
+        if held != best_epoch:
+            atomic_copy(last, best, "checkpoint")
+            log(f"repaired {best}: it now holds epoch {best_epoch}, the best, as last.pt records")
+    write_metrics(out_dir, ckpt.get("history", []))
 
 
 def load_checkpoint(path, model, optimizer, scheduler, scaler, args):
@@ -284,37 +321,58 @@ def load_checkpoint(path, model, optimizer, scheduler, scaler, args):
         raise CheckpointError(f"{path}: not a training checkpoint of main.py (no model/optimizer "
                               "state); to start from its weights use --weights")
     trained = ckpt.get("args", {})
+    how = f"resume with the flags it was trained with, or start a new --out-dir (--weights {path} starts from its weights)"
     if trained.get("arch", args.arch) != args.arch:
-        raise CheckpointError(f"{path}: trained with --arch {trained['arch']}, not {args.arch}")
+        raise CheckpointError(f"{path}: trained with --arch {trained['arch']}, not {args.arch}; {how}")
+    if bool(trained.get("freeze_backbone")) != args.freeze_backbone:
+        flag = "with" if trained.get("freeze_backbone") else "without"
+        raise CheckpointError(f"{path}: trained {flag} --freeze-backbone; {how}")
+    if _uses_scaler(trained) != _uses_scaler(vars(args)):
+        raise CheckpointError(f"{path}: trained {'with' if _uses_scaler(trained) else 'without'} "
+                              f"--amp --amp-dtype fp16 (its gradient scaler); {how}")
+    if "epoch_images" not in ckpt:
+        raise CheckpointError(f"{path}: written by an older main.py without the epoch position; "
+                              f"start a new --out-dir (--weights {path} starts from its weights)")
     load_weights(model, ckpt["model"], path, args.arch, len(CLASS_NAMES))
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    scaler.load_state_dict(ckpt["scaler"])
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: its optimizer state does not fit ({one_line(e)}); {how}") from None
     return ckpt
+
+
+def _uses_scaler(args):
+    return bool(args.get("amp")) and args.get("amp_dtype") == "fp16"
 
 
 # ---------------------------------------------------------------------------------------------
 
 def make_datasets(args, lists, log):
-    """From the preprocessed store when `python dataset.py prepare` made one for --resize,
-    else from the PNGs; either way uint8 items finished on the device."""
-    store = None if args.no_store else open_store(args.data_dir, args.resize)
-    if store is not None:
-        log(f"reading the preprocessed store {store.dir}/")
-        kwargs = dict(crop=args.crop_size, limit=args.limit)
-        return (StoreDataset(store, lists["train"], "train", seed=args.seed,
-                             crop_scale=args.crop_scale, **kwargs),
-                StoreDataset(store, lists["val"], "center", **kwargs))
-    kwargs = dict(resize=args.resize, crop=args.crop_size, skip_bad_images=args.skip_bad_images,
-                  limit=args.limit, raw=True)
-    return (ChestXray14(args.data_dir, lists["train"], mode="train", seed=args.seed,
-                        crop_scale=args.crop_scale, **kwargs),
-            ChestXray14(args.data_dir, lists["val"], mode="center", **kwargs))
+    """Training crops from the store of --train-size, validation crops from the store of
+    --resize, each where `python dataset.py prepare` made it, else from the PNGs: the same
+    pixels either way."""
+    names = None if args.no_store else png_names(args.data_dir)
+    stores = {}
+    for size in {args.train_size, args.resize}:
+        stores[size] = None if args.no_store else open_store(args.data_dir, size, names)
+        if stores[size] is not None:
+            log(f"reading the preprocessed store {stores[size].dir}/")
+        elif not args.no_store:
+            log(f"note: no store for {size}x{size}: decoding PNGs (`python dataset.py prepare "
+                f"--data-dir {args.data_dir} --size {size}` makes loading far cheaper)")
+    common = dict(crop=args.crop_size, skip_bad_images=args.skip_bad_images, limit=args.limit)
+    return (ChestXray14(args.data_dir, lists["train"], "train", args.train_size, seed=args.seed,
+                        crop_scale=(args.crop_scale, 1.0), crop_ratio=args.crop_ratio,
+                        store=stores[args.train_size], **common),
+            ChestXray14(args.data_dir, lists["val"], "center", args.resize,
+                        store=stores[args.resize], **common))
 
 
-def make_loader(dataset, sampler_indices, args, rt, train):
+def make_loader(dataset, indices, args, rt, train):
     return torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, sampler=sampler_indices, num_workers=args.workers,
+        dataset, batch_size=args.batch_size, sampler=indices, num_workers=args.workers,
         collate_fn=collate, pin_memory=rt.device.type == "cuda", drop_last=train,
         # A new worker pool each epoch picks up dataset.set_epoch() (seeded augmentation).
         persistent_workers=False)
@@ -331,6 +389,13 @@ def main(argv=None):
         if rt is None or rt.is_main or not isinstance(e, DataError):
             print(f"{prefix}error: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        if rt is None or rt.is_main:
+            last = Path(args.out_dir) / "last.pt"
+            where = (f"run the same command to resume from {last}" if last.is_file()
+                     else "nothing was saved yet")
+            print(f"interrupted: {where}", file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -339,24 +404,51 @@ def main(argv=None):
 def run(args, rt):
     """Train; returns the bare model (tests compare ranks' weights through it)."""
     log = print if rt.is_main else (lambda *a, **k: None)
+    if rt.device.type == "hpu" and args.amp and args.amp_dtype == "fp16":
+        raise SetupError("--amp-dtype fp16: Gaudi trains in bf16 (no fp16 gradient scaler); "
+                         "use --amp alone")
     check_data_dir(args.data_dir)
     lists = resolve_split(args.split, args.data_dir, args.split_seed)
     train_set, val_set = make_datasets(args, lists, log)
-    if len(train_set) < args.batch_size * rt.world_size:
+    global_batch = args.batch_size * rt.world_size
+    if len(train_set) < global_batch:
         raise DataError(f"{lists['train']}: {len(train_set)} images, fewer than one batch "
                         f"({args.batch_size} x {rt.world_size} processes)")
+    out_dir = Path(args.out_dir)
+    with ExitStack() as stack:
+        if rt.is_main:  # one training per out-dir; the kernel drops the lock if we die
+            check_writable_dir(out_dir, "--out-dir")
+            stack.enter_context(exclusive_lock(
+                out_dir / ".lock", "another training", "use another --out-dir"))
+            for stale in out_dir.glob(".*.tmp"):  # temp files of a writer killed mid-write
+                stale.unlink(missing_ok=True)
+        return _train(args, rt, lists, train_set, val_set, global_batch, out_dir, log)
 
+
+def _train(args, rt, lists, train_set, val_set, global_batch, out_dir, log):
     torch.manual_seed(args.seed)
+    # One download of the ImageNet weights per node: local rank 0 first, the others after.
+    if rt.distributed and rt.local_rank != 0:
+        dist.barrier()
     model = build_model(args.arch, len(CLASS_NAMES), args.pretrained, args.weights,
-                        args.freeze_backbone).to(rt.device)
+                        args.freeze_backbone)
+    if rt.distributed and rt.local_rank == 0:
+        dist.barrier()
+    if rt.is_main:  # room for a checkpoint's temp file and best.pt beside last.pt
+        params = sum(p.numel() * p.element_size() for p in model.parameters())
+        check_writable_dir(out_dir, "--out-dir", need_bytes=2 * 3 * params)
+    model = model.to(rt.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                                 betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    n, steps_per_epoch = len(train_set), len(train_set) // global_batch
+    lr = LearningRate(args, global_batch, steps_per_epoch)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
+                                 lr=args.lr if lr.warmup else lr.peak, betas=(0.9, 0.999),
+                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.1,
                                                            patience=args.patience)
     scaler = torch.amp.GradScaler(rt.device.type if rt.device.type != "hpu" else "cpu",
-                                  enabled=args.amp and args.amp_dtype == "fp16")
+                                  enabled=_uses_scaler(vars(args)))
     pos_weight = None
     if args.pos_weight:
         positives = train_set.labels.sum(0).clip(min=1)
@@ -364,7 +456,6 @@ def run(args, rt):
                                   dtype=torch.float32, device=rt.device)
     criterion = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
 
-    out_dir = Path(args.out_dir)
     last, best = out_dir / "last.pt", out_dir / "best.pt"
     resume = args.resume or (last if last.is_file() else None)
     if rt.distributed:  # every rank must resume from the same file, or none
@@ -373,96 +464,123 @@ def run(args, rt):
         if len(set(seen)) > 1:
             raise SetupError(f"rank 0 resumes from {seen[0]} but other ranks see {set(seen[1:])}: "
                              "put --out-dir on a filesystem every node shares")
-    start_epoch, step, skip_steps, best_auc = 0, 0, 0, -math.inf
-    partial = {"loss_sum": 0.0, "images": 0}
+    state = {"epoch": 0, "step": 0, "epoch_images": 0, "best_auc": -math.inf, "best_epoch": None,
+             "history": [], "partial": {"loss_sum": 0.0, "images": 0},
+             "world_size": rt.world_size, "batch_size": args.batch_size}
     if resume:
         ckpt = load_checkpoint(resume, model, optimizer, scheduler, scaler, args)
-        start_epoch, step, skip_steps = ckpt["epoch"], ckpt["step"], ckpt["step_in_epoch"]
-        best_auc = ckpt["best_auc"]
-        partial = ckpt.get("partial", partial)
-        log(f"resuming from {resume}: epoch {start_epoch}, step {step}")
+        state.update({k: ckpt[k] for k in state if k in ckpt})
+        log(f"resuming from {resume}: epoch {state['epoch']}, step {state['step']}")
+        if rt.is_main:
+            repair_outputs(out_dir, ckpt, log)
+        old_batch = ckpt["batch_size"] * ckpt["world_size"]
+        if old_batch != global_batch:
+            note = (f"note: global batch {old_batch} -> {global_batch}: the epoch continues "
+                    f"after the {state['epoch_images']} images already seen")
+            if not args.no_lr_scaling:
+                for group in optimizer.param_groups:
+                    group["lr"] *= math.sqrt(global_batch / old_batch)
+                note += f"; lr x sqrt({global_batch}/{old_batch})"
+            log(note)
         if ckpt["args"].get("lr") != args.lr:
             log(f"note: the resumed optimizer keeps its learning rate schedule; --lr {args.lr} "
                 "applies to new runs only")
-    if rt.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    if args.check:
+        log(f"ok: {n} train / {len(val_set)} val images, {args.arch}, out-dir {out_dir}"
+            + (f", resuming from {resume}" if resume else ""))
+        return model
 
-    net = torch.compile(model) if args.compile else model
+    net = model
+    if args.compile:
+        net = torch.compile(model, backend="hpu_backend" if rt.device.type == "hpu" else "inductor")
     if rt.distributed:
         net = DDP(net, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
-    train_sampler = torch.utils.data.DistributedSampler(
-        train_set, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=args.seed,
-        drop_last=True)
     val_sampler = torch.utils.data.DistributedSampler(
         val_set, num_replicas=rt.world_size, rank=rt.rank, shuffle=False)
     val_loader = make_loader(val_set, val_sampler, args, rt, train=False)
-    steps_per_epoch = len(train_sampler) // args.batch_size
-    log(f"{args.arch} on {rt.world_size} x {rt.device.type}: {len(train_set)} train / "
-        f"{len(val_set)} val images, {steps_per_epoch} steps per epoch, out-dir {out_dir}")
+    log(f"{args.arch} on {rt.world_size} x {rt.device.type}: {n} train / {len(val_set)} val "
+        f"images; global batch {global_batch} ({args.batch_size} x {rt.world_size}), "
+        f"{steps_per_epoch} steps per epoch; lr {lr.peak:.3g}"
+        + (f" (recipe {args.lr:.3g} x sqrt({global_batch}/{RECIPE_BATCH}), {lr.warmup} warm-up "
+           "steps)" if lr.peak != args.lr else "") + f"; out-dir {out_dir}")
+    if state["epoch"] >= args.epochs:
+        log(f"nothing to do: {resume} already holds epoch {state['epoch']} of {args.epochs}")
+        return model
 
-    for epoch in range(start_epoch, args.epochs):
-        train_sampler.set_epoch(epoch)
+    def save(path, **extra):
+        save_checkpoint(path, model, optimizer, scheduler, scaler, args,
+                        **{**state, "world_size": rt.world_size,
+                           "batch_size": args.batch_size, **extra})
+
+    for epoch in range(state["epoch"], args.epochs):
         train_set.set_epoch(epoch)
-        indices = list(train_sampler)[skip_steps * args.batch_size:]  # resume mid-epoch
+        start_images = state["epoch_images"]
+        indices = rank_indices(epoch_order(n, args.seed, epoch), start_images, rt.world_size,
+                               rt.rank, args.batch_size)
         loader = make_loader(train_set, indices, args, rt, train=True)
         start = time.perf_counter()
+        partial = dict(state["partial"])
 
-        def on_step(step, batches, loss_sum, images, epoch=epoch, skip=skip_steps,
-                    base=dict(partial)):
+        def on_step(step, batches, check, epoch=epoch):
             if rt.is_main and args.save_every and step % args.save_every == 0:
-                save_checkpoint(last, model, optimizer, scheduler, scaler, args, epoch=epoch,
-                                step=step, step_in_epoch=skip + batches,
-                                best_auc=best_auc,
-                                partial={"loss_sum": base["loss_sum"] + loss_sum,
-                                         "images": base["images"] + images})
+                loss = check()  # waits for the device; raises on a non-finite loss
+                save(last, epoch=epoch, step=step,
+                     epoch_images=start_images + batches * global_batch,
+                     partial={"loss_sum": partial["loss_sum"] + loss * batches * args.batch_size,
+                              "images": partial["images"] + batches * args.batch_size})
 
         try:
             stats = train_one_epoch(net, loader, criterion, optimizer, scaler, rt, args, epoch,
-                                    step, on_step)
+                                    state["step"], on_step, lr)
         except NonFiniteLoss as e:
             kept = f"{last} keeps the last good weights" if last.is_file() else "nothing saved"
             raise NonFiniteLoss(f"{e}; training stopped, {kept}") from None
-        step = stats["step"]
-        loss_sum, images = partial["loss_sum"] + stats["loss_sum"], partial["images"] + stats["images"]
-        done = skip_steps + stats["batches"] >= steps_per_epoch
-        if not done:  # --max-steps reached mid-epoch
+        state["step"] = stats["step"]
+        state["partial"] = {"loss_sum": partial["loss_sum"] + stats["loss_sum"],
+                            "images": partial["images"] + stats["images"]}
+        state["epoch_images"] = start_images + stats["batches"] * global_batch
+        if state["epoch_images"] + global_batch <= n:  # --max-steps reached mid-epoch
             if rt.is_main:
-                save_checkpoint(last, model, optimizer, scheduler, scaler, args, epoch=epoch,
-                                step=step, step_in_epoch=skip_steps + stats["batches"],
-                                best_auc=best_auc, partial={"loss_sum": loss_sum, "images": images})
-            log(f"stopped after {step} steps (--max-steps); resume with the same --out-dir")
+                save(last, epoch=epoch)
+            log(f"stopped after {state['step']} steps (--max-steps); resume with the same --out-dir")
             return model
-        skip_steps, partial = 0, {"loss_sum": 0.0, "images": 0}
-        val = evaluate(net, val_loader, rt, args, pos_weight)
+        try:
+            val = evaluate(net, val_loader, rt, args, pos_weight)
+        except NonFiniteLoss as e:
+            kept = f"{last} keeps the last good weights" if last.is_file() else "nothing saved"
+            raise NonFiniteLoss(f"{e} at epoch {epoch + 1}; training stopped, {kept}") from None
         scheduler.step(val["loss"])
         seconds = time.perf_counter() - start
-        train_loss = loss_sum / max(images, 1)
+        train_loss = state["partial"]["loss_sum"] / max(state["partial"]["images"], 1)
         if rt.distributed:  # mean over ranks, so every rank logs the same number
             t = torch.tensor([train_loss], device=rt.device)
             dist.all_reduce(t)
             train_loss = t.item() / rt.world_size
-        record = {"epoch": epoch + 1, "steps": step, "batches": steps_per_epoch,
-                  "train_loss": train_loss, "val_loss": val["loss"], "val_mean_auc": val["mean_auc"],
+        record = {"epoch": epoch + 1, "steps": state["step"], "batches": steps_per_epoch,
+                  "global_batch": global_batch, "train_loss": train_loss,
+                  "val_loss": val["loss"], "val_mean_auc": val["mean_auc"],
                   "val_auc": dict(zip(CLASS_NAMES, val["auc"].tolist())),
                   "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
                   "images_per_s": stats["images"] * rt.world_size / stats["seconds"]}
-        improved = not math.isnan(val["mean_auc"]) and val["mean_auc"] > best_auc
-        best_auc = val["mean_auc"] if improved else best_auc
+        improved = not math.isnan(val["mean_auc"]) and val["mean_auc"] > state["best_auc"]
+        if improved:
+            state["best_auc"], state["best_epoch"] = val["mean_auc"], epoch + 1
+        state.update(epoch=epoch + 1, epoch_images=0, partial={"loss_sum": 0.0, "images": 0},
+                     history=state["history"] + [record])
         if rt.is_main:
-            save_checkpoint(last, model, optimizer, scheduler, scaler, args, epoch=epoch + 1,
-                            step=step, step_in_epoch=0, best_auc=best_auc, metrics=record)
+            # last.pt first: it is the record that best.pt and metrics.jsonl are repaired from.
+            save(last)
             if improved or not best.is_file():
-                save_checkpoint(best, model, optimizer, scheduler, scaler, args, epoch=epoch + 1,
-                                step=step, step_in_epoch=0, best_auc=best_auc, metrics=record)
-            with open(out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+                atomic_copy(last, best, "checkpoint")
+            write_metrics(out_dir, state["history"])
         log(f"epoch {epoch + 1}/{args.epochs}  batches {steps_per_epoch}  train loss "
             f"{train_loss:.4f}  val loss {val['loss']:.4f}  val mean AUC {val['mean_auc']:.4f}  "
             f"{seconds:.1f}s  {record['images_per_s']:.1f} img/s")
-        if args.max_steps and step >= args.max_steps and epoch + 1 < args.epochs:
-            log(f"stopped after {step} steps (--max-steps); resume with the same --out-dir")
+        if args.max_steps and state["step"] >= args.max_steps and epoch + 1 < args.epochs:
+            log(f"stopped after {state['step']} steps (--max-steps); resume with the same --out-dir")
             return model
-    log(f"done: best val mean AUC {best_auc:.4f}, checkpoints in {out_dir}")
+    log(f"done: best val mean AUC {state['best_auc']:.4f} (epoch {state['best_epoch']}), "
+        f"checkpoints in {out_dir}")
     return model
 
 

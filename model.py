@@ -6,6 +6,7 @@ original CheXNet's Linear + Sigmoid classifier. State dict keys are torchvision'
 (`features.conv0.weight`, ..., `classifier.weight`), so a checkpoint is a torchvision model's
 state dict with a 14-way head.
 """
+import pickle
 import re
 import urllib.error
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 import torchvision
 from torch import nn
 
-from dataset import DataError
+from common import DataError, one_line
 
 ARCHS = {
     # arch: (torchvision builder, ImageNet weights, name of the head attribute)
@@ -39,16 +40,16 @@ def build_model(arch="densenet121", num_classes=14, pretrained="imagenet", weigh
         raise CheckpointError(f"unknown --arch {arch!r} (choose from {', '.join(ARCHS)})")
     builder, imagenet, head_name = ARCHS[arch]
     model = builder(weights=None)
-    state = None
+    state, source = None, weights
     if weights is not None:
         state = read_state_dict(weights, what="weights file")
     elif pretrained == "imagenet":
-        state = _download_imagenet(arch, imagenet)
+        state, source = imagenet_state(arch, imagenet), imagenet_cache(imagenet)
     elif pretrained != "none":
         raise CheckpointError(f"unknown --pretrained {pretrained!r} (imagenet or none)")
     head_weight = f"{head_name}.weight"
     if state is not None and head_weight in state and state[head_weight].shape[0] == 1000:
-        load_weights(model, state, weights or imagenet.url, arch, 1000)  # an ImageNet backbone
+        load_weights(model, state, source, arch, 1000)  # an ImageNet backbone
         state = None
     in_features = getattr(model, head_name).in_features
     setattr(model, head_name, nn.Linear(in_features, num_classes))
@@ -61,17 +62,43 @@ def build_model(arch="densenet121", num_classes=14, pretrained="imagenet", weigh
     return model
 
 
-def _download_imagenet(arch, imagenet):
-    try:
-        state = imagenet.get_state_dict(progress=False, check_hash=True)
-    except (urllib.error.URLError, OSError, RuntimeError) as e:
-        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(imagenet.url).name
-        raise CheckpointError(
-            f"cannot download the ImageNet weights of {arch} from {imagenet.url} "
-            f"({type(e).__name__}: {e}); on an offline machine copy that file to {cache} or pass "
-            f"--weights PATH to a local copy, or start from random weights with --pretrained none"
-        ) from None
-    return _torchvision_names(state)
+def train_mode(model, freeze_backbone=False):
+    """model.train(), except that a frozen backbone's BatchNorm layers stay in eval mode: in
+    train mode they would still update their running statistics (and normalise each batch
+    with its own), i.e. the "frozen" features would change."""
+    model.train()
+    if freeze_backbone:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                    p.requires_grad for p in module.parameters()):
+                module.eval()
+    return model
+
+
+def imagenet_cache(imagenet):
+    """Where torch.hub keeps the file: $TORCH_HOME/hub/checkpoints/<name>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(imagenet.url).name
+
+
+def imagenet_state(arch, imagenet):
+    """torchvision's ImageNet weights from the torch cache (downloaded there once, its hash
+    checked as torchvision does), loaded with weights_only=True: a file in the cache is
+    never trusted to run code. Old torchvision key names are renamed."""
+    url, cache = imagenet.url, imagenet_cache(imagenet)
+    if not cache.is_file():
+        match = re.search(r"-([a-f0-9]{8,})\.", cache.name)  # torchvision's check_hash
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            # Downloaded to a temp file and moved into place once its hash matches.
+            torch.hub.download_url_to_file(url, str(cache), match and match.group(1),
+                                           progress=False)
+        except (urllib.error.URLError, OSError, RuntimeError, ValueError) as e:
+            raise CheckpointError(
+                f"cannot download the ImageNet weights of {arch} from {url} ({one_line(e)}); "
+                f"on an offline machine copy that file to {cache} or pass --weights PATH to a "
+                "local copy, or start from random weights with --pretrained none") from None
+    return read_state_dict(cache, what="ImageNet weights file", corrupt_hint=(
+        f"delete it to download it again, or copy torchvision's {cache.name} there"))
 
 
 def model_from_checkpoint(path, arch=None):
@@ -96,11 +123,11 @@ def with_sigmoid(model):
 # ---------------------------------------------------------------------------------------------
 # Loading state dicts safely (weights_only), from our checkpoints and from the legacy format
 
-def read_state_dict(path, what="checkpoint", obj=None):
+def read_state_dict(path, what="checkpoint", obj=None, corrupt_hint=None):
     """A state dict from any file we accept: a bare state dict, our checkpoint (its 'model'),
     or the legacy CheXNet format {'state_dict': {'module.densenet121.features...': ...}}.
     Keys come back in today's torchvision names. `obj`: the file's content, if already loaded."""
-    obj = load_file(path, what) if obj is None else obj
+    obj = load_file(path, what, corrupt_hint) if obj is None else obj
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -111,15 +138,22 @@ def read_state_dict(path, what="checkpoint", obj=None):
     return _torchvision_names(obj)
 
 
-def load_file(path, what="checkpoint"):
+def load_file(path, what="checkpoint", corrupt_hint=None):
     """torch.load with weights_only=True: tensors and plain containers, never arbitrary code."""
     if not Path(path).is_file():
         raise CheckpointError(f"{path}: {what} not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError, truncated zip, not a torch file at all ...
+    except pickle.UnpicklingError as e:
+        # torch's message goes on to suggest weights_only=False: never for a file we did not make.
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(e))
+        thing = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(f"{path}: refused: the {what} holds Python objects other than "
+                              f"tensors{thing}, and loading them could run code") from None
+    except Exception as e:  # truncated zip, not a torch file at all, a disk error ...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a loadable {what} ({reason[:200]})") from None
+        hint = f"; {corrupt_hint}" if corrupt_hint else ""
+        raise CheckpointError(f"{path}: corrupt or not a {what} ({reason[:160]}){hint}") from None
 
 
 _LEGACY_PREFIXES = ("module.", "_orig_mod.", "densenet121.", "resnet50.")
@@ -148,8 +182,18 @@ def _torchvision_names(state):
 
 
 def load_weights(model, state, path, arch, num_classes):
-    """Load a state dict into the bare model, or say in one line why it does not fit."""
+    """Load a state dict into the bare model, or say in one line why it does not fit.
+
+    Files written before PyTorch 0.4.1 (torchvision's densenet121-a639ec97.pth, the original
+    CheXNet checkpoints) have no BatchNorm `num_batches_tracked` buffers: those keep the
+    model's own value (it only matters for BatchNorm with momentum=None, which no model here
+    uses). Non-finite weights are refused: they would only give NaN probabilities.
+    """
     own = model.state_dict()
+    state = dict(state)
+    for key in own:
+        if key.endswith(".num_batches_tracked") and key not in state:
+            state[key] = own[key]
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
@@ -161,4 +205,7 @@ def load_weights(model, state, path, arch, num_classes):
             detail = (f"{len(missing)} missing keys (e.g. {missing[0]})" if missing
                       else f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
         raise CheckpointError(f"{path}: does not fit {arch} with {num_classes} classes: {detail}")
+    for key, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise CheckpointError(f"{path}: {key} holds non-finite values (NaN or inf): refused")
     model.load_state_dict(state)

@@ -50,7 +50,7 @@ if [ -d "$data_dir/images" ] && ls "$data_dir"/Data_Entry_2017*.csv* >/dev/null 
     restarts=${MAX_RESTARTS:-3}
     echo "run.sh: training on $data_dir with $nproc x $device"
 else
-    defaults=(--data-dir sample --epochs 3 --workers 2 --out-dir runs/sample-demo)
+    defaults=(--data-dir sample --train-size 256 --epochs 3 --workers 2 --out-dir runs/sample-demo)
     restarts=${MAX_RESTARTS:-0}
     echo "run.sh: no ChestX-ray14 in $data_dir/ (bash batch_download.sh fetches it, 42 GB);"
     echo "run.sh: running a short demonstration on the bundled 200-image sample with $nproc x $device"
@@ -64,6 +64,11 @@ else
 fi
 # pytorch/pytorch#135712: restarted workers can hang on a rendezvous store shared with torchrun.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
-set -x
-exec "$VENV/bin/python" -m torch.distributed.run "${launch[@]}" --nproc_per_node="$nproc" \
-    --max-restarts="$restarts" main.py --device "$device" "${defaults[@]}" "$@"
+cmd=("$VENV/bin/python" -m torch.distributed.run "${launch[@]}" --nproc_per_node="$nproc"
+     --max-restarts="$restarts" main.py --device "$device" "${defaults[@]}" "$@")
+echo "run.sh: ${cmd[*]}"
+# Data, weights, checkpoint and out-dir are checked once, in one process, before torchrun: a
+# bad input is one line here, not a failure that torchrun would restart MAX_RESTARTS times.
+# (It also downloads the ImageNet weights once, before the workers start.)
+"$VENV/bin/python" main.py --check --device "$device" "${defaults[@]}" "$@" || exit $?
+exec "${cmd[@]}"

@@ -4,12 +4,12 @@
     python stats.py --data-dir data --split random   # a fresh seeded 70/10/20 patient split
 Needs only the list files (and, for random/official splits, the label table); no images.
 """
-import argparse
 import sys
 
 import numpy as np
 
-from dataset import CLASS_NAMES, SPLITS, DataError, one_line, patient_of, read_list, resolve_split
+from common import ArgumentParser, DataError, nonnegative_int, one_line
+from labels import CLASS_NAMES, patient_of, read_list, resolve_split
 
 
 def split_stats(lists):
@@ -17,8 +17,10 @@ def split_stats(lists):
     stats = {}
     for split, path in lists.items():
         names, labels = read_list(path)
+        patients = {patient_of(n) for n in names}
         stats[split] = {"images": len(names),
-                        "patients": len({patient_of(n) for n in names}),
+                        # None: a name that is not NIH's <patient>_<follow-up>.png
+                        "patients": None if None in patients else len(patients),
                         "percent": 100.0 * labels.mean(axis=0, dtype=np.float64)}
     return stats
 
@@ -28,16 +30,17 @@ def format_table(stats):
     for i, disease in enumerate(CLASS_NAMES):
         lines.append(f"{disease:<18}" + "".join(f"{st['percent'][i]:8.3f}" for st in stats.values()))
     for count in ("images", "patients"):
-        lines.append(f"{count:<18}" + "".join(f"{st[count]:8d}" for st in stats.values()))
+        lines.append(f"{count:<18}" + "".join(
+            f"{st[count]:8d}" if st[count] is not None else f"{'n/a':>8}" for st in stats.values()))
     return "\n".join(lines)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default="data", help="data directory (default: data)")
     parser.add_argument("--split", default="auto",
                         help="auto | chexnet | random | official | DIR (see dataset.py)")
-    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--split-seed", type=nonnegative_int, default=0)
     args = parser.parse_args(argv)
     try:
         lists = resolve_split(args.split, args.data_dir, args.split_seed)
@@ -45,12 +48,7 @@ def main(argv=None):
     except DataError as e:
         sys.exit(f"error: {one_line(e)}")
     print(f"split: {lists['train'].parent}")
-    print(format_table(stats))
-    patients = [{patient_of(n) for n in read_list(lists[s])[0]} for s in SPLITS]
-    shared = len(patients[0] & patients[1]) + len(patients[0] & patients[2]) + len(
-        patients[1] & patients[2])
-    if shared:
-        print(f"warning: {shared} patient(s) appear in more than one split")
+    print(format_table(stats))  # resolve_split refused any image or patient in two splits
 
 
 if __name__ == "__main__":

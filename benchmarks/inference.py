@@ -4,9 +4,10 @@ same full-size NIH images, with OpenVINO's benchmark_app for comparison.
     python benchmarks/inference.py [--checkpoint best.pt] [--n 48]
 
 Without --checkpoint a random-weights DenseNet-121 is exported (AUCs are then ~0.5 and only
-the speeds mean anything). End to end = decode PNG -> Resize(256) -> TenCrop(224) ->
-normalise -> model -> mean of the 10 crops, as infer.py does it; model only = the same crops
-already in memory.
+the speeds mean anything). End to end = `infer.py --mode MODE` on the test list: decode PNG ->
+Resize(256) -> TenCrop(224) -> normalise -> model -> mean of the 10 crops; the torch mode runs
+batched on --device (a GPU when there is one), the OpenVINO modes on the CPU. Model only = the
+same crops already in memory, on the CPU.
 """
 import argparse
 import os
@@ -22,8 +23,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import infer  # noqa: E402
-from dataset import eval_input, mean_auc, read_label_table, roc_aucs, write_list  # noqa: E402
+from export import export  # noqa: E402
+from images import eval_input  # noqa: E402
+from labels import read_label_table, write_list  # noqa: E402
 from model import build_model  # noqa: E402
+from runtime import setup  # noqa: E402
 
 
 def model_only(backend, crops, repeats):
@@ -51,6 +55,8 @@ def main():
     p.add_argument("--images", default=str(REPO.parent / "shared/data/nih_sample"))
     p.add_argument("--n", type=int, default=48, help="images evaluated by every mode")
     p.add_argument("--calibration-size", type=int, default=100)
+    p.add_argument("--device", default="auto", help="--mode torch: auto, cpu, cuda or hpu")
+    p.add_argument("--batch-size", type=int, default=32, help="--mode torch: images per batch")
     a = p.parse_args()
 
     image_dir = Path(a.images) / "images"
@@ -59,10 +65,11 @@ def main():
     os.symlink(image_dir.resolve(), work / "images")
     (work / "Data_Entry_2017_v2020.csv").write_bytes(
         (Path(a.images) / "Data_Entry_2017_v2020_sample.csv").read_bytes())
-    # Calibration (val) and evaluation (test) images are disjoint.
+    # Calibration (val) and evaluation (test) images are disjoint (one image per patient).
     cal = slice(0, a.calibration_size)
     test = slice(a.calibration_size, a.calibration_size + a.n)
-    write_list(work / "train_list.txt", names[cal], labels[cal])
+    rest = slice(a.calibration_size + a.n, None)
+    write_list(work / "train_list.txt", names[rest], labels[rest])
     write_list(work / "val_list.txt", names[cal], labels[cal])
     write_list(work / "test_list.txt", names[test], labels[test])
 
@@ -71,40 +78,43 @@ def main():
         torch.manual_seed(0)
         checkpoint = work / "random.pt"
         torch.save(build_model(pretrained="none").state_dict(), checkpoint)
-    export_args = infer.get_args(["--export", "--checkpoint", str(checkpoint), "--model-dir",
-                                  str(work / "models"), "--data-dir", str(work),
-                                  "--calibration-size", str(a.calibration_size)])
-    infer.export(export_args)
+    export(infer.get_args(["--export", "--checkpoint", str(checkpoint), "--model-dir",
+                           str(work / "models"), "--data-dir", str(work), "--calibration-size",
+                           str(a.calibration_size), "--validation-size", "1"]))
 
-    paths = [image_dir / n for n in names[test]]
-    y = labels[test]
-    crops = eval_input(paths[0])
-    rows = {}
+    crops = eval_input(image_dir / names[test][0])
+    rows, device = {}, None
     for mode in ("torch", "fp32", "int8"):
-        args = infer.get_args(["--mode", mode, "--model-dir", str(work / "models"),
-                               "--checkpoint", str(checkpoint)])
-        infer.fill_defaults(args, {})
-        backend = infer.load_backend(args, {})
-        infer.predict(backend, paths[:2], args)  # warm-up
-        start = time.perf_counter()
-        probs = infer.predict(backend, paths, args)
-        seconds = time.perf_counter() - start
-        repeats = 3 if mode == "torch" else 20
-        rows[mode] = {"e2e": len(paths) / seconds, "model": model_only(backend, crops, repeats),
-                      "auc": mean_auc(roc_aucs(y, probs))}
+        argv = ["--mode", mode, "--model-dir", str(work / "models"), "--checkpoint",
+                str(checkpoint), "--out-csv", str(work / f"{mode}.csv")]
+        if mode == "torch":
+            argv += ["--device", a.device, "--batch-size", str(a.batch_size)]
+        args = infer.get_args(argv)
+        infer.fill_defaults(args, infer.read_metadata(args.model_dir))
+        rt = setup(args.device) if mode == "torch" else None
+        if rt is not None:
+            device = (torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda"
+                      else f"{rt.device.type}, {torch.get_num_threads()} threads")
+        result = infer.evaluate(args, rt)  # loads the model first; times the predictions
+        backend = (infer.TorchModel(checkpoint) if mode == "torch"
+                   else infer.load_openvino(args, infer.read_metadata(args.model_dir)))
+        rows[mode] = {"e2e": len(result["names"]) / result["seconds"],
+                      "model": model_only(backend, crops, 3 if mode == "torch" else 20),
+                      "auc": result["mean_auc"]}
         print(f"{mode}: done", flush=True)
     bench = benchmark_app(work / "models" / "chexnet_int8.xml", 10, 15)
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
                 if ln.startswith("model name")), "CPU")
-    print(f"\n{len(paths)} NIH images (1024x1024 PNG), ten-crop 224, batch 10 crops, "
-          f"{os.cpu_count()} cores ({cpu})")
+    print(f"\n{a.n} NIH images (1024x1024 PNG), ten-crop 224; {os.cpu_count()} cores ({cpu}); "
+          f"torch mode on {device}, batch {a.batch_size}; OpenVINO on the CPU, 10 crops per "
+          "request")
     print(f"{'mode':<8}{'e2e img/s':>11}{'e2e crops/s':>13}{'model crops/s':>15}{'mean AUC':>10}")
     for mode, r in rows.items():
         print(f"{mode:<8}{r['e2e']:>11.2f}{10 * r['e2e']:>13.1f}{r['model']:>15.1f}{r['auc']:>10.4f}")
     print(f"speed-up end to end: fp32/torch {rows['fp32']['e2e'] / rows['torch']['e2e']:.1f}x, "
-          f"int8/fp32 {rows['int8']['e2e'] / rows['fp32']['e2e']:.1f}x; model only: fp32/torch "
-          f"{rows['fp32']['model'] / rows['torch']['model']:.1f}x, int8/fp32 "
+          f"int8/fp32 {rows['int8']['e2e'] / rows['fp32']['e2e']:.1f}x; model only (CPU): "
+          f"fp32/torch {rows['fp32']['model'] / rows['torch']['model']:.1f}x, int8/fp32 "
           f"{rows['int8']['model'] / rows['fp32']['model']:.1f}x")
     print(f"benchmark_app int8 [10,3,224,224]: {bench:.1f} crops/s; infer.py int8 end to end "
           f"reaches {10 * rows['int8']['e2e'] / bench:.0%} of it")

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -12,7 +13,12 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CHEXNET_SHARED_DATA", REPO.parent / "shared" / "data"))
 sys.path.insert(0, str(REPO))
 
-from dataset import read_label_table, write_list  # noqa: E402
+from labels import read_label_table, write_list  # noqa: E402
+
+# The tiny configuration: the real code on the bundled sample, 64x64 images, 56x56 crops,
+# random initial weights, no loader workers (seconds per epoch on a CPU).
+TINY = ["--data-dir", REPO / "sample", "--pretrained", "none", "--resize", "64",
+        "--train-size", "64", "--crop-size", "56", "--batch-size", "8", "--workers", "0"]
 
 
 def run_script(*args, env=None, timeout=600, cwd=REPO):
@@ -20,6 +26,22 @@ def run_script(*args, env=None, timeout=600, cwd=REPO):
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_main(capsys, *argv, module="main"):
+    """A script's main() in this process (no interpreter start-up, ~5 s here with torch):
+    returns returncode/stdout/stderr like run_script, and the value main() returned."""
+    import importlib
+    script = importlib.import_module(module)
+    capsys.readouterr()
+    try:
+        value, code = script.main([str(a) for a in argv]), 0
+    except SystemExit as e:
+        value, code = None, e.code if isinstance(e.code, int) else 1
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err, value=value)
 
 
 def assert_clean_error(proc, *fragments):
@@ -48,7 +70,7 @@ def nih_images(shared):
 
 def make_data_dir(root, image_dir, table, names=None, splits=(0.6, 0.2, 0.2)):
     """A data directory as NIH ships it (images/ + label table) with its own list files."""
-    from dataset import patient_split
+    from labels import patient_split
     root = Path(root)
     (root / "images").mkdir(parents=True)
     all_names, patients, labels = read_label_table(table)
@@ -63,6 +85,34 @@ def make_data_dir(root, image_dir, table, names=None, splits=(0.6, 0.2, 0.2)):
     return root
 
 
+@pytest.fixture(scope="session")
+def nih_dir(tmp_path_factory, nih_images):
+    """The 480 full-size NIH images (linked, not copied), one per patient: 40 train, 100 val,
+    340 test."""
+    image_dir, table = nih_images
+    root = tmp_path_factory.mktemp("nih")
+    os.symlink(image_dir, root / "images")
+    names, _, labels = read_label_table(table)
+    (root / "Data_Entry_2017_v2020.csv").write_bytes(table.read_bytes())
+    for split, part in (("train", slice(0, 40)), ("val", slice(40, 140)), ("test", slice(140, None))):
+        write_list(root / f"{split}_list.txt", names[part], labels[part])
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory, nih_dir):
+    """A small model trained briefly on 56x56 crops of the sample, exported by infer.sh."""
+    work = tmp_path_factory.mktemp("small")
+    proc = run_script("main.py", *TINY, "--epochs", "2", "--out-dir", work / "run")
+    assert proc.returncode == 0, proc.stderr
+    export = subprocess.run(
+        ["bash", "infer.sh", work / "run" / "best.pt", "--model-dir", work / "models",
+         "--data-dir", nih_dir, "--calibration-size", "60", "--validation-size", "40"],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "VENV": sys.prefix})
+    assert export.returncode == 0, export.stdout + export.stderr
+    return work, export
+
+
 @pytest.fixture
 def nih_data_dir(tmp_path, nih_images):
     """A small data directory of 30 full-size NIH images, RGBA ones included."""
@@ -72,3 +122,17 @@ def nih_data_dir(tmp_path, nih_images):
     rgba = [n for n in names if Image.open(image_dir / n).mode == "RGBA"][:3]
     chosen = rgba + [n for n in names if n not in rgba][:27]
     return make_data_dir(tmp_path / "data", image_dir, table, chosen)
+
+
+def pre_041_state(model, prefix=""):
+    """A state dict as PyTorch < 0.4.1 wrote it (torchvision's densenet121-a639ec97.pth, the
+    original CheXNet checkpoints): old DenseNet key names and no num_batches_tracked."""
+    old = {}
+    for key, value in model.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        for layer in ("norm", "relu", "conv"):
+            for i in ("1", "2"):
+                key = key.replace(f".{layer}{i}.", f".{layer}.{i}.")
+        old[prefix + key] = value
+    return old

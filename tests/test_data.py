@@ -7,10 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
+from common import DataError
 from conftest import REPO, assert_clean_error, run_script
-from dataset import (CLASS_NAMES, SHIPPED_SPLIT_DIR, ChestXray14, DataError, collate,
-                     make_random_split, patient_of, read_label_table,
-                     read_list, resolve_split)
+from dataset import ChestXray14, collate
+from labels import (CLASS_NAMES, SHIPPED_SPLIT_DIR, make_random_split, patient_of,
+                    read_label_table, read_list, resolve_split)
 
 
 @pytest.fixture(scope="session")
@@ -105,19 +106,24 @@ def test_auto_split_prefers_the_data_dirs_own_lists():
 
 
 def test_dataset_shapes_on_real_images(nih_data_dir):
+    from dataset import to_model_input
     lists = resolve_split("auto", nih_data_dir)
-    train = ChestXray14(nih_data_dir, lists["train"], mode="train", crop=224)
+    train = ChestXray14(nih_data_dir, lists["train"], mode="train", size=512, crop=224)
     x, y, name = train[0]
-    assert x.shape == (3, 224, 224) and x.dtype == torch.float32
+    assert x.shape == (1, 224, 224) and x.dtype == torch.uint8  # one channel travels
     assert y.shape == (14,) and y.dtype == torch.float32 and name == train.names[0]
-    ten = ChestXray14(nih_data_dir, lists["train"], mode="ten_crop", resize=256, crop=224)
-    centre = ChestXray14(nih_data_dir, lists["train"], mode="center", resize=256, crop=224)
-    assert ten[0][0].shape == (10, 3, 224, 224) and centre[0][0].shape == (3, 224, 224)
+    ten = ChestXray14(nih_data_dir, lists["train"], mode="ten_crop", size=256, crop=224)
+    centre = ChestXray14(nih_data_dir, lists["train"], mode="center", size=256, crop=224)
+    assert ten[0][0].shape == (10, 1, 224, 224) and centre[0][0].shape == (1, 224, 224)
+    float_ten = ChestXray14(nih_data_dir, lists["train"], mode="ten_crop", normalize=True)
+    assert float_ten[0][0].shape == (10, 3, 224, 224) and float_ten[0][0].dtype == torch.float32
+    # The device-side finish equals the CPU normalisation.
+    assert torch.allclose(to_model_input(ten[0][0][None])[0], float_ten[0][0], atol=1e-5)
     # Tests run the same code on small images.
-    small = ChestXray14(nih_data_dir, lists["train"], mode="ten_crop", resize=64, crop=56)
-    assert small[0][0].shape == (10, 3, 56, 56)
+    small = ChestXray14(nih_data_dir, lists["train"], mode="ten_crop", size=64, crop=56)
+    assert small[0][0].shape == (10, 1, 56, 56)
     batch = collate([ten[0], ten[1]])
-    assert batch[0].shape == (2, 10, 3, 224, 224) and list(batch[2]) == ten.names[:2]
+    assert batch[0].shape == (2, 10, 1, 224, 224) and list(batch[2]) == ten.names[:2]
 
 
 def test_grayscale_and_rgba_match_torchvision_tencrop(nih_data_dir):
@@ -133,7 +139,7 @@ def test_grayscale_and_rgba_match_torchvision_tencrop(nih_data_dir):
     modes = {n: Image.open(nih_data_dir / "images" / n).mode for n in names}
     assert set(modes.values()) == {"L", "RGBA"}
     for split, path in lists.items():
-        ds = ChestXray14(nih_data_dir, path, mode="ten_crop")
+        ds = ChestXray14(nih_data_dir, path, mode="ten_crop", normalize=True)
         for i in range(len(ds)):
             x = ds[i][0]
             with Image.open(nih_data_dir / "images" / ds.names[i]) as im:
@@ -143,7 +149,7 @@ def test_grayscale_and_rgba_match_torchvision_tencrop(nih_data_dir):
 
 def test_training_augmentation_is_seeded_by_epoch_and_index(nih_data_dir):
     path = resolve_split("auto", nih_data_dir)["train"]
-    ds = ChestXray14(nih_data_dir, path, mode="train", seed=3)
+    ds = ChestXray14(nih_data_dir, path, mode="train", size=256, seed=3)
     a = ds[1][0]
     torch.manual_seed(123)  # the global generator must not matter
     assert torch.equal(ds[1][0], a)
@@ -192,7 +198,8 @@ def test_unreadable_image_is_named(nih_data_dir, damage):
 LOADER_PROBE = """
 import sys, warnings, torch
 sys.path.insert(0, {repo!r})
-from dataset import ChestXray14, DataError, collate, one_line
+from common import DataError, one_line
+from dataset import ChestXray14, collate
 ds = ChestXray14({data!r}, {data!r} + "/val_list.txt", mode="center")
 try:
     list(torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1, collate_fn=collate))

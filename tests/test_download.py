@@ -21,11 +21,14 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
     """Serves files with HTTP Range support (what lets curl -C - resume), slowly if asked."""
     delay = 0.0  # seconds per 64 KiB chunk
     ranges = []  # Range headers seen
+    fail = 0  # answer every request with this HTTP error (0: serve)
 
     def log_message(self, *args):
         pass
 
     def do_GET(self):
+        if self.fail:
+            return self.send_error(self.fail)
         path = Path(self.directory) / self.path.lstrip("/")
         if not path.is_file():
             return self.send_error(404)
@@ -67,7 +70,7 @@ def server(tmp_path):
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    RangeHandler.delay, RangeHandler.ranges = 0.0, []
+    RangeHandler.delay, RangeHandler.ranges, RangeHandler.fail = 0.0, [], 0
     yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
 
@@ -100,7 +103,8 @@ def download(target, listing, url, *extra, wait=True):
     if not wait:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CHEXNET_RETRY_DELAY": "0"})
 
 
 def snapshot(target):
@@ -213,3 +217,80 @@ def test_first_n_and_space_check(tmp_path, server, nih_images):
     listing.write_text(huge)
     proc = download(target, listing, url)
     assert proc.returncode == 1 and "GB free, about" in proc.stderr and "--no-space-check" in proc.stderr
+
+
+def test_http_error_on_a_partial_download_keeps_it(tmp_path, server, nih_images):
+    """A server error while continuing a partial download is not "complete": the .part stays,
+    and the next run continues it instead of starting from zero."""
+    www, url = server
+    listing, names, table = make_archives(www, nih_images, per_archive=(12,))
+    target = prepared_target(tmp_path, table)
+    part = target / ".download" / "images_01.tar.gz.part"
+    part.parent.mkdir()
+    data = (www / "images_01.tar.gz").read_bytes()
+    part.write_bytes(data[:1_000_000])
+    RangeHandler.fail = 500
+    proc = download(target, listing, url)
+    assert proc.returncode != 0 and "HTTP 500" in proc.stderr
+    assert "checksum" not in proc.stderr and part.stat().st_size == 1_000_000
+    assert not list(part.parent.glob("*.bad-*"))
+    RangeHandler.fail = 0
+    proc = download(target, listing, url)
+    assert proc.returncode == 0, proc.stderr
+    assert "continuing the download" in proc.stdout and RangeHandler.ranges[-1] == 1_000_000
+    assert sorted(p.name for p in (target / "images").iterdir()) == names
+
+
+GOOD_SHA = "a" * 64
+
+
+@pytest.mark.parametrize("row,fragment", [
+    ("images_01.tar.gz\thttps://x.invalid/a\t" + GOOD_SHA, "expected 4 tab-separated fields"),
+    ("images_01.tar.gz\thttps://x.invalid/a\t" + GOOD_SHA + "\tmany", "'many' is not a positive number"),
+    ("images_01.tar.gz\thttps://x.invalid/a\tnot-a-sha\t5", "'not-a-sha' is not a SHA-256"),
+    ("../images_01.tar.gz\thttps://x.invalid/a\t" + GOOD_SHA + "\t5", "is not a plain file name"),
+    ("images_01.zip\thttps://x.invalid/a\t" + GOOD_SHA + "\t5", "ending in .tar.gz"),
+    ("images_01.tar.gz\tftp://x.invalid/a\t" + GOOD_SHA + "\t5", "is not an http(s) URL"),
+    ("images_01.tar.gz\thttps://x.invalid/a\t" + GOOD_SHA + "\t5\n"
+     "images_01.tar.gz\thttps://x.invalid/b\t" + GOOD_SHA + "\t5", ":3: archive images_01.tar.gz is listed twice"),
+])
+def test_archive_list_is_checked_before_any_work(tmp_path, row, fragment):
+    listing = tmp_path / "downloads.tsv"
+    listing.write_text("archive\turl\tsha256\timages\n" + row + "\n")
+    target = tmp_path / "data"
+    proc = download(target, listing, "http://127.0.0.1:9")
+    assert proc.returncode == 2
+    errors = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and fragment in errors[0], proc.stderr
+    assert str(listing) in errors[0] and not target.exists()
+
+
+def test_crlf_list_zip_archive_and_repeated_members(tmp_path, server, nih_images):
+    """A list with Windows line ends works; a zip named .tar.gz is refused in one line; a file
+    that appears twice in an archive is one image."""
+    www, url = server
+    listing, names, table = make_archives(www, nih_images, per_archive=(2,))
+    listing.write_text(listing.read_text().replace("\n", "\r\n"))
+    png = (nih_images[0] / names[0]).read_bytes()
+    with tarfile.open(www / "images_01.tar.gz", "w:gz") as tar:
+        for member in (f"images/{names[0]}", f"images/{names[0]}", f"images/{names[1]}"):
+            info = tarfile.TarInfo(member)
+            info.size = len(png)
+            tar.addfile(info, io.BytesIO(png))
+    digest = hashlib.sha256((www / "images_01.tar.gz").read_bytes()).hexdigest()
+    listing.write_text(f"archive\turl\tsha256\timages\r\nimages_01.tar.gz\thttps://x.invalid/a\t{digest}\t2\r\n")
+    target = prepared_target(tmp_path, table)
+    proc = download(target, listing, url)
+    assert "images_01.tar.gz: extracted 2 images" in proc.stdout, proc.stdout + proc.stderr
+    assert "the list says" not in proc.stderr
+    import zipfile
+    with zipfile.ZipFile(www / "images_01.tar.gz", "w") as z:
+        z.writestr(f"images/{names[0]}", png)
+    digest = hashlib.sha256((www / "images_01.tar.gz").read_bytes()).hexdigest()
+    listing.write_text(f"archive\turl\tsha256\timages\nimages_01.tar.gz\thttps://x.invalid/a\t{digest}\t1\n")
+    other = prepared_target(tmp_path, table, "other")
+    proc = download(other, listing, url)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if "images_01" in ln and "zip" in ln]
+    assert len(lines) == 1 and "is a zip archive, not a tar.gz" in lines[0]
+    assert not list((other / "images").iterdir())

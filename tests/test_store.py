@@ -1,77 +1,75 @@
-"""The preprocessed store: prepared once from real full-size NIH PNGs, the same pixels as the
-PNG path, resumable, never used when partial or stale, and training runs from either path."""
+"""The preprocessed store: prepared once from real full-size NIH PNGs (several sizes from one
+decode), the same pixels as the PNG path for evaluation and training crops, resumable, never
+used when partial, damaged or stale, and training runs from either path."""
+import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import assert_clean_error, make_data_dir, run_script
-from dataset import (ChestXray14, DataError, StoreDataset, collate, open_store, prepare_store,
-                     to_model_input)
+from common import DataError
+from conftest import assert_clean_error, make_data_dir, run_main, run_script
+from dataset import ChestXray14, collate
+from store import open_store, prepare_store
 
 
 @pytest.fixture
 def prepared(nih_data_dir):
-    prepare_store(nih_data_dir, 256, workers=2, progress=False)
-    return nih_data_dir, open_store(nih_data_dir, 256)
+    prepare_store(nih_data_dir, (256, 512), workers=2, progress=False)
+    return nih_data_dir, {size: open_store(nih_data_dir, size) for size in (256, 512)}
 
 
-def test_prepare_writes_a_complete_store(prepared):
-    data_dir, store = prepared
-    assert store.count == 30 and store.size == 256
-    assert store.array.shape == (30, 256, 256) and store.array.dtype == np.uint8
-    proc = run_script("dataset.py", "prepare", "--data-dir", data_dir)
+def test_prepare_writes_complete_stores(prepared):
+    data_dir, stores = prepared
+    for size, store in stores.items():
+        assert store.count == 30 and store.size == size
+        assert store.array.shape == (30, size, size) and store.array.dtype == np.uint8
+    proc = run_script("dataset.py", "prepare", "--data-dir", data_dir)  # default: 256 and 512
     assert proc.returncode == 0, proc.stderr
-    assert "30 images at 256x256 (0 decoded now" in proc.stdout  # up to date: nothing redone
+    assert proc.stdout.count("0 images decoded now") == 2  # up to date: nothing redone
 
 
-@pytest.mark.parametrize("mode", ["ten_crop", "center"])
-def test_store_and_png_give_the_model_the_same_pixels(prepared, mode):
-    data_dir, store = prepared
+@pytest.mark.parametrize("mode,size", [("ten_crop", 256), ("center", 256), ("train", 512)])
+def test_store_and_png_give_the_model_the_same_pixels(prepared, mode, size):
+    """Evaluation crops and training crops (same seed, same epoch) are byte-identical."""
+    data_dir, stores = prepared
     for split in ("train", "val", "test"):
         path = data_dir / f"{split}_list.txt"
-        png = ChestXray14(data_dir, path, mode=mode)  # float, normalised on the CPU
-        raw = ChestXray14(data_dir, path, mode=mode, raw=True)
-        stored = StoreDataset(store, path, mode=mode)
+        png = ChestXray14(data_dir, path, mode=mode, size=size, seed=4)
+        stored = ChestXray14(data_dir, path, mode=mode, size=size, seed=4, store=stores[size])
+        png.set_epoch(2)
+        stored.set_epoch(2)
         for i in range(len(png)):
-            from_store = stored[i][0]
-            assert from_store.dtype == torch.uint8
-            # Same resize, same crops: the uint8 pixels are identical ...
-            assert torch.equal(from_store, raw[i][0])
-            # ... and the device-side finish matches the CPU normalisation.
-            x = to_model_input(from_store[None])[0]
-            assert x.shape == png[i][0].shape
-            assert torch.allclose(x, png[i][0], atol=1e-5)
+            assert stored[i][0].dtype == torch.uint8
+            assert torch.equal(stored[i][0], png[i][0])
 
 
-def test_store_training_batches_are_cropped_on_the_device(prepared):
-    data_dir, store = prepared
-    train = StoreDataset(store, data_dir / "train_list.txt", mode="train", crop=224, seed=1)
-    batch = collate([train[i] for i in range(4)])
-    images, labels, names, boxes = batch
-    assert images.shape == (4, 1, 256, 256) and images.dtype == torch.uint8
-    assert boxes.shape == (4, 5)
-    x = to_model_input(images, boxes, crop=224)
-    assert x.shape == (4, 3, 224, 224) and x.dtype == torch.float32
-    # Seeded by (seed, epoch, index), as the PNG path.
-    assert torch.equal(train[0][3], train[0][3])
+def test_store_training_batches_are_ready_crops(prepared):
+    data_dir, stores = prepared
+    train = ChestXray14(data_dir, data_dir / "train_list.txt", "train", 512, crop=224, seed=1,
+                        store=stores[512])
+    images, labels, names = collate([train[i] for i in range(4)])
+    assert images.shape == (4, 1, 224, 224) and images.dtype == torch.uint8
+    assert torch.equal(train[0][0], images[0])  # seeded by (seed, epoch, index)
     train.set_epoch(1)
-    assert not all(torch.equal(train[i][3], batch[3][i]) for i in range(4))
+    assert not all(torch.equal(train[i][0], images[i]) for i in range(4))
 
 
-def test_training_runs_from_store_and_from_pngs(prepared, tmp_path):
+def test_training_runs_from_store_and_from_pngs(prepared, tmp_path, capsys):
     data_dir, _ = prepared
-    args = ["main.py", "--data-dir", data_dir, "--pretrained", "none", "--resize", "256",
-            "--crop-size", "64", "--batch-size", "4", "--workers", "1", "--epochs", "1"]
-    from_store = run_script(*args, "--out-dir", tmp_path / "store")
+    args = ["--data-dir", data_dir, "--pretrained", "none", "--crop-size", "64",
+            "--batch-size", "4", "--workers", "0", "--epochs", "1", "--limit", "12"]
+    from_store = run_main(capsys, *args, "--out-dir", tmp_path / "store")
     assert from_store.returncode == 0, from_store.stderr
-    assert "reading the preprocessed store" in from_store.stdout
-    from_png = run_script(*args, "--no-store", "--out-dir", tmp_path / "png")
+    assert "store/512/" in from_store.stdout and "store/256/" in from_store.stdout
+    from_png = run_main(capsys, *args, "--no-store", "--out-dir", tmp_path / "png")
     assert from_png.returncode == 0, from_png.stderr
     assert "preprocessed store" not in from_png.stdout
-    for run in ("store", "png"):
-        assert (tmp_path / run / "last.pt").is_file()
+    # The same pixels, the same seed: the same weights from both paths.
+    a = torch.load(tmp_path / "store" / "last.pt")["model"]
+    b = torch.load(tmp_path / "png" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_interrupted_prepare_resumes(tmp_path, nih_images):
@@ -84,38 +82,49 @@ def test_interrupted_prepare_resumes(tmp_path, nih_images):
     original = last.read_bytes()
     last.write_bytes(original[:1000])  # truncated
     with pytest.raises(DataError, match=names[-1]):
-        prepare_store(data_dir, 64, workers=2, progress=False)
+        prepare_store(data_dir, (64, 32), workers=2, progress=False)
     with pytest.raises(DataError, match="incomplete store"):
         open_store(data_dir, 64)
     last.write_bytes(original)
-    _, written = prepare_store(data_dir, 64, workers=2, progress=False)
-    assert 0 < written < 130  # only the chunk that failed
+    done = prepare_store(data_dir, (64, 32), workers=2, progress=False)
+    assert 0 < done[64][1] < 130 and done[32][1] == done[64][1]  # only the chunk that failed
     resumed = np.array(open_store(data_dir, 64).array)
     shutil.rmtree(data_dir / "store")
-    prepare_store(data_dir, 64, workers=2, progress=False)
+    prepare_store(data_dir, (64,), workers=2, progress=False)
     assert np.array_equal(resumed, np.array(open_store(data_dir, 64).array))
 
 
-def test_stale_or_partial_store_is_never_used_silently(prepared, tmp_path):
+def test_prepare_can_skip_unreadable_images(nih_data_dir, tmp_path, capsys):
+    bad = sorted((nih_data_dir / "images").iterdir())[3]
+    bad.write_bytes(b"not a png")
+    proc = run_main(capsys, "prepare", "--data-dir", nih_data_dir, "--size", "64",
+                    "--skip-bad-images", module="dataset")
+    assert proc.returncode == 0, proc.stderr
+    assert "1 unreadable left out" in proc.stdout and bad.name in proc.stderr
+    store = open_store(nih_data_dir, 64)
+    assert store.skipped == {bad.name}
+    split = next(p for p in nih_data_dir.glob("*_list.txt") if bad.name in p.read_text())
+    with pytest.raises(DataError, match="skipped when"):
+        ChestXray14(nih_data_dir, split, "center", 64, crop=56, store=store)
+    ds = ChestXray14(nih_data_dir, split, "center", 64, crop=56, store=store, skip_bad_images=True)
+    assert sum(item is None for item in (ds[i] for i in range(len(ds)))) == 1
+
+
+def test_stale_damaged_or_partial_store_is_never_used_silently(prepared, tmp_path, capsys):
     data_dir, _ = prepared
     extra = data_dir / "images" / "99999999_000.png"
     shutil.copy(next((data_dir / "images").iterdir()), extra)
-    args = ["main.py", "--data-dir", data_dir, "--pretrained", "none", "--epochs", "1",
+    args = ["--data-dir", data_dir, "--pretrained", "none", "--epochs", "1",
             "--out-dir", tmp_path / "run"]
-    assert_clean_error(run_script(*args), "stale store", "dataset.py prepare")
+    assert_clean_error(run_main(capsys, *args), "stale store", "dataset.py prepare")
     extra.unlink()
-    (data_dir / "store" / "256" / "meta.json").unlink()
-    assert_clean_error(run_script(*args), "incomplete store", "--no-store")
-
-
-def test_store_crop_boxes_follow_random_resized_crop():
-    from dataset import random_resized_crop_box
-    areas = []
-    for i in range(500):
-        top, left, h, w = random_resized_crop_box(256, 256, (0.08, 1.0), np.random.default_rng(i))
-        assert 0 <= top and top + h <= 256 and 0 <= left and left + w <= 256
-        assert 3 / 4 - 0.05 <= w / h <= 4 / 3 + 0.05
-        areas.append(h * w / 256 ** 2)
-    assert 0.07 < min(areas) and max(areas) <= 1.0 and 0.3 < np.mean(areas) < 0.7
-    # Same seed, same box; scale (1, 1) on a square image: the whole image (the fallback).
-    assert random_resized_crop_box(256, 256, (1.0, 1.0), np.random.default_rng(0)) == (0, 0, 256, 256)
+    meta = data_dir / "store" / "256" / "meta.json"
+    for damage in ("", "{not json", json.dumps({"count": 30})):
+        meta.write_text(damage)
+        assert_clean_error(run_main(capsys, *args), "store/256/meta.json", "damaged store",
+                           "to repair it")
+    # prepare repairs what it reported.
+    assert prepare_store(data_dir, (256,), workers=2, progress=False)[256][1] == 30
+    assert open_store(data_dir, 256).count == 30
+    meta.unlink()
+    assert_clean_error(run_main(capsys, *args), "incomplete store", "--no-store")

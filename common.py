@@ -1,0 +1,200 @@
+"""What every script shares: the one-line error, files written as a unit, locks, flag checks.
+
+Needs only the standard library, so the torch-free edge path (infer.py --mode fp32/int8) and
+stats.py import it at no cost.
+"""
+import argparse
+import errno
+import fcntl
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class DataError(Exception):
+    """Bad input: the message is one line naming the file (and line) or flag at fault."""
+
+
+class SetupError(Exception):
+    """A device or distribution problem; one line."""
+
+
+def one_line(exc):
+    """The last line of an error message: DataLoader workers re-raise errors with the worker's
+    traceback folded into the message, and the user needs only the original line."""
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else type(exc).__name__
+    # The worker's traceback ends with "dataset.DataError: <message>".
+    return re.sub(rf"^([\w.]*\.)?{type(exc).__name__}: ", "", last)
+
+
+def os_reason(exc):
+    """'No space left on device' rather than '[Errno 28] No space left on device: path'."""
+    return exc.strerror or one_line(exc) if isinstance(exc, OSError) else one_line(exc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files written as a unit: a temp file with a unique name beside the target, then a rename.
+# A kill leaves the old file or the new one, never half of one; a failed write (disk full,
+# file-size limit) removes its temp file and says so in one line.
+
+@contextmanager
+def atomic_path(path, what="file"):
+    """Yields a unique temp path beside `path`; renamed onto `path` if the block succeeds."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as e:
+        raise DataError(f"{path}: cannot write {what} ({os_reason(e)})") from None
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide results from the rest of the team
+        os.replace(tmp, path)
+    except OSError as e:
+        _unlink(tmp)
+        raise DataError(f"{path}: cannot write {what} ({os_reason(e)}); "
+                        "the previous version, if any, is untouched") from None
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def atomic_write_text(path, text, what="file"):
+    with atomic_path(path, what) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def atomic_copy(src, dst, what="file"):
+    with atomic_path(dst, what) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+# ---------------------------------------------------------------------------------------------
+# Locks: one writer per directory. flock is released by the kernel when the process dies, so
+# a killed run never leaves a stale lock behind.
+
+@contextmanager
+def exclusive_lock(lock_path, what, hint):
+    """Hold an exclusive lock on lock_path for the block, or stop with one line if another
+    process holds it. `what` names the user of the directory, `hint` the way out."""
+    lock_path = Path(lock_path)
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise DataError(f"{lock_path.parent}: cannot lock for {what} ({os_reason(e)})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            raise DataError(f"{lock_path.parent}: in use by {what} (pid {owner}); wait for it to "
+                            f"finish or {hint}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def check_writable_dir(path, flag, need_bytes=0):
+    """Before any long work: `path` is (or can be made) a writable directory with room for
+    need_bytes. One line naming the flag otherwise."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{flag} {path}: exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise DataError(f"{flag} {path}: not a writable directory ({os_reason(e)})") from None
+    free = shutil.disk_usage(path).free
+    if need_bytes and free < need_bytes:
+        raise DataError(f"{flag} {path}: {free / 1e9:.2f} GB free, {need_bytes / 1e9:.2f} GB needed")
+
+
+def check_writable_file(path, flag):
+    """An output file's directory must be writable and the path must not be a directory."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{flag} {path}: is a directory")
+    check_writable_dir(path.parent, flag)
+
+
+def strict_json(value):
+    """value with every non-finite float as None: JSON that strict readers accept."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def is_disk_full(exc):
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command lines: every bad flag is one line, before any work
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: `error: argument --batch-size: ...`, no usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text):
+    return _number(text, int, lambda v: v >= 1, "a positive integer")
+
+
+def nonnegative_int(text):
+    return _number(text, int, lambda v: v >= 0, "an integer >= 0")
+
+
+def positive_float(text):
+    return _number(text, float, lambda v: v > 0, "a positive number")
+
+
+def nonnegative_float(text):
+    return _number(text, float, lambda v: v >= 0, "a number >= 0")
+
+
+def fraction(text):
+    return _number(text, float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
+def _number(text, kind, ok, what):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if (kind is float and not math.isfinite(value)) or not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
+
+
+def fail(message, code=1):
+    """Print the one-line error and exit."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)

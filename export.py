@@ -1,0 +1,198 @@
+"""Export a trained checkpoint for CPU inference: what `bash infer.sh` (`python infer.py
+--export`) runs.
+
+    MODEL_DIR/chexnet_fp32.xml  FP32: ov.convert_model, dynamic batch, FP32 weights
+    MODEL_DIR/chexnet_int8.xml  INT8: NNCF post-training quantization on val images, each as
+                                its 10 crops exactly as evaluation sees them
+    MODEL_DIR/chexnet.json      what was exported from what, how INT8 compares with FP32 on
+                                val images it was not calibrated on, and the files' SHA-256
+
+The set is written aside (MODEL_DIR/.export-*/) and moved into place with chexnet.json last;
+infer.py checks every model file against chexnet.json, so a model directory is never used
+with files of two exports. One export at a time per directory (a lock).
+"""
+import json
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from common import (DataError, atomic_write_text, check_writable_dir, exclusive_lock,
+                    os_reason, strict_json)
+from dataset import ImageList, SkippedImage, check_data_dir
+from images import normalize_gray
+from infer import (METADATA, MODEL_NAMES, InferError, OpenVINOModel, _ov_reason, file_digest,
+                   fill_defaults)
+from labels import CLASS_NAMES, resolve_split
+from metrics import mean_auc, roc_aucs
+
+
+def held_out_val_crops(args):
+    """Ten-crop uint8 crops of the val images: the first ones calibrate INT8, the next ones
+    (never the same) check it. Decoded before any conversion, so bad data fails first."""
+    check_data_dir(args.data_dir)
+    lists = resolve_split(args.split, args.data_dir, args.split_seed)
+    store = None
+    if not args.no_store:
+        from store import open_store
+        store = open_store(args.data_dir, args.resize)
+    images = ImageList(args.data_dir, lists["val"], args.resize, store, args.skip_bad_images)
+    n = len(images)
+    calibration, validation = args.calibration_size, args.validation_size
+    if calibration + validation > n:  # a small val split: half and half at most
+        calibration = min(calibration, max(1, n // 2))
+        validation = min(validation, n - calibration)
+
+    def crops(i):
+        try:
+            return images.eval_crops(i, args.crop_size)
+        except SkippedImage:
+            return None
+
+    with ThreadPoolExecutor(args.workers) as pool:
+        decoded = list(pool.map(crops, range(calibration + validation)))
+    keep = [i for i, c in enumerate(decoded) if c is not None]
+    cal = [i for i in keep if i < calibration]
+    val = [i for i in keep if i >= calibration]
+    if not cal:
+        raise DataError(f"{lists['val']}: no readable val image to calibrate INT8 on")
+    return ([decoded[i] for i in cal], [decoded[i] for i in val], images.labels[val],
+            {"split": str(lists["val"]), "images": len(cal), "held_out_images": len(val)})
+
+
+def export(args):
+    import openvino as ov
+    import torch
+    from model import model_from_checkpoint, with_sigmoid
+
+    model, ckpt_meta = model_from_checkpoint(args.checkpoint)
+    fill_defaults(args, ckpt_meta.get("args", {}))  # calibrate on the data it was trained on
+    model_dir = Path(args.model_dir)
+    check_writable_dir(model_dir, "--model-dir")
+    with exclusive_lock(model_dir / ".export.lock", "another export",
+                        "use another --model-dir"):
+        for stale in model_dir.glob(".export-*"):  # left by a killed export
+            shutil.rmtree(stale, ignore_errors=True)
+        print(f"exporting {args.checkpoint} ({args.crop_size}x{args.crop_size} crops); INT8 "
+              f"calibration on val images of {args.data_dir}/ (split {args.split})")
+        calibration, held_out, held_out_labels, info = held_out_val_crops(args)
+        staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=".export-"))
+        try:
+            t0 = time.perf_counter()
+            crop = args.crop_size
+            ov_model = ov.convert_model(with_sigmoid(model), example_input=torch.zeros(
+                1, 3, crop, crop), input=[(-1, 3, crop, crop)])  # dynamic batch
+            ov_model.inputs[0].get_tensor().set_names({"images"})
+            ov_model.outputs[0].get_tensor().set_names({"probabilities"})
+            save_model(ov_model, staging / MODEL_NAMES["fp32"])
+            print(f"FP32 model converted in {time.perf_counter() - t0:.1f} s")
+            t0 = time.perf_counter()
+            int8 = quantize(ov_model, calibration, held_out, held_out_labels, args, info)
+            save_model(int8, staging / MODEL_NAMES["int8"])
+            print(f"INT8 model quantized in {time.perf_counter() - t0:.1f} s ({info['images']} "
+                  "val images for calibration)")
+            info["int8_vs_fp32"] = compare(staging, held_out, held_out_labels, args)
+            meta = {"checkpoint": str(args.checkpoint),
+                    "arch": ckpt_meta.get("args", {}).get("arch", "densenet121"),
+                    "class_names": CLASS_NAMES, "data_dir": str(args.data_dir),
+                    "split": args.split, "resize": args.resize, "crop_size": crop,
+                    "calibration": info, "exported": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "files": {name: file_digest(staging / name) for name in _model_files()}}
+            commit(staging, model_dir, meta)
+        except OSError as e:
+            raise DataError(f"{model_dir}: cannot write the export ({os_reason(e)}); the "
+                            "previous export, if any, is untouched") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    for name in MODEL_NAMES.values():
+        print(f"wrote {model_dir / name} ({size_mb(model_dir / name):.1f} MB)")
+    check = info["int8_vs_fp32"]
+    if check["images"]:
+        fp32, int8 = check["fp32_mean_auc"], check["int8_mean_auc"]
+        auc = (f"mean AUC {fp32:.4f} -> {int8:.4f} ({int8 - fp32:+.4f})" if np.isfinite(fp32)
+               else "mean AUC n/a (no disease with both classes)")
+        print(f"INT8 vs FP32 on {check['images']} held-out val images: {auc}, largest "
+              f"probability difference {check['max_probability_difference']:.4f}")
+    return meta
+
+
+def _model_files():
+    return [p for xml in MODEL_NAMES.values() for p in (Path(xml).with_suffix(".bin").name, xml)]
+
+
+def commit(staging, model_dir, meta):
+    """Move the staged files into the model directory, chexnet.json last: until it lands,
+    infer.py sees the old manifest and refuses new files beside it, and the reverse."""
+    atomic_write_text(staging / METADATA, json.dumps(strict_json(meta), indent=1, allow_nan=False)
+                      + "\n", "model metadata")
+    for name in _model_files() + [METADATA]:
+        os.replace(staging / name, model_dir / name)
+
+
+def quantize(ov_model, calibration, held_out, labels, args, info):
+    """NNCF post-training quantization calibrated on val images (never test): each image's
+    10 crops are one calibration sample. With --max-auc-drop, NNCF's accuracy control checks
+    the mean AUC on the held-out val images, not on the calibration ones."""
+    import nncf
+
+    def as_input(crops):
+        return normalize_gray(crops)  # (10, 3, crop, crop) float32
+
+    dataset = nncf.Dataset(calibration, as_input)
+    if args.max_auc_drop is None:
+        try:
+            return nncf.quantize(ov_model, dataset, subset_size=len(calibration))
+        except RuntimeError as e:
+            raise InferError(f"INT8 quantization failed ({_ov_reason(e)})") from None
+    if len(held_out) < 2 or np.isnan(mean_auc(roc_aucs(labels, np.zeros(labels.shape)))):
+        raise DataError(f"--max-auc-drop needs held-out val images with positives and negatives "
+                        f"({len(held_out)} left after --calibration-size {len(calibration)})")
+    validation = nncf.Dataset(list(zip(held_out, labels)), lambda item: as_input(item[0]))
+
+    def val_mean_auc(compiled, data):
+        """Mean AUC, and each image's probabilities: AUC has no per-image value, so NNCF ranks
+        the layers to keep in float by how far each image's output moved instead."""
+        data = list(data)  # raw items: (uint8 crops, labels)
+        probs = [compiled(as_input(x))[0].mean(0) for x, _ in data]
+        return (mean_auc(roc_aucs(np.stack([y for _, y in data]), np.stack(probs))),
+                [[p] for p in probs])
+
+    info["max_auc_drop"] = args.max_auc_drop
+    return nncf.quantize_with_accuracy_control(
+        ov_model, dataset, validation, val_mean_auc, max_drop=args.max_auc_drop,
+        drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calibration))
+
+
+def compare(staging, held_out, labels, args):
+    """INT8 against FP32 on the held-out val images: each model's mean AUC and the largest
+    probability difference (the predictions are kept for a paired comparison)."""
+    if not held_out:
+        return {"images": 0}
+    probs = {}
+    for mode in ("fp32", "int8"):
+        model = OpenVINOModel(staging / MODEL_NAMES[mode], args.crop_size, 10, args.streams)
+        out = {}
+        batches = ((i, normalize_gray(c)) for i, c in enumerate(held_out))
+        model.run_all(batches, lambda i, p: out.__setitem__(i, p.mean(0)))
+        probs[mode] = np.stack([out[i] for i in range(len(held_out))])
+    return {"images": len(held_out),
+            "fp32_mean_auc": mean_auc(roc_aucs(labels, probs["fp32"])),
+            "int8_mean_auc": mean_auc(roc_aucs(labels, probs["int8"])),
+            "max_probability_difference": float(np.abs(probs["fp32"] - probs["int8"]).max())}
+
+
+def save_model(ov_model, xml):
+    """FP32 weights (compress_to_fp16=False)."""
+    import openvino as ov
+    try:
+        ov.save_model(ov_model, xml, compress_to_fp16=False)
+    except RuntimeError as e:  # OpenVINO reports a failed write as a RuntimeError
+        raise OSError(0, _ov_reason(e)) from None
+
+
+def size_mb(xml):
+    return (xml.stat().st_size + xml.with_suffix(".bin").stat().st_size) / 1e6

@@ -1,0 +1,101 @@
+"""Device and distribution, shared by main.py and infer.py: one function reads torchrun's
+environment (RANK, LOCAL_RANK, WORLD_SIZE), picks cuda, hpu or cpu and joins the process group;
+the same script runs under `python` and `torchrun`."""
+import os
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from common import SetupError
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    htcore: object = None  # habana_frameworks.torch.core on Gaudi in lazy mode, else None
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    def mark_step(self):
+        """Gaudi lazy mode runs the accumulated graph here; elsewhere nothing."""
+        if self.htcore is not None:
+            self.htcore.mark_step()
+
+
+def _import_gaudi():
+    try:
+        import habana_frameworks.torch.core as htcore
+    except ImportError:
+        raise SetupError("--hpu: the Intel Gaudi software (habana_frameworks) is not installed; "
+                         "run inside an Intel Gaudi PyTorch container, or use --device cpu/cuda"
+                         ) from None
+    return htcore
+
+
+def setup(device="auto"):
+    """Pick the device and join the process group torchrun describes (if any)."""
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    htcore = None
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise SetupError("--device cuda: no CUDA GPU is visible to PyTorch")
+        if local_rank >= torch.cuda.device_count():
+            raise SetupError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    elif device == "hpu":
+        core = _import_gaudi()
+        if world_size > 1:
+            import habana_frameworks.torch.distributed.hccl  # noqa: F401  registers 'hccl'
+        # Recent Gaudi releases run eager by default; lazy mode (PT_HPU_LAZY_MODE=1) needs
+        # mark_step() to cut the graph after backward() and after optimizer.step().
+        htcore = core if os.environ.get("PT_HPU_LAZY_MODE", "0") == "1" else None
+        dev = torch.device("hpu")
+    elif device == "cpu":
+        dev = torch.device("cpu")
+    else:
+        raise SetupError(f"unknown --device {device!r} (auto, cpu, cuda or hpu)")
+    if world_size > 1 and not dist.is_initialized():
+        if (rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+                and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0):
+            # pytorch/pytorch#135712: with the store shared between torchrun's rendezvous and
+            # the process group, restarted workers can read the last attempt's addresses
+            # and hang. run.sh sets this for you.
+            print("warning: restarts need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's "
+                  "environment (pytorch/pytorch#135712)", file=sys.stderr)
+        backend = {"cpu": "gloo", "cuda": "nccl", "hpu": "hccl"}[dev.type]
+        dist.init_process_group(backend=backend)
+    return Runtime(dev, rank, local_rank, world_size, htcore)
+
+
+def gather_from_ranks(rt, *arrays):
+    """Concatenate each array over ranks (rank order), as numpy."""
+    if not rt.distributed:
+        return arrays
+    gathered = [None] * rt.world_size
+    dist.all_gather_object(gathered, arrays)
+    return tuple(np.concatenate([g[i] for g in gathered]) for i in range(len(arrays)))
+
+
+def autocast(rt, args):
+    """Mixed precision on the run's device when --amp: bf16 by default, fp16 on request."""
+    if not args.amp:
+        return nullcontext()
+    dtype = torch.bfloat16 if args.amp_dtype == "bf16" else torch.float16
+    return torch.autocast(device_type=rt.device.type, dtype=dtype)
