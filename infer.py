@@ -261,8 +261,11 @@ class Progress:
         self.last = self.start
         self.bar = None
         if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, unit="img", desc=label)
+            try:  # an edge box may not have tqdm: plain lines then
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, initial=initial, unit="img", desc=label)
+            except ImportError:
+                pass
 
     def update(self, n):
         self.count += n
@@ -343,6 +346,12 @@ class TorchPredictor:
     under torchrun each rank takes every world_size-th image of a chunk and rank 0 gathers."""
 
     def __init__(self, checkpoint, images, args, rt):
+        cpu = rt.device.type == "cpu"
+        if args.batch_size is None:
+            args.batch_size = 1 if cpu else 32
+        if args.workers is None:  # PNG decoding is what keeps a GPU waiting
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+            args.workers = 1 if cpu else max(1, min(16, (os.cpu_count() or 1) // local))
         self.model = TorchModel(checkpoint, rt, args)
         self.images, self.args, self.rt = images, args, rt
 
@@ -539,8 +548,10 @@ def get_args(argv=None):
                    help="images per saved chunk of predictions (what a kill can cost)")
     # Decoding and cropping a 1024x1024 PNG costs ~7% of what DenseNet-121 INT8 costs on the
     # same core, so a thread per 4 cores keeps ahead without taking cores from inference.
-    p.add_argument("--workers", type=positive_int, default=max(1, (os.cpu_count() or 1) // 4),
-                   help="decoding threads (OpenVINO) or loader workers (torch)")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="decoding threads (OpenVINO; default a quarter of the cores) or loader "
+                        "workers per process (torch; default the cores shared by the processes "
+                        "on an accelerator, up to 16; 1 on a CPU)")
     # OpenVINO
     p.add_argument("--images-per-request", type=positive_int, default=1,
                    help="OpenVINO: images (10 crops each) per inference request")
@@ -550,8 +561,9 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "hpu"],
                    help="--mode torch: where to run (auto: a GPU if there is one)")
     p.add_argument("--hpu", action="store_true", help="shorthand for --device hpu (Intel Gaudi)")
-    p.add_argument("--batch-size", type=positive_int, default=32,
-                   help="--mode torch: images (10 crops each) per batch and process")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="--mode torch: images (10 crops each) per batch and process (default "
+                        "32 on a GPU or Gaudi, 1 on a CPU, where larger batches run slower)")
     p.add_argument("--amp", action="store_true", help="--mode torch: mixed precision autocast")
     p.add_argument("--amp-dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--channels-last", action="store_true", help="--mode torch: NHWC")
@@ -569,6 +581,8 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.hpu:
         args.device = "hpu"
+    if args.workers is None and (args.mode != "torch" or args.export or args.image):
+        args.workers = max(1, (os.cpu_count() or 1) // 4)
     if args.mode != "torch" and args.device not in ("auto", "cpu") and not args.export:
         p.error(f"argument --device: {args.device} is for --mode torch; OpenVINO runs on the CPU")
     if args.max_auc_drop is not None and not 0 <= args.max_auc_drop < 1:

@@ -73,10 +73,10 @@ def detail_table(paths, crops_per_image=20, crop=224):
             box, flip = draw_train_box(train_rng(0, 0, i))
             train_crop(sources[s][i], box, flip, crop)
         ms = 1e3 * (time.perf_counter() - t) / len(paths)
-        same = s == 1024
+        quality = ("-", "100%") if s == 1024 else (f"{np.median(r['psnr']):.1f}",
+                                                     f"{np.median(r['hf']):.0%}")
         print(f"{s:>8}{np.mean(scale > 1):>10.0%} {np.median(scale):>9.2f}{scale.max():>8.2f}"
-              f"{'-' if same else f'{np.median(r['psnr']):.1f}':>9}"
-              f"{'100%' if same else f'{np.median(r['hf']):.0%}':>9}{ms:>9.2f}")
+              f"{quality[0]:>9}{quality[1]:>9}{ms:>9.2f}")
 
 
 def loader_throughput(dataset, workers, passes=1, batch_size=16):

@@ -56,7 +56,8 @@ def main():
     p.add_argument("--n", type=int, default=48, help="images evaluated by every mode")
     p.add_argument("--calibration-size", type=int, default=100)
     p.add_argument("--device", default="auto", help="--mode torch: auto, cpu, cuda or hpu")
-    p.add_argument("--batch-size", type=int, default=32, help="--mode torch: images per batch")
+    p.add_argument("--batch-size", default=None,
+                   help="--mode torch: images per batch (default: infer.py's, 1 on a CPU)")
     a = p.parse_args()
 
     image_dir = Path(a.images) / "images"
@@ -83,12 +84,12 @@ def main():
                            str(a.calibration_size), "--validation-size", "1"]))
 
     crops = eval_input(image_dir / names[test][0])
-    rows, device = {}, None
+    rows, device, batch = {}, None, None
     for mode in ("torch", "fp32", "int8"):
         argv = ["--mode", mode, "--model-dir", str(work / "models"), "--checkpoint",
                 str(checkpoint), "--out-csv", str(work / f"{mode}.csv")]
         if mode == "torch":
-            argv += ["--device", a.device, "--batch-size", str(a.batch_size)]
+            argv += ["--device", a.device] + (["--batch-size", a.batch_size] if a.batch_size else [])
         args = infer.get_args(argv)
         infer.fill_defaults(args, infer.read_metadata(args.model_dir))
         rt = setup(args.device) if mode == "torch" else None
@@ -96,6 +97,7 @@ def main():
             device = (torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda"
                       else f"{rt.device.type}, {torch.get_num_threads()} threads")
         result = infer.evaluate(args, rt)  # loads the model first; times the predictions
+        batch = args.batch_size if mode == "torch" else batch
         backend = (infer.TorchModel(checkpoint) if mode == "torch"
                    else infer.load_openvino(args, infer.read_metadata(args.model_dir)))
         rows[mode] = {"e2e": len(result["names"]) / result["seconds"],
@@ -107,7 +109,7 @@ def main():
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
                 if ln.startswith("model name")), "CPU")
     print(f"\n{a.n} NIH images (1024x1024 PNG), ten-crop 224; {os.cpu_count()} cores ({cpu}); "
-          f"torch mode on {device}, batch {a.batch_size}; OpenVINO on the CPU, 10 crops per "
+          f"torch mode on {device}, batch {batch}; OpenVINO on the CPU, 10 crops per "
           "request")
     print(f"{'mode':<8}{'e2e img/s':>11}{'e2e crops/s':>13}{'model crops/s':>15}{'mean AUC':>10}")
     for mode, r in rows.items():
