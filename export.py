@@ -28,7 +28,7 @@ from images import normalize_gray
 from infer import (METADATA, MODEL_NAMES, InferError, OpenVINOModel, _ov_reason, file_digest,
                    fill_defaults)
 from labels import CLASS_NAMES, resolve_split
-from metrics import mean_auc, roc_aucs
+from metrics import mean_auc, paired_auc_difference, roc_aucs
 
 
 def held_out_val_crops(args):
@@ -60,7 +60,8 @@ def held_out_val_crops(args):
     val = [i for i in keep if i >= calibration]
     if not cal:
         raise DataError(f"{lists['val']}: no readable val image to calibrate INT8 on")
-    return ([decoded[i] for i in cal], [decoded[i] for i in val], images.labels[val],
+    held_out = {"names": [images.names[i] for i in val], "labels": images.labels[val]}
+    return ([decoded[i] for i in cal], [decoded[i] for i in val], held_out,
             {"split": str(lists["val"]), "images": len(cal), "held_out_images": len(val)})
 
 
@@ -79,7 +80,8 @@ def export(args):
             shutil.rmtree(stale, ignore_errors=True)
         print(f"exporting {args.checkpoint} ({args.crop_size}x{args.crop_size} crops); INT8 "
               f"calibration on val images of {args.data_dir}/ (split {args.split})")
-        calibration, held_out, held_out_labels, info = held_out_val_crops(args)
+        calibration, held_out, held_out_info, info = held_out_val_crops(args)
+        held_out_labels = held_out_info["labels"]
         staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=".export-"))
         try:
             t0 = time.perf_counter()
@@ -95,7 +97,7 @@ def export(args):
             save_model(int8, staging / MODEL_NAMES["int8"])
             print(f"INT8 model quantized in {time.perf_counter() - t0:.1f} s ({info['images']} "
                   "val images for calibration)")
-            info["int8_vs_fp32"] = compare(staging, held_out, held_out_labels, args)
+            info["int8_vs_fp32"] = compare(staging, held_out, held_out_info, args)
             meta = {"checkpoint": str(args.checkpoint),
                     "arch": ckpt_meta.get("args", {}).get("arch", "densenet121"),
                     "class_names": CLASS_NAMES, "data_dir": str(args.data_dir),
@@ -113,9 +115,15 @@ def export(args):
     check = info["int8_vs_fp32"]
     if check["images"]:
         fp32, int8 = check["fp32_mean_auc"], check["int8_mean_auc"]
-        auc = (f"mean AUC {fp32:.4f} -> {int8:.4f} ({int8 - fp32:+.4f})" if np.isfinite(fp32)
-               else "mean AUC n/a (no disease with both classes)")
-        print(f"INT8 vs FP32 on {check['images']} held-out val images: {auc}, largest "
+        lo, hi = check["difference_ci"]
+        if not np.isfinite(fp32):
+            auc = "mean AUC n/a (no disease with both classes)"
+        else:
+            verdict = ("n/a" if check["significant"] is None else
+                       "significant" if check["significant"] else "not significant")
+            auc = (f"mean AUC {fp32:.4f} -> {int8:.4f}, difference {int8 - fp32:+.4f} "
+                   f"[95% CI {lo:+.4f}, {hi:+.4f}] ({verdict}, paired bootstrap of patients)")
+        print(f"INT8 vs FP32 on {check['images']} held-out val images: {auc}; largest "
               f"probability difference {check['max_probability_difference']:.4f}")
     return meta
 
@@ -167,11 +175,12 @@ def quantize(ov_model, calibration, held_out, labels, args, info):
         drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calibration))
 
 
-def compare(staging, held_out, labels, args):
-    """INT8 against FP32 on the held-out val images: each model's mean AUC and the largest
-    probability difference (the predictions are kept for a paired comparison)."""
+def compare(staging, held_out, held_out_info, args):
+    """INT8 against FP32 on the held-out val images: the mean AUC difference with a paired
+    patient-level bootstrap interval, and the largest probability difference."""
     if not held_out:
         return {"images": 0}
+    from report import patient_groups
     probs = {}
     for mode in ("fp32", "int8"):
         model = OpenVINOModel(staging / MODEL_NAMES[mode], args.crop_size, 10, args.streams)
@@ -179,9 +188,14 @@ def compare(staging, held_out, labels, args):
         batches = ((i, normalize_gray(c)) for i, c in enumerate(held_out))
         model.run_all(batches, lambda i, p: out.__setitem__(i, p.mean(0)))
         probs[mode] = np.stack([out[i] for i in range(len(held_out))])
-    return {"images": len(held_out),
-            "fp32_mean_auc": mean_auc(roc_aucs(labels, probs["fp32"])),
-            "int8_mean_auc": mean_auc(roc_aucs(labels, probs["int8"])),
+    labels = held_out_info["labels"]
+    paired = paired_auc_difference(labels, probs["fp32"], probs["int8"],
+                                   patient_groups(held_out_info["names"]), args.n_boot,
+                                   args.boot_seed)
+    diff, lo, hi = paired["mean"]
+    return {"images": len(held_out), "fp32_mean_auc": mean_auc(paired["a"]),
+            "int8_mean_auc": mean_auc(paired["b"]), "difference": diff, "difference_ci": [lo, hi],
+            "significant": bool(lo > 0 or hi < 0) if np.isfinite(lo) else None,
             "max_probability_difference": float(np.abs(probs["fp32"] - probs["int8"]).max())}
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from common import (ArgumentParser, DataError, SetupError, atomic_path, atomic_write_text,
-                    check_writable_file, one_line, positive_int)
+                    check_writable_file, fraction, nonnegative_int, one_line, positive_int)
 from dataset import ImageList, SkippedImage, add_data_args, check_data_dir
 from images import eval_input, normalize_gray
 from labels import CLASS_NAMES, resolve_split
@@ -483,49 +483,86 @@ def evaluate(args, rt=None):
     labels, probs = images.labels[readable], probs[readable]
     if not np.isfinite(probs).all():
         raise InferError(f"the model gives non-finite probabilities on {list_path}")
+    from report import (build_report, calibrate, choose_operating_points,
+                        operating_points_for, save_operating_points, summary, write_report)
+    points, why = operating_points_for(args.model_dir, args.mode, model_id)
+    notes = []
+    if args.part == "val":  # thresholds and calibration are chosen here, never on test
+        chosen = choose_operating_points(labels, probs, model_id, list_path,
+                                         args.target_sensitivity)
+        where = save_operating_points(args.model_dir, args.mode, chosen)
+        notes.append(f"operating points (thresholds by rule, Platt calibration) chosen on these "
+                     f"{len(names)} val images: {where}")
+        points = chosen if args.calibrated else None
+    elif points is None:
+        notes.append(f"note: {why}")
+    if args.calibrated and points is None:
+        raise InferError(f"--calibrated: {why}")
+    written = calibrate(probs, points) if args.calibrated else probs
     atomic_write_text(out_csv, "Image Index," + ",".join(CLASS_NAMES) + "\n" + "".join(
-        nm + "," + ",".join(f"{p:.6f}" for p in row) + "\n" for nm, row in zip(names, probs)),
+        nm + "," + ",".join(f"{p:.6f}" for p in row) + "\n" for nm, row in zip(names, written)),
         "predictions")
     chunks.remove()
-    aucs = roc_aucs(labels, probs)
+    report = build_report(names, labels, probs, points if args.part == "test" else None,
+                          args.n_boot, args.boot_seed, args.calibrated, mode=args.mode,
+                          part=args.part, list=str(list_path), predictions=str(out_csv))
     skipped = n - len(names)
     print(f"mode {args.mode}: {len(names)} {args.part} images of {list_path}"
           + (f" ({skipped} unreadable skipped)" if skipped else ""))
-    print(format_aucs(aucs))
+    print(summary(report))
     if predicted:
         print(f"throughput: {predicted / seconds:.1f} images/s, {10 * predicted / seconds:.1f} "
               f"crops/s (end to end, decoding included); {predicted} images predicted now in "
               f"{seconds:.1f} s")
-    print(f"predictions: {out_csv}")
-    return {"aucs": aucs, "mean_auc": mean_auc(aucs), "probs": probs, "names": names,
-            "seconds": seconds}
-
-
-def format_aucs(aucs):
-    lines = [f"{'disease':<20}{'AUC':>8}"]
-    for name, auc in zip(CLASS_NAMES, aucs):
-        lines.append(f"{name:<20}{'n/a' if np.isnan(auc) else f'{auc:.4f}':>8}")
-    lines.append(f"{'mean':<20}{mean_auc(aucs):>8.4f}")
-    return "\n".join(lines)
+    for note in notes:
+        print(note)
+    print(f"predictions: {out_csv}" + (" (Platt-calibrated)" if args.calibrated else ""))
+    for path in write_report(out_csv, report, labels, probs,
+                             points if args.part == "test" else None, args.calibrated,
+                             figures=not args.no_figures):
+        print(f"report: {path}")
+    aucs = roc_aucs(labels, probs)
+    return {"aucs": aucs, "mean_auc": mean_auc(aucs), "probs": written, "names": names,
+            "seconds": seconds, "report": report}
 
 
 def classify_images(args):
+    """Each image's 14 probabilities (ten-crop), most likely first; positive / negative by the
+    operating points chosen on val when there are some for this model and mode."""
+    from report import calibrate, operating_points_for, thresholds_of
     meta = read_metadata(args.model_dir)
     if args.mode == "torch":
-        backend = TorchModel(torch_checkpoint(args, meta))
+        checkpoint = torch_checkpoint(args, meta)
+        backend, model_id = TorchModel(checkpoint), file_digest(checkpoint)
     else:
         backend = load_openvino(args, meta)
+        xml = Path(args.model_dir) / MODEL_NAMES[args.mode]
+        model_id = file_digest(xml) + file_digest(xml.with_suffix(".bin"))
+    points, why = operating_points_for(args.model_dir, args.mode, model_id)
+    if args.calibrated and points is None:
+        raise InferError(f"--calibrated: {why}")
     for path in args.image:
         crops = np.concatenate([eval_input(path, args.resize, args.crop_size)]
                                * args.images_per_request)
         result = {}
         backend.run_all([(0, crops)], lambda key, out: result.update(p=out[:10].mean(0)))
-        probs = np.asarray(result["p"])
+        probs = np.asarray(result["p"], dtype=np.float64)
         if not np.isfinite(probs).all():
             raise InferError(f"{path}: the model gives non-finite probabilities")
+        shown = calibrate(probs[None], points)[0] if args.calibrated else probs
         print(f"{path}:")
         for k in np.argsort(-probs):
-            print(f"  {CLASS_NAMES[k]:<20}{probs[k]:.4f}")
+            line = f"  {CLASS_NAMES[k]:<20}{shown[k]:.4f}"
+            if points is not None:
+                t = thresholds_of(points, args.rule)[k]
+                line += (f"  {'positive' if probs[k] >= t else 'negative'} (threshold "
+                         f"{calibrate(np.array([[t] * 14]), points)[0, k] if args.calibrated else t:.4f})"
+                         if np.isfinite(t) else "  n/a (no threshold)")
+            print(line)
+    if points is None:
+        print(f"note: {why}")
+    else:
+        print(f"thresholds: {args.rule} rule, chosen on {points['images']} val images")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -567,6 +604,18 @@ def get_args(argv=None):
     p.add_argument("--amp", action="store_true", help="--mode torch: mixed precision autocast")
     p.add_argument("--amp-dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--channels-last", action="store_true", help="--mode torch: NHWC")
+    # Report (report.py): intervals, operating points, calibration
+    p.add_argument("--n-boot", type=positive_int, default=2000,
+                   help="bootstrap resamples of patients for the 95%% intervals")
+    p.add_argument("--boot-seed", type=nonnegative_int, default=0)
+    p.add_argument("--rule", default="youden", choices=["youden", "f1", "sensitivity"],
+                   help="--image: which of the operating points chosen on val decides")
+    p.add_argument("--target-sensitivity", type=fraction, default=0.9,
+                   help="--part val: the sensitivity the 'sensitivity' rule's thresholds reach")
+    p.add_argument("--no-figures", action="store_true",
+                   help="write the report's JSON and Markdown only (no ROC/PR/reliability PNGs)")
+    p.add_argument("--calibrated", action="store_true",
+                   help="apply the Platt calibration fitted on val (--part val first)")
     # Export (infer.sh)
     p.add_argument("--export", action="store_true", help="export FP32 and INT8 (infer.sh)")
     p.add_argument("--calibration-size", type=positive_int, default=300,

@@ -1,6 +1,19 @@
-"""Evaluation metrics shared by main.py, infer.py and the comparison command: numpy and
-scikit-learn only, no torch."""
+"""Evaluation metrics shared by main.py, infer.py, export.py and report.py: numpy and
+scikit-learn only, no torch.
+
+Uncertainty comes from a bootstrap that resamples *patients*, not images: a patient's images
+move together (NIH has up to 184 per patient), so their correlation widens the interval as it
+should. Each resample is a count per patient (how many times it was drawn), and every statistic is
+computed for many resamples at once from those counts: AUROC from the cumulative weight of the
+sorted negatives, counts at a threshold as one matrix product.
+"""
+import warnings
+from contextlib import contextmanager
+
 import numpy as np
+
+N_BOOT = 2000  # resamples, by default
+CHUNK = 200  # resamples held in memory at once: (CHUNK, images) float64
 
 
 def roc_aucs(labels, probs):
@@ -17,3 +30,233 @@ def mean_auc(aucs):
     """Mean over the diseases whose AUC is defined (NaN if none is)."""
     aucs = np.asarray(aucs, dtype=np.float64)
     return float(aucs[~np.isnan(aucs)].mean()) if (~np.isnan(aucs)).any() else float("nan")
+
+
+def auprcs(labels, probs):
+    """Per-disease average precision (area under the precision-recall curve); NaN without
+    positives. Read it against the disease's prevalence, which is what a random score gets."""
+    from sklearn.metrics import average_precision_score
+    labels, probs = np.asarray(labels), np.asarray(probs)
+    return np.array([average_precision_score(labels[:, k], probs[:, k])
+                     if labels[:, k].any() else np.nan for k in range(labels.shape[1])])
+
+
+@contextmanager
+def _quiet():
+    """All-NaN slices (a resample without positives) are expected: no warnings for them."""
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# The bootstrap
+
+def bootstrap_counts(groups, n_boot=N_BOOT, seed=0, chunk=CHUNK):
+    """(inverse (N,), blocks): `inverse` maps each image to its group (patient); each block is
+    (b, G) float64, b <= chunk, n_boot rows in all: how many times each group was drawn in one
+    resample of the G groups with replacement. groups: (N,) any labels; np.arange(N) resamples
+    images."""
+    _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    n_groups = int(inverse.max()) + 1
+    rng = np.random.default_rng(seed)
+
+    def blocks():
+        for start in range(0, n_boot, chunk):
+            yield rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups),
+                                  size=min(chunk, n_boot - start)).astype(np.float64)
+    return inverse, blocks()
+
+
+def weighted_aucs(y, scores, counts, inverse=None):
+    """ROC-AUC of one disease under each resample: the weighted probability that a positive
+    scores above a negative, ties counting half (roc_auc_score with sample_weight). counts
+    (b, G) weights of the groups, inverse (N,) the group of each image (None: one image per
+    group, counts are then per-image weights). NaN where a resample lacks a class.
+
+    Only the negatives' cumulative weight is built (b x negatives); each positive then looks up
+    the weight of the negatives below it and tied with it."""
+    y = np.asarray(y).astype(bool)
+    scores = np.asarray(scores)
+    inverse = np.arange(len(y)) if inverse is None else inverse
+    neg_order = np.argsort(scores[~y], kind="mergesort")
+    neg_scores = scores[~y][neg_order]
+    neg_w = counts[:, inverse[~y][neg_order]]  # (b, negatives), sorted by score
+    cum = np.zeros((len(counts), neg_w.shape[1] + 1))
+    np.cumsum(neg_w, axis=1, out=cum[:, 1:])
+    below = np.searchsorted(neg_scores, scores[y], "left")
+    upto = np.searchsorted(neg_scores, scores[y], "right")
+    pos_w = counts[:, inverse[y]]  # (b, positives)
+    wins = cum[:, below] + 0.5 * (cum[:, upto] - cum[:, below])
+    total_pos, total_neg = pos_w.sum(1), cum[:, -1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (pos_w * wins).sum(1) / (total_pos * total_neg)
+    return np.where((total_pos > 0) & (total_neg > 0), auc, np.nan)
+
+
+def interval(samples, alpha=0.05):
+    """Percentile interval of bootstrap samples along axis 0, ignoring NaN (undefined
+    resamples); NaN where fewer than half the resamples are defined."""
+    samples = np.asarray(samples, dtype=np.float64)
+    defined = np.isfinite(samples).mean(0)
+    with _quiet():
+        lo = np.nanpercentile(samples, 100 * alpha / 2, axis=0)
+        hi = np.nanpercentile(samples, 100 * (1 - alpha / 2), axis=0)
+    bad = defined < 0.5
+    return np.where(bad, np.nan, lo), np.where(bad, np.nan, hi)
+
+
+def bootstrap_aucs(labels, probs, groups, n_boot=N_BOOT, seed=0):
+    """(n_boot, K) resampled per-disease AUCs and (n_boot,) mean AUCs over the diseases whose
+    AUC is defined on the whole set."""
+    labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
+    k = labels.shape[1]
+    defined = ~np.isnan(roc_aucs(labels, probs))
+    inverse, resamples = bootstrap_counts(groups, n_boot, seed)
+    blocks = []
+    for counts in resamples:
+        block = np.full((len(counts), k), np.nan)
+        for d in np.flatnonzero(defined):
+            block[:, d] = weighted_aucs(labels[:, d], probs[:, d], counts, inverse)
+        blocks.append(block)
+    aucs = np.concatenate(blocks)
+    with _quiet():
+        means = np.nanmean(aucs[:, defined], axis=1) if defined.any() else np.full(n_boot, np.nan)
+    return aucs, means
+
+
+# ---------------------------------------------------------------------------------------------
+# Operating points
+
+RULES = ("youden", "f1", "sensitivity")
+
+
+def choose_thresholds(labels, probs, target_sensitivity=0.9):
+    """Per-disease thresholds from (validation) predictions: Youden's J (max sensitivity +
+    specificity - 1), the best F1, and the highest threshold whose sensitivity reaches the
+    target. NaN for a disease with one class. A probability >= threshold is positive."""
+    from sklearn.metrics import precision_recall_curve, roc_curve
+    labels, probs = np.asarray(labels), np.asarray(probs)
+    out = {rule: np.full(labels.shape[1], np.nan) for rule in RULES}
+    for d in range(labels.shape[1]):
+        y, p = labels[:, d], probs[:, d]
+        if not 0 < y.sum() < len(y):
+            continue
+        fpr, tpr, thr = roc_curve(y, p)
+        finite = np.isfinite(thr)
+        j = np.argmax(np.where(finite, tpr - fpr, -np.inf))
+        out["youden"][d] = thr[j]
+        reach = np.flatnonzero(finite & (tpr >= target_sensitivity))
+        out["sensitivity"][d] = thr[reach[0]] if reach.size else np.nan
+        precision, recall, pr_thr = precision_recall_curve(y, p)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f1 = np.nan_to_num(2 * precision * recall / (precision + recall))[:-1]
+        out["f1"][d] = pr_thr[np.argmax(f1)]
+    return out
+
+
+def confusion_stats(tp, fp, fn, tn):
+    """Sensitivity, specificity, PPV, NPV and F1 from counts (arrays of any shape)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"sensitivity": tp / (tp + fn), "specificity": tn / (tn + fp),
+                "ppv": tp / (tp + fp), "npv": tn / (tn + fn), "f1": 2 * tp / (2 * tp + fp + fn)}
+
+
+def at_threshold(labels, probs, thresholds, groups, n_boot=N_BOOT, seed=0):
+    """The confusion statistics at fixed per-disease thresholds: point values, 95% bootstrap
+    intervals (patients resampled) and the counts. {stat: (value [K], lo [K], hi [K])}."""
+    labels = np.asarray(labels, dtype=np.float64)
+    positive = (np.asarray(probs) >= np.asarray(thresholds)[None]).astype(np.float64)
+    parts = {"tp": labels * positive, "fp": (1 - labels) * positive,
+             "fn": labels * (1 - positive), "tn": (1 - labels) * (1 - positive)}
+    counts = {k: v.sum(0) for k, v in parts.items()}
+    point = confusion_stats(**counts)
+    samples = {stat: [] for stat in point}
+    inverse, resamples = bootstrap_counts(groups, n_boot, seed)
+    # Each group's own counts (G, K): a resample's counts are then one matrix product.
+    per_group = {k: np.stack([np.bincount(inverse, v[:, d], minlength=inverse.max() + 1)
+                              for d in range(v.shape[1])], 1) for k, v in parts.items()}
+    for w in resamples:
+        resampled = confusion_stats(**{k: w @ v for k, v in per_group.items()})
+        for stat, value in resampled.items():
+            samples[stat].append(value)
+    undefined = np.isnan(np.asarray(thresholds, dtype=np.float64))
+    result = {}
+    for stat, value in point.items():
+        lo, hi = interval(np.concatenate(samples[stat]))
+        result[stat] = tuple(np.where(undefined, np.nan, a) for a in (value, lo, hi))
+    result["counts"] = {k: v.astype(int).tolist() for k, v in counts.items()}
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration
+
+def reliability(y, p, bins=15):
+    """Equal-width bins of predicted probability: (mean predicted, fraction positive, count)
+    per non-empty bin, and the expected calibration error (count-weighted |gap|)."""
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    count = np.bincount(which, minlength=bins)
+    mean_p = np.bincount(which, p, minlength=bins)
+    frac = np.bincount(which, y.astype(np.float64), minlength=bins)
+    keep = count > 0
+    mean_p, frac, count = mean_p[keep] / count[keep], frac[keep] / count[keep], count[keep]
+    ece = float((count * np.abs(mean_p - frac)).sum() / count.sum()) if count.sum() else np.nan
+    return {"mean_predicted": mean_p, "fraction_positive": frac, "count": count, "ece": ece}
+
+
+def calibration_errors(labels, probs, bins=15):
+    return np.array([reliability(labels[:, d], probs[:, d], bins)["ece"]
+                     for d in range(labels.shape[1])])
+
+
+def fit_platt(labels, probs):
+    """Per-disease Platt scaling fitted on validation predictions: p' = sigmoid(a logit(p) + b).
+    Returns (a [K], b [K]); identity (1, 0) for a disease with one class."""
+    from sklearn.linear_model import LogisticRegression
+    logits = _logit(probs)
+    a, b = np.ones(labels.shape[1]), np.zeros(labels.shape[1])
+    for d in range(labels.shape[1]):
+        if 0 < labels[:, d].sum() < len(labels):
+            fit = LogisticRegression(C=1e6, max_iter=1000).fit(logits[:, d:d + 1], labels[:, d])
+            a[d], b[d] = fit.coef_[0, 0], fit.intercept_[0]
+    return a, b
+
+
+def apply_platt(probs, a, b):
+    return 1.0 / (1.0 + np.exp(-(np.asarray(a) * _logit(probs) + np.asarray(b))))
+
+
+def _logit(p):
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+# ---------------------------------------------------------------------------------------------
+# Two models on the same images
+
+def paired_auc_difference(labels, probs_a, probs_b, groups, n_boot=N_BOOT, seed=0):
+    """AUC(B) - AUC(A) per disease and for the mean, with a paired bootstrap: both models are
+    scored on the same resampled patients, so what they share cancels. Returns
+    {"diff": [K], "lo": [K], "hi": [K], "mean": (d, lo, hi)}; a difference is significant when
+    its interval excludes 0."""
+    labels = np.asarray(labels)
+    a, b = roc_aucs(labels, probs_a), roc_aucs(labels, probs_b)
+    defined = ~np.isnan(a)
+    diffs, means = [], []
+    inverse, resamples = bootstrap_counts(groups, n_boot, seed)
+    for w in resamples:
+        block = np.full((len(w), labels.shape[1]), np.nan)
+        for d in np.flatnonzero(defined):
+            block[:, d] = (weighted_aucs(labels[:, d], probs_b[:, d], w, inverse)
+                           - weighted_aucs(labels[:, d], probs_a[:, d], w, inverse))
+        diffs.append(block)
+        with _quiet():
+            means.append(np.nanmean(block[:, defined], axis=1) if defined.any()
+                         else np.full(len(w), np.nan))
+    diffs, means = np.concatenate(diffs), np.concatenate(means)
+    lo, hi = interval(diffs)
+    mlo, mhi = interval(means[:, None])
+    return {"a": a, "b": b, "diff": b - a, "lo": lo, "hi": hi,
+            "mean": (mean_auc(b) - mean_auc(a), float(mlo[0]), float(mhi[0]))}

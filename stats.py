@@ -2,7 +2,10 @@
 
     python stats.py                                  # the shipped CheXNet split, no data needed
     python stats.py --data-dir data --split random   # a fresh seeded 70/10/20 patient split
+    python stats.py --plot                           # also the figures, into plots/
 Needs only the list files (and, for random/official splits, the label table); no images.
+--plot draws the per-split prevalence of each disease and the 14x14 co-occurrence of the
+diseases in the label table (the data directory's, else the one shipped in nih/).
 """
 import sys
 
@@ -35,20 +38,67 @@ def format_table(stats):
     return "\n".join(lines)
 
 
+def plot(stats, lists, data_dir, out_dir):
+    """stats_prevalence.png and stats_cooccurrence.png in out_dir; returns their paths."""
+    from pathlib import Path
+
+    from labels import SHIPPED_LABEL_TABLE, find_label_table, read_label_table
+    from report import _pyplot, _save
+    plt = _pyplot()
+    if plt is None:
+        raise DataError("--plot needs matplotlib (pip install matplotlib)")
+    out_dir = Path(out_dir)
+    fig, ax = plt.subplots(figsize=(12, 5))
+    width = 0.8 / len(stats)
+    x = np.arange(len(CLASS_NAMES))
+    for i, (split, st) in enumerate(stats.items()):
+        ax.bar(x + (i - (len(stats) - 1) / 2) * width, st["percent"], width,
+               label=f"{split} ({st['images']} images)")
+    ax.set_xticks(x, CLASS_NAMES, rotation=45, ha="right")
+    ax.set_ylabel("% of images")
+    ax.set_title(f"Disease prevalence per split ({lists['train'].parent})")
+    ax.legend()
+    paths = [out_dir / "stats_prevalence.png", out_dir / "stats_cooccurrence.png"]
+    _save(fig, paths[0])
+    try:
+        table = find_label_table(data_dir)
+    except DataError:
+        table = SHIPPED_LABEL_TABLE
+    _, _, labels = read_label_table(table)
+    labels = labels.astype(np.int64)
+    both = labels.T @ labels  # (14, 14): images with both diseases; the diagonal: with each
+    fig, ax = plt.subplots(figsize=(9, 8))
+    image = ax.imshow(np.log10(both + 1), cmap="viridis")
+    for i in range(len(CLASS_NAMES)):
+        for j in range(len(CLASS_NAMES)):
+            ax.text(j, i, str(both[i, j]), ha="center", va="center", fontsize=6, color="w")
+    ax.set_xticks(x, CLASS_NAMES, rotation=45, ha="right")
+    ax.set_yticks(x, CLASS_NAMES)
+    ax.set_title(f"Images with both diseases, {table.name} ({len(labels)} images)")
+    fig.colorbar(image, label="log10(images + 1)")
+    _save(fig, paths[1])
+    return paths
+
+
 def main(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default="data", help="data directory (default: data)")
     parser.add_argument("--split", default="auto",
                         help="auto | chexnet | random | official | DIR (see dataset.py)")
     parser.add_argument("--split-seed", type=nonnegative_int, default=0)
+    parser.add_argument("--plot", nargs="?", const="plots", default=None, metavar="DIR",
+                        help="also write the prevalence and co-occurrence figures (to plots/)")
     args = parser.parse_args(argv)
     try:
         lists = resolve_split(args.split, args.data_dir, args.split_seed)
         stats = split_stats(lists)
+        print(f"split: {lists['train'].parent}")
+        print(format_table(stats))  # resolve_split refused any image or patient in two splits
+        if args.plot:
+            for path in plot(stats, lists, args.data_dir, args.plot):
+                print(f"wrote {path}")
     except DataError as e:
         sys.exit(f"error: {one_line(e)}")
-    print(f"split: {lists['train'].parent}")
-    print(format_table(stats))  # resolve_split refused any image or patient in two splits
 
 
 if __name__ == "__main__":

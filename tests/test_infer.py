@@ -84,20 +84,48 @@ def _mean_auc(stdout):
     return float(next(ln for ln in stdout.splitlines() if ln.startswith("mean")).split()[1])
 
 
-def test_int8_keeps_auc_and_writes_predictions(small_model, nih_dir):
-    fp32 = _run_infer("fp32", small_model, nih_dir)
-    int8 = _run_infer("int8", small_model, nih_dir)
+def test_int8_keeps_auc_and_reports_with_operating_points_from_val(small_model, nih_dir):
+    """fp32 and int8 on the 340 test images; int8 first on val, which chooses the operating
+    points that the test report then applies unchanged."""
+    models = small_model[0] / "models"
+    val = _run_infer("int8", small_model, nih_dir, "--part", "val", "--n-boot", "200")
+    assert val.returncode == 0, val.stderr
+    assert "operating points (thresholds by rule, Platt calibration) chosen on these 100 val" in val.stdout
+    points = json.loads((models / "operating_points.json").read_text())["int8"]
+    assert points["chosen_on"] == str(nih_dir / "val_list.txt") and points["images"] == 100
+    fp32 = _run_infer("fp32", small_model, nih_dir, "--n-boot", "200")
+    int8 = _run_infer("int8", small_model, nih_dir, "--n-boot", "200")
     assert fp32.returncode == 0 and int8.returncode == 0, fp32.stderr + int8.stderr
     assert abs(_mean_auc(fp32.stdout) - _mean_auc(int8.stdout)) < 0.01
     for out in (fp32, int8):
-        assert "340 test images" in out.stdout and "images/s" in out.stdout
+        assert "340 test images" in out.stdout and "images/s" in out.stdout and "95% CI" in out.stdout
         assert "predicted 340/340 images" in out.stderr and "ETA" in out.stderr  # not a tty
         for disease in CLASS_NAMES:
             assert disease in out.stdout
-    names, probs = read_csv(small_model[0] / "models" / "predictions_int8.csv")
+    assert "no operating points for --mode fp32" in fp32.stdout
+    names, probs = read_csv(models / "predictions_int8.csv")
     assert names == read_list(nih_dir / "test_list.txt")[0]
     assert probs.shape == (340, 14) and (probs >= 0).all() and (probs <= 1).all()
-    assert not list((small_model[0] / "models").glob("*.partial"))
+    assert not list(models.glob("*.partial"))
+    # The test report applies val's thresholds: not the ones test itself would choose.
+    from metrics import choose_thresholds
+    report = json.loads((models / "predictions_int8_report.json").read_text())
+    labels = read_list(nih_dir / "test_list.txt")[1]
+    on_test = choose_thresholds(labels, probs)["youden"]
+    used = [report["diseases"][d]["thresholds"]["youden"]["threshold"] for d in CLASS_NAMES]
+    assert used == points["thresholds"]["youden"]
+    assert any(abs(u - t) > 1e-3 for u, t in zip(used, on_test) if u is not None)
+    for d, name in enumerate(CLASS_NAMES):  # sensitivity and specificity: a direct count
+        t = report["diseases"][name]["thresholds"]["youden"]
+        positive = probs[:, d] >= np.float64(t["threshold"]) - 5e-7  # the CSV's 6 decimals
+        if t["sensitivity"][0] is not None:
+            assert t["sensitivity"][0] == pytest.approx(positive[labels[:, d] == 1].mean(), abs=0.02)
+            assert t["specificity"][0] == pytest.approx((~positive)[labels[:, d] == 0].mean(), abs=0.02)
+    assert "| Disease | Prevalence | AUROC (95% CI) |" in (models / "predictions_int8_report.md").read_text()
+    from PIL import Image
+    for figure in ("roc", "pr", "reliability"):
+        with Image.open(models / f"predictions_int8_{figure}.png") as im:
+            assert im.format == "PNG" and im.size[0] > 800
 
 
 def test_torch_batched_equals_one_image_path_and_torchrun(small_model, nih_dir, tmp_path):
@@ -203,14 +231,21 @@ def test_int8_runs_without_torch(small_model, nih_dir):
     assert_clean_error(blocked, "--mode torch needs PyTorch")
 
 
-def test_image_mode_prints_sorted_probabilities(small_model, nih_dir):
+def test_image_mode_prints_sorted_probabilities_and_decisions(small_model, nih_dir):
     images = [nih_dir / "images" / "00000100_000.png", REPO / "sample" / "images" / "00000284_000.png"]
-    proc = _run_infer("int8", small_model, nih_dir, "--image", *images)
+    proc = _run_infer("fp32", small_model, nih_dir, "--image", *images)
     assert proc.returncode == 0, proc.stderr
     blocks = proc.stdout.split(":\n")
     assert len(blocks) == 3
-    values = [float(ln.split()[-1]) for ln in blocks[1].splitlines()[:14]]
+    values = [float(ln.split()[1]) for ln in blocks[1].splitlines()[:14]]
     assert len(values) == 14 and values == sorted(values, reverse=True)
+    assert "positive" not in proc.stdout and "--part val" in proc.stdout
+    val = _run_infer("fp32", small_model, nih_dir, "--part", "val", "--limit", "60", "--n-boot", "50")
+    assert val.returncode == 0, val.stderr
+    proc = _run_infer("fp32", small_model, nih_dir, "--image", *images, "--rule", "f1")
+    lines = proc.stdout.split(":\n")[1].splitlines()[:14]
+    assert all(("positive (threshold" in ln) != ("negative (threshold" in ln) for ln in lines)
+    assert "thresholds: f1 rule, chosen on 60 val images" in proc.stdout
 
 
 def test_accuracy_controlled_quantization_validates_on_other_images(small_model, nih_dir, tmp_path):
