@@ -1,7 +1,8 @@
 """Export a trained checkpoint for CPU inference: what `bash infer.sh` (`python infer.py
 --export`) runs.
 
-    MODEL_DIR/chexnet_fp32.xml  FP32: ov.convert_model, dynamic batch, FP32 weights
+    MODEL_DIR/chexnet_fp32.xml  FP32: ov.convert_model, dynamic batch, FP32 weights; outputs
+                                the probabilities and the class activation maps
     MODEL_DIR/chexnet_int8.xml  INT8: NNCF post-training quantization on val images, each as
                                 its 10 crops exactly as evaluation sees them
     MODEL_DIR/chexnet.json      what was exported from what, how INT8 compares with FP32 on
@@ -68,7 +69,7 @@ def held_out_val_crops(args):
 def export(args):
     import openvino as ov
     import torch
-    from model import model_from_checkpoint, with_sigmoid
+    from model import WithCAM, model_from_checkpoint
 
     model, ckpt_meta = model_from_checkpoint(args.checkpoint)
     fill_defaults(args, ckpt_meta.get("args", {}))  # calibrate on the data it was trained on
@@ -86,10 +87,12 @@ def export(args):
         try:
             t0 = time.perf_counter()
             crop = args.crop_size
-            ov_model = ov.convert_model(with_sigmoid(model), example_input=torch.zeros(
+            # Two outputs: the probabilities and the class activation maps (cam.py).
+            ov_model = ov.convert_model(WithCAM(model), example_input=torch.zeros(
                 1, 3, crop, crop), input=[(-1, 3, crop, crop)])  # dynamic batch
             ov_model.inputs[0].get_tensor().set_names({"images"})
             ov_model.outputs[0].get_tensor().set_names({"probabilities"})
+            ov_model.outputs[1].get_tensor().set_names({"cams"})
             save_model(ov_model, staging / MODEL_NAMES["fp32"])
             print(f"FP32 model converted in {time.perf_counter() - t0:.1f} s")
             t0 = time.perf_counter()

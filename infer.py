@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from common import (ArgumentParser, DataError, SetupError, atomic_path, atomic_write_text,
-                    check_writable_file, fraction, nonnegative_int, one_line, positive_int)
+                    check_writable_file, fraction, nonnegative_int, one_line, positive_int,
+                    strict_json)
 from dataset import ImageList, SkippedImage, add_data_args, check_data_dir
 from images import eval_input, normalize_gray
 from labels import CLASS_NAMES, resolve_split
@@ -110,6 +111,8 @@ class OpenVINOModel:
         if len(out) != 2 or out[1].is_dynamic or out[1].get_length() != len(CLASS_NAMES):
             raise InferError(f"{xml}: outputs {out[1] if len(out) == 2 else out}, expected "
                              f"{len(CLASS_NAMES)} classes")
+        # The class activation maps (N, 14, h, w), in models exported since they exist.
+        self.has_cams = len(model.outputs) > 1 and len(model.outputs[1].get_partial_shape()) == 4
         # Static shapes compile to faster CPU kernels than the exported dynamic batch.
         model.reshape([crops_per_request, 3, crop, crop])
         config = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "f32"}
@@ -122,18 +125,19 @@ class OpenVINOModel:
         self.requests = self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
         self.batch = crops_per_request
 
-    def run_all(self, batches, on_result):
+    def run_all(self, batches, on_result, cams=False):
         """Feed (key, crops) pairs through `requests` asynchronous infer requests, each started
-        as soon as one is free; on_result(key, probs) in order. Equal-sized requests finish in
-        the order they started, so waiting on the oldest keeps them all busy, with no Python
-        callbacks on OpenVINO's threads."""
+        as soon as one is free; on_result(key, probs), or with cams on_result(key, (probs,
+        maps)), in order. Equal-sized requests finish in the order they started, so waiting on
+        the oldest keeps them all busy, with no Python callbacks on OpenVINO's threads."""
         free = [self.compiled.create_infer_request() for _ in range(self.requests)]
         running = collections.deque()
 
         def finish_oldest():
             request, key = running.popleft()
             request.wait()
-            on_result(key, request.get_output_tensor(0).data.copy())
+            probs = request.get_output_tensor(0).data.copy()
+            on_result(key, (probs, request.get_output_tensor(1).data.copy()) if cams else probs)
             free.append(request)
 
         for key, crops in batches:
@@ -157,9 +161,12 @@ class TorchModel:
 
     def __init__(self, checkpoint, rt=None, args=None):
         import torch
-        from model import model_from_checkpoint, with_sigmoid
+        from model import WithCAM, model_from_checkpoint, with_sigmoid
         self.torch, self.rt, self.args = torch, rt, args
         model, _ = model_from_checkpoint(checkpoint)
+        self.bare = model
+        self.with_cams = WithCAM(model).eval()
+        self.has_cams = True
         self.model = with_sigmoid(model)
         if rt is not None:
             self.model = self.model.to(rt.device)
@@ -180,9 +187,14 @@ class TorchModel:
             with autocast(self.rt, self.args):
                 return self.model(x).float()
 
-    def run_all(self, batches, on_result):
+    def run_all(self, batches, on_result, cams=False):
         for key, crops in batches:
-            on_result(key, self(crops))
+            if not cams:
+                on_result(key, self(crops))
+                continue
+            with self.torch.inference_mode():
+                probs, maps = self.with_cams(self.torch.from_numpy(crops))
+            on_result(key, (probs.numpy(), maps.numpy()))
 
 
 def load_openvino(args, meta):
@@ -563,6 +575,32 @@ def classify_images(args):
         print(f"note: {why}")
     else:
         print(f"thresholds: {args.rule} rule, chosen on {points['images']} val images")
+    if args.cam:
+        from cam import write_cams
+        positive = None if points is None else (
+            lambda probs: probs >= np.nan_to_num(thresholds_of(points, args.rule), nan=2.0))
+        for path in write_cams(backend, args.image, args, args.cam, positive):
+            print(f"heatmap: {path}")
+
+
+def localize(args):
+    """The localization benchmark (cam.py) for this mode's model, as a table and a JSON."""
+    from cam import format_localization, localize as run
+    meta = read_metadata(args.model_dir)
+    backend = (TorchModel(torch_checkpoint(args, meta)) if args.mode == "torch"
+               else load_openvino(args, meta))
+    check_data_dir(args.data_dir)
+    lists = resolve_split(args.split, args.data_dir, args.split_seed)
+    out = Path(args.out_csv).parent if args.out_csv else Path(args.model_dir)
+    target = out / f"localization_{args.mode}.json"
+    check_writable_file(target, "--out-csv")
+    result = run(backend, args, lists)
+    result.update(mode=args.mode, cam_method=args.cam_method, split=str(lists["test"].parent))
+    atomic_write_text(target, json.dumps(strict_json(result), indent=1, allow_nan=False) + "\n",
+                      "localization")
+    print(format_localization(result))
+    print(f"localization: {target}")
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,6 +642,15 @@ def get_args(argv=None):
     p.add_argument("--amp", action="store_true", help="--mode torch: mixed precision autocast")
     p.add_argument("--amp-dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--channels-last", action="store_true", help="--mode torch: NHWC")
+    # Heatmaps (cam.py)
+    p.add_argument("--cam", nargs="?", const="cams", default=None, metavar="DIR",
+                   help="with --image: heatmap overlays of the positive (or 3 likeliest) "
+                        "diseases and a grid of all 14, into DIR (default cams/)")
+    p.add_argument("--cam-method", default="cam", choices=["cam", "gradcam++"],
+                   help="class activation maps (every mode) or Grad-CAM++ (--mode torch)")
+    p.add_argument("--localize", action="store_true",
+                   help="score the heatmaps against NIH's radiologist boxes (val picks the "
+                        "threshold, test is scored)")
     # Report (report.py): intervals, operating points, calibration
     p.add_argument("--n-boot", type=positive_int, default=2000,
                    help="bootstrap resamples of patients for the 95%% intervals")
@@ -634,6 +681,11 @@ def get_args(argv=None):
         args.workers = max(1, (os.cpu_count() or 1) // 4)
     if args.mode != "torch" and args.device not in ("auto", "cpu") and not args.export:
         p.error(f"argument --device: {args.device} is for --mode torch; OpenVINO runs on the CPU")
+    if args.cam and not args.image:
+        p.error("argument --cam: draws the heatmaps of --image files (--localize scores them "
+                "on a split)")
+    if args.cam_method != "cam" and args.mode != "torch":
+        p.error(f"argument --cam-method: {args.cam_method} needs --mode torch")
     if args.max_auc_drop is not None and not 0 <= args.max_auc_drop < 1:
         p.error(f"argument --max-auc-drop: must be in [0, 1), got {args.max_auc_drop}")
     return args
@@ -661,9 +713,11 @@ def main(argv=None):
         fill_defaults(args, read_metadata(args.model_dir))
         if args.mode == "torch":
             import_torch()
-            if not args.image:
+            if not (args.image or args.localize):
                 from runtime import setup
                 rt = setup(args.device)
+        if args.localize:
+            return localize(args)
         return classify_images(args) if args.image else evaluate(args, rt)
     except (DataError, SetupError) as e:  # DataError includes model.py's CheckpointError
         if rt is None or rt.is_main:

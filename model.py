@@ -12,6 +12,7 @@ import urllib.error
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -118,6 +119,34 @@ def model_from_checkpoint(path, arch=None):
 def with_sigmoid(model):
     """The inference model: (N, 3, H, W) normalised images -> (N, 14) probabilities."""
     return nn.Sequential(model, nn.Sigmoid()).eval()
+
+
+class WithCAM(nn.Module):
+    """The inference model with its class activation maps: (N, 3, H, W) normalised images ->
+    (probabilities (N, K), maps (N, K, H/32, W/32)).
+
+    With F the last ReLU'd feature map and W, b the head, CAM_k = W_k . F + b_k: a 1x1
+    convolution of F, whose spatial mean is exactly the logit (the head is linear and the
+    model pools by the mean). The probabilities take the model's own path, unchanged."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model.eval()
+        self.head = model.classifier if isinstance(model, torchvision.models.DenseNet) else model.fc
+        self.relu = nn.ReLU()  # a module, not torchvision's in-place F.relu: hooks see it
+
+    def feature_map(self, x):
+        m = self.model
+        if isinstance(m, torchvision.models.DenseNet):
+            return self.relu(m.features(x))
+        x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+        return m.layer4(m.layer3(m.layer2(m.layer1(x))))
+
+    def forward(self, x):
+        f = self.feature_map(x)  # (N, C, h, w)
+        probabilities = torch.sigmoid(self.head(torch.flatten(F.adaptive_avg_pool2d(f, 1), 1)))
+        maps = F.conv2d(f, self.head.weight[:, :, None, None], self.head.bias)
+        return probabilities, maps
 
 
 # ---------------------------------------------------------------------------------------------

@@ -113,6 +113,35 @@ def small_model(tmp_path_factory, nih_dir):
     return work, export
 
 
+@pytest.fixture(scope="session")
+def full_size_model(tmp_path_factory, nih_dir):
+    """A random DenseNet-121 at the real 224x224, exported (calibrated on 4 val images)."""
+    import torch
+    from model import build_model
+    work = tmp_path_factory.mktemp("full")
+    torch.manual_seed(0)
+    torch.save(build_model(pretrained="none").state_dict(), work / "random.pt")
+    proc = run_script("infer.py", "--export", "--checkpoint", work / "random.pt", "--model-dir",
+                      work / "models", "--data-dir", nih_dir, "--calibration-size", "4",
+                      "--validation-size", "2")
+    assert proc.returncode == 0, proc.stderr
+    return work
+
+
+# `python -c CODE infer.py ARGS`: `import torch` made to fail, then infer.py run as a script.
+BLOCK_TORCH = """
+import runpy, sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision"):
+            raise ImportError(f"No module named {name!r} (blocked by the test)")
+sys.meta_path.insert(0, NoTorch())
+sys.argv = sys.argv[1:]
+runpy.run_path("infer.py", run_name="__main__")
+assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "nncf")]
+"""
+
+
 @pytest.fixture
 def nih_data_dir(tmp_path, nih_images):
     """A small data directory of 30 full-size NIH images, RGBA ones included."""

@@ -91,7 +91,7 @@ def test_kill_during_export_never_mixes_models(tmp_path, small_model, nih_dir, c
               "--data-dir", nih_dir, "--calibration-size", "4", "--validation-size", "2"]
     killed = run_killed(tmp_path, "chexnet_fp32.bin:always", *export)
     assert killed.returncode == 9, killed.stderr
-    evaluate = ["--model-dir", models, "--data-dir", nih_dir, "--limit", "4"]
+    evaluate = ["--model-dir", models, "--data-dir", nih_dir, "--limit", "4", "--no-figures"]
     assert_clean_error(run_main(capsys, *evaluate, "--mode", "fp32", module="infer"),
                        "chexnet_fp32.bin: does not belong to the export")
     old = run_main(capsys, *evaluate, "--mode", "int8", module="infer")

@@ -14,23 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, assert_clean_error, run_main, run_script
+from conftest import BLOCK_TORCH, REPO, assert_clean_error, run_main, run_script
 from images import eval_input
 from labels import CLASS_NAMES, read_list
 from model import build_model
-
-
-@pytest.fixture(scope="module")
-def full_size_model(tmp_path_factory, nih_dir):
-    """A random DenseNet-121 at the real 224x224, exported (calibrated on 4 val images)."""
-    work = tmp_path_factory.mktemp("full")
-    torch.manual_seed(0)
-    torch.save(build_model(pretrained="none").state_dict(), work / "random.pt")
-    proc = run_script("infer.py", "--export", "--checkpoint", work / "random.pt", "--model-dir",
-                      work / "models", "--data-dir", nih_dir, "--calibration-size", "4",
-                      "--validation-size", "2")
-    assert proc.returncode == 0, proc.stderr
-    return work
 
 
 def read_csv(path):
@@ -74,10 +61,10 @@ def test_fp32_matches_pytorch_and_int8_stays_close(full_size_model, nih_dir):
     assert np.abs(results["int8"] - results["fp32"]).max() < 0.02
 
 
-def _run_infer(mode, small_model, nih_dir, *extra, python=()):
+def _run_infer(mode, small_model, nih_dir, *extra, python=(), figures=False):
     work, _ = small_model
     return run_script(*python, "infer.py", "--mode", mode, "--model-dir", work / "models",
-                      "--data-dir", nih_dir, *extra)
+                      "--data-dir", nih_dir, *extra, *([] if figures else ["--no-figures"]))
 
 
 def _mean_auc(stdout):
@@ -94,7 +81,7 @@ def test_int8_keeps_auc_and_reports_with_operating_points_from_val(small_model, 
     points = json.loads((models / "operating_points.json").read_text())["int8"]
     assert points["chosen_on"] == str(nih_dir / "val_list.txt") and points["images"] == 100
     fp32 = _run_infer("fp32", small_model, nih_dir, "--n-boot", "200")
-    int8 = _run_infer("int8", small_model, nih_dir, "--n-boot", "200")
+    int8 = _run_infer("int8", small_model, nih_dir, "--n-boot", "200", figures=True)
     assert fp32.returncode == 0 and int8.returncode == 0, fp32.stderr + int8.stderr
     assert abs(_mean_auc(fp32.stdout) - _mean_auc(int8.stdout)) < 0.01
     for out in (fp32, int8):
@@ -146,6 +133,7 @@ def test_torch_batched_equals_one_image_path_and_torchrun(small_model, nih_dir, 
     assert np.abs(probs - expected).max() <= 2e-6
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "infer.py", "--mode", "torch", "--model-dir", work / "models", "--data-dir", nih_dir,
+           "--no-figures",
            *args, "--workers", "1", "--batch-size", "2", "--out-csv", tmp_path / "ddp.csv"]
     ddp = subprocess.run(list(map(str, cmd)), cwd=REPO, capture_output=True, text=True)
     assert ddp.returncode == 0, ddp.stdout + ddp.stderr
@@ -161,7 +149,7 @@ def test_killed_evaluation_resumes_to_the_same_csv(small_model, nih_dir, tmp_pat
     assert whole.returncode == 0, whole.stderr
     out = tmp_path / "killed.csv"
     cmd = [sys.executable, "infer.py", "--mode", "int8", "--model-dir", work / "models",
-           "--data-dir", nih_dir, *common, "--out-csv", out]
+           "--data-dir", nih_dir, *common, "--no-figures", "--out-csv", out]
     job = subprocess.Popen(list(map(str, cmd)), cwd=REPO, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
     partial = tmp_path / "killed.csv.partial"
@@ -209,22 +197,9 @@ def test_store_fed_evaluation_equals_png_fed(small_model, nih_dir, tmp_path):
         shutil.rmtree(nih_dir / "store")
 
 
-# `python -c CODE infer.py ARGS`: `import torch` made to fail, then infer.py run as a script.
-BLOCK_TORCH = """
-import runpy, sys
-class NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "torchvision"):
-            raise ImportError(f"No module named {name!r} (blocked by the test)")
-sys.meta_path.insert(0, NoTorch())
-sys.argv = sys.argv[1:]
-runpy.run_path("infer.py", run_name="__main__")
-assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "nncf")]
-"""
-
-
 def test_int8_runs_without_torch(small_model, nih_dir):
-    proc = _run_infer("int8", small_model, nih_dir, "--limit", "40", python=("-c", BLOCK_TORCH))
+    proc = _run_infer("int8", small_model, nih_dir, "--limit", "40", python=("-c", BLOCK_TORCH),
+                      figures=True)
     assert proc.returncode == 0, proc.stderr
     assert "mean" in proc.stdout
     blocked = _run_infer("torch", small_model, nih_dir, "--limit", "4", python=("-c", BLOCK_TORCH))

@@ -1,0 +1,440 @@
+"""Where the model looks: class activation maps in image coordinates, overlays, and their
+localization scored against NIH's radiologist boxes. numpy, Pillow and scipy (no torch), so the
+OpenVINO modes give heatmaps on an edge box too.
+
+For DenseNet-121 the class activation map is exact: with F the last ReLU'd feature map
+(1024 x 7 x 7 for a 224 crop) and W, b the head, CAM_k = W_k . F + b_k, whose spatial mean is
+the logit. The exported OpenVINO models return it beside the probabilities.
+
+Localization (`python infer.py --localize`), as in the ChestX-ray8 paper (Wang et al. 2017):
+a heatmap, min-max normalised, is thresholded; each connected region gives a box; a radiologist
+box counts as found when a predicted box overlaps it by IoBB > T (intersection over the
+predicted box's area) or IoU > T; AFP is the average number of predicted boxes per image that
+match no radiologist box. The threshold is chosen on the val split's boxed images, never on
+test; a random heatmap and a fixed centre prior go through the same steps as baselines.
+"""
+import csv
+import gzip
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from common import DataError, os_reason
+from images import ten_crop_boxes
+from labels import CLASS_NAMES, REPO_DIR
+
+BOX_FILE_NAMES = ("BBox_List_2017.csv", "BBox_List_2017.csv.gz")
+SHIPPED_BOXES = REPO_DIR / "nih" / "BBox_List_2017.csv.gz"
+BOX_ALIASES = {"Infiltrate": "Infiltration"}  # the box file's name for it
+IOBB = (0.1, 0.25, 0.5, 0.75, 0.9)
+IOU = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+TAUS = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2))  # heatmap thresholds tried on val
+
+# ChestX-ray8 (Wang et al., CVPR 2017), Table 4: localization accuracy by T(IoBB).
+CHESTXRAY8_TABLE4 = {
+    0.1: [0.7277, 0.9931, 0.7124, 0.7886, 0.4352, 0.1645, 0.7500, 0.4591],
+    0.25: [0.5500, 0.9794, 0.5424, 0.5772, 0.2823, 0.0506, 0.5583, 0.3469],
+    0.5: [0.2833, 0.8767, 0.3333, 0.4227, 0.1411, 0.0126, 0.3833, 0.1836],
+    0.75: [0.1666, 0.7260, 0.2418, 0.3252, 0.1176, 0.0126, 0.2583, 0.1020],
+    0.9: [0.1333, 0.6849, 0.2091, 0.2520, 0.0588, 0.0126, 0.2416, 0.0816],
+}
+BOXED_DISEASES = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",
+                  "Pneumonia", "Pneumothorax"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Heatmaps in image coordinates
+
+def resize_maps(maps, size):
+    """(K, h, w) float -> (K, H, W), bilinear, one map at a time. size: (H, W)."""
+    return np.stack([np.asarray(Image.fromarray(np.asarray(m, np.float32), mode="F").resize(
+        (size[1], size[0]), Image.BILINEAR)) for m in maps])
+
+
+def tencrop_heatmap(cams, resized_hw, crop, out_hw=None):
+    """Ten crops' maps (10, K, h, w), in crop_gray's order, -> (K, H, W) over the image: each map
+    upsampled to crop x crop, mirrored back when its crop was mirrored, put where the crop came
+    from in the resized image (resized_hw), overlaps averaged, then resized to out_hw (the
+    original image's size, so that it lines up with NIH's box coordinates)."""
+    height, width = resized_hw
+    total = np.zeros((cams.shape[1], height, width), np.float64)
+    count = np.zeros((height, width), np.float64)
+    for (top, left, flipped), cam in zip(ten_crop_boxes(height, width, crop), cams):
+        up = resize_maps(cam, (crop, crop))
+        total[:, top:top + crop, left:left + crop] += up[:, :, ::-1] if flipped else up
+        count[top:top + crop, left:left + crop] += 1
+    heat = (total / count).astype(np.float32)
+    return heat if out_hw is None or tuple(out_hw) == (height, width) else resize_maps(heat, out_hw)
+
+
+def normalise(heat):
+    """Min-max to [0, 1] (a constant map is all zeros)."""
+    lo, hi = float(heat.min()), float(heat.max())
+    return (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
+
+
+# ---------------------------------------------------------------------------------------------
+# Boxes: (x, y, w, h) in pixels of the original image, as NIH's file has them
+
+def find_box_file(data_dir):
+    for name in BOX_FILE_NAMES:
+        if (Path(data_dir) / name).is_file():
+            return Path(data_dir) / name
+    return SHIPPED_BOXES
+
+
+def read_boxes(path):
+    """{image name: {disease: [(x, y, w, h), ...]}} from BBox_List_2017.csv."""
+    path = Path(path)
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, EOFError) as e:
+        raise DataError(f"{path}: cannot read the box file ({os_reason(e)})") from None
+    if not rows or rows[0][:2] != ["Image Index", "Finding Label"] or len(rows[0]) < 6 or \
+            not rows[0][2].startswith("Bbox"):
+        raise DataError(f"{path}: not a box file (expected the columns Image Index, Finding "
+                        "Label, Bbox [x, y, w, h])")
+    boxes = {}
+    for line, row in enumerate(rows[1:], 2):
+        if not any(cell.strip() for cell in row):
+            continue
+        try:
+            name, disease = row[0], BOX_ALIASES.get(row[1], row[1])
+            x, y, w, h = (float(v) for v in row[2:6])
+        except (ValueError, IndexError):
+            raise DataError(f"{path}:{line}: expected an image, a disease and 4 numbers") from None
+        if disease not in CLASS_NAMES:
+            raise DataError(f"{path}:{line}: unknown disease {row[1]!r}")
+        if not (w > 0 and h > 0 and x >= 0 and y >= 0 and np.isfinite([x, y, w, h]).all()):
+            raise DataError(f"{path}:{line}: box {x:g}, {y:g}, {w:g}, {h:g} is not a box")
+        boxes.setdefault(name, {}).setdefault(disease, []).append((x, y, w, h))
+    return boxes
+
+
+def check_boxes_inside(boxes, name, size, path):
+    """A radiologist box outside its image means a wrong box file or a wrong image."""
+    width, height = size
+    for disease, found in boxes.items():
+        for x, y, w, h in found:
+            if x + w > width + 1 or y + h > height + 1:
+                raise DataError(f"{path}: the {disease} box of {name} ({x:g}, {y:g}, {w:g}, "
+                                f"{h:g}) is outside the {width}x{height} image")
+
+
+def heatmap_boxes(heat, tau):
+    """Boxes around the connected regions where the normalised heatmap is >= tau."""
+    from scipy import ndimage
+    regions, _ = ndimage.label(normalise(heat) >= tau)
+    return [(s[1].start, s[0].start, s[1].stop - s[1].start, s[0].stop - s[0].start)
+            for s in ndimage.find_objects(regions) if s is not None]
+
+
+def _overlap(a, b):
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    w = max(0.0, min(ax + aw, bx + bw) - max(ax, bx))
+    h = max(0.0, min(ay + ah, by + bh) - max(ay, by))
+    return w * h
+
+
+def iobb(predicted, truth):
+    """Intersection over the predicted box's area (ChestX-ray8's measure)."""
+    return _overlap(predicted, truth) / (predicted[2] * predicted[3])
+
+
+def iou(predicted, truth):
+    inter = _overlap(predicted, truth)
+    return inter / (predicted[2] * predicted[3] + truth[2] * truth[3] - inter)
+
+
+def score_boxes(predicted, truth):
+    """For one image and disease: per radiologist box, whether some predicted box has IoBB > T
+    (for each T) and IoU > T; per T, the predicted boxes matching no radiologist box."""
+    found = {"iobb": np.zeros((len(IOBB), len(truth)), bool),
+             "iou": np.zeros((len(IOU), len(truth)), bool)}
+    false = {"iobb": np.zeros(len(IOBB)), "iou": np.zeros(len(IOU))}
+    for measure, thresholds in (("iobb", IOBB), ("iou", IOU)):
+        f = iobb if measure == "iobb" else iou
+        scores = np.array([[f(p, t) for t in truth] for p in predicted]).reshape(len(predicted),
+                                                                                  len(truth))
+        for i, threshold in enumerate(thresholds):
+            hit = scores > threshold
+            found[measure][i] = hit.any(0)
+            false[measure][i] = (~hit.any(1)).sum()
+    return found, false
+
+
+def pointing_hit(heat, truth, scale=1.0):
+    """Whether the heatmap's maximum lies inside a radiologist box. scale: box pixels per
+    heatmap pixel."""
+    row, col = np.unravel_index(np.argmax(heat), heat.shape)
+    x, y = (col + 0.5) * scale, (row + 0.5) * scale
+    return any(bx <= x <= bx + bw and by <= y <= by + bh for bx, by, bw, bh in truth)
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines: what a heatmap that knows nothing about the image scores
+
+def random_heatmap(shape, seed):
+    """Smooth random blobs (Gaussian-filtered noise), a fair rival: pure noise would break into
+    thousands of single-pixel regions."""
+    from scipy import ndimage
+    rng = np.random.default_rng(seed)
+    noise = ndimage.gaussian_filter(rng.random((64, 64)), 4)
+    return resize_maps(noise[None], shape)[0]
+
+
+def centre_heatmap(shape):
+    """A fixed Gaussian at the image centre (sigma a quarter of the image)."""
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    return np.exp(-(((yy - shape[0] / 2) / (shape[0] / 4)) ** 2
+                    + ((xx - shape[1] / 2) / (shape[1] / 4)) ** 2) / 2).astype(np.float32)
+
+
+class Tally:
+    """Localization results of one method over many boxed images, for every heatmap threshold
+    tau at once (tau is chosen later, on val)."""
+
+    def __init__(self):
+        self.found = {t: {} for t in TAUS}  # tau -> disease -> list of (thresholds, boxes) bool
+        self.false = {t: {} for t in TAUS}  # tau -> disease -> list of per-threshold counts
+        self.points = {}  # disease -> list of bool
+
+    def add(self, disease, heat, truth, scale):
+        """heat: the heatmap (at any resolution); truth: boxes in original pixels; scale:
+        original pixels per heatmap pixel."""
+        self.points.setdefault(disease, []).append(pointing_hit(heat, truth, scale))
+        for tau in TAUS:
+            predicted = [(x * scale, y * scale, w * scale, h * scale)
+                         for x, y, w, h in heatmap_boxes(heat, tau)]
+            found, false = score_boxes(predicted, truth)
+            self.found[tau].setdefault(disease, []).append(found)
+            self.false[tau].setdefault(disease, []).append(false)
+
+    def diseases(self):
+        return [d for d in CLASS_NAMES if d in self.points]
+
+    def table(self, tau):
+        """{disease or 'overall': {"boxes", "images", "pointing", "iobb": {T: (acc, afp)},
+        "iou": {T: (acc, afp)}}} at heatmap threshold tau."""
+        out = {}
+        groups = {d: [d] for d in self.diseases()}
+        groups["overall"] = self.diseases()
+        for key, diseases in groups.items():
+            entry = {"images": sum(len(self.points[d]) for d in diseases),
+                     "pointing": float(np.mean(sum((self.points[d] for d in diseases), [])))}
+            for measure, thresholds in (("iobb", IOBB), ("iou", IOU)):
+                found = np.concatenate([f[measure] for d in diseases
+                                        for f in self.found[tau][d]], axis=1)
+                false = np.stack([f[measure] for d in diseases for f in self.false[tau][d]])
+                entry["boxes"] = int(found.shape[1])
+                entry[measure] = {str(t): [float(found[i].mean()), float(false[:, i].mean())]
+                                  for i, t in enumerate(thresholds)}
+            out[key] = entry
+        return out
+
+    def best_tau(self):
+        """The tau with the best mean accuracy over the T(IoBB) thresholds (on val)."""
+        def score(tau):
+            t = self.table(tau)["overall"]["iobb"]
+            return np.mean([acc for acc, _ in t.values()])
+        return max(TAUS, key=score)
+
+
+# ---------------------------------------------------------------------------------------------
+# Overlays
+
+def overlay(gray, heat, title):
+    """The X-ray (H, W) uint8 with the normalised heatmap in a jet colour map over it, the
+    title at the top: an (H, W, 3) uint8 image at the X-ray's own resolution."""
+    from matplotlib import colormaps
+    from PIL import ImageDraw
+    colour = colormaps["jet"](normalise(heat))[..., :3]
+    base = np.repeat(gray[..., None].astype(np.float32) / 255.0, 3, axis=2)
+    blend = (0.6 * base + 0.4 * colour) * 255
+    image = Image.fromarray(blend.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    size = max(12, gray.shape[0] // 40)
+    try:
+        from PIL import ImageFont
+        font = ImageFont.load_default(size=size)
+    except (TypeError, OSError):
+        font = None
+    draw.rectangle((0, 0, gray.shape[1], int(size * 1.6)), fill=(0, 0, 0))
+    draw.text((size // 2, size // 4), title, fill=(255, 255, 255), font=font)
+    return image
+
+
+def grid(gray, heats, titles, path):
+    """All 14 heatmaps over the X-ray in one figure."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from report import _save
+    fig, axes = plt.subplots(3, 5, figsize=(17, 10.5), layout="constrained")
+    axes = axes.ravel()
+    axes[-1].axis("off")
+    for ax, heat, title in zip(axes, heats, titles):
+        ax.imshow(gray, cmap="gray")
+        ax.imshow(normalise(heat), cmap="jet", alpha=0.4)
+        ax.set_title(title, fontsize=10)
+        ax.axis("off")
+    _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a model: heatmaps of one image, overlays, the localization benchmark
+
+def crop_maps(backend, crops, args, method="cam"):
+    """(probabilities (10, 14), maps (10, 14, h, w)) of one image's ten crops (float32
+    (10, 3, crop, crop)). backend: infer.py's TorchModel or OpenVINOModel."""
+    if method == "gradcam++":
+        return gradcam_plus_plus(backend, crops)
+    if not backend.has_cams:
+        raise DataError("this exported model has no class activation maps (exported before "
+                        "they existed); run `bash infer.sh` to export it again")
+    crops = np.concatenate([crops] * args.images_per_request) if hasattr(backend, "compiled") \
+        else crops
+    result = {}
+    backend.run_all([(0, crops)], lambda key, out: result.update(out=out), cams=True)
+    probs, maps = result["out"]
+    return np.asarray(probs)[:10], np.asarray(maps)[:10]
+
+
+def gradcam_plus_plus(backend, crops):
+    """Grad-CAM++ maps through the maintained `grad-cam` package (torch mode). Its target is
+    model.WithCAM's ReLU module: torchvision's DenseNet applies F.relu in place after its last
+    feature layer, which breaks the hooks grad-cam sets on that layer."""
+    try:
+        from pytorch_grad_cam import GradCAMPlusPlus
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    except ImportError:
+        raise DataError("--cam-method gradcam++ needs the grad-cam package "
+                        "(pip install grad-cam)") from None
+    import torch
+    if not hasattr(backend, "with_cams"):
+        raise DataError("--cam-method gradcam++ works in --mode torch")
+    wrapped = backend.with_cams
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = wrapped
+
+        def forward(self, x):
+            f = wrapped.feature_map(x)
+            return wrapped.head(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(f, 1), 1))
+
+    x = torch.from_numpy(crops)
+    with torch.inference_mode():
+        probs = torch.sigmoid(Logits()(x)).numpy()
+    with GradCAMPlusPlus(model=Logits(), target_layers=[wrapped.relu]) as explainer:
+        maps = np.stack([explainer(input_tensor=x, targets=[ClassifierOutputTarget(k)] * len(x))
+                         for k in range(len(CLASS_NAMES))], 1)  # (10, 14, crop, crop)
+    return probs, maps
+
+
+def image_heatmaps(backend, path, args, method="cam"):
+    """(probabilities (14,), heatmaps (14, H, W) over the original image, the original (H, W)
+    uint8): the evaluation's ten crops, their maps put back where each crop came from."""
+    from images import crop_gray, load_gray, normalize_gray, resize_shorter
+    image = load_gray(path)
+    resized = np.asarray(resize_shorter(image, args.resize))
+    probs, maps = crop_maps(backend, normalize_gray(crop_gray(resized, args.crop_size)), args,
+                            method)
+    gray = np.asarray(image)
+    return probs.mean(0), tencrop_heatmap(maps, resized.shape, args.crop_size, gray.shape), gray
+
+
+def write_cams(backend, paths, args, out_dir, positive=None):
+    """For each image: an overlay at the original resolution for every disease called positive
+    (positive(probs) -> bool [14]; None or no positive: the 3 most probable) and a grid of all
+    14. Returns the files written."""
+    from common import atomic_path
+    out_dir = Path(out_dir)
+    written = []
+    for path in paths:
+        probs, heat, gray = image_heatmaps(backend, path, args, args.cam_method)
+        chosen = np.flatnonzero(positive(probs)) if positive is not None else []
+        if not len(chosen):
+            chosen = np.argsort(-probs)[:3]
+        stem = Path(path).stem
+        for k in chosen:
+            target = out_dir / f"{stem}_{CLASS_NAMES[k]}.png"
+            with atomic_path(target, "heatmap") as tmp:
+                overlay(gray, heat[k], f"{CLASS_NAMES[k]}  p = {probs[k]:.3f}  "
+                        f"({args.cam_method}, {args.mode})").save(tmp, format="PNG")
+            written.append(target)
+        target = out_dir / f"{stem}_all.png"
+        grid(gray, heat, [f"{n} {p:.3f}" for n, p in zip(CLASS_NAMES, probs)], target)
+        written.append(target)
+    return written
+
+
+def localize(backend, args, lists, log=print):
+    """The localization benchmark over the boxed images of val (to choose each method's heatmap
+    threshold) and test (to score it): {method: {"tau", "val", "test"}}."""
+    from dataset import ImageList
+    from images import crop_gray, load_gray, normalize_gray, resize_shorter
+    box_file = find_box_file(args.data_dir)
+    boxes = read_boxes(box_file)
+    tallies = {part: {m: Tally() for m in ("model", "random", "centre")} for part in ("val", "test")}
+    for part in ("val", "test"):
+        images = ImageList(args.data_dir, lists[part], args.resize, None, args.skip_bad_images,
+                           args.limit)
+        boxed = [i for i, n in enumerate(images.names) if n in boxes]
+        if not boxed:
+            raise DataError(f"{lists[part]}: none of its images has a box in {box_file}; the "
+                            f"{'threshold is chosen on val' if part == 'val' else 'score is on test'}"
+                            " (--split official puts every boxed image in test)")
+        count = sum(len(b) for i in boxed for b in boxes[images.names[i]].values())
+        log(f"{part}: {len(boxed)} boxed images, {count} boxes")
+        for i in boxed:
+            name = images.names[i]
+            path = images.image_dir / name
+            with Image.open(path) as im:
+                size = im.size
+            check_boxes_inside(boxes[name], name, size, box_file)
+            image = np.asarray(resize_shorter(load_gray(path), args.resize))
+            _, maps = crop_maps(backend, normalize_gray(crop_gray(image, args.crop_size)), args,
+                                args.cam_method)
+            heat = tencrop_heatmap(maps, image.shape, args.crop_size)  # at the resized size
+            scale = size[0] / image.shape[1]
+            seed = int.from_bytes(name.encode()[-8:].rjust(8, b"\0"), "little") % 2 ** 32
+            for disease, truth in boxes[name].items():
+                k = CLASS_NAMES.index(disease)
+                tallies[part]["model"].add(disease, heat[k], truth, scale)
+                tallies[part]["random"].add(disease, random_heatmap(image.shape, seed + k),
+                                            truth, scale)
+                tallies[part]["centre"].add(disease, centre_heatmap(image.shape), truth, scale)
+    results = {}
+    for method in ("model", "random", "centre"):
+        tau = float(tallies["val"][method].best_tau())
+        results[method] = {"tau": tau, "val": tallies["val"][method].table(tau),
+                           "test": tallies["test"][method].table(tau)}
+    return {"box_file": str(box_file), "methods": results, "iobb": list(IOBB), "iou": list(IOU)}
+
+
+def format_localization(result):
+    """Per disease: the model's accuracy at T(IoBB) 0.1 / 0.25 / 0.5 and the pointing game,
+    with the ChestX-ray8 paper's T(IoBB) 0.1 beside it; then every method overall."""
+    model = result["methods"]["model"]["test"]
+    lines = [f"{'test, by T(IoBB)':<20}{'boxes':>6}{'0.1':>7}{'0.25':>7}{'0.5':>7}{'point':>7}"
+             f"{'CXR8 0.1':>10}"]
+    for disease, e in model.items():
+        paper = (f"{CHESTXRAY8_TABLE4[0.1][BOXED_DISEASES.index(disease)]:.3f}"
+                 if disease in BOXED_DISEASES else "")
+        lines.append(f"{disease:<20}{e['boxes']:>6}" + "".join(
+            f"{e['iobb'][t][0]:>7.3f}" for t in ("0.1", "0.25", "0.5")) + f"{e['pointing']:>7.3f}"
+            f"{paper:>10}")
+    lines.append(f"{'overall, by method':<20}{'tau':>6}{'0.1':>7}{'0.25':>7}{'0.5':>7}{'point':>7}"
+                 f"{'AFP 0.1':>10}")
+    for method, r in result["methods"].items():
+        e = r["test"]["overall"]
+        lines.append(f"{method:<20}{r['tau']:>6.2f}" + "".join(
+            f"{e['iobb'][t][0]:>7.3f}" for t in ("0.1", "0.25", "0.5")) + f"{e['pointing']:>7.3f}"
+            f"{e['iobb']['0.1'][1]:>10.2f}")
+    return "\n".join(lines)

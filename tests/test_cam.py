@@ -1,0 +1,202 @@
+"""Class activation maps: the CAM identity in torch and in the exported OpenVINO models, the
+ten-crop geometry, heatmap overlays in every mode, box parsing and scoring, and a model that
+learned where a blob is localizes it far better than the baselines."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cam import (SHIPPED_BOXES, Tally, heatmap_boxes, iobb, iou, read_boxes, score_boxes,
+                 tencrop_heatmap)
+from conftest import BLOCK_TORCH, REPO, assert_clean_error, run_main, run_script
+from images import crop_gray, eval_input
+from labels import write_list
+from model import WithCAM, build_model, with_sigmoid
+
+
+def test_cam_mean_is_the_logit_in_torch():
+    torch.manual_seed(0)
+    for arch in ("densenet121", "resnet50"):
+        model = build_model(arch, pretrained="none").eval()
+        x = torch.randn(2, 3, 224, 224)
+        with torch.no_grad():
+            probs, maps = WithCAM(model)(x)
+            logits = model(x)
+        assert maps.shape == (2, 14, 7, 7)
+        assert torch.allclose(maps.mean((2, 3)), logits, atol=1e-5)
+        assert torch.allclose(probs, with_sigmoid(model)(x), atol=1e-6)
+
+
+def test_cam_output_of_the_exported_models(full_size_model, nih_dir):
+    """FP32: the maps' mean is the logit of the probabilities it outputs; INT8 maps stay close
+    to FP32's on real NIH images."""
+    from infer import OpenVINOModel
+    crops = np.concatenate([eval_input(nih_dir / "images" / n)
+                            for n in ("00000100_000.png", "00001369_000.png")])
+    out = {}
+    for mode in ("fp32", "int8"):
+        model = OpenVINOModel(full_size_model / "models" / f"chexnet_{mode}.xml", 224, len(crops))
+        assert model.has_cams
+        model.run_all([(0, crops)], lambda k, o, mode=mode: out.update({mode: o}), cams=True)
+    probs, maps = out["fp32"]
+    assert maps.shape == (20, 14, 7, 7)
+    logits = np.log(probs / (1 - probs))
+    assert np.abs(maps.mean((2, 3)) - logits).max() < 2e-4
+    int8 = out["int8"][1]
+    assert np.corrcoef(int8.ravel(), maps.ravel())[0, 1] > 0.98
+    assert np.abs(int8 - maps).mean() < 0.1 * np.abs(maps).mean()
+
+
+def test_ten_crop_maps_go_back_where_the_crops_came_from():
+    """A smooth map known in image coordinates, cut into the ten crops (mirrored ones
+    mirrored), each crop's map pooled to 7x7 as the network's stride does: put back, it is the
+    map again (left and right never swapped)."""
+    yy, xx = np.mgrid[:256, :300].astype(np.float32)
+    truth = np.stack([xx / 300, np.exp(-((yy - 60) ** 2 + (xx - 220) ** 2) / 2000)])  # (2, H, W)
+    crops = np.stack([crop_gray(t, 224) for t in truth], 1)  # (10, 2, 224, 224)
+    pooled = crops.reshape(10, 2, 7, 32, 7, 32).mean((3, 5))
+    back = tencrop_heatmap(pooled, (256, 300), 224)
+    assert back.shape == (2, 256, 300)
+    assert np.abs(back - truth).mean() < 0.02
+    assert back[0, :, :40].mean() < 0.2 < 0.8 < back[0, :, -40:].mean()  # not mirrored
+    peak = np.unravel_index(np.argmax(back[1]), back[1].shape)
+    assert abs(peak[0] - 60) < 16 and abs(peak[1] - 220) < 16
+    big = tencrop_heatmap(pooled, (256, 300), 224, (1024, 1200))
+    assert big.shape == (2, 1024, 1200)
+
+
+def test_boxes_from_heatmaps_and_their_scores():
+    heat = np.zeros((100, 100), np.float32)
+    heat[10:30, 20:60] = 1.0
+    heat[70:80, 70:90] = 0.6
+    assert sorted(heatmap_boxes(heat, 0.5)) == [(20, 10, 40, 20), (70, 70, 20, 10)]
+    assert heatmap_boxes(heat, 0.9) == [(20, 10, 40, 20)]
+    assert iobb((0, 0, 10, 10), (5, 0, 10, 10)) == pytest.approx(0.5)
+    assert iobb((0, 0, 10, 10), (0, 0, 100, 100)) == 1.0  # inside the truth: IoBB 1, IoU small
+    assert iou((0, 0, 10, 10), (0, 0, 100, 100)) == pytest.approx(0.01)
+    found, false = score_boxes([(0, 0, 10, 10), (50, 50, 5, 5)], [(0, 0, 20, 20)])
+    assert found["iobb"][:, 0].tolist() == [True] * 5  # IoBB 1 beats every T
+    assert found["iou"][:, 0].tolist() == [True, True, False, False, False, False, False]
+    assert false["iobb"].tolist() == [1] * 5  # the second box matches nothing
+    tally = Tally()
+    tally.add("Mass", heat, [(20, 10, 40, 20)], 1.0)
+    table = tally.table(0.5)
+    assert table["Mass"]["pointing"] == 1.0 and table["Mass"]["iobb"]["0.5"][0] == 1.0
+
+
+def test_nih_box_file_parses():
+    boxes = read_boxes(SHIPPED_BOXES)
+    assert len(boxes) == 880
+    assert sum(len(b) for image in boxes.values() for b in image.values()) == 984
+    assert {d for image in boxes.values() for d in image} == {
+        "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",
+        "Pneumonia", "Pneumothorax"}  # 'Infiltrate' in the file
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("Image Index,Finding Label\nx.png,Mass\n", "not a box file"),
+    ("Image Index,Finding Label,Bbox [x,y,w,h],,,\nx.png,Mass,1,2,3\n", ":2: expected an image"),
+    ("Image Index,Finding Label,Bbox [x,y,w,h],,,\nx.png,Flu,1,2,3,4\n", ":2: unknown disease 'Flu'"),
+    ("Image Index,Finding Label,Bbox [x,y,w,h],,,\nx.png,Mass,1,2,-3,4\n", "is not a box"),
+])
+def test_bad_box_files(tmp_path, text, fragment):
+    from common import DataError
+    (tmp_path / "b.csv").write_text(text)
+    with pytest.raises(DataError, match=fragment.replace("[", r"\[").replace("(", r"\(")):
+        read_boxes(tmp_path / "b.csv")
+
+
+def test_heatmaps_of_an_image_in_every_mode(full_size_model, nih_dir, tmp_path):
+    """--cam on a full-size NIH image: overlays the size of the original, in each mode; the
+    OpenVINO ones with torch unimportable."""
+    image = nih_dir / "images" / "00001369_000.png"
+    for mode, python in (("torch", ()), ("fp32", ("-c", BLOCK_TORCH)), ("int8", ("-c", BLOCK_TORCH))):
+        out = tmp_path / mode
+        proc = run_script(*python, "infer.py", "--mode", mode, "--model-dir",
+                          full_size_model / "models", "--checkpoint", full_size_model / "random.pt",
+                          "--image", image, "--cam", out)
+        assert proc.returncode == 0, proc.stderr
+        overlays = sorted(out.glob("00001369_000_*.png"))
+        assert len(overlays) == 4  # the 3 likeliest (no thresholds yet) and the grid
+        for path in overlays:
+            with Image.open(path) as im:
+                assert im.format == "PNG"
+                if not path.name.endswith("_all.png"):
+                    assert im.size == (1024, 1024)
+
+
+def test_grad_cam_plus_plus(small_model, nih_dir, tmp_path):
+    image = REPO / "sample" / "images" / "00000284_000.png"
+    proc = run_script("infer.py", "--mode", "torch", "--checkpoint", small_model[0] / "run" / "best.pt",
+                      "--model-dir", small_model[0] / "models", "--image", image, "--cam", tmp_path,
+                      "--cam-method", "gradcam++")
+    assert proc.returncode == 0, proc.stderr
+    assert len(list(tmp_path.glob("00000284_000_*.png"))) == 4
+    with Image.open(next(tmp_path.glob("00000284_000_*.png"))) as im:
+        assert im.size == (256, 256)
+
+
+def blob_data_dir(root, n_train=96, n_val=48, n_test=48, size=128, seed=0):
+    """Images whose only label, Atelectasis, is a bright disc at a random place; the box file
+    holds the discs of the val and test images (the model never sees a box)."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    yy, xx = np.mgrid[:size, :size]
+    names, labels, rows = [], np.zeros((n_train + n_val + n_test, 14), np.uint8), []
+    for i in range(len(labels)):
+        img = rng.normal(90, 20, (size, size))
+        name = f"{i:08d}_000.png"
+        if i % 2:
+            labels[i, 0] = 1
+            r = rng.uniform(14, 20)
+            cx, cy = rng.uniform(r, size - r, 2)
+            img += 110 * (((xx - cx) ** 2 + (yy - cy) ** 2) < r * r)
+            if i >= n_train:
+                rows.append(f"{name},Atelectasis,{cx - r:.1f},{cy - r:.1f},{2 * r:.1f},{2 * r:.1f}")
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / "images" / name)
+        names.append(name)
+    a, b = n_train, n_train + n_val
+    write_list(root / "train_list.txt", names[:a], labels[:a])
+    write_list(root / "val_list.txt", names[a:b], labels[a:b])
+    write_list(root / "test_list.txt", names[b:], labels[b:])
+    (root / "Data_Entry_2017_v2020.csv").write_text("Image Index,Finding Labels,Patient ID\n")
+    (root / "BBox_List_2017.csv").write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
+                                              + "\n".join(rows) + "\n")
+    return root
+
+
+def test_a_model_that_learned_the_blob_localizes_it(tmp_path, capsys):
+    data = blob_data_dir(tmp_path / "blobs")
+    size = ["--resize", "128", "--crop-size", "128"]
+    trained = run_main(capsys, "--data-dir", data, "--pretrained", "none", *size,
+                       "--train-size", "128", "--crop-scale", "0.6", "--batch-size", "16",
+                       "--lr", "1e-3", "--workers", "0", "--epochs", "3", "--out-dir", tmp_path / "run")
+    assert trained.returncode == 0, trained.stderr
+    proc = run_main(capsys, "--mode", "torch", "--checkpoint", tmp_path / "run" / "best.pt",
+                    "--data-dir", data, *size, "--localize", "--model-dir", tmp_path / "m",
+                    module="infer")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "m" / "localization_torch.json").read_text())
+    test = {m: r["test"]["overall"] for m, r in result["methods"].items()}
+    assert test["model"]["boxes"] == 24
+    assert test["model"]["pointing"] >= test["random"]["pointing"] + 0.4, proc.stdout
+    assert test["model"]["pointing"] >= test["centre"]["pointing"] + 0.3, proc.stdout
+    assert test["model"]["iobb"]["0.25"][0] >= test["random"]["iobb"]["0.25"][0] + 0.3, proc.stdout
+    assert "CXR8 0.1" in proc.stdout and "random" in proc.stdout
+
+
+def test_localization_bad_input(tmp_path, capsys, small_model):
+    data = blob_data_dir(tmp_path / "blobs", n_train=4, n_val=4, n_test=4, size=64)
+    args = ["--mode", "torch", "--checkpoint", small_model[0] / "run" / "best.pt", "--data-dir",
+            data, "--localize", "--model-dir", tmp_path / "m"]
+    boxes = data / "BBox_List_2017.csv"
+    rows = boxes.read_text().splitlines()
+    boxes.write_text("\n".join(rows[:1] + [rows[1].rsplit(",", 1)[0]] + rows[2:]) + "\n")
+    assert_clean_error(run_main(capsys, *args, module="infer"), "BBox_List_2017.csv:2",
+                       "an image, a disease and 4 numbers")
+    boxes.write_text("\n".join(rows[:1] + [",".join(rows[1].split(",")[:2] + ["50", "50", "30", "30"])] + rows[2:]) + "\n")
+    assert_clean_error(run_main(capsys, *args, module="infer"), "is outside the 64x64 image")
+    boxes.write_text(rows[0] + "\n" + "\n".join(r for r in rows[1:] if int(r[:8]) >= 8) + "\n")
+    assert_clean_error(run_main(capsys, *args, module="infer"), "val_list.txt: none of its images has a box")
