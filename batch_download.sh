@@ -36,8 +36,8 @@ while [ $# -gt 0 ]; do
         *) dir=$1; shift ;;
     esac
 done
-[[ $first =~ ^[0-9]+$ ]] || die "--first $first: not a number"
-[[ $jobs =~ ^[1-9][0-9]*$ ]] || die "--jobs $jobs: not a positive number"
+[[ $first =~ ^[0-9]{1,6}$ ]] || die "--first $first: not a number"
+[[ $jobs =~ ^[1-9][0-9]{0,1}$ ]] || die "--jobs $jobs: not a number from 1 to 99"
 [ -f "$list" ] || die "$list: archive list not found"
 for tool in curl sha256sum python3 df; do
     command -v $tool >/dev/null || die "needs $tool"

@@ -172,6 +172,11 @@ def nonnegative_int(text):
     return _number(text, int, lambda v: v >= 0, "an integer >= 0")
 
 
+def seed(text):
+    """A random seed: what torch.manual_seed takes (0 <= seed < 2**63)."""
+    return _number(text, int, lambda v: 0 <= v < 2 ** 63, "an integer in [0, 2**63)")
+
+
 def positive_float(text):
     return _number(text, float, lambda v: v > 0, "a positive number")
 

@@ -13,13 +13,11 @@ Importing this file needs only numpy and Pillow; torch is imported where used.
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 
-from common import (ArgumentParser, DataError, nonnegative_int, one_line, os_reason,
-                    positive_int)
+from common import ArgumentParser, DataError, one_line, os_reason, positive_int, seed
 from images import (CROP_RATIO, CROP_SCALE, crop_gray, draw_train_box, fit_square, load_gray,
                     normalize_gray, resize_shorter, train_crop, train_rng)
 from labels import HOW_TO_GET_DATA, find_label_table, read_list, resolve_split
@@ -83,7 +81,8 @@ class ImageList:
         if unreadable and not skip_bad_images:
             raise DataError(f"{self.image_dir / unreadable[0]}: unreadable image (skipped when "
                             f"{store.dir}/ was prepared; {len(unreadable)} in {list_path}); "
-                            "pass --skip-bad-images to skip them")
+                            "fix it and run `python dataset.py prepare` again, or pass "
+                            "--skip-bad-images to skip them")
 
     def __len__(self):
         return len(self.names)
@@ -103,7 +102,7 @@ class ImageList:
         except DataError as e:
             if not self.skip_bad_images:
                 raise
-            warnings.warn(f"skipping {e}")
+            print(f"warning: skipping {e}", file=sys.stderr, flush=True)
             raise SkippedImage(str(e)) from None
         return fit_square(image, self.size) if square else np.asarray(resize_shorter(image, self.size))
 
@@ -186,6 +185,7 @@ def to_model_input(x):
     """On the device: uint8 single-channel images -> ImageNet-normalised 3-channel float.
     x: (B, 1, H, W) or (B, 10, 1, h, w) uint8; a float tensor is returned as it is."""
     import torch
+
     from images import IMAGENET_MEAN, IMAGENET_STD
     if x.dtype != torch.uint8:
         return x
@@ -204,7 +204,7 @@ def add_data_args(parser):
     parser.add_argument("--split", default="auto",
                         help="auto | chexnet | random | official | DIR with the three list files "
                              "(default auto: the data dir's own lists, else the CheXNet split)")
-    parser.add_argument("--split-seed", type=nonnegative_int, default=0,
+    parser.add_argument("--split-seed", type=seed, default=0,
                         help="seed of the random/official patient-level split")
     parser.add_argument("--resize", type=positive_int, default=EVAL_SIZE,
                         help=f"evaluation resize (default {EVAL_SIZE})")

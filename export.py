@@ -72,7 +72,8 @@ def export(args):
     from model import WithCAM, model_from_checkpoint
 
     model, ckpt_meta = model_from_checkpoint(args.checkpoint)
-    fill_defaults(args, ckpt_meta.get("args", {}))  # calibrate on the data it was trained on
+    trained = ckpt_meta.get("args", {})  # calibrate on the data it was trained on
+    fill_defaults(args, trained if isinstance(trained, dict) else {}, args.checkpoint)
     model_dir = Path(args.model_dir)
     check_writable_dir(model_dir, "--model-dir")
     with exclusive_lock(model_dir / ".export.lock", "another export",

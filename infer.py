@@ -21,13 +21,14 @@ import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
 from common import (ArgumentParser, DataError, SetupError, atomic_path, atomic_write_text,
-                    check_writable_file, fraction, nonnegative_int, one_line, positive_int,
-                    strict_json)
+                    exclusive_lock,
+                    check_writable_file, fraction, one_line, positive_int, seed, strict_json)
 from dataset import ImageList, SkippedImage, add_data_args, check_data_dir
 from images import eval_input, normalize_gray
 from labels import CLASS_NAMES, resolve_split
@@ -46,6 +47,8 @@ class InferError(DataError):
 
 def read_metadata(model_dir, required=False):
     """chexnet.json as a dict ({} when there is none and it is not required)."""
+    if Path(model_dir).exists() and not Path(model_dir).is_dir():
+        raise InferError(f"--model-dir {model_dir}: not a directory")
     path = Path(model_dir) / METADATA
     if not path.exists():
         if required:
@@ -55,7 +58,11 @@ def read_metadata(model_dir, required=False):
         meta = json.loads(path.read_text())
         if not isinstance(meta, dict):
             raise ValueError("not a JSON object")
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+        files = meta.get("files", {})
+        if not (isinstance(files, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                for k, v in files.items())):
+            raise ValueError("'files' is not a table of file names and SHA-256 sums")
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
         raise InferError(f"{path}: damaged model metadata ({one_line(e)}); run `bash infer.sh` "
                          "to export the model again") from None
     return meta
@@ -73,8 +80,9 @@ def verify_model_files(model_dir, xml, meta):
     """The .xml and .bin must be the ones this export's manifest lists: never an INT8 graph
     with FP32 weights, or a model from an export that was interrupted."""
     files = meta.get("files")
-    if files is None:  # exported before manifests existed: OpenVINO's own checks only
-        return
+    if files is None:
+        raise InferError(f"{Path(model_dir) / METADATA}: no manifest of the model files (missing, "
+                         "or from an older export); run `bash infer.sh` to export again")
     for path in (xml, xml.with_suffix(".bin")):
         expected = files.get(path.name)
         if expected is None or not path.is_file() or file_digest(path) != expected:
@@ -97,8 +105,13 @@ class OpenVINOModel:
         if not xml.is_file():
             raise InferError(f"{xml} not found: run `bash infer.sh` to export the model first")
         core = ov.Core()
+        with open(xml, "rb") as f:  # never hand a non-IR file to OpenVINO's other frontends
+            head = f.read(4096)
+        if b"<net" not in head:
+            raise InferError(f"{xml}: not an OpenVINO model (no <net> element); run `bash "
+                             "infer.sh` to export it again")
         try:
-            model = core.read_model(xml)
+            model = core.read_model(xml, xml.with_suffix(".bin"))
         except RuntimeError as e:
             raise InferError(f"{xml}: cannot read the model ({_ov_reason(e)}); run `bash "
                              "infer.sh` to export it again") from None
@@ -122,6 +135,10 @@ class OpenVINOModel:
             self.compiled = core.compile_model(model, "CPU", config)
         except RuntimeError as e:
             raise InferError(f"{xml}: cannot compile the model ({_ov_reason(e)})") from None
+        shape = list(self.compiled.outputs[0].get_shape())
+        if shape != [crops_per_request, len(CLASS_NAMES)]:
+            raise InferError(f"{xml}: gives outputs of shape {shape} for {crops_per_request} "
+                             "crops: not a CheXNet export; run `bash infer.sh` again")
         self.requests = self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
         self.batch = crops_per_request
 
@@ -151,8 +168,11 @@ class OpenVINOModel:
 
 
 def _ov_reason(exc):
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.startswith("[")]
-    return (lines[0] if lines else type(exc).__name__)[:200]
+    """The informative line of an OpenVINO exception (they start with 'Exception from
+    src/...cpp:NN:' lines that say only where)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()
+             and not ln.strip().startswith(("[", "Exception from", "Check "))]
+    return (lines[-1] if lines else type(exc).__name__)[:200]
 
 
 class TorchModel:
@@ -161,6 +181,7 @@ class TorchModel:
 
     def __init__(self, checkpoint, rt=None, args=None):
         import torch
+
         from model import WithCAM, model_from_checkpoint, with_sigmoid
         self.torch, self.rt, self.args = torch, rt, args
         model, _ = model_from_checkpoint(checkpoint)
@@ -199,7 +220,7 @@ class TorchModel:
 
 def load_openvino(args, meta):
     xml = Path(args.model_dir) / MODEL_NAMES[args.mode]
-    if xml.is_file():
+    if xml.exists():
         verify_model_files(args.model_dir, xml, meta)
     return OpenVINOModel(xml, args.crop_size, 10 * args.images_per_request, args.streams)
 
@@ -369,6 +390,7 @@ class TorchPredictor:
 
     def __call__(self, indices):
         import torch
+
         from dataset import collate, to_model_input
         from runtime import gather_from_ranks
         args, rt = self.args, self.rt
@@ -463,6 +485,16 @@ def evaluate(args, rt=None):
         "\n".join(images.names).encode()).hexdigest(), "resize": args.resize,
         "crop": args.crop_size, "chunk": args.chunk_size,
         "amp": bool(getattr(args, "amp", False)) and args.amp_dtype}
+    with ExitStack() as stack:
+        if is_main:  # one evaluation per predictions file: they would share its chunks
+            stack.enter_context(exclusive_lock(out_csv.parent / f".{out_csv.name}.lock",
+                                               "another evaluation", "use another --out-csv"))
+        return _predict_and_report(args, rt, is_main, log, out_csv, list_path, images,
+                                   predictor, model_id, key)
+
+
+def _predict_and_report(args, rt, is_main, log, out_csv, list_path, images, predictor, model_id,
+                        key):
     chunks = Chunks(out_csv, key, args.chunk_size, log) if is_main else None
     n = len(images)
     n_chunks = -(-n // args.chunk_size)
@@ -495,8 +527,15 @@ def evaluate(args, rt=None):
     labels, probs = images.labels[readable], probs[readable]
     if not np.isfinite(probs).all():
         raise InferError(f"the model gives non-finite probabilities on {list_path}")
-    from report import (build_report, calibrate, choose_operating_points,
-                        operating_points_for, save_operating_points, summary, write_report)
+    from report import (
+        build_report,
+        calibrate,
+        choose_operating_points,
+        operating_points_for,
+        save_operating_points,
+        summary,
+        write_report,
+    )
     points, why = operating_points_for(args.model_dir, args.mode, model_id)
     notes = []
     if args.part == "val":  # thresholds and calibration are chosen here, never on test
@@ -585,7 +624,8 @@ def classify_images(args):
 
 def localize(args):
     """The localization benchmark (cam.py) for this mode's model, as a table and a JSON."""
-    from cam import format_localization, localize as run
+    from cam import format_localization
+    from cam import localize as run
     meta = read_metadata(args.model_dir)
     backend = (TorchModel(torch_checkpoint(args, meta)) if args.mode == "torch"
                else load_openvino(args, meta))
@@ -654,7 +694,7 @@ def get_args(argv=None):
     # Report (report.py): intervals, operating points, calibration
     p.add_argument("--n-boot", type=positive_int, default=2000,
                    help="bootstrap resamples of patients for the 95%% intervals")
-    p.add_argument("--boot-seed", type=nonnegative_int, default=0)
+    p.add_argument("--boot-seed", type=seed, default=0)
     p.add_argument("--rule", default="youden", choices=["youden", "f1", "sensitivity"],
                    help="--image: which of the operating points chosen on val decides")
     p.add_argument("--target-sensitivity", type=fraction, default=0.9,
@@ -691,13 +731,29 @@ def get_args(argv=None):
     return args
 
 
-def fill_defaults(args, source):
+def fill_defaults(args, source, where="the defaults"):
+    """Unset data flags from `source` (the checkpoint's arguments, or the exported model's
+    metadata; `where` names it), each checked, else from the fallbacks."""
     fallback = {"data_dir": "data", "split": "auto", "resize": 256, "crop_size": 224}
     for key, value in fallback.items():
         if getattr(args, key) is None:
-            setattr(args, key, source.get(key, value))
+            value = source.get(key, value)
+            kind = str if key in ("data_dir", "split") else int
+            if not isinstance(value, kind) or isinstance(value, bool) or (
+                    kind is int and not 0 < value <= 100_000):
+                raise DataError(f"{where}: its {key} is {value!r}, not a usable setting; pass "
+                                f"--{key.replace('_', '-')} or export the model again")
+            setattr(args, key, value)
     if args.crop_size > args.resize:
         raise DataError(f"--crop-size {args.crop_size} is larger than --resize {args.resize}")
+
+
+def checkpoint_settings(path):
+    """The data flags a checkpoint was trained with ({} for a bare state dict)."""
+    from model import load_file
+    ckpt = load_file(path)
+    settings = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
+    return settings if isinstance(settings, dict) else {}
 
 
 def main(argv=None):
@@ -710,9 +766,14 @@ def main(argv=None):
             import_torch()
             from export import export
             return export(args)
-        fill_defaults(args, read_metadata(args.model_dir))
+        meta = read_metadata(args.model_dir)
         if args.mode == "torch":
             import_torch()
+        if args.mode == "torch" and args.checkpoint:  # this checkpoint, not the exported one
+            fill_defaults(args, checkpoint_settings(args.checkpoint), args.checkpoint)
+        else:
+            fill_defaults(args, meta, Path(args.model_dir) / METADATA)
+        if args.mode == "torch":
             if not (args.image or args.localize):
                 from runtime import setup
                 rt = setup(args.device)

@@ -82,8 +82,9 @@ def read_label_table(path):
             if disease == "No Finding":
                 continue
             if disease not in column:
-                raise DataError(f"{path}:{row + 2}: unknown disease {disease!r} in Finding Labels "
-                                f"(expected {', '.join(CLASS_NAMES)} or 'No Finding')")
+                what = f"unknown disease {disease!r}" if disease else "an empty entry"
+                raise DataError(f"{path}:{row + 2}: {what} in Finding Labels (expected "
+                                f"{', '.join(CLASS_NAMES)} or 'No Finding'; a truncated file?)")
             labels[row, column[disease]] = 1
     ids = table["Patient ID"].str.strip()
     bad = ~ids.str.fullmatch(r"\d{1,18}")  # int64 holds every 18-digit number
@@ -101,7 +102,7 @@ def read_list(path):
     """Returns (names, labels uint8 [N, 14]). Every image at most once."""
     names, rows, line_of = [], [], {}
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of a name
             for line_no, line in enumerate(f, 1):
                 fields = line.split()
                 if not fields:
@@ -240,9 +241,14 @@ def resolve_split(split="auto", data_dir=None, seed=0):
     The lists are checked to share no image and no patient.
     """
     if split == "auto":
-        own = data_dir is not None and all((Path(data_dir) / f"{s}_list.txt").is_file()
-                                           for s in SPLITS)
-        directory = Path(data_dir) if own else SHIPPED_SPLIT_DIR
+        present = [s for s in SPLITS if data_dir is not None
+                   and (Path(data_dir) / f"{s}_list.txt").exists()]
+        if present and len(present) < len(SPLITS):  # never fall back silently to another split
+            missing = next(s for s in SPLITS if s not in present)
+            raise DataError(f"{Path(data_dir) / f'{missing}_list.txt'}: not found, while "
+                            f"{Path(data_dir) / f'{present[0]}_list.txt'} is there: a data "
+                            "directory's own split needs all three lists (or pass --split)")
+        directory = Path(data_dir) if present else SHIPPED_SPLIT_DIR
     elif split == "chexnet":
         directory = SHIPPED_SPLIT_DIR
     elif split in ("random", "official"):
@@ -259,6 +265,7 @@ def resolve_split(split="auto", data_dir=None, seed=0):
     lists = {s: directory / f"{s}_list.txt" for s in SPLITS}
     for path in lists.values():
         if not path.is_file():
-            raise DataError(f"{path}: list file not found")
+            raise DataError(f"{path}: list file not found" if not path.exists()
+                            else f"{path}: not a list file (a directory?)")
     check_disjoint(lists)
     return lists

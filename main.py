@@ -8,6 +8,7 @@ Rank and device come from torchrun's environment; rank 0 prints and writes. Star
 with the same --out-dir resumes from its last.pt; torchrun --max-restarts=K does that for you
 after a worker dies (export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 first: pytorch#135712).
 """
+import hashlib
 import io
 import json
 import math
@@ -24,10 +25,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (ArgumentParser, DataError, atomic_copy, atomic_path, atomic_write_text,
-                    check_writable_dir, exclusive_lock, fraction, strict_json, nonnegative_float,
-                    nonnegative_int, one_line, positive_float, positive_int)
-from dataset import (TRAIN_SIZE, ChestXray14, add_data_args, check_data_dir, collate,
-                     to_model_input)
+                    check_writable_dir, exclusive_lock, fraction, nonnegative_float,
+                    nonnegative_int, one_line, positive_float, positive_int, seed, strict_json)
+from dataset import TRAIN_SIZE, ChestXray14, add_data_args, check_data_dir, collate, to_model_input
 from labels import CLASS_NAMES, resolve_split
 from metrics import mean_auc, roc_aucs
 from model import ARCHS, CheckpointError, build_model, load_file, load_weights, train_mode
@@ -88,7 +88,7 @@ def get_args(argv=None):
                    help="epochs without val-loss improvement before lr / 10 (recipe: 5)")
     p.add_argument("--pos-weight", action="store_true",
                    help="weight positives by negatives/positives of each disease in train")
-    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--workers", type=nonnegative_int, default=4, help="data-loader workers per process")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "hpu"])
     p.add_argument("--hpu", action="store_true", help="shorthand for --device hpu (Intel Gaudi)")
@@ -315,7 +315,17 @@ def repair_outputs(out_dir, ckpt, log):
     write_metrics(out_dir, ckpt.get("history", []))
 
 
-def load_checkpoint(path, model, optimizer, scheduler, scaler, args):
+# Flags whose change would make the resumed run another experiment than the one in last.pt.
+RESUME_FLAGS = ("seed", "train_size", "resize", "crop_size", "crop_scale")
+
+
+def data_identity(train_set, val_set):
+    """Which images a run trains and validates on: resuming on other lists is refused."""
+    return {part: hashlib.sha256("\n".join(ds.names).encode()).hexdigest()
+            for part, ds in (("train", train_set), ("val", val_set))}
+
+
+def load_checkpoint(path, model, optimizer, scheduler, scaler, args, data):
     ckpt = load_file(path, "checkpoint")
     if not (isinstance(ckpt, dict) and "model" in ckpt and "optimizer" in ckpt):
         raise CheckpointError(f"{path}: not a training checkpoint of main.py (no model/optimizer "
@@ -333,6 +343,14 @@ def load_checkpoint(path, model, optimizer, scheduler, scaler, args):
     if "epoch_images" not in ckpt:
         raise CheckpointError(f"{path}: written by an older main.py without the epoch position; "
                               f"start a new --out-dir (--weights {path} starts from its weights)")
+    for key in RESUME_FLAGS:
+        if key in trained and trained[key] != getattr(args, key):
+            raise CheckpointError(f"{path}: trained with --{key.replace('_', '-')} "
+                                  f"{trained[key]}, not {getattr(args, key)}; {how}")
+    for part in ("train", "val"):
+        if ckpt.get("data", data)[part] != data[part]:
+            raise CheckpointError(f"{path}: trained on another {part} list (a different --split, "
+                                  f"--data-dir or --limit); {how}")
     load_weights(model, ckpt["model"], path, args.arch, len(CLASS_NAMES))
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -427,11 +445,15 @@ def run(args, rt):
 
 def _train(args, rt, lists, train_set, val_set, global_batch, out_dir, log):
     torch.manual_seed(args.seed)
+    data_ids = data_identity(train_set, val_set)
+    last, best = out_dir / "last.pt", out_dir / "best.pt"
+    resume = args.resume or (last if last.is_file() else None)
     # One download of the ImageNet weights per node: local rank 0 first, the others after.
+    # A resumed run takes its weights from the checkpoint: nothing to download.
     if rt.distributed and rt.local_rank != 0:
         dist.barrier()
-    model = build_model(args.arch, len(CLASS_NAMES), args.pretrained, args.weights,
-                        args.freeze_backbone)
+    model = build_model(args.arch, len(CLASS_NAMES), "none" if resume else args.pretrained,
+                        None if resume else args.weights, args.freeze_backbone)
     if rt.distributed and rt.local_rank == 0:
         dist.barrier()
     if rt.is_main:  # room for a checkpoint's temp file and best.pt beside last.pt
@@ -456,8 +478,6 @@ def _train(args, rt, lists, train_set, val_set, global_batch, out_dir, log):
                                   dtype=torch.float32, device=rt.device)
     criterion = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
 
-    last, best = out_dir / "last.pt", out_dir / "best.pt"
-    resume = args.resume or (last if last.is_file() else None)
     if rt.distributed:  # every rank must resume from the same file, or none
         seen = [None] * rt.world_size
         dist.all_gather_object(seen, str(resume) if resume else None)
@@ -468,10 +488,10 @@ def _train(args, rt, lists, train_set, val_set, global_batch, out_dir, log):
              "history": [], "partial": {"loss_sum": 0.0, "images": 0},
              "world_size": rt.world_size, "batch_size": args.batch_size}
     if resume:
-        ckpt = load_checkpoint(resume, model, optimizer, scheduler, scaler, args)
+        ckpt = load_checkpoint(resume, model, optimizer, scheduler, scaler, args, data_ids)
         state.update({k: ckpt[k] for k in state if k in ckpt})
         log(f"resuming from {resume}: epoch {state['epoch']}, step {state['step']}")
-        if rt.is_main:
+        if rt.is_main and Path(resume).resolve() == last.resolve():
             repair_outputs(out_dir, ckpt, log)
         old_batch = ckpt["batch_size"] * ckpt["world_size"]
         if old_batch != global_batch:
@@ -509,8 +529,8 @@ def _train(args, rt, lists, train_set, val_set, global_batch, out_dir, log):
 
     def save(path, **extra):
         save_checkpoint(path, model, optimizer, scheduler, scaler, args,
-                        **{**state, "world_size": rt.world_size,
-                           "batch_size": args.batch_size, **extra})
+                        **{**state, "world_size": rt.world_size, "batch_size": args.batch_size,
+                           "data": data_ids, **extra})
 
     for epoch in range(state["epoch"], args.epochs):
         train_set.set_epoch(epoch)

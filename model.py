@@ -173,16 +173,20 @@ def load_file(path, what="checkpoint", corrupt_hint=None):
         raise CheckpointError(f"{path}: {what} not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except Exception as e:  # refused code, truncated zip, not a torch file at all, disk error
         # torch's message goes on to suggest weights_only=False: never for a file we did not make.
         found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(e))
-        thing = f" ({found.group(1)})" if found else ""
-        raise CheckpointError(f"{path}: refused: the {what} holds Python objects other than "
-                              f"tensors{thing}, and loading them could run code") from None
-    except Exception as e:  # truncated zip, not a torch file at all, a disk error ...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if found:
+            raise CheckpointError(f"{path}: refused: the {what} holds Python objects other than "
+                                  f"tensors ({found.group(1)}), and loading them could run code"
+                                  ) from None
         hint = f"; {corrupt_hint}" if corrupt_hint else ""
-        raise CheckpointError(f"{path}: corrupt or not a {what} ({reason[:160]}){hint}") from None
+        if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in str(e):
+            reason = "not a PyTorch file"
+        else:
+            lines = str(e).strip().splitlines()
+            reason = (lines[0] if lines else type(e).__name__).split(". ")[0][:160]
+        raise CheckpointError(f"{path}: corrupt or not a {what} ({reason}){hint}") from None
 
 
 _LEGACY_PREFIXES = ("module.", "_orig_mod.", "densenet121.", "resnet50.")

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (ArgumentParser, DataError, atomic_path, atomic_write_text, nonnegative_int, one_line, os_reason, positive_int, strict_json)
+from common import (ArgumentParser, DataError, atomic_path, atomic_write_text, one_line, os_reason,
+                    positive_int, seed, strict_json)
 from labels import CLASS_NAMES, patient_of, read_list, resolve_split
 from metrics import (N_BOOT, RULES, apply_platt, at_threshold, auprcs, bootstrap_aucs,
                      calibration_errors, choose_thresholds, fit_platt, interval, mean_auc,
@@ -390,7 +391,7 @@ def report_file(args):
 def add_report_args(parser):
     parser.add_argument("--n-boot", type=positive_int, default=N_BOOT,
                         help="bootstrap resamples (patients drawn with replacement)")
-    parser.add_argument("--boot-seed", type=nonnegative_int, default=0)
+    parser.add_argument("--boot-seed", type=seed, default=0)
 
 
 def main(argv=None):
@@ -404,7 +405,7 @@ def main(argv=None):
         parser.add_argument("predictions", help="a predictions CSV written by infer.py")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--split", default="auto", help="the split the images come from")
-    parser.add_argument("--split-seed", type=nonnegative_int, default=0)
+    parser.add_argument("--split-seed", type=seed, default=0)
     add_report_args(parser)
     args = parser.parse_args(argv)
     try:

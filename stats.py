@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from common import ArgumentParser, DataError, nonnegative_int, one_line
+from common import ArgumentParser, DataError, one_line, seed
 from labels import CLASS_NAMES, patient_of, read_list, resolve_split
 
 
@@ -85,7 +85,7 @@ def main(argv=None):
     parser.add_argument("--data-dir", default="data", help="data directory (default: data)")
     parser.add_argument("--split", default="auto",
                         help="auto | chexnet | random | official | DIR (see dataset.py)")
-    parser.add_argument("--split-seed", type=nonnegative_int, default=0)
+    parser.add_argument("--split-seed", type=seed, default=0)
     parser.add_argument("--plot", nargs="?", const="plots", default=None, metavar="DIR",
                         help="also write the prevalence and co-occurrence figures (to plots/)")
     args = parser.parse_args(argv)

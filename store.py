@@ -11,6 +11,7 @@ its training crops from the store of --train-size and its validation crops from 
 """
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -60,10 +61,12 @@ def _read_meta(directory):
     """meta.json as a dict, or None when it is missing, unreadable or lacks a key."""
     try:
         meta = json.loads((directory / "meta.json").read_text())
+        skipped = meta.get("skipped", []) if isinstance(meta, dict) else None
         if (isinstance(meta, dict) and isinstance(meta.get("size"), int)
-                and isinstance(meta.get("count"), int)):
+                and isinstance(meta.get("count"), int) and isinstance(skipped, list)
+                and all(isinstance(n, str) for n in skipped)):
             return meta
-    except (OSError, ValueError, UnicodeDecodeError):
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
         pass
     return None
 
@@ -85,7 +88,7 @@ def open_store(data_dir, size, names=None):
     try:
         stored = (directory / "names.txt").read_text().split()
         nbytes = (directory / "images.u8").stat().st_size
-    except OSError as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{directory}/: damaged store ({os_reason(e)}); {how} to repair it") from None
     if len(stored) != meta["count"] or nbytes != meta["count"] * size * size:
         raise DataError(f"{directory}/: damaged store (sizes do not match meta.json); {how} "
@@ -139,8 +142,10 @@ class _Partial:
         try:
             same = (names_path.is_file() and names_path.read_text().split() == names
                     and self.data.is_file() and self.done_path.is_file()
-                    and self.done_path.stat().st_size == len(names))
-        except OSError:
+                    and self.done_path.stat().st_size == len(names)
+                    # each row's state is 0, 1 or 2: anything else is a damaged file
+                    and np.fromfile(self.done_path, np.uint8).max(initial=0) <= SKIPPED)
+        except (OSError, ValueError):
             same = False
         try:
             if not same:
@@ -156,6 +161,9 @@ class _Partial:
             finally:
                 os.close(fd)
         except OSError as e:
+            if not same:  # a file of nothing but the failed reservation: give the space back
+                for path in (self.data, self.done_path, names_path):
+                    path.unlink(missing_ok=True)
             raise DataError(f"{self.data}: cannot reserve {nbytes / 1e9:.2f} GB for the "
                             f"{size}x{size} store ({os_reason(e)})") from None
         self.done = np.fromfile(self.done_path, np.uint8)
@@ -176,6 +184,30 @@ class _Partial:
         return skipped
 
 
+MAX_SIZE = 8192
+
+
+def retry_skipped(store, image_dir):
+    """Images a complete store left out as unreadable are tried again (they may have been
+    fixed): readable ones get their rows and leave meta.json's list. Returns (images decoded
+    now, names still skipped)."""
+    fixed = []
+    for name in sorted(store.skipped):
+        try:
+            row = fit_square(load_gray(image_dir / name), store.size)
+        except DataError:
+            continue
+        with open(store.dir / "images.u8", "r+b") as f:
+            f.seek(store.row[name] * store.size * store.size)
+            f.write(row.tobytes())
+        fixed.append(name)
+    if fixed:  # the rows are written first: until meta.json changes they are never read
+        meta = json.loads((store.dir / "meta.json").read_text())
+        meta["skipped"] = sorted(store.skipped - set(fixed))
+        atomic_write_text(store.dir / "meta.json", json.dumps(meta) + "\n", "store metadata")
+    return len(fixed), sorted(store.skipped - set(fixed))
+
+
 def prepare_store(data_dir, sizes=(256,), workers=None, progress=True, skip_bad_images=False):
     """Decode every PNG of <data-dir>/images once, in parallel, into the store of each size.
     Resumable: rows already written are kept when the same images are prepared again; a store
@@ -189,22 +221,42 @@ def prepare_store(data_dir, sizes=(256,), workers=None, progress=True, skip_bad_
     names = png_names(data_dir)
     if not names:
         raise DataError(f"{image_dir}/: no PNG images")
-    result, partials = {}, {}
+    for size in sizes:
+        if size > MAX_SIZE:
+            raise DataError(f"--size {size}: larger than {MAX_SIZE} (NIH's images are 1024x1024)")
+    result, partials, todo_sizes = {}, {}, []
     for size in sorted(set(sizes)):
+        directory = store_dir(data_dir, size)
+        complete = None
+        if _read_meta(directory) is not None:
+            try:
+                complete = open_store(data_dir, size, names)
+            except DataError:
+                complete = None
+        if complete is not None:
+            result[size] = (directory, *retry_skipped(complete, image_dir))
+        else:
+            todo_sizes.append(size)
+    # Room for every store still to prepare, before anything is written.
+    need = 0
+    for size in todo_sizes:
+        partial = store_dir(data_dir, size) / "images.u8.partial"
+        have = partial.stat().st_blocks * 512 if partial.is_file() else 0
+        need += max(0, len(names) * size * size - have)
+    root = Path(data_dir)
+    free = shutil.disk_usage(root).free + sum(  # stale stores about to be replaced
+        (store_dir(data_dir, s) / "images.u8").stat().st_blocks * 512 for s in todo_sizes
+        if (store_dir(data_dir, s) / "images.u8").is_file())
+    if need > free:
+        raise DataError(f"{root / 'store'}: {free / 1e9:.1f} GB free, {need / 1e9:.1f} GB needed "
+                        f"for the {', '.join(f'{s}x{s}' for s in todo_sizes)} store; free some "
+                        "space or prepare fewer or smaller sizes (--size)")
+    for size in todo_sizes:
         directory = store_dir(data_dir, size)
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise DataError(f"{directory}: cannot create the store ({os_reason(e)})") from None
-        meta = _read_meta(directory)
-        if meta is not None:
-            try:
-                complete = open_store(data_dir, size, names)
-            except DataError:
-                complete = None
-            if complete is not None:
-                result[size] = (directory, 0, sorted(complete.skipped))
-                continue
         (directory / "meta.json").unlink(missing_ok=True)  # stale or damaged: prepare anew
         for stale in ("images.u8", "names.txt"):
             (directory / stale).unlink(missing_ok=True)

@@ -55,7 +55,7 @@ for flag, value, says in [
         ("--batch-size", "0", "must be a positive integer"), ("--batch-size", "-4", "positive integer"),
         ("--lr", "-1", "must be a positive number"), ("--lr", "nan", "must be a positive number"),
         ("--crop-size", "0", "positive integer"), ("--crop-scale", "2", "must be a number in (0, 1]"),
-        ("--workers", "-1", "must be an integer >= 0"), ("--split-seed", "-1", "integer >= 0"),
+        ("--workers", "-1", "must be an integer >= 0"), ("--split-seed", "-1", "integer in [0, 2**63)"),
         ("--epochs", "0", "positive integer"), ("--epochs", "-1", "positive integer"),
         ("--save-every", "-1", "integer >= 0"), ("--limit", "0", "positive integer"),
         ("--limit", "-5", "positive integer"), ("--resize", "0", "positive integer"),
@@ -64,6 +64,8 @@ for flag, value, says in [
         lambda ctx, flag=flag, value=value: ([*TINY, flag, value, "--out-dir", ctx.tmp / "run"],
                                              [ctx.tmp / "run"]))
 
+case("main --seed 2**64", "main", "argument --seed", "[0, 2**63)")(
+    lambda ctx: [*TINY, "--seed", str(2 ** 64)])
 case("main crop larger than resize", "main", "--crop-size: 300 is larger than --resize 256")(
     lambda ctx: ["--crop-size", "300"])
 case("main crop larger than train size", "main", "--crop-size: 224 is larger than --train-size 100")(
@@ -157,6 +159,38 @@ case("random split cannot be written", "dataset", "--split random:", "--split DI
     _splits_is_a_file)
 
 
+def _one_list_missing(ctx):
+    data = ctx.data_dir()
+    (data / "val_list.txt").unlink()
+    return ["check", "--data-dir", data]
+
+
+case("own split with a list missing", "dataset", "val_list.txt: not found, while",
+     "needs all three lists")(_one_list_missing)
+case("label table cut short", "stats", "csv:3: an empty entry in Finding Labels", "truncated")(
+    lambda ctx: _with_table(ctx, "Image Index,Finding Labels,Patient ID\n00000001_000.png,Mass,1\n"
+                            "00000002_000.png,,2\n"))
+case("prepare an absurd size", "dataset", "--size 100000: larger than 8192")(
+    lambda ctx: (["prepare", "--data-dir", ctx.data_dir(), "--size", "100000"], [ctx.tmp / "data"]))
+
+
+def _store_damage(edit):
+    def build(ctx):
+        from store import prepare_store
+        data = ctx.data_dir()
+        prepare_store(data, (64,), workers=1, progress=False)
+        edit(data / "store" / "64")
+        return [*TINY[2:], "--data-dir", data, "--resize", "64", "--out-dir", ctx.tmp / "run"]
+    return build
+
+
+case("store names.txt not UTF-8", "main", "store/64/: damaged store", "prepare")(
+    _store_damage(lambda d: (d / "names.txt").write_bytes(b"\xff\xfe garbage\n")))
+case("store meta.json with a bad field", "main", "meta.json: damaged store metadata")(
+    _store_damage(lambda d: (d / "meta.json").write_text(json.dumps(
+        {**json.loads((d / "meta.json").read_text()), "skipped": 5}))))
+
+
 def _images_is_a_file(ctx):
     data = ctx.data_dir()
     shutil.rmtree(data / "images")
@@ -205,6 +239,28 @@ def _old_checkpoint(ctx):
 
 
 case("resume an old-format checkpoint", "main", "written by an older main.py")(_old_checkpoint)
+case("resume with another seed", "main", "last.pt: trained with --seed 0, not 5")(
+    _resume_with("--seed", "5"))
+case("resume with another train size", "main", "trained with --train-size 64, not 56")(
+    _resume_with("--train-size", "56"))
+
+
+def _resume_another_split(ctx):
+    run = ctx.run_copy()
+    return [*TINY, "--epochs", "5", "--out-dir", run, "--limit", "40"], [run]
+
+
+case("resume on another list", "main", "last.pt: trained on another train list")(
+    _resume_another_split)
+
+
+def _garbage_checkpoint(ctx):
+    (ctx.tmp / "noise.pt").write_bytes(bytes(range(256)) * 40)
+    return [*TINY, "--weights", ctx.tmp / "noise.pt", "--out-dir", ctx.tmp / "run"]
+
+
+case("random bytes as weights", "main", "noise.pt: corrupt or not a weights file (not a PyTorch "
+     "file)")(_garbage_checkpoint)
 
 
 def _nan_checkpoint(ctx):
@@ -263,6 +319,16 @@ def _garbage_without_manifest(models):
     (models / "chexnet_int8.xml").write_text("<net>not a model")
 
 
+def _export_bad_args(ctx):
+    ckpt = torch.load(ctx.work / "run" / "best.pt")
+    ckpt["args"]["crop_size"] = "abc"
+    torch.save(ckpt, ctx.tmp / "badargs.pt")
+    return ["--export", "--checkpoint", ctx.tmp / "badargs.pt", "--model-dir", ctx.tmp / "m"]
+
+
+case("checkpoint with a bad setting", "infer", "badargs.pt: its crop_size is 'abc'")(_export_bad_args)
+
+
 def _corrupt_metadata(models):
     (models / "chexnet.json").write_text('{"checkpoint": ')
 
@@ -271,8 +337,53 @@ case("truncated model xml", "infer", "chexnet_int8.xml: does not belong to the e
      "infer.sh")(_models(_truncate_xml))
 case("int8 xml with fp32 bin", "infer", "chexnet_int8.bin: does not belong to the export")(
     _models(_int8_xml_fp32_bin))
-case("garbage model xml", "infer", "chexnet_int8.xml: cannot read the model")(
+case("model without a manifest", "infer", "chexnet.json: no manifest of the model files")(
     _models(_garbage_without_manifest))
+
+
+def _garbage_rehashed(models):
+    from infer import file_digest
+    (models / "chexnet_int8.xml").write_text("<net>not a model")
+    meta = json.loads((models / "chexnet.json").read_text())
+    meta["files"]["chexnet_int8.xml"] = file_digest(models / "chexnet_int8.xml")
+    (models / "chexnet.json").write_text(json.dumps(meta))
+
+
+def _zero_weights(models):
+    from infer import file_digest
+    size = (models / "chexnet_int8.bin").stat().st_size
+    (models / "chexnet_int8.bin").write_bytes(bytes(size))
+    meta = json.loads((models / "chexnet.json").read_text())
+    meta["files"]["chexnet_int8.bin"] = file_digest(models / "chexnet_int8.bin")
+    (models / "chexnet.json").write_text(json.dumps(meta))
+
+
+def _not_ir(models):
+    from infer import file_digest
+    (models / "chexnet_int8.xml").write_text("name: a yaml file, not a model\n")
+    meta = json.loads((models / "chexnet.json").read_text())
+    meta["files"]["chexnet_int8.xml"] = file_digest(models / "chexnet_int8.xml")
+    (models / "chexnet.json").write_text(json.dumps(meta))
+
+
+def _metadata_field(key, value):
+    def edit(models):
+        meta = json.loads((models / "chexnet.json").read_text())
+        meta[key] = value
+        (models / "chexnet.json").write_text(json.dumps(meta))
+    return edit
+
+
+case("garbage model xml", "infer", "chexnet_int8.xml: cannot read the model")(
+    _models(_garbage_rehashed))
+case("not an IR xml", "infer", "chexnet_int8.xml: not an OpenVINO model")(_models(_not_ir))
+case("model of zeros", "infer", "chexnet_int8")(_models(_zero_weights))
+case("chexnet.json resize as text", "infer", "chexnet.json: its resize is '64'")(
+    _models(_metadata_field("resize", "64")))
+case("chexnet.json files as a list", "infer", "chexnet.json: damaged model metadata")(
+    _models(_metadata_field("files", [])))
+case("model dir is a file", "infer", "--model-dir", "README.md: not a directory")(
+    lambda ctx: ["--model-dir", REPO / "README.md", "--data-dir", ctx.nih])
 case("corrupt chexnet.json", "infer", "chexnet.json: damaged model metadata")(
     _models(_corrupt_metadata))
 

@@ -139,6 +139,18 @@ def test_two_runs_on_one_directory(tmp_path, small_model, nih_dir, capsys):
     finally:
         holder.kill()
         holder.wait()
+    # Two evaluations into one predictions file would share its chunks.
+    out = tmp_path / "p.csv"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / ".p.csv.lock")],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert_clean_error(run_main(capsys, "--mode", "int8", "--model-dir",
+                                    small_model[0] / "models", "--data-dir", nih_dir, "--out-csv",
+                                    out, module="infer"), f"in use by another evaluation (pid {holder.pid})")
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 HOLD_LOCK = """

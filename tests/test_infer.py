@@ -122,7 +122,7 @@ def test_torch_batched_equals_one_image_path_and_torchrun(small_model, nih_dir, 
     from infer import TorchModel
     work, _ = small_model
     checkpoint = work / "run" / "best.pt"
-    args = ["--checkpoint", checkpoint, "--limit", "7", "--resize", "64", "--crop-size", "56"]
+    args = ["--checkpoint", checkpoint, "--limit", "7"]  # sizes: the checkpoint's own, 64 and 56
     batched = _run_infer("torch", small_model, nih_dir, *args, "--workers", "2",
                          "--batch-size", "3", "--out-csv", tmp_path / "batched.csv")
     assert batched.returncode == 0, batched.stderr

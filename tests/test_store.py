@@ -86,12 +86,17 @@ def test_interrupted_prepare_resumes(tmp_path, nih_images):
     with pytest.raises(DataError, match="incomplete store"):
         open_store(data_dir, 64)
     last.write_bytes(original)
+    state = data_dir / "store" / "32" / "done.partial"
+    state.write_bytes(np.random.default_rng(0).integers(0, 256, state.stat().st_size,
+                                                         np.uint8).tobytes())  # damaged
     done = prepare_store(data_dir, (64, 32), workers=2, progress=False)
-    assert 0 < done[64][1] < 130 and done[32][1] == done[64][1]  # only the chunk that failed
-    resumed = np.array(open_store(data_dir, 64).array)
+    assert done[32][1] == 130  # its damaged progress file: prepared anew, not trusted
+    assert 0 < done[64][1] < 130  # only the chunk that failed
+    resumed = {s: np.array(open_store(data_dir, s).array) for s in (64, 32)}
     shutil.rmtree(data_dir / "store")
-    prepare_store(data_dir, (64,), workers=2, progress=False)
-    assert np.array_equal(resumed, np.array(open_store(data_dir, 64).array))
+    prepare_store(data_dir, (64, 32), workers=2, progress=False)
+    for size in (64, 32):
+        assert np.array_equal(resumed[size], np.array(open_store(data_dir, size).array))
 
 
 def test_prepare_can_skip_unreadable_images(nih_data_dir, tmp_path, capsys):
@@ -108,6 +113,12 @@ def test_prepare_can_skip_unreadable_images(nih_data_dir, tmp_path, capsys):
         ChestXray14(nih_data_dir, split, "center", 64, crop=56, store=store)
     ds = ChestXray14(nih_data_dir, split, "center", 64, crop=56, store=store, skip_bad_images=True)
     assert sum(item is None for item in (ds[i] for i in range(len(ds)))) == 1
+    # The image is fixed: the next prepare decodes it and takes it back into the store.
+    shutil.copy(next(p for p in sorted((nih_data_dir / "images").iterdir()) if p != bad), bad)
+    proc = run_main(capsys, "prepare", "--data-dir", nih_data_dir, "--size", "64",
+                    module="dataset")
+    assert "1 images decoded now" in proc.stdout and "left out" not in proc.stdout
+    assert open_store(nih_data_dir, 64).skipped == set()
 
 
 def test_stale_damaged_or_partial_store_is_never_used_silently(prepared, tmp_path, capsys):

@@ -317,6 +317,22 @@ def test_imagenet_weights_come_from_the_torch_cache_safely(tmp_path, capsys, mon
                        "--weights", "--pretrained none")
 
 
+def test_resume_from_another_run_into_a_new_out_dir_offline(tmp_path, capsys, monkeypatch):
+    """--resume FILE --out-dir NEW continues that run in NEW; a resumed run takes its weights
+    from the checkpoint, so it needs no ImageNet download (offline here)."""
+    first = run_main(capsys, *TINY, "--limit", "16", "--epochs", "1", "--out-dir", tmp_path / "a")
+    assert first.returncode == 0, first.stderr
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    args = [a for a in TINY if a not in ("--pretrained", "none")]
+    again = run_main(capsys, *args, "--limit", "16", "--epochs", "2", "--resume",
+                     tmp_path / "a" / "last.pt", "--out-dir", tmp_path / "b")
+    assert again.returncode == 0, again.stderr
+    assert load_file(tmp_path / "b" / "last.pt")["epoch"] == 2
+    records = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in records] == [1, 2]
+    assert (tmp_path / "b" / "best.pt").is_file()
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     proc = run_main(capsys, *TINY, "--epochs", "2", "--lr", "1e30", "--save-every", "1",
                     "--out-dir", tmp_path)
