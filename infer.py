@@ -691,6 +691,9 @@ def get_args(argv=None):
     p.add_argument("--localize", action="store_true",
                    help="score the heatmaps against NIH's radiologist boxes (val picks the "
                         "threshold, test is scored)")
+    p.add_argument("--localize-tau", type=fraction, default=None,
+                   help="--localize: a fixed heatmap threshold instead of the one that does best "
+                        "on val's boxed images (needed where val has none: --split official)")
     # Report (report.py): intervals, operating points, calibration
     p.add_argument("--n-boot", type=positive_int, default=2000,
                    help="bootstrap resamples of patients for the 95%% intervals")

@@ -183,7 +183,9 @@ def test_a_model_that_learned_the_blob_localizes_it(tmp_path, capsys):
     assert test["model"]["boxes"] == 24
     assert test["model"]["pointing"] >= test["random"]["pointing"] + 0.4, proc.stdout
     assert test["model"]["pointing"] >= test["centre"]["pointing"] + 0.3, proc.stdout
-    assert test["model"]["iobb"]["0.25"][0] >= test["random"]["iobb"]["0.25"][0] + 0.3, proc.stdout
+    for measure, t in (("iou", "0.1"), ("iou", "0.3")):
+        assert test["model"][measure][t][0] >= test["random"][measure][t][0] + 0.25, proc.stdout
+        assert test["model"][measure][t][0] >= test["centre"][measure][t][0] + 0.25, proc.stdout
     assert "CXR8 0.1" in proc.stdout and "random" in proc.stdout
 
 
