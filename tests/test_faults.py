@@ -175,13 +175,14 @@ def run_limited(megabytes, *args):
 
 
 def test_a_full_disk_costs_nothing_already_written(tmp_path, small_model, nih_dir,
-                                                   nih_data_dir):
+                                                   nih_data_dir, capsys):
     """Writes that fail for lack of space (here a file-size limit: the same error to the
     program) end in one line, remove their temp files and leave earlier files as they were."""
     out = tmp_path / "run"
-    shutil.copytree(small_model[0] / "run", out)
+    first = run_main(capsys, *TINY, "--limit", "16", "--epochs", "1", "--out-dir", out)
+    assert first.returncode == 0, first.stderr
     before = (out / "last.pt").read_bytes()
-    proc = run_limited(40, "main.py", *TINY, "--limit", "16", "--epochs", "3", "--out-dir", out)
+    proc = run_limited(40, "main.py", *TINY, "--limit", "16", "--epochs", "2", "--out-dir", out)
     assert_clean_error(proc, "last.pt: cannot write checkpoint (File too large)", "untouched")
     assert (out / "last.pt").read_bytes() == before and not list(out.glob(".*.tmp"))
     proc = run_limited(1, "dataset.py", "prepare", "--data-dir", nih_data_dir, "--size", "256")
