@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from common import ArgumentParser, DataError, one_line, os_reason, positive_int, seed
-from images import (CROP_RATIO, CROP_SCALE, crop_gray, draw_train_box, fit_square, load_gray,
-                    normalize_gray, resize_shorter, train_crop, train_rng)
+from images import (CROP_RATIO, CROP_SCALE, IMAGE_SUFFIXES, crop_gray, draw_train_box, fit_square,
+                    load_gray, normalize_gray, resize_shorter, train_crop, train_rng)
 from labels import HOW_TO_GET_DATA, find_label_table, read_list, resolve_split
 
 # Where training crops come from: the image resized to TRAIN_SIZE (512: see the README's
@@ -34,11 +34,12 @@ def check_data_dir(data_dir):
         raise DataError(f"data directory {data_dir}/ not found: {HOW_TO_GET_DATA}")
     image_dir = data_dir / "images"
     try:
-        pngs = image_dir.is_dir() and any(n.endswith(".png") for n in os.listdir(image_dir))
+        pngs = image_dir.is_dir() and any(n.lower().endswith(IMAGE_SUFFIXES)
+                                          for n in os.listdir(image_dir))
     except OSError as e:
         raise DataError(f"{image_dir}/: cannot list images ({os_reason(e)})") from None
     if not pngs:
-        raise DataError(f"{image_dir}/: no PNG images; {HOW_TO_GET_DATA}")
+        raise DataError(f"{image_dir}/: no images (PNG, JPEG or DICOM); {HOW_TO_GET_DATA}")
     find_label_table(data_dir)
 
 

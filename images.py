@@ -16,13 +16,22 @@ CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 
 
+# Image files every script reads; DICOM files are also recognised by content, whatever their name.
+RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+IMAGE_SUFFIXES = RASTER_SUFFIXES + DICOM_SUFFIXES
+
+
 def load_gray(path):
     """Decode an image as 8-bit single-channel (H, W) PIL image.
 
     NIH ships 8-bit grayscale PNGs and a few RGBA ones whose colour channels are equal and
     alpha opaque, so one channel loses nothing. 16-bit PNGs (several public chest X-ray sets)
     are scaled by their bit depth, 0..65535 -> 0..255, not clipped as convert('L') would.
+    JPEG (CheXpert, MIMIC-CXR-JPG) goes the same way; DICOM through load_dicom.
     """
+    if is_dicom(path):
+        return load_dicom(path)
     try:
         with Image.open(path) as im:
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -31,6 +40,94 @@ def load_gray(path):
             return im.convert("L")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: unreadable image ({one_line(e)})") from None
+
+
+def is_dicom(path):
+    """By name (.dcm, .dicom), else by the DICM marker at byte 128 for names that are not
+    .png/.jpg (hospital exports often have no extension); PNGs are never opened twice."""
+    suffix = str(path).lower().rsplit(".", 1)[-1] if "." in str(path) else ""
+    if f".{suffix}" in DICOM_SUFFIXES:
+        return True
+    if f".{suffix}" in RASTER_SUFFIXES:
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False  # Pillow then names the problem
+
+
+def load_dicom(path):
+    """A grayscale DICOM as the 8-bit (H, W) image a radiologist's viewer shows by default.
+
+    Stored values -> modality LUT (Rescale Slope/Intercept or a Modality LUT) -> the first VOI
+    (a VOI LUT, else Window Center/Width with its VOI LUT Function) -> 0..255, and MONOCHROME1
+    (white = low) inverted. Without any VOI the modality values' own range is stretched to
+    0..255. Compressed transfer syntaxes decode through pydicom's plugins (pylibjpeg)."""
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut
+    except ImportError:
+        raise DataError(f"{path}: reading DICOM needs the pydicom package "
+                        "(pip install pydicom pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg)"
+                        ) from None
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as e:  # InvalidDicomError, truncated file, disk error
+        raise DataError(f"{path}: unreadable DICOM ({one_line(e)})") from None
+    if "PixelData" not in ds:
+        kind = getattr(ds.get("SOPClassUID"), "name", None) or "no SOP class"
+        raise DataError(f"{path}: a DICOM without an image (no Pixel Data; {kind})")
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise DataError(f"{path}: a {photometric or 'colour'} DICOM: only grayscale X-rays "
+                        "(MONOCHROME1 or MONOCHROME2) are read")
+    try:
+        stored = ds.pixel_array
+    except Exception as e:  # no decoder for the transfer syntax, damaged pixel data
+        syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
+        name = getattr(syntax, "name", None) or "unknown transfer syntax"
+        hint = ("; install its decoder: pip install pylibjpeg pylibjpeg-libjpeg "
+                "pylibjpeg-openjpeg" if syntax is not None and syntax.is_compressed else "")
+        raise DataError(f"{path}: cannot decode the DICOM pixel data ({name}: "
+                        f"{one_line(e)[:160]}){hint}") from None
+    if stored.ndim != 2:
+        raise DataError(f"{path}: a DICOM of shape {stored.shape}: one 2-D grayscale frame "
+                        "is read, not several frames")
+    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    shown = _voi(values, ds)
+    if shown is None:  # no VOI: the image's own range
+        low, high = values.min(), values.max()
+        shown = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    if photometric == "MONOCHROME1":
+        shown = 1.0 - shown
+    return Image.fromarray(np.round(shown.clip(0, 1) * 255).astype(np.uint8))
+
+
+def _voi(values, ds):
+    """The first VOI transform of the DICOM as values in 0..1, or None when it has none."""
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+        from pydicom.pixels import apply_voi_lut
+        item = ds.VOILUTSequence[0]
+        bits = int(item.LUTDescriptor[2])
+        # A LUT is indexed by integer values (the modality output of an integer image)
+        out = apply_voi_lut(np.round(values).astype(np.int64), ds, index=0, prefer_lut=True)
+        return np.asarray(out, dtype=np.float64) / (2 ** bits - 1)
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        from pydicom.multival import MultiValue
+        def first(v):  # a multi-valued element lists several windows: the first is default
+            return float(v[0]) if isinstance(v, (list, tuple, MultiValue)) else float(v)
+        c, w = first(ds.WindowCenter), first(ds.WindowWidth)
+        function = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper()
+        if w <= 0 or (function == "LINEAR" and w < 1):
+            return None  # not a valid window (PS3.3 C.11.2.1.2): fall back to the image's range
+        # DICOM PS3.3 C.11.2.1.2: the linear, exact-linear and sigmoid VOI functions
+        if function == "SIGMOID":
+            return 1.0 / (1.0 + np.exp(-4.0 * (values - c) / w))
+        if function == "LINEAR_EXACT":
+            return (values - c) / w + 0.5
+        return (values - (c - 0.5)) / max(w - 1, 1e-6) + 0.5
+    return None
 
 
 def resize_shorter(img, size):

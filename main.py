@@ -30,9 +30,9 @@ from common import (ArgumentParser, DataError, atomic_copy, atomic_path, atomic_
 from dataset import TRAIN_SIZE, ChestXray14, add_data_args, check_data_dir, collate, to_model_input
 from labels import CLASS_NAMES, resolve_split
 from metrics import mean_auc, roc_aucs
-from model import ARCHS, CheckpointError, build_model, load_file, load_weights, train_mode
+from model import ARCH_NAMES, CheckpointError, build_model, load_file, load_weights, train_mode
 from runtime import SetupError, autocast, gather_from_ranks, setup
-from store import open_store, png_names
+from store import open_store, image_names
 
 # Training recipes. Defaults reproduce the best published DenseNet-121 on the shipped split;
 # `--recipe chexnet` is the CheXNet paper's. Each value is one flag away (--lr, ...).
@@ -62,7 +62,7 @@ def get_args(argv=None):
     p.add_argument("--out-dir", default="runs/chexnet", help="checkpoints and metrics")
     p.add_argument("--no-store", action="store_true",
                    help="decode PNGs even where `python dataset.py prepare` made a store")
-    p.add_argument("--arch", default="densenet121", choices=list(ARCHS))
+    p.add_argument("--arch", default="densenet121", choices=list(ARCH_NAMES))
     p.add_argument("--pretrained", default="imagenet", choices=["imagenet", "none"])
     p.add_argument("--weights", default=None,
                    help="local initial weights: a torchvision ImageNet file or a CheXNet checkpoint")
@@ -371,7 +371,7 @@ def make_datasets(args, lists, log):
     """Training crops from the store of --train-size, validation crops from the store of
     --resize, each where `python dataset.py prepare` made it, else from the PNGs: the same
     pixels either way."""
-    names = None if args.no_store else png_names(args.data_dir)
+    names = None if args.no_store else image_names(args.data_dir)
     stores = {}
     for size in {args.train_size, args.resize}:
         stores[size] = None if args.no_store else open_store(args.data_dir, size, names)

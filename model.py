@@ -1,4 +1,5 @@
-"""CheXNet: a torchvision DenseNet-121 (or ResNet-50) with a 14-way linear head.
+"""CheXNet: a torchvision DenseNet-121 (or ResNet-50, or timm's anti-aliased DenseNet-121d)
+with a 14-way linear head.
 
 The module returns logits (train with BCEWithLogitsLoss, which is numerically stable);
 `with_sigmoid(model)` gives the probability model used for inference and export, as the
@@ -25,6 +26,12 @@ ARCHS = {
     "resnet50": (torchvision.models.resnet50,
                  torchvision.models.ResNet50_Weights.IMAGENET1K_V1, "fc"),
 }
+# Architectures built by timm (a maintained library): BlurPool in the transitions and a deep
+# stem, the "d" DenseNet-121 that Xclassifier trains on CheXpert and MIMIC-CXR. Same key names
+# as torchvision's DenseNet (features.*, classifier.*), ImageNet weights from the Hugging Face
+# Hub through timm's own loader (safetensors).
+TIMM_ARCHS = ("densenetblur121d",)
+ARCH_NAMES = (*ARCHS, *TIMM_ARCHS)
 
 
 class CheckpointError(DataError):
@@ -37,8 +44,11 @@ def build_model(arch="densenet121", num_classes=14, pretrained="imagenet", weigh
     once into the torch cache) or at random (`pretrained='none'`); or from a local file
     (`weights`): a torchvision ImageNet file (the head is then new) or a CheXNet checkpoint,
     ours or the legacy format (the head is loaded too)."""
+    if arch in TIMM_ARCHS:
+        return _freeze(_build_timm(arch, num_classes, pretrained, weights), "classifier",
+                       freeze_backbone)
     if arch not in ARCHS:
-        raise CheckpointError(f"unknown --arch {arch!r} (choose from {', '.join(ARCHS)})")
+        raise CheckpointError(f"unknown --arch {arch!r} (choose from {', '.join(ARCH_NAMES)})")
     builder, imagenet, head_name = ARCHS[arch]
     model = builder(weights=None)
     state, source = None, weights
@@ -56,10 +66,63 @@ def build_model(arch="densenet121", num_classes=14, pretrained="imagenet", weigh
     setattr(model, head_name, nn.Linear(in_features, num_classes))
     if state is not None:  # a CheXNet checkpoint (ours or the legacy format): head included
         load_weights(model, state, weights, arch, num_classes)
+    return _freeze(model, head_name, freeze_backbone)
+
+
+def _freeze(model, head_name, freeze_backbone):
     if freeze_backbone:
         # The two-stage transfer recipe: train only the new head on frozen ImageNet features.
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith(head_name + ".")
+    return model
+
+
+def _build_timm(arch, num_classes, pretrained, weights):
+    """A timm model with a num_classes head. ImageNet weights: timm's loader, from the Hugging
+    Face Hub (its cache) or from a local file (--weights: .safetensors, or a .pth that timm
+    reads with weights_only=True); our own checkpoints load as for torchvision's models."""
+    try:
+        import timm
+    except ImportError:
+        raise CheckpointError(f"--arch {arch} needs the timm package (pip install timm)") from None
+    if pretrained not in ("imagenet", "none"):
+        raise CheckpointError(f"unknown --pretrained {pretrained!r} (imagenet or none)")
+    imagenet_file = None
+    if weights is not None:
+        imagenet_file = Path(weights)
+        if not imagenet_file.is_file():
+            raise CheckpointError(f"{weights}: weights file not found")
+        if imagenet_file.suffix != ".safetensors":
+            state = read_state_dict(imagenet_file, what="weights file")
+            if state.get("classifier.weight", torch.zeros(0)).shape[:1] != (1000,):
+                # one of our checkpoints (or the legacy format): head included
+                model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+                load_weights(model, state, weights, arch, num_classes)
+                return model
+    elif pretrained == "none":
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    hub = timm.models.get_pretrained_cfg(arch).hf_hub_id
+    overlay = {"file": str(imagenet_file)} if imagenet_file else None
+    try:
+        # 1000 classes, as the file: timm then loads every key strictly (with another
+        # num_classes it drops the head and silently tolerates missing keys)
+        model = timm.create_model(arch, pretrained=True, num_classes=1000,
+                                  pretrained_cfg_overlay=overlay)
+    except Exception as e:  # offline, a file of another model, a damaged file
+        reason = one_line(e).strip()[:200] or type(e).__name__
+        if imagenet_file:
+            raise CheckpointError(f"{imagenet_file}: not ImageNet weights of {arch} "
+                                  f"({reason})") from None
+        raise CheckpointError(
+            f"cannot get the ImageNet weights of {arch} from the Hugging Face Hub ({hub}: "
+            f"{reason}); on an offline machine pass --weights PATH to a local copy of that "
+            "repository's model.safetensors, or start from random weights with --pretrained "
+            "none") from None
+    for key, value in model.state_dict().items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise CheckpointError(f"{imagenet_file or hub}: {key} holds non-finite values "
+                                  "(NaN or inf): refused")
+    model.reset_classifier(num_classes)
     return model
 
 
@@ -132,13 +195,13 @@ class WithCAM(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model.eval()
-        self.head = model.classifier if isinstance(model, torchvision.models.DenseNet) else model.fc
+        self.head = model.fc if isinstance(model, torchvision.models.ResNet) else model.classifier
         self.relu = nn.ReLU()  # a module, not torchvision's in-place F.relu: hooks see it
 
     def feature_map(self, x):
         m = self.model
-        if isinstance(m, torchvision.models.DenseNet):
-            return self.relu(m.features(x))
+        if not isinstance(m, torchvision.models.ResNet):  # torchvision's or timm's DenseNet
+            return self.relu(m.features(x))  # timm's ends in BatchNorm+ReLU: the same map
         x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
         return m.layer4(m.layer3(m.layer2(m.layer1(x))))
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from common import DataError, atomic_write_text, is_disk_full, os_reason
-from images import fit_square, load_gray
+from images import IMAGE_SUFFIXES, fit_square, load_gray
 
 DONE, SKIPPED = 1, 2  # states of a row in done.partial (0: still to do)
 
@@ -49,10 +49,10 @@ def store_dir(data_dir, size):
     return Path(data_dir) / "store" / str(size)
 
 
-def png_names(data_dir):
+def image_names(data_dir):
     image_dir = Path(data_dir) / "images"
     try:
-        return sorted(n for n in os.listdir(image_dir) if n.endswith(".png"))
+        return sorted(n for n in os.listdir(image_dir) if n.lower().endswith(IMAGE_SUFFIXES))
     except OSError as e:
         raise DataError(f"{image_dir}/: cannot list images ({os_reason(e)})") from None
 
@@ -93,7 +93,7 @@ def open_store(data_dir, size, names=None):
     if len(stored) != meta["count"] or nbytes != meta["count"] * size * size:
         raise DataError(f"{directory}/: damaged store (sizes do not match meta.json); {how} "
                         "to repair it")
-    names = png_names(data_dir) if names is None else names
+    names = image_names(data_dir) if names is None else names
     if names != stored:
         raise DataError(f"{directory}/: stale store ({len(stored)} images, {data_dir}/images/ "
                         f"has {len(names)} different ones); {how} to bring it up to date")
@@ -209,7 +209,7 @@ def retry_skipped(store, image_dir):
 
 
 def prepare_store(data_dir, sizes=(256,), workers=None, progress=True, skip_bad_images=False):
-    """Decode every PNG of <data-dir>/images once, in parallel, into the store of each size.
+    """Decode every image (PNG, JPEG, DICOM) of <data-dir>/images once, in parallel, into the store of each size.
     Resumable: rows already written are kept when the same images are prepared again; a store
     only counts as complete once its meta.json is written (atomically, last). A complete store
     of the same images is left alone; a stale or damaged one is prepared anew.
@@ -218,9 +218,9 @@ def prepare_store(data_dir, sizes=(256,), workers=None, progress=True, skip_bad_
     from tqdm import tqdm
 
     image_dir = Path(data_dir) / "images"
-    names = png_names(data_dir)
+    names = image_names(data_dir)
     if not names:
-        raise DataError(f"{image_dir}/: no PNG images")
+        raise DataError(f"{image_dir}/: no images (PNG, JPEG or DICOM)")
     for size in sizes:
         if size > MAX_SIZE:
             raise DataError(f"--size {size}: larger than {MAX_SIZE} (NIH's images are 1024x1024)")

@@ -198,7 +198,7 @@ def _images_is_a_file(ctx):
     return ["check", "--data-dir", data]
 
 
-case("images is a file", "dataset", "images/: no PNG images")(_images_is_a_file)
+case("images is a file", "dataset", "images/: no images (PNG, JPEG or DICOM)")(_images_is_a_file)
 
 
 def _out_dir_file(ctx):

@@ -167,7 +167,7 @@ def test_missing_data_dir_says_how_to_get_data(tmp_path):
 def test_data_dir_without_images_or_label_table(tmp_path, nih_data_dir):
     (tmp_path / "empty" / "images").mkdir(parents=True)
     assert_clean_error(run_script("dataset.py", "check", "--data-dir", tmp_path / "empty"),
-                       "images", "no PNG images")
+                       "images", "no images (PNG, JPEG or DICOM)")
     (nih_data_dir / "Data_Entry_2017_v2020.csv").unlink()
     assert_clean_error(run_script("dataset.py", "check", "--data-dir", nih_data_dir),
                        "no label table")

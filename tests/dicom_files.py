@@ -1,0 +1,50 @@
+"""DICOM test files written with pydicom from real NIH PNGs, the ways hospitals store them:
+MONOCHROME2 and MONOCHROME1, 12 bits stored in 16, a modality rescale, a window or a VOI LUT,
+JPEG 2000 compressed. Each decodes, by the DICOM standard, to the PNG's own pixels."""
+import numpy as np
+from PIL import Image
+
+KINDS = ("window", "monochrome1", "voi_lut", "rescale", "no_voi", "jpeg2000")
+
+
+def write_dicom(png, path, kind="window"):
+    """Write `png` (an 8-bit grayscale image) as a DICOM file of the given kind; returns path."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import (JPEG2000Lossless, ExplicitVRLittleEndian, SecondaryCaptureImageStorage,
+                             generate_uid)
+    png8 = np.asarray(Image.open(png).convert("L")).astype(np.uint16)
+    stored = png8 * 16  # 12 bits: 0..4080
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "DX", "test"
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    # The linear VOI function maps [c - 0.5 - (w-1)/2, c - 0.5 + (w-1)/2] onto 0..1: here
+    # 0..4080, so the window gives back stored / 4080 * 255 = the PNG's value.
+    window = (2040.5, 4081)
+    if kind in ("monochrome1", "jpeg2000"):
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        stored = (255 - png8) * 16
+    if kind == "rescale":  # Hounsfield-like values: modality value = stored - 1024
+        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 1, -1024, "US"
+        window = (2040.5 - 1024, 4081)
+    if kind == "voi_lut":  # a 16-bit LUT: stored x -> x / 16 * 257, so / 65535 * 255 = PNG
+        item = pydicom.Dataset()
+        item.LUTDescriptor = [4096, 0, 16]
+        lut = np.minimum(np.round(np.arange(4096) / 16 * 257), 65535).astype(np.uint16)
+        item.add_new(0x00283006, "OW", lut.tobytes())  # LUT Data
+        ds.VOILUTSequence = [item]
+    elif kind != "no_voi":
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.PixelData = stored.astype(np.uint16).tobytes()
+    if kind == "jpeg2000":
+        ds.compress(JPEG2000Lossless, stored.astype(np.uint16))
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -1,0 +1,157 @@
+"""DICOM input everywhere an image is read: decoding by the standard (modality LUT, VOI LUT or
+window, MONOCHROME1), compressed transfer syntaxes, the store, training and evaluation, and
+one-line errors for DICOMs that are not usable X-rays. Files written with pydicom from the
+bundled NIH PNGs, so every decoded pixel can be checked against the PNG it came from."""
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, TINY, assert_clean_error, run_main, run_script
+
+pydicom = pytest.importorskip("pydicom")
+from dicom_files import KINDS, write_dicom  # noqa: E402
+from images import load_gray  # noqa: E402
+
+from common import DataError  # noqa: E402
+
+PNG = REPO / "sample" / "images" / "00000284_000.png"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_dicom_decodes_to_the_pixels_of_its_png(kind, tmp_path):
+    if kind == "jpeg2000":
+        pytest.importorskip("openjpeg", reason="JPEG 2000 needs pylibjpeg-openjpeg")
+    png = np.asarray(Image.open(PNG).convert("L")).astype(int)
+    decoded = np.asarray(load_gray(write_dicom(PNG, tmp_path / "x.dcm", kind))).astype(int)
+    if kind == "no_voi":  # no window given: the image's own range is stretched to 0..255
+        png = np.round((png - png.min()) / (png.max() - png.min()) * 255)
+    assert decoded.shape == png.shape and np.abs(decoded - png).max() == 0
+
+
+def test_dicoms_are_found_by_content_whatever_their_name(tmp_path):
+    path = write_dicom(PNG, tmp_path / "IM000001", "monochrome1")  # hospital exports: no suffix
+    assert np.array_equal(np.asarray(load_gray(path)), np.asarray(Image.open(PNG).convert("L")))
+
+
+def _bad(tmp_path, kind):
+    import pydicom
+    path = write_dicom(PNG, tmp_path / f"{kind}.dcm", "window")
+    ds = pydicom.dcmread(path)
+    if kind == "no_image":  # e.g. a structured report beside the images
+        del ds.PixelData
+    elif kind == "rgb":
+        ds.PhotometricInterpretation, ds.SamplesPerPixel, ds.PlanarConfiguration = "RGB", 3, 0
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit = 7
+        ds.PixelData = np.zeros((ds.Rows, ds.Columns, 3), np.uint8).tobytes()
+    elif kind == "multiframe":
+        ds.NumberOfFrames = 2
+        ds.PixelData = ds.PixelData * 2
+    elif kind == "truncated":
+        ds.save_as(path)
+        path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+        return path
+    elif kind == "not_dicom":
+        path.write_bytes(b"not a DICOM file at all" * 10)
+        return path
+    ds.save_as(path)
+    return path
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("no_image", "a DICOM without an image (no Pixel Data"),
+    ("rgb", "a RGB DICOM: only grayscale X-rays"),
+    ("multiframe", "not several frames"),
+    ("truncated", "cannot decode the DICOM pixel data"),
+    ("not_dicom", "unreadable DICOM"),
+])
+def test_unusable_dicoms_are_one_line_errors_naming_the_file(tmp_path, kind, message):
+    path = _bad(tmp_path, kind)
+    with pytest.raises(DataError) as e:
+        load_gray(path)
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+# pydicom's decoders for JPEG 2000 (pylibjpeg-openjpeg, Pillow, GDCM) all taken away, as on a
+# machine with none of them installed.
+NO_DECODERS = """
+import sys
+sys.path.insert(0, ".")
+from pydicom.pixels import get_decoder
+from pydicom.uid import JPEG2000Lossless
+decoder = get_decoder(JPEG2000Lossless)
+for label in list(decoder._available) + list(decoder._unavailable):
+    decoder.remove_plugin(label)
+from common import DataError
+from images import load_gray
+try:
+    load_gray(sys.argv[1])
+except DataError as e:
+    print(e)
+"""
+
+
+def test_a_compressed_dicom_without_its_decoder_says_what_to_install(tmp_path):
+    pytest.importorskip("openjpeg", reason="writing the file needs pylibjpeg-openjpeg")
+    path = write_dicom(PNG, tmp_path / "j2k.dcm", "jpeg2000")
+    proc = subprocess.run([sys.executable, "-c", NO_DECODERS, str(path)], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.strip()
+    assert line.startswith(f"{path}: cannot decode the DICOM pixel data (JPEG 2000"), line
+    assert "pip install pylibjpeg" in line and "\n" not in line
+
+
+@pytest.fixture(scope="module")
+def dicom_dir(tmp_path_factory):
+    """The bundled sample with every image re-encoded as DICOM, the kinds taking turns."""
+    root = tmp_path_factory.mktemp("dicom")
+    (root / "images").mkdir()
+    kinds = [k for k in KINDS if k != "no_voi"]
+    try:
+        import openjpeg  # noqa: F401
+    except ImportError:
+        kinds.remove("jpeg2000")
+    for i, png in enumerate(sorted((REPO / "sample" / "images").glob("*.png"))):
+        write_dicom(png, root / "images" / png.with_suffix(".dcm").name, kinds[i % len(kinds)])
+    shutil.copy(REPO / "sample" / "Data_Entry_2017_v2020.csv", root)
+    for split in ("train", "val", "test"):
+        text = (REPO / "sample" / f"{split}_list.txt").read_text()
+        (root / f"{split}_list.txt").write_text(text.replace(".png ", ".dcm "))
+    return root
+
+
+def test_dicom_data_dir_gives_the_store_training_and_evaluation_the_png_pixels(
+        dicom_dir, small_model, tmp_path, capsys):
+    """The store prepared from DICOMs holds the very rows of the one prepared from the PNGs;
+    training and evaluation run on the DICOM directory; --image reads a DICOM."""
+    from store import open_store, prepare_store
+    png_dir = tmp_path / "png"
+    shutil.copytree(REPO / "sample", png_dir)
+    prepare_store(png_dir, (64,), workers=1, progress=False)
+    proc = run_script("dataset.py", "prepare", "--data-dir", dicom_dir, "--size", "64")
+    assert proc.returncode == 0, proc.stderr
+    png_store, dicom_store = open_store(png_dir, 64), open_store(dicom_dir, 64)
+    assert [n.replace(".png", ".dcm") for n in png_store.names] == list(dicom_store.names)
+    assert np.array_equal(np.asarray(png_store.array), np.asarray(dicom_store.array))
+
+    args = [a if a != REPO / "sample" else dicom_dir for a in TINY]
+    run = run_main(capsys, *args, "--epochs", "1", "--limit", "16", "--out-dir", tmp_path / "run")
+    assert run.returncode == 0, run.stderr
+    evaluation = run_script("infer.py", "--mode", "torch", "--checkpoint", tmp_path / "run" / "best.pt",
+                            "--data-dir", dicom_dir, "--model-dir", tmp_path / "models",
+                            "--no-figures")
+    assert evaluation.returncode == 0, evaluation.stderr
+    assert "mean" in evaluation.stdout
+
+    work, _ = small_model
+    dcm = dicom_dir / "images" / PNG.with_suffix(".dcm").name
+    outputs = [run_script("infer.py", "--mode", "fp32", "--model-dir", work / "models", "--image",
+                          path) for path in (PNG, dcm)]
+    assert all(o.returncode == 0 for o in outputs), outputs[1].stderr
+    assert outputs[0].stdout.split(":\n", 1)[1] == outputs[1].stdout.split(":\n", 1)[1]
