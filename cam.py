@@ -23,7 +23,7 @@ from PIL import Image
 
 from common import DataError, os_reason
 from images import ten_crop_boxes
-from labels import CLASS_NAMES, REPO_DIR
+from labels import CLASS_NAMES, REPO_DIR, shared_classes
 
 BOX_FILE_NAMES = ("BBox_List_2017.csv", "BBox_List_2017.csv.gz")
 SHIPPED_BOXES = REPO_DIR / "nih" / "BBox_List_2017.csv.gz"
@@ -272,14 +272,12 @@ def overlay(gray, heat, title):
 
 
 def grid(gray, heats, titles, path):
-    """All 14 heatmaps over the X-ray in one figure."""
+    """Every class's heatmap over the X-ray in one figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from report import _save
-    fig, axes = plt.subplots(3, 5, figsize=(17, 10.5), layout="constrained")
-    axes = axes.ravel()
-    axes[-1].axis("off")
+    from report import _grid, _save
+    fig, axes = _grid(plt, Path(path).stem, len(titles))
     for ax, heat, title in zip(axes, heats, titles):
         ax.imshow(gray, cmap="gray")
         ax.imshow(normalise(heat), cmap="jet", alpha=0.4)
@@ -336,7 +334,7 @@ def gradcam_plus_plus(backend, crops):
         probs = torch.sigmoid(Logits()(x)).numpy()
     with GradCAMPlusPlus(model=Logits(), target_layers=[wrapped.relu]) as explainer:
         maps = np.stack([explainer(input_tensor=x, targets=[ClassifierOutputTarget(k)] * len(x))
-                         for k in range(len(CLASS_NAMES))], 1)  # (10, 14, crop, crop)
+                         for k in range(wrapped.head.out_features)], 1)  # (10, K, crop, crop)
     return probs, maps
 
 
@@ -365,14 +363,15 @@ def write_cams(backend, paths, args, out_dir, positive=None):
         if not len(chosen):
             chosen = np.argsort(-probs)[:3]
         stem = Path(path).stem
+        classes = getattr(backend, "class_names", CLASS_NAMES)
         for k in chosen:
-            target = out_dir / f"{stem}_{CLASS_NAMES[k]}.png"
+            target = out_dir / f"{stem}_{classes[k].replace(' ', '_')}.png"
             with atomic_path(target, "heatmap") as tmp:
-                overlay(gray, heat[k], f"{CLASS_NAMES[k]}  p = {probs[k]:.3f}  "
+                overlay(gray, heat[k], f"{classes[k]}  p = {probs[k]:.3f}  "
                         f"({args.cam_method}, {args.mode})").save(tmp, format="PNG")
             written.append(target)
         target = out_dir / f"{stem}_all.png"
-        grid(gray, heat, [f"{n} {p:.3f}" for n, p in zip(CLASS_NAMES, probs)], target)
+        grid(gray, heat, [f"{n} {p:.3f}" for n, p in zip(classes, probs)], target)
         written.append(target)
     return written
 
@@ -382,6 +381,7 @@ def localize(backend, args, lists, log=print):
     threshold) and test (to score it): {method: {"tau", "val", "test"}}."""
     from dataset import ImageList
     from images import crop_gray, load_gray, normalize_gray, resize_shorter
+    classes = getattr(backend, "class_names", CLASS_NAMES)
     box_file = find_box_file(args.data_dir)
     boxes = read_boxes(box_file)
     tallies = {part: {m: Tally() for m in ("model", "random", "centre")} for part in ("val", "test")}
@@ -412,7 +412,10 @@ def localize(backend, args, lists, log=print):
             scale = size[0] / image.shape[1]
             seed = int.from_bytes(name.encode()[-8:].rjust(8, b"\0"), "little") % 2 ** 32
             for disease, truth in boxes[name].items():
-                k = CLASS_NAMES.index(disease)
+                pair = shared_classes(classes, [disease])  # the model's column for it
+                if not pair:
+                    continue  # a finding this model was not trained on
+                k = pair[0][0]
                 tallies[part]["model"].add(disease, heat[k], truth, scale)
                 tallies[part]["random"].add(disease, random_heatmap(image.shape, seed + k),
                                             truth, scale)

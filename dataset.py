@@ -20,7 +20,8 @@ import numpy as np
 from common import ArgumentParser, DataError, one_line, os_reason, positive_int, seed
 from images import (CROP_RATIO, CROP_SCALE, IMAGE_SUFFIXES, crop_gray, draw_train_box, fit_square,
                     load_gray, normalize_gray, resize_shorter, train_crop, train_rng)
-from labels import HOW_TO_GET_DATA, find_label_table, read_list, resolve_split
+from labels import (HOW_TO_GET_DATA, evaluation_labels, find_label_table, list_header, read_list,
+                    resolve_split, training_targets)
 
 # Where training crops come from: the image resized to TRAIN_SIZE (512: see the README's
 # "Training crops" table; 1024 is the NIH original), evaluation crops from EVAL_SIZE.
@@ -29,9 +30,12 @@ TRAIN_SIZE, EVAL_SIZE = 512, 256
 
 def check_data_dir(data_dir):
     """Fail fast, before any long work, on a data directory that cannot be used."""
+    from datasets import detect_dataset
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"data directory {data_dir}/ not found: {HOW_TO_GET_DATA}")
+    if detect_dataset(data_dir) != "nih":  # CheXpert, MIMIC: their lists name every image
+        return
     image_dir = data_dir / "images"
     try:
         pngs = image_dir.is_dir() and any(n.lower().endswith(IMAGE_SUFFIXES)
@@ -44,11 +48,15 @@ def check_data_dir(data_dir):
 
 
 def check_images_present(image_dir, names, list_path):
+    """Every listed image is there: one directory listing for NIH's flat images/, a look
+    per file for the nested layouts of CheXpert and MIMIC."""
+    flat = [n for n in names if "/" not in n]
     try:
-        present = set(os.listdir(image_dir))
+        present = set(os.listdir(image_dir)) if flat else set()
     except OSError as e:
         raise DataError(f"{image_dir}/: cannot list images ({os_reason(e)})") from None
-    missing = [n for n in names if n not in present]
+    missing = [n for n in names if (n not in present if "/" not in n
+                                    else not os.path.isfile(image_dir / n))]
     if missing:
         raise DataError(f"{list_path}: {len(missing)} of {len(names)} listed images are missing "
                         f"from {image_dir}/, e.g. {', '.join(missing[:3])}")
@@ -64,10 +72,13 @@ class ImageList:
 
     def __init__(self, data_dir, list_path, size=EVAL_SIZE, store=None, skip_bad_images=False,
                  limit=None):
-        self.image_dir = Path(data_dir) / "images"
-        self.names, self.labels = read_list(list_path)
+        self.class_names, images = list_header(list_path)
+        self.image_dir = Path(data_dir) / images
+        self.names, self.raw_labels = read_list(list_path)
         if limit:
-            self.names, self.labels = self.names[:limit], self.labels[:limit]
+            self.names, self.raw_labels = self.names[:limit], self.raw_labels[:limit]
+        # (N, K): NIH's uint8 0/1, else float32 with NaN where an uncertain label is left out
+        self.labels = evaluation_labels(self.raw_labels)
         self.size, self.store, self.skip_bad_images = size, store, skip_bad_images
         if store is None:
             check_images_present(self.image_dir, self.names, list_path)
@@ -135,10 +146,12 @@ class ChestXray14(ImageList):
 
     def __init__(self, data_dir, list_path, mode="train", size=EVAL_SIZE, crop=224, seed=0,
                  skip_bad_images=False, limit=None, crop_scale=CROP_SCALE, crop_ratio=CROP_RATIO,
-                 store=None, normalize=False):
+                 store=None, normalize=False, uncertain="ones"):
         if mode not in ("train", "ten_crop", "center"):
             raise ValueError(f"unknown mode {mode!r}")
         super().__init__(data_dir, list_path, size, store, skip_bad_images, limit)
+        if mode == "train":  # NaN: an entry the loss ignores (--uncertain ignore)
+            self.labels = training_targets(self.raw_labels, uncertain)
         self.mode, self.crop, self.normalize = mode, crop, normalize
         self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
         self.seed, self.epoch = seed, 0
@@ -201,12 +214,15 @@ def to_model_input(x):
 def add_data_args(parser):
     """The data flags every script shares."""
     parser.add_argument("--data-dir", default="data",
-                        help="ChestX-ray14 directory: images/ and the label table (default: data)")
+                        help="ChestX-ray14 (images/ and the label table), CheXpert (train.csv, "
+                             "valid.csv) or MIMIC-CXR-JPG directory (default: data)")
     parser.add_argument("--split", default="auto",
                         help="auto | chexnet | random | official | DIR with the three list files "
                              "(default auto: the data dir's own lists, else the CheXNet split)")
     parser.add_argument("--split-seed", type=seed, default=0,
                         help="seed of the random/official patient-level split")
+    parser.add_argument("--keep-laterals", action="store_true",
+                        help="CheXpert, MIMIC-CXR: keep lateral views (default: frontal only)")
     parser.add_argument("--resize", type=positive_int, default=EVAL_SIZE,
                         help=f"evaluation resize (default {EVAL_SIZE})")
     parser.add_argument("--crop-size", type=positive_int, default=224, help="crop size (default 224)")
@@ -281,7 +297,8 @@ def main(argv=None):
                       + (f", {len(skipped)} unreadable left out" if skipped else "")
                       + f" ({time.perf_counter() - start:.1f} s)")
             return
-        lists = resolve_split(args.split, args.data_dir, args.split_seed)
+        lists = resolve_split(args.split, args.data_dir, args.split_seed,
+                          getattr(args, "keep_laterals", False))
         if args.command == "split":
             for s, path in lists.items():
                 print(f"{s:<5} {len(read_list(path)[0]):>7} images  {path}")

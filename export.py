@@ -36,7 +36,8 @@ def held_out_val_crops(args):
     """Ten-crop uint8 crops of the val images: the first ones calibrate INT8, the next ones
     (never the same) check it. Decoded before any conversion, so bad data fails first."""
     check_data_dir(args.data_dir)
-    lists = resolve_split(args.split, args.data_dir, args.split_seed)
+    lists = resolve_split(args.split, args.data_dir, args.split_seed,
+                          getattr(args, "keep_laterals", False))
     store = None
     if not args.no_store:
         from store import open_store
@@ -104,7 +105,7 @@ def export(args):
             info["int8_vs_fp32"] = compare(staging, held_out, held_out_info, args)
             meta = {"checkpoint": str(args.checkpoint),
                     "arch": ckpt_meta.get("args", {}).get("arch", "densenet121"),
-                    "class_names": CLASS_NAMES, "data_dir": str(args.data_dir),
+                    "class_names": ckpt_meta.get("class_names", CLASS_NAMES), "data_dir": str(args.data_dir),
                     "split": args.split, "resize": args.resize, "crop_size": crop,
                     "calibration": info, "exported": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "files": {name: file_digest(staging / name) for name in _model_files()}}

@@ -31,7 +31,7 @@ from common import (ArgumentParser, DataError, SetupError, atomic_path, atomic_w
                     check_writable_file, fraction, one_line, positive_int, seed, strict_json)
 from dataset import ImageList, SkippedImage, add_data_args, check_data_dir
 from images import eval_input, normalize_gray
-from labels import CLASS_NAMES, resolve_split
+from labels import CLASS_NAMES, resolve_split, shared_classes
 from metrics import mean_auc, roc_aucs
 
 MODEL_NAMES = {"fp32": "chexnet_fp32.xml", "int8": "chexnet_int8.xml"}
@@ -44,6 +44,15 @@ class InferError(DataError):
 
 # ---------------------------------------------------------------------------------------------
 # The model directory: what infer.sh wrote, checked against its own manifest
+
+def class_map(text):
+    """'A=B,C=D' -> {'A': 'B', 'C': 'D'} (argparse type)."""
+    import argparse
+    pairs = [p.split("=") for p in text.split(",") if p.strip()]
+    if not pairs or any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 'MODEL NAME=LIST NAME,...'")
+    return {a.strip(): b.strip() for a, b in pairs}
+
 
 def read_metadata(model_dir, required=False):
     """chexnet.json as a dict ({} when there is none and it is not required)."""
@@ -99,8 +108,9 @@ class OpenVINOModel:
     probabilities. FP32 really is FP32: this CPU would otherwise silently run in bf16
     (INFERENCE_PRECISION_HINT), which is also slower on it."""
 
-    def __init__(self, xml, crop, crops_per_request, streams=None):
+    def __init__(self, xml, crop, crops_per_request, streams=None, class_names=CLASS_NAMES):
         import openvino as ov
+        self.class_names = list(class_names)
         xml = Path(xml)
         if not xml.is_file():
             raise InferError(f"{xml} not found: run `bash infer.sh` to export the model first")
@@ -121,9 +131,9 @@ class OpenVINOModel:
             raise InferError(f"{xml}: input shape {shape} does not take 3x{crop}x{crop} crops "
                              f"(--crop-size {crop})")
         out = model.outputs[0].get_partial_shape()
-        if len(out) != 2 or out[1].is_dynamic or out[1].get_length() != len(CLASS_NAMES):
+        if len(out) != 2 or out[1].is_dynamic or out[1].get_length() != len(class_names):
             raise InferError(f"{xml}: outputs {out[1] if len(out) == 2 else out}, expected "
-                             f"{len(CLASS_NAMES)} classes")
+                             f"{len(class_names)} classes")
         # The class activation maps (N, 14, h, w), in models exported since they exist.
         self.has_cams = len(model.outputs) > 1 and len(model.outputs[1].get_partial_shape()) == 4
         # Static shapes compile to faster CPU kernels than the exported dynamic batch.
@@ -136,7 +146,7 @@ class OpenVINOModel:
         except RuntimeError as e:
             raise InferError(f"{xml}: cannot compile the model ({_ov_reason(e)})") from None
         shape = list(self.compiled.outputs[0].get_shape())
-        if shape != [crops_per_request, len(CLASS_NAMES)]:
+        if shape != [crops_per_request, len(class_names)]:
             raise InferError(f"{xml}: gives outputs of shape {shape} for {crops_per_request} "
                              "crops: not a CheXNet export; run `bash infer.sh` again")
         self.requests = self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
@@ -184,7 +194,8 @@ class TorchModel:
 
         from model import WithCAM, model_from_checkpoint, with_sigmoid
         self.torch, self.rt, self.args = torch, rt, args
-        model, _ = model_from_checkpoint(checkpoint)
+        model, meta = model_from_checkpoint(checkpoint)
+        self.class_names = checkpoint_classes(meta, model, checkpoint)
         self.bare = model
         self.with_cams = WithCAM(model).eval()
         self.has_cams = True
@@ -218,11 +229,30 @@ class TorchModel:
             on_result(key, (probs.numpy(), maps.numpy()))
 
 
+def checkpoint_classes(meta, model, path):
+    """The class names a checkpoint was trained for; NIH's 14 for a bare or legacy file."""
+    classes = meta.get("class_names", CLASS_NAMES)
+    head = model.fc if hasattr(model, "fc") else model.classifier
+    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)
+            and len(classes) == head.out_features):
+        raise InferError(f"{path}: its class names do not match its {head.out_features} outputs")
+    return classes
+
+
+def metadata_classes(meta, model_dir):
+    classes = meta.get("class_names", CLASS_NAMES)
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise InferError(f"{Path(model_dir) / METADATA}: damaged model metadata ('class_names' "
+                         "is not a list of names); run `bash infer.sh` to export the model again")
+    return classes
+
+
 def load_openvino(args, meta):
     xml = Path(args.model_dir) / MODEL_NAMES[args.mode]
     if xml.exists():
         verify_model_files(args.model_dir, xml, meta)
-    return OpenVINOModel(xml, args.crop_size, 10 * args.images_per_request, args.streams)
+    return OpenVINOModel(xml, args.crop_size, 10 * args.images_per_request, args.streams,
+                         metadata_classes(meta, args.model_dir))
 
 
 def torch_checkpoint(args, meta):
@@ -329,7 +359,7 @@ def predict_openvino(backend, images, indices, args):
     which were readable. Decoding runs in threads ahead of the infer requests."""
     per_request = args.images_per_request
     groups = [indices[i:i + per_request] for i in range(0, len(indices), per_request)]
-    probs = np.zeros((len(indices), len(CLASS_NAMES)), np.float32)
+    probs = np.zeros((len(indices), len(backend.class_names)), np.float32)
     readable = np.ones(len(indices), bool)
 
     def load(g):  # (10 * per_request, 3, crop, crop); skipped and padding slots repeat a crop
@@ -386,6 +416,7 @@ class TorchPredictor:
             local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
             args.workers = 1 if cpu else max(1, min(16, (os.cpu_count() or 1) // local))
         self.model = TorchModel(checkpoint, rt, args)
+        self.class_names = self.model.class_names
         self.images, self.args, self.rt = images, args, rt
 
     def __call__(self, indices):
@@ -406,14 +437,14 @@ class TorchPredictor:
                 continue
             x, where = batch  # (B, 10, 1, crop, crop) uint8, (B,) list positions
             x = to_model_input(x.to(rt.device, non_blocking=True)).flatten(0, 1)
-            outputs.append(self.model(x).view(-1, 10, len(CLASS_NAMES)).mean(1))
+            outputs.append(self.model(x).view(-1, 10, len(self.class_names)).mean(1))
             rt.mark_step()
             positions.append(where.numpy())
-        empty = np.zeros((0, len(CLASS_NAMES)), np.float32)
+        empty = np.zeros((0, len(self.class_names)), np.float32)
         probs = torch.cat(outputs).cpu().numpy() if outputs else empty
         positions = np.concatenate(positions) if positions else np.zeros(0, np.int64)
         probs, positions = gather_from_ranks(rt, probs, positions)
-        out = np.zeros((len(indices), len(CLASS_NAMES)), np.float32)
+        out = np.zeros((len(indices), len(self.class_names)), np.float32)
         readable = np.zeros(len(indices), bool)
         slot = {i: k for k, i in enumerate(indices)}
         for p, i in zip(probs, positions):
@@ -446,7 +477,8 @@ class _IndexedTenCrop:
 def evaluation_images(args, log):
     """The list to evaluate, from the store of --resize when there is one."""
     check_data_dir(args.data_dir)
-    lists = resolve_split(args.split, args.data_dir, args.split_seed)
+    lists = resolve_split(args.split, args.data_dir, args.split_seed,
+                          getattr(args, "keep_laterals", False))
     store = None
     if not args.no_store:
         from store import open_store
@@ -473,10 +505,12 @@ def evaluate(args, rt=None):
         checkpoint = torch_checkpoint(args, meta)
         predictor = TorchPredictor(checkpoint, images, args, rt)
         model_id = file_digest(checkpoint)
+        model_classes = predictor.class_names
     else:
         backend = load_openvino(args, meta)
         xml = Path(args.model_dir) / MODEL_NAMES[args.mode]
         model_id = file_digest(xml) + file_digest(xml.with_suffix(".bin"))
+        model_classes = backend.class_names
 
         def predictor(indices):
             return predict_openvino(backend, images, indices, args)
@@ -490,11 +524,27 @@ def evaluate(args, rt=None):
             stack.enter_context(exclusive_lock(out_csv.parent / f".{out_csv.name}.lock",
                                                "another evaluation", "use another --out-csv"))
         return _predict_and_report(args, rt, is_main, log, out_csv, list_path, images,
-                                   predictor, model_id, key)
+                                   predictor, model_id, key, model_classes)
+
+
+def evaluated_classes(model_classes, images, list_path, class_map):
+    """(model columns, list columns, names): all of them when the model was trained on these
+    classes; else the classes the model and the list share (another data set: by name, or
+    through the mapping), named as the list names them."""
+    if model_classes == images.class_names:
+        every = list(range(len(model_classes)))
+        return every, every, list(model_classes)
+    pairs = shared_classes(model_classes, images.class_names, class_map)
+    if not pairs:
+        raise InferError(f"{list_path}: labels none of the model's classes "
+                         f"({', '.join(model_classes[:4])}...); map them with --class-map "
+                         "'MODEL NAME=LIST NAME,...'")
+    return ([i for i, _ in pairs], [j for _, j in pairs],
+            [images.class_names[j] for _, j in pairs])
 
 
 def _predict_and_report(args, rt, is_main, log, out_csv, list_path, images, predictor, model_id,
-                        key):
+                        key, model_classes):
     chunks = Chunks(out_csv, key, args.chunk_size, log) if is_main else None
     n = len(images)
     n_chunks = -(-n // args.chunk_size)
@@ -524,7 +574,9 @@ def _predict_and_report(args, rt, is_main, log, out_csv, list_path, images, pred
     probs = np.concatenate([p for p, _ in parts])
     readable = np.concatenate([r for _, r in parts])
     names = [nm for nm, ok in zip(images.names, readable) if ok]
-    labels, probs = images.labels[readable], probs[readable]
+    model_cols, list_cols, classes = evaluated_classes(model_classes, images, list_path,
+                                                      args.class_map)
+    labels, probs = images.labels[readable][:, list_cols], probs[readable][:, model_cols]
     if not np.isfinite(probs).all():
         raise InferError(f"the model gives non-finite probabilities on {list_path}")
     from report import (
@@ -536,11 +588,16 @@ def _predict_and_report(args, rt, is_main, log, out_csv, list_path, images, pred
         summary,
         write_report,
     )
-    points, why = operating_points_for(args.model_dir, args.mode, model_id)
+    points, why = operating_points_for(args.model_dir, args.mode, model_id, classes)
     notes = []
+    if classes != model_classes:
+        notes.append(f"note: {len(classes)} of the model's {len(model_classes)} classes are "
+                     f"labelled in {list_path}: " + ", ".join(
+                         model_classes[i] + ("" if model_classes[i] == c else f" = {c}")
+                         for i, c in zip(model_cols, classes)))
     if args.part == "val":  # thresholds and calibration are chosen here, never on test
         chosen = choose_operating_points(labels, probs, model_id, list_path,
-                                         args.target_sensitivity)
+                                         args.target_sensitivity, classes)
         where = save_operating_points(args.model_dir, args.mode, chosen)
         notes.append(f"operating points (thresholds by rule, Platt calibration) chosen on these "
                      f"{len(names)} val images: {where}")
@@ -550,12 +607,12 @@ def _predict_and_report(args, rt, is_main, log, out_csv, list_path, images, pred
     if args.calibrated and points is None:
         raise InferError(f"--calibrated: {why}")
     written = calibrate(probs, points) if args.calibrated else probs
-    atomic_write_text(out_csv, "Image Index," + ",".join(CLASS_NAMES) + "\n" + "".join(
+    atomic_write_text(out_csv, "Image Index," + ",".join(classes) + "\n" + "".join(
         nm + "," + ",".join(f"{p:.6f}" for p in row) + "\n" for nm, row in zip(names, written)),
         "predictions")
     chunks.remove()
     report = build_report(names, labels, probs, points if args.part == "test" else None,
-                          args.n_boot, args.boot_seed, args.calibrated, mode=args.mode,
+                          args.n_boot, args.boot_seed, args.calibrated, classes, mode=args.mode,
                           part=args.part, list=str(list_path), predictions=str(out_csv))
     skipped = n - len(names)
     print(f"mode {args.mode}: {len(names)} {args.part} images of {list_path}"
@@ -570,7 +627,7 @@ def _predict_and_report(args, rt, is_main, log, out_csv, list_path, images, pred
     print(f"predictions: {out_csv}" + (" (Platt-calibrated)" if args.calibrated else ""))
     for path in write_report(out_csv, report, labels, probs,
                              points if args.part == "test" else None, args.calibrated,
-                             figures=not args.no_figures):
+                             figures=not args.no_figures, class_names=classes):
         print(f"report: {path}")
     aucs = roc_aucs(labels, probs)
     return {"aucs": aucs, "mean_auc": mean_auc(aucs), "probs": written, "names": names,
@@ -589,9 +646,11 @@ def classify_images(args):
         backend = load_openvino(args, meta)
         xml = Path(args.model_dir) / MODEL_NAMES[args.mode]
         model_id = file_digest(xml) + file_digest(xml.with_suffix(".bin"))
-    points, why = operating_points_for(args.model_dir, args.mode, model_id)
+    classes = backend.class_names
+    points, why = operating_points_for(args.model_dir, args.mode, model_id, classes)
     if args.calibrated and points is None:
         raise InferError(f"--calibrated: {why}")
+    width = max(20, max(map(len, classes)) + 2)
     for path in args.image:
         crops = np.concatenate([eval_input(path, args.resize, args.crop_size)]
                                * args.images_per_request)
@@ -603,11 +662,11 @@ def classify_images(args):
         shown = calibrate(probs[None], points)[0] if args.calibrated else probs
         print(f"{path}:")
         for k in np.argsort(-probs):
-            line = f"  {CLASS_NAMES[k]:<20}{shown[k]:.4f}"
+            line = f"  {classes[k]:<{width}}{shown[k]:.4f}"
             if points is not None:
                 t = thresholds_of(points, args.rule)[k]
                 line += (f"  {'positive' if probs[k] >= t else 'negative'} (threshold "
-                         f"{calibrate(np.array([[t] * 14]), points)[0, k] if args.calibrated else t:.4f})"
+                         f"{calibrate(np.array([[t] * len(classes)]), points)[0, k] if args.calibrated else t:.4f})"
                          if np.isfinite(t) else "  n/a (no threshold)")
             print(line)
     if points is None:
@@ -630,7 +689,8 @@ def localize(args):
     backend = (TorchModel(torch_checkpoint(args, meta)) if args.mode == "torch"
                else load_openvino(args, meta))
     check_data_dir(args.data_dir)
-    lists = resolve_split(args.split, args.data_dir, args.split_seed)
+    lists = resolve_split(args.split, args.data_dir, args.split_seed,
+                          getattr(args, "keep_laterals", False))
     out = Path(args.out_csv).parent if args.out_csv else Path(args.model_dir)
     target = out / f"localization_{args.mode}.json"
     check_writable_file(target, "--out-csv")
@@ -694,6 +754,10 @@ def get_args(argv=None):
     p.add_argument("--localize-tau", type=fraction, default=None,
                    help="--localize: a fixed heatmap threshold instead of the one that does best "
                         "on val's boxed images (needed where val has none: --split official)")
+    p.add_argument("--class-map", type=class_map, default=None,
+                   help="evaluating on another data set: 'MODEL NAME=LIST NAME,...' pairs the "
+                        "model's classes with the list's (default: same names, and NIH's "
+                        "Effusion = CheXpert's Pleural Effusion)")
     # Report (report.py): intervals, operating points, calibration
     p.add_argument("--n-boot", type=positive_int, default=2000,
                    help="bootstrap resamples of patients for the 95%% intervals")

@@ -1,13 +1,16 @@
 """ChestX-ray14 labels and splits: NIH's label table, list files, patient-level splits.
 
     label table   Data_Entry_2017_v2020.csv (or the 2017 file), one row per image
-    list file     "<image name> <14 space-separated 0/1>", one line per image
+    list file     "<image name> <14 space-separated 0/1>", one line per image; lists of other
+                  data sets (datasets.py) start with "# classes: A,B,..." and "# images: DIR"
+                  headers and may hold -1 (uncertain) and . (not mentioned)
     split         three list files, train_list.txt, val_list.txt, test_list.txt
 
 No patient is ever in two splits: every split made here is patient-level, and every split
 read is checked for images or patients shared between its lists.
 """
 import gzip
+import re
 import zlib
 from pathlib import Path
 
@@ -34,7 +37,11 @@ HOW_TO_GET_DATA = ("run `bash batch_download.sh` to fetch ChestX-ray14 (42 GB), 
 
 
 def patient_of(name):
-    """NIH image names are <8-digit patient id>_<3-digit follow-up>.png; None for others."""
+    """The patient of an image name: NIH's <8-digit patient id>_<3-digit follow-up>.png,
+    CheXpert's .../patientNNNNN/..., MIMIC-CXR's .../pNNNNNNNN/sNNNNNNNN/...; None for others."""
+    if "/" in name:
+        found = re.search(r"(?:^|/)patient(\d+)/", name) or re.search(r"(?:^|/)p(\d+)/s\d+/", name)
+        return int(found.group(1)) if found else None
     head = name.split("_", 1)[0]
     return int(head) if head.isdigit() and "_" in name else None
 
@@ -98,18 +105,32 @@ def read_label_table(path):
 # ---------------------------------------------------------------------------------------------
 # List files
 
+LABEL_TEXT = {"1": 1.0, "0": 0.0, "-1": -1.0, ".": np.nan}
+
+
 def read_list(path):
-    """Returns (names, labels uint8 [N, 14]). Every image at most once."""
-    names, rows, line_of = [], [], {}
+    """Returns (names, labels [N, K]). Every image at most once. NIH lists (no header, 0/1)
+    give uint8 labels for NIH's 14 classes; a list with a `# classes:` header gives float32
+    labels with 1, 0, -1 (uncertain) and NaN (not mentioned) for its own classes."""
+    header, names, rows, line_of = {}, [], [], {}
     try:
         with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of a name
             for line_no, line in enumerate(f, 1):
+                if line.startswith("#"):
+                    if not names and ":" in line:
+                        key, value = line[1:].split(":", 1)
+                        header[key.strip()] = value.strip()
+                    continue
                 fields = line.split()
                 if not fields:
                     continue
-                if len(fields) != NUM_CLASSES + 1 or not all(v in ("0", "1") for v in fields[1:]):
-                    raise DataError(f"{path}:{line_no}: expected an image name and {NUM_CLASSES} "
-                                    f"labels of 0/1, got {line.strip()[:80]!r}")
+                classes = list_classes_from(header, path)
+                allowed = LABEL_TEXT if "classes" in header else ("0", "1")
+                if len(fields) != len(classes) + 1 or not all(v in allowed for v in fields[1:]):
+                    values = "1/0/-1/." if "classes" in header else "0/1"
+                    raise DataError(f"{path}:{line_no}: expected an image name and "
+                                    f"{len(classes)} labels of {values}, got "
+                                    f"{line.strip()[:80]!r}")
                 if fields[0] in line_of:
                     raise DataError(f"{path}:{line_no}: image {fields[0]} is listed twice "
                                     f"(first on line {line_of[fields[0]]})")
@@ -120,21 +141,118 @@ def read_list(path):
         raise DataError(f"{path}: cannot read list file ({os_reason(e)})") from None
     if not names:
         raise DataError(f"{path}: list file is empty")
-    return names, np.array(rows, dtype=np.uint8).reshape(-1, NUM_CLASSES)
+    k = len(list_classes_from(header, path))
+    if "classes" not in header:
+        return names, np.array(rows, dtype=np.uint8).reshape(-1, k)
+    return names, np.array([[LABEL_TEXT[v] for v in row] for row in rows],
+                           dtype=np.float32).reshape(-1, k)
 
 
-def write_list(path, names, labels):
+def list_classes_from(header, path):
+    if "classes" not in header:
+        return CLASS_NAMES
+    classes = [c.strip() for c in header["classes"].split(",")]
+    if not all(classes) or len(set(classes)) != len(classes):
+        raise DataError(f"{path}: '# classes:' header must name distinct classes, comma-separated")
+    return classes
+
+
+def list_header(path):
+    """(class names, image directory relative to the data directory) of a list file."""
+    header = {}
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for line in f:
+                if not line.startswith("#"):
+                    break
+                if ":" in line:
+                    key, value = line[1:].split(":", 1)
+                    header[key.strip()] = value.strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read list file ({os_reason(e)})") from None
+    return list_classes_from(header, path), header.get("images", "images")
+
+
+def write_list(path, names, labels, header=None):
     """Write a list file atomically; an identical file is left untouched (a split made again
-    from the same table and seed does not change its files' times)."""
+    from the same table and seed does not change its files' times). header: {'classes':
+    [...], 'images': DIR} for the lists of other data sets (labels 1/0/-1/NaN)."""
     path = Path(path)
-    text = "".join(f"{n} {' '.join(map(str, row))}\n" for n, row in zip(names, labels.tolist()))
+    lines = []
+    if header:
+        lines = [f"# classes: {','.join(header['classes'])}\n", f"# images: {header['images']}\n"]
+        text_of = {1.0: "1", 0.0: "0", -1.0: "-1"}
+        rows = [" ".join("." if np.isnan(v) else text_of[float(v)] for v in row)
+                for row in np.asarray(labels, dtype=np.float32)]
+    else:
+        rows = [" ".join(map(str, row)) for row in labels.tolist()]
+    text = "".join(lines) + "".join(f"{n} {row}\n" for n, row in zip(names, rows))
     if not (path.is_file() and path.read_text() == text):
         atomic_write_text(path, text, "split list")
 
 
+UNCERTAIN_POLICIES = ("ones", "zeros", "ignore")
+
+
+def training_targets(labels, policy="ones"):
+    """The targets training fits, float32 [N, K]; NaN marks an entry the loss ignores.
+    ones (U-Ones): uncertain -> 1; zeros (U-Zeros): uncertain -> 0; not mentioned -> 0 for
+    both. ignore (U-Ignore): uncertain and not mentioned are both masked out of the loss.
+    NIH's 0/1 labels come back as they are."""
+    if labels.dtype == np.uint8:
+        return labels
+    if policy not in UNCERTAIN_POLICIES:
+        raise DataError(f"--uncertain {policy!r}: choose from {', '.join(UNCERTAIN_POLICIES)}")
+    out = labels.astype(np.float32).copy()
+    uncertain, blank = out == -1, np.isnan(out)
+    if policy == "ignore":
+        out[uncertain] = np.nan
+    else:
+        out[uncertain] = 1.0 if policy == "ones" else 0.0
+        out[blank] = 0.0
+    return out
+
+
+def evaluation_labels(labels):
+    """What evaluation scores against: uncertain entries (-1) are left out (NaN), not
+    mentioned counts as negative, as in the CheXpert and MIMIC-CXR evaluations. NIH's 0/1
+    labels come back as they are."""
+    if labels.dtype == np.uint8:
+        return labels
+    out = np.nan_to_num(labels.astype(np.float32), nan=0.0)
+    out[labels == -1] = np.nan
+    return out
+
+
+# The same finding under another name in another data set, for evaluating a model on a data
+# set it was not trained on: ChestX-ray14's name -> the CheXpert labeler's (CheXpert, MIMIC).
+SAME_FINDING = {"Effusion": "Pleural Effusion"}
+
+
+def shared_classes(model_classes, list_classes, mapping=None):
+    """[(model column, list column)] for every class of the model that the list labels: by
+    the same name, else through `mapping` (SAME_FINDING by default) in either direction."""
+    mapping = SAME_FINDING if mapping is None else mapping
+    both_ways = {**mapping, **{v: k for k, v in mapping.items()}}
+    column = {c: j for j, c in enumerate(list_classes)}
+    pairs = []
+    for i, name in enumerate(model_classes):
+        j = column.get(name, column.get(both_ways.get(name)))
+        if j is not None:
+            pairs.append((i, j))
+    return pairs
+
+
 def check_disjoint(lists):
-    """A leak between splits is an error: no image, and no NIH patient, in two lists."""
+    """A leak between splits is an error: no image, and no patient, in two lists. The lists
+    of a split label the same classes."""
     seen, patients = {}, {}
+    classes = {path: list_header(path)[0] for path in lists.values()}
+    first = next(iter(lists.values()))
+    for path, names in classes.items():
+        if names != classes[first]:
+            raise DataError(f"{path}: labels other classes than {first} ({', '.join(names[:3])}"
+                            f"... vs {', '.join(classes[first][:3])}...)")
     for split, path in lists.items():
         for name in read_list(path)[0]:
             if name in seen:
@@ -228,18 +346,24 @@ def make_official_split(data_dir, seed=0, val_fraction=0.125):
                         "official")
 
 
-def resolve_split(split="auto", data_dir=None, seed=0):
+def resolve_split(split="auto", data_dir=None, seed=0, keep_laterals=False):
     """Where the list files of a split live: {'train': Path, 'val': Path, 'test': Path}.
 
     split:
       auto     the data directory's own lists (<data-dir>/train_list.txt ...) if it has them
-               (the bundled sample does), else the shipped CheXNet split
+               (the bundled sample does); else for CheXpert and MIMIC-CXR their official
+               split, for ChestX-ray14 the shipped CheXNet split
       chexnet  arnoweng/CheXNet's published lists, shipped in splits/chexnet/
-      random   a fresh seeded patient-level 70/10/20 split of <data-dir>'s label table
-      official NIH's train_val_list.txt / test_list.txt, val carved out by patient
+      random   a fresh seeded patient-level 70/10/20 split of <data-dir>'s labels
+      official the data set's own split (NIH's train_val_list.txt / test_list.txt, val carved
+               out by patient; CheXpert's train.csv / valid.csv; MIMIC's split file)
       DIR      a directory holding train_list.txt, val_list.txt, test_list.txt
-    The lists are checked to share no image and no patient.
+    The lists are checked to share no image and no patient. CheXpert and MIMIC lists hold
+    frontal views only unless keep_laterals.
     """
+    from datasets import detect_dataset, make_split
+    dataset = detect_dataset(data_dir) if data_dir is not None and Path(data_dir).is_dir() \
+        else "nih"
     if split == "auto":
         present = [s for s in SPLITS if data_dir is not None
                    and (Path(data_dir) / f"{s}_list.txt").exists()]
@@ -248,7 +372,14 @@ def resolve_split(split="auto", data_dir=None, seed=0):
             raise DataError(f"{Path(data_dir) / f'{missing}_list.txt'}: not found, while "
                             f"{Path(data_dir) / f'{present[0]}_list.txt'} is there: a data "
                             "directory's own split needs all three lists (or pass --split)")
-        directory = Path(data_dir) if present else SHIPPED_SPLIT_DIR
+        if present:
+            directory = Path(data_dir)
+        elif dataset != "nih":
+            directory = make_split(dataset, data_dir, "official", seed, keep_laterals)
+        else:
+            directory = SHIPPED_SPLIT_DIR
+    elif split in ("random", "official") and dataset != "nih":
+        directory = make_split(dataset, data_dir, split, seed, keep_laterals)
     elif split == "chexnet":
         directory = SHIPPED_SPLIT_DIR
     elif split in ("random", "official"):

@@ -28,7 +28,7 @@ from common import (ArgumentParser, DataError, atomic_copy, atomic_path, atomic_
                     check_writable_dir, exclusive_lock, fraction, nonnegative_float,
                     nonnegative_int, one_line, positive_float, positive_int, seed, strict_json)
 from dataset import TRAIN_SIZE, ChestXray14, add_data_args, check_data_dir, collate, to_model_input
-from labels import CLASS_NAMES, resolve_split
+from labels import CLASS_NAMES, UNCERTAIN_POLICIES, resolve_split
 from metrics import mean_auc, roc_aucs
 from model import ARCH_NAMES, CheckpointError, build_model, load_file, load_weights, train_mode
 from runtime import SetupError, autocast, gather_from_ranks, setup
@@ -86,6 +86,10 @@ def get_args(argv=None):
     p.add_argument("--weight-decay", type=nonnegative_float, default=None, help="recipe: 1e-5")
     p.add_argument("--patience", type=nonnegative_int, default=None,
                    help="epochs without val-loss improvement before lr / 10 (recipe: 5)")
+    p.add_argument("--uncertain", choices=UNCERTAIN_POLICIES, default="ones",
+                   help="CheXpert/MIMIC uncertain labels in training: ones (U-Ones, default), "
+                        "zeros (U-Zeros) or ignore (masked out of the loss with the unmentioned "
+                        "ones); evaluation always leaves uncertain labels out")
     p.add_argument("--pos-weight", action="store_true",
                    help="weight positives by negatives/positives of each disease in train")
     p.add_argument("--seed", type=seed, default=0)
@@ -243,7 +247,7 @@ def evaluate(model, loader, rt, args, pos_weight=None):
         logits.append(out.float())
         labels.append(batch[1].numpy())
         names.extend(batch[2])
-    empty = np.zeros((0, len(CLASS_NAMES)), np.float32)
+    empty = np.zeros((0, len(loader.dataset.class_names)), np.float32)
     logits = torch.cat(logits).cpu().numpy() if logits else empty  # one wait, at the end
     logits, labels, names = gather_from_ranks(
         rt, logits, np.concatenate(labels) if labels else empty, np.array(names, dtype=object))
@@ -253,13 +257,29 @@ def evaluate(model, loader, rt, args, pos_weight=None):
     logits, labels, names = logits[keep], labels[keep], names[keep]
     if not np.isfinite(logits).all():
         raise NonFiniteLoss("validation outputs are non-finite: the weights diverged")
-    loss = F.binary_cross_entropy_with_logits(
-        torch.from_numpy(logits), torch.from_numpy(labels),
-        pos_weight=None if pos_weight is None else pos_weight.cpu()).item()
+    loss = MaskedBCE(None if pos_weight is None else pos_weight.cpu())(
+        torch.from_numpy(logits), torch.from_numpy(labels.astype(np.float32))).item()
     probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
     aucs = roc_aucs(labels, probs)
     return {"loss": loss, "auc": aucs, "mean_auc": mean_auc(aucs), "images": len(labels),
             "names": names, "probs": probs}
+
+
+class MaskedBCE(torch.nn.Module):
+    """BCEWithLogitsLoss over the entries whose target is known: a NaN target (an uncertain
+    or unmentioned label under --uncertain ignore, an uncertain one in evaluation) adds
+    nothing to the loss and gets no gradient. Without NaN it is BCEWithLogitsLoss exactly."""
+
+    def __init__(self, pos_weight=None):
+        super().__init__()
+        self.pos_weight = pos_weight
+
+    def forward(self, logits, targets):  # (B, K), (B, K) with NaN where ignored
+        known = ~torch.isnan(targets)
+        loss = F.binary_cross_entropy_with_logits(
+            logits, torch.where(known, targets, 0.0), pos_weight=self.pos_weight,
+            reduction="none")
+        return torch.where(known, loss, 0.0).sum() / known.sum().clamp(min=1)
 
 
 def to_device(batch, rt, args):
@@ -284,7 +304,7 @@ def save_checkpoint(path, model, optimizer, scheduler, scaler, args, **state):
             raise NonFiniteLoss(f"weights became non-finite ({name}); {path} not overwritten")
     payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-               "args": vars(args), "class_names": CLASS_NAMES, **state}
+               "args": vars(args), **state}
     buffer = io.BytesIO()  # serialised first: a failed write is then an OSError naming its cause
     torch.save(payload, buffer)
     with atomic_path(path, "checkpoint") as tmp:
@@ -316,13 +336,14 @@ def repair_outputs(out_dir, ckpt, log):
 
 
 # Flags whose change would make the resumed run another experiment than the one in last.pt.
-RESUME_FLAGS = ("seed", "train_size", "resize", "crop_size", "crop_scale")
+RESUME_FLAGS = ("seed", "train_size", "resize", "crop_size", "crop_scale", "uncertain")
 
 
 def data_identity(train_set, val_set):
     """Which images a run trains and validates on: resuming on other lists is refused."""
-    return {part: hashlib.sha256("\n".join(ds.names).encode()).hexdigest()
-            for part, ds in (("train", train_set), ("val", val_set))}
+    return {**{part: hashlib.sha256("\n".join(ds.names).encode()).hexdigest()
+               for part, ds in (("train", train_set), ("val", val_set))},
+            "classes": train_set.class_names}
 
 
 def load_checkpoint(path, model, optimizer, scheduler, scaler, args, data):
@@ -348,10 +369,14 @@ def load_checkpoint(path, model, optimizer, scheduler, scaler, args, data):
             raise CheckpointError(f"{path}: trained with --{key.replace('_', '-')} "
                                   f"{trained[key]}, not {getattr(args, key)}; {how}")
     for part in ("train", "val"):
-        if ckpt.get("data", data)[part] != data[part]:
+        if ckpt.get("data", data).get(part) != data[part]:
             raise CheckpointError(f"{path}: trained on another {part} list (a different --split, "
                                   f"--data-dir or --limit); {how}")
-    load_weights(model, ckpt["model"], path, args.arch, len(CLASS_NAMES))
+    classes = ckpt.get("class_names", CLASS_NAMES)
+    if classes != data["classes"]:
+        raise CheckpointError(f"{path}: trained for other classes ({', '.join(classes[:3])}...) "
+                              f"than these lists ({', '.join(data['classes'][:3])}...); {how}")
+    load_weights(model, ckpt["model"], path, args.arch, len(classes))
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -383,7 +408,7 @@ def make_datasets(args, lists, log):
     common = dict(crop=args.crop_size, skip_bad_images=args.skip_bad_images, limit=args.limit)
     return (ChestXray14(args.data_dir, lists["train"], "train", args.train_size, seed=args.seed,
                         crop_scale=(args.crop_scale, 1.0), crop_ratio=args.crop_ratio,
-                        store=stores[args.train_size], **common),
+                        store=stores[args.train_size], uncertain=args.uncertain, **common),
             ChestXray14(args.data_dir, lists["val"], "center", args.resize,
                         store=stores[args.resize], **common))
 
@@ -426,7 +451,8 @@ def run(args, rt):
         raise SetupError("--amp-dtype fp16: Gaudi trains in bf16 (no fp16 gradient scaler); "
                          "use --amp alone")
     check_data_dir(args.data_dir)
-    lists = resolve_split(args.split, args.data_dir, args.split_seed)
+    lists = resolve_split(args.split, args.data_dir, args.split_seed,
+                          getattr(args, "keep_laterals", False))
     train_set, val_set = make_datasets(args, lists, log)
     global_batch = args.batch_size * rt.world_size
     if len(train_set) < global_batch:
@@ -452,7 +478,8 @@ def _train(args, rt, lists, train_set, val_set, global_batch, out_dir, log):
     # A resumed run takes its weights from the checkpoint: nothing to download.
     if rt.distributed and rt.local_rank != 0:
         dist.barrier()
-    model = build_model(args.arch, len(CLASS_NAMES), "none" if resume else args.pretrained,
+    classes = train_set.class_names  # the head's outputs, saved with every checkpoint
+    model = build_model(args.arch, len(classes), "none" if resume else args.pretrained,
                         None if resume else args.weights, args.freeze_backbone)
     if rt.distributed and rt.local_rank == 0:
         dist.barrier()
@@ -473,10 +500,13 @@ def _train(args, rt, lists, train_set, val_set, global_batch, out_dir, log):
                                   enabled=_uses_scaler(vars(args)))
     pos_weight = None
     if args.pos_weight:
-        positives = train_set.labels.sum(0).clip(min=1)
-        pos_weight = torch.tensor((len(train_set) - positives) / positives,
+        targets = train_set.labels.astype(np.float64)  # NaN: ignored
+        positives = np.nansum(targets, 0).clip(min=1)
+        pos_weight = torch.tensor((np.isfinite(targets).sum(0) - positives) / positives,
                                   dtype=torch.float32, device=rt.device)
-    criterion = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    # Plain BCE for labels that are all known (NIH's); the masked one where some are ignored
+    masked = train_set.labels.dtype != np.uint8 and np.isnan(train_set.labels).any()
+    criterion = (MaskedBCE if masked else torch.nn.BCEWithLogitsLoss)(pos_weight=pos_weight)
 
     if rt.distributed:  # every rank must resume from the same file, or none
         seen = [None] * rt.world_size
@@ -484,7 +514,7 @@ def _train(args, rt, lists, train_set, val_set, global_batch, out_dir, log):
         if len(set(seen)) > 1:
             raise SetupError(f"rank 0 resumes from {seen[0]} but other ranks see {set(seen[1:])}: "
                              "put --out-dir on a filesystem every node shares")
-    state = {"epoch": 0, "step": 0, "epoch_images": 0, "best_auc": -math.inf, "best_epoch": None,
+    state = {"class_names": classes, "epoch": 0, "step": 0, "epoch_images": 0, "best_auc": -math.inf, "best_epoch": None,
              "history": [], "partial": {"loss_sum": 0.0, "images": 0},
              "world_size": rt.world_size, "batch_size": args.batch_size}
     if resume:
@@ -579,7 +609,7 @@ def _train(args, rt, lists, train_set, val_set, global_batch, out_dir, log):
         record = {"epoch": epoch + 1, "steps": state["step"], "batches": steps_per_epoch,
                   "global_batch": global_batch, "train_loss": train_loss,
                   "val_loss": val["loss"], "val_mean_auc": val["mean_auc"],
-                  "val_auc": dict(zip(CLASS_NAMES, val["auc"].tolist())),
+                  "val_auc": dict(zip(classes, val["auc"].tolist())),
                   "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
                   "images_per_s": stats["images"] * rt.world_size / stats["seconds"]}
         improved = not math.isnan(val["mean_auc"]) and val["mean_auc"] > state["best_auc"]

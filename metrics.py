@@ -6,6 +6,9 @@ move together (NIH has up to 184 per patient), so their correlation widens the i
 should. Each resample is a count per patient (how many times it was drawn), and every statistic is
 computed for many resamples at once from those counts: AUROC from the cumulative weight of the
 sorted negatives, counts at a threshold as one matrix product.
+
+Labels are 0/1 [N, K]; a NaN label (an uncertain CheXpert/MIMIC label) is left out of its
+disease's statistics, the image still counting for the others.
 """
 import warnings
 from contextlib import contextmanager
@@ -16,14 +19,26 @@ N_BOOT = 2000  # resamples, by default
 CHUNK = 200  # resamples held in memory at once: (CHUNK, images) float64
 
 
+def known(y, *arrays):
+    """(y, *arrays) without the images whose label y is NaN (left out: uncertain)."""
+    y = np.asarray(y)
+    if y.dtype.kind != "f":
+        return (y, *arrays)
+    keep = ~np.isnan(y)
+    return (y[keep], *(None if a is None else np.asarray(a)[keep] for a in arrays))
+
+
 def roc_aucs(labels, probs):
     """Per-disease ROC-AUC (float64 [K]); NaN where the images hold a single class, for
     which AUC is undefined. labels, probs: [N, K]."""
     from sklearn.metrics import roc_auc_score
     labels, probs = np.asarray(labels), np.asarray(probs)
-    return np.array([roc_auc_score(labels[:, k], probs[:, k])
-                     if 0 < labels[:, k].sum() < len(labels) else np.nan
-                     for k in range(labels.shape[1])])
+    out = np.full(labels.shape[1], np.nan)
+    for k in range(labels.shape[1]):
+        y, p = known(labels[:, k], probs[:, k])
+        if 0 < y.sum() < len(y):
+            out[k] = roc_auc_score(y, p)
+    return out
 
 
 def mean_auc(aucs):
@@ -37,8 +52,12 @@ def auprcs(labels, probs):
     positives. Read it against the disease's prevalence, which is what a random score gets."""
     from sklearn.metrics import average_precision_score
     labels, probs = np.asarray(labels), np.asarray(probs)
-    return np.array([average_precision_score(labels[:, k], probs[:, k])
-                     if labels[:, k].any() else np.nan for k in range(labels.shape[1])])
+    out = np.full(labels.shape[1], np.nan)
+    for k in range(labels.shape[1]):
+        y, p = known(labels[:, k], probs[:, k])
+        if y.any():
+            out[k] = average_precision_score(y, p)
+    return out
 
 
 @contextmanager
@@ -76,9 +95,9 @@ def weighted_aucs(y, scores, counts, inverse=None):
 
     Only the negatives' cumulative weight is built (b x negatives); each positive then looks up
     the weight of the negatives below it and tied with it."""
-    y = np.asarray(y).astype(bool)
-    scores = np.asarray(scores)
     inverse = np.arange(len(y)) if inverse is None else inverse
+    y, scores, inverse = known(y, scores, inverse)
+    y = y.astype(bool)
     neg_order = np.argsort(scores[~y], kind="mergesort")
     neg_scores = scores[~y][neg_order]
     neg_w = counts[:, inverse[~y][neg_order]]  # (b, negatives), sorted by score
@@ -139,7 +158,7 @@ def choose_thresholds(labels, probs, target_sensitivity=0.9):
     labels, probs = np.asarray(labels), np.asarray(probs)
     out = {rule: np.full(labels.shape[1], np.nan) for rule in RULES}
     for d in range(labels.shape[1]):
-        y, p = labels[:, d], probs[:, d]
+        y, p = known(labels[:, d], probs[:, d])
         if not 0 < y.sum() < len(y):
             continue
         fpr, tpr, thr = roc_curve(y, p)
@@ -166,9 +185,12 @@ def at_threshold(labels, probs, thresholds, groups, n_boot=N_BOOT, seed=0):
     """The confusion statistics at fixed per-disease thresholds: point values, 95% bootstrap
     intervals (patients resampled) and the counts. {stat: (value [K], lo [K], hi [K])}."""
     labels = np.asarray(labels, dtype=np.float64)
+    counted = (~np.isnan(labels)).astype(np.float64)  # an uncertain label counts nowhere
+    labels = np.nan_to_num(labels)
     positive = (np.asarray(probs) >= np.asarray(thresholds)[None]).astype(np.float64)
     parts = {"tp": labels * positive, "fp": (1 - labels) * positive,
              "fn": labels * (1 - positive), "tn": (1 - labels) * (1 - positive)}
+    parts = {k: v * counted for k, v in parts.items()}
     counts = {k: v.sum(0) for k, v in parts.items()}
     point = confusion_stats(**counts)
     samples = {stat: [] for stat in point}
@@ -195,6 +217,7 @@ def at_threshold(labels, probs, thresholds, groups, n_boot=N_BOOT, seed=0):
 def reliability(y, p, bins=15):
     """Equal-width bins of predicted probability: (mean predicted, fraction positive, count)
     per non-empty bin, and the expected calibration error (count-weighted |gap|)."""
+    y, p = known(y, p)
     edges = np.linspace(0, 1, bins + 1)
     which = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
     count = np.bincount(which, minlength=bins)
@@ -218,8 +241,9 @@ def fit_platt(labels, probs):
     logits = _logit(probs)
     a, b = np.ones(labels.shape[1]), np.zeros(labels.shape[1])
     for d in range(labels.shape[1]):
-        if 0 < labels[:, d].sum() < len(labels):
-            fit = LogisticRegression(C=1e6, max_iter=1000).fit(logits[:, d:d + 1], labels[:, d])
+        y, x = known(labels[:, d], logits[:, d:d + 1])
+        if 0 < y.sum() < len(y):
+            fit = LogisticRegression(C=1e6, max_iter=1000).fit(x, y)
             a[d], b[d] = fit.coef_[0, 0], fit.intercept_[0]
     return a, b
 

@@ -21,9 +21,10 @@ import numpy as np
 
 from common import (ArgumentParser, DataError, atomic_path, atomic_write_text, one_line, os_reason,
                     positive_int, seed, strict_json)
-from labels import CLASS_NAMES, patient_of, read_list, resolve_split
+from labels import (CLASS_NAMES, evaluation_labels, list_header, patient_of, read_list,
+                    resolve_split, shared_classes)
 from metrics import (N_BOOT, RULES, apply_platt, at_threshold, auprcs, bootstrap_aucs,
-                     calibration_errors, choose_thresholds, fit_platt, interval, mean_auc,
+                     calibration_errors, choose_thresholds, fit_platt, interval, known, mean_auc,
                      paired_auc_difference, reliability, roc_aucs)
 
 OPERATING_POINTS = "operating_points.json"
@@ -39,12 +40,13 @@ def patient_groups(names):
 # ---------------------------------------------------------------------------------------------
 # Operating points: chosen on val, stored in the model directory, applied to test
 
-def choose_operating_points(labels, probs, model_id, source, target_sensitivity=0.9):
+def choose_operating_points(labels, probs, model_id, source, target_sensitivity=0.9,
+                            class_names=CLASS_NAMES):
     """Thresholds by each rule and Platt parameters, from validation predictions."""
     thresholds = choose_thresholds(labels, probs, target_sensitivity)
     a, b = fit_platt(labels, probs)
     return {"model": model_id, "chosen_on": str(source), "images": int(len(labels)),
-            "target_sensitivity": target_sensitivity, "class_names": CLASS_NAMES,
+            "target_sensitivity": target_sensitivity, "class_names": list(class_names),
             "thresholds": {rule: thresholds[rule].tolist() for rule in RULES},
             "platt": {"a": a.tolist(), "b": b.tolist()}}
 
@@ -72,7 +74,7 @@ def read_operating_points(model_dir):
     return points
 
 
-def operating_points_for(model_dir, mode, model_id):
+def operating_points_for(model_dir, mode, model_id, class_names=CLASS_NAMES):
     """This model's operating points for this mode, or (None, why not)."""
     points = read_operating_points(model_dir).get(mode)
     how = f"run `python infer.py --mode {mode} --part val` to choose them on the val split"
@@ -80,9 +82,12 @@ def operating_points_for(model_dir, mode, model_id):
         return None, f"no operating points for --mode {mode} in {model_dir}/; {how}"
     if points.get("model") != model_id:
         return None, f"the operating points in {model_dir}/ are for another model; {how}"
+    if points.get("class_names", CLASS_NAMES) != list(class_names):
+        return None, (f"the operating points in {model_dir}/ are for other classes "
+                      f"(chosen on another data set); {how}")
     try:
         for rule in RULES:
-            if len(points["thresholds"][rule]) != len(CLASS_NAMES):
+            if len(points["thresholds"][rule]) != len(class_names):
                 raise ValueError(rule)
         np.asarray(points["platt"]["a"], float), np.asarray(points["platt"]["b"], float)
     except (KeyError, TypeError, ValueError):
@@ -102,7 +107,7 @@ def calibrate(probs, points):
 # The report
 
 def build_report(names, labels, probs, points=None, n_boot=N_BOOT, seed=0, calibrated=False,
-                 **context):
+                 class_names=CLASS_NAMES, **context):
     """Every number of one evaluation, as a JSON-ready dict. points: operating points chosen
     on val (None: no thresholds are reported)."""
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
@@ -124,8 +129,9 @@ def build_report(names, labels, probs, points=None, n_boot=N_BOOT, seed=0, calib
                                     seed) for rule in RULES}
         if calibrated:
             ece_cal = calibration_errors(labels, calibrate(probs, points))
-    for d, name in enumerate(CLASS_NAMES):
-        entry = {"prevalence": float(labels[:, d].mean()), "positives": int(labels[:, d].sum()),
+    for d, name in enumerate(class_names):
+        y = known(labels[:, d])[0]  # without the uncertain labels
+        entry = {"prevalence": float(y.mean()), "positives": int(y.sum()),
                  "auc": aucs[d], "auc_ci": [lo[d], hi[d]], "auprc": ap[d], "ece": ece[d]}
         if points is not None:
             entry["thresholds"] = {}
@@ -196,14 +202,15 @@ def markdown(report, rule="youden"):
 
 
 def write_report(csv_path, report, labels, probs, points=None, calibrated=False, log=print,
-                 figures=True):
+                 figures=True, class_names=CLASS_NAMES):
     """<stem>_report.json, <stem>_report.md and the figures, beside the predictions."""
     csv_path = Path(csv_path)
     stem = csv_path.with_suffix("")
     atomic_write_text(f"{stem}_report.json",
                       json.dumps(report, indent=1, allow_nan=False) + "\n", "report")
     atomic_write_text(f"{stem}_report.md", markdown(report), "report")
-    pngs = write_figures(stem, labels, probs, points, calibrated, log) if figures else []
+    pngs = (write_figures(stem, labels, probs, points, calibrated, log, class_names)
+            if figures else [])
     return [f"{stem}_report.json", f"{stem}_report.md", *pngs]
 
 
@@ -220,12 +227,15 @@ def _pyplot():
     return plt
 
 
-def _grid(plt, title):
-    fig, axes = plt.subplots(3, 5, figsize=(17, 10.5), layout="constrained")
+def _grid(plt, title, n):
+    rows = max(1, -(-n // 5))
+    fig, axes = plt.subplots(rows, 5, figsize=(17, 3.5 * rows), layout="constrained",
+                             squeeze=False)
     fig.suptitle(title)
     axes = axes.ravel()
-    axes[-1].axis("off")
-    return fig, axes[:len(CLASS_NAMES)]
+    for ax in axes[n:]:
+        ax.axis("off")
+    return fig, axes[:n]
 
 
 def _save(fig, path):
@@ -235,7 +245,8 @@ def _save(fig, path):
     plt.close(fig)
 
 
-def write_figures(stem, labels, probs, points=None, calibrated=False, log=print):
+def write_figures(stem, labels, probs, points=None, calibrated=False, log=print,
+                  class_names=CLASS_NAMES):
     """ROC and precision-recall curves (14 panels each, operating points marked) and the
     reliability diagram. Needs matplotlib; without it, a note and no figures."""
     plt = _pyplot()
@@ -246,10 +257,11 @@ def write_figures(stem, labels, probs, points=None, calibrated=False, log=print)
     labels, probs = np.asarray(labels), np.asarray(probs)
     marks = {rule: thresholds_of(points, rule) for rule in RULES} if points else {}
     style = {"youden": "o", "f1": "s", "sensitivity": "^"}
-    roc, roc_axes = _grid(plt, "ROC curves (markers: operating points chosen on val)")
-    pr, pr_axes = _grid(plt, "Precision-recall curves (dashed: prevalence)")
-    for d, name in enumerate(CLASS_NAMES):
-        y, p = labels[:, d], probs[:, d]
+    n = len(class_names)
+    roc, roc_axes = _grid(plt, "ROC curves (markers: operating points chosen on val)", n)
+    pr, pr_axes = _grid(plt, "Precision-recall curves (dashed: prevalence)", n)
+    for d, name in enumerate(class_names):
+        y, p = known(labels[:, d], probs[:, d])
         for ax in (roc_axes[d], pr_axes[d]):
             ax.set_title(name, fontsize=10)
         if not 0 < y.sum() < len(y):
@@ -281,11 +293,11 @@ def write_figures(stem, labels, probs, points=None, calibrated=False, log=print)
     _save(roc, paths[0])
     _save(pr, paths[1])
     rel, rel_axes = _grid(plt, "Reliability (fraction positive against mean predicted "
-                               "probability, 15 bins)")
+                               "probability, 15 bins)", n)
     series = [("predicted", probs)]
     if calibrated and points:
         series.append(("Platt-calibrated", calibrate(probs, points)))
-    for d, name in enumerate(CLASS_NAMES):
+    for d, name in enumerate(class_names):
         ax = rel_axes[d]
         ax.plot([0, 1], [0, 1], "k:", lw=0.6)
         for label, values in series:
@@ -302,7 +314,8 @@ def write_figures(stem, labels, probs, points=None, calibrated=False, log=print)
 # Prediction files
 
 def read_predictions(path):
-    """(names, probs [N, 14]) from a predictions CSV, checked: the header, numbers in [0, 1]."""
+    """(names, probs [N, K], class names) from a predictions CSV, checked: the header, numbers
+    in [0, 1]. The classes are the header's columns after 'Image Index'."""
     try:
         with open(path, newline="") as f:
             rows = list(csv.reader(f))
@@ -310,16 +323,16 @@ def read_predictions(path):
         raise DataError(f"{path}: cannot read predictions ({os_reason(e)})") from None
     if not rows or rows[0][:1] != ["Image Index"]:
         raise DataError(f"{path}: not a predictions file (its first column must be 'Image Index')")
-    missing = [c for c in CLASS_NAMES if c not in rows[0]]
-    if missing:
-        raise DataError(f"{path}: no column {missing[0]!r}")
-    columns = [rows[0].index(c) for c in CLASS_NAMES]
+    classes = rows[0][1:]
+    if not classes or len(set(classes)) != len(classes) or not all(classes):
+        raise DataError(f"{path}: its header must name each class once after 'Image Index'")
+    columns = list(range(1, len(classes) + 1))
     names, probs = [], []
     for line, row in enumerate(rows[1:], 2):
         try:
             values = [float(row[c]) for c in columns]
         except (ValueError, IndexError):
-            raise DataError(f"{path}:{line}: expected 14 probabilities") from None
+            raise DataError(f"{path}:{line}: expected {len(classes)} probabilities") from None
         if not all(0 <= v <= 1 for v in values):  # NaN fails this too
             raise DataError(f"{path}:{line}: probabilities must be numbers in [0, 1]")
         names.append(row[0])
@@ -328,15 +341,23 @@ def read_predictions(path):
         raise DataError(f"{path}: no predictions")
     if len(set(names)) != len(names):
         raise DataError(f"{path}: an image is listed twice")
-    return names, np.array(probs)
+    return names, np.array(probs), classes
 
 
-def labels_for(names, lists, what):
-    """The labels of these images, from whichever list of the split holds them."""
+def labels_for(names, lists, what, classes=CLASS_NAMES):
+    """The evaluation labels [N, len(classes)] of these images (NaN: uncertain, left out), from
+    whichever list of the split holds them, the list's columns matched to `classes` by name
+    (or as the same finding under another data set's name)."""
+    list_classes = list_header(lists["train"])[0]
+    pairs = shared_classes(classes, list_classes)
+    if len(pairs) != len(classes):
+        unknown = [c for c in classes if c not in {classes[i] for i, _ in pairs}]
+        raise DataError(f"{what}: class {unknown[0]!r} is not labelled in {lists['train']}")
+    columns = [j for _, j in pairs]
     table = {}
     for path in lists.values():
         ns, ls = read_list(path)
-        table.update(zip(ns, ls))
+        table.update(zip(ns, evaluation_labels(ls)[:, columns]))
     missing = [n for n in names if n not in table]
     if missing:
         raise DataError(f"{what}: {len(missing)} image(s) are in no list of the split "
@@ -346,22 +367,25 @@ def labels_for(names, lists, what):
 
 
 def compare(args):
-    names_a, probs_a = read_predictions(args.a)
-    names_b, probs_b = read_predictions(args.b)
+    names_a, probs_a, classes = read_predictions(args.a)
+    names_b, probs_b, classes_b = read_predictions(args.b)
+    if classes_b != classes:
+        raise DataError(f"{args.b}: predicts other classes than {args.a}")
     if set(names_a) != set(names_b):
         only = sorted(set(names_a) ^ set(names_b))
         raise DataError(f"{args.b}: not the images of {args.a} ({len(only)} differ, e.g. "
                         f"{only[0]}): a paired comparison needs the same images")
     order = {n: i for i, n in enumerate(names_b)}
     probs_b = probs_b[[order[n] for n in names_a]]
-    lists = resolve_split(args.split, args.data_dir, args.split_seed)
-    labels = labels_for(names_a, lists, args.a)
+    lists = resolve_split(args.split, args.data_dir, args.split_seed,
+                          getattr(args, "keep_laterals", False))
+    labels = labels_for(names_a, lists, args.a, classes)
     result = paired_auc_difference(labels, probs_a, probs_b, patient_groups(names_a),
                                    args.n_boot, args.boot_seed)
     print(f"{len(names_a)} images, {len(set(patient_groups(names_a)))} patients; "
           f"B = {args.b}, A = {args.a}; paired bootstrap of patients, {args.n_boot} resamples")
     print(f"{'disease':<20}{'AUC A':>8}{'AUC B':>8}{'B - A':>9}  {'95% CI':<18}")
-    for d, name in enumerate(CLASS_NAMES):
+    for d, name in enumerate(classes):
         if np.isnan(result["a"][d]):
             print(f"{name:<20}{'n/a':>8}{'n/a':>8}")
             continue
@@ -377,13 +401,14 @@ def compare(args):
 
 
 def report_file(args):
-    names, probs = read_predictions(args.predictions)
-    lists = resolve_split(args.split, args.data_dir, args.split_seed)
-    labels = labels_for(names, lists, args.predictions)
+    names, probs, classes = read_predictions(args.predictions)
+    lists = resolve_split(args.split, args.data_dir, args.split_seed,
+                          getattr(args, "keep_laterals", False))
+    labels = labels_for(names, lists, args.predictions, classes)
     report = build_report(names, labels, probs, n_boot=args.n_boot, seed=args.boot_seed,
-                          predictions=str(args.predictions))
+                          class_names=classes, predictions=str(args.predictions))
     print(summary(report))
-    for path in write_report(args.predictions, report, labels, probs):
+    for path in write_report(args.predictions, report, labels, probs, class_names=classes):
         print(f"wrote {path}")
     return report
 

@@ -3,7 +3,9 @@
     python stats.py                                  # the shipped CheXNet split, no data needed
     python stats.py --data-dir data --split random   # a fresh seeded 70/10/20 patient split
     python stats.py --plot                           # also the figures, into plots/
+    python stats.py --data-dir CheXpert-v1.0-small   # CheXpert (or MIMIC-CXR-JPG) official split
 Needs only the list files (and, for random/official splits, the label table); no images.
+Other data sets: % positive, and the % of uncertain labels in a second table.
 --plot draws the per-split prevalence of each disease and the 14x14 co-occurrence of the
 diseases in the label table (the data directory's, else the one shipped in nih/).
 """
@@ -12,29 +14,41 @@ import sys
 import numpy as np
 
 from common import ArgumentParser, DataError, one_line, seed
-from labels import CLASS_NAMES, patient_of, read_list, resolve_split
+from labels import list_header, patient_of, read_list, resolve_split
 
 
 def split_stats(lists):
-    """{split: {'images': n, 'patients': n, 'percent': float64 [14]}} from list-file paths."""
+    """{split: {'images': n, 'patients': n, 'percent': float64 [K], 'uncertain': [K] or None,
+    'classes': [...]}} from list-file paths: % positive (and % uncertain) per class."""
     stats = {}
     for split, path in lists.items():
         names, labels = read_list(path)
+        uncertain = None if labels.dtype == np.uint8 else 100.0 * (labels == -1).mean(0)
+        labels = (labels == 1).astype(np.float64)
         patients = {patient_of(n) for n in names}
         stats[split] = {"images": len(names),
                         # None: a name that is not NIH's <patient>_<follow-up>.png
                         "patients": None if None in patients else len(patients),
-                        "percent": 100.0 * labels.mean(axis=0, dtype=np.float64)}
+                        "percent": 100.0 * labels.mean(axis=0, dtype=np.float64),
+                        "uncertain": uncertain, "classes": list_header(path)[0]}
     return stats
 
 
 def format_table(stats):
-    lines = [f"{'':<18}" + "".join(f"{s:>8}" for s in stats)]
-    for i, disease in enumerate(CLASS_NAMES):
-        lines.append(f"{disease:<18}" + "".join(f"{st['percent'][i]:8.3f}" for st in stats.values()))
+    first = next(iter(stats.values()))
+    classes, width = first["classes"], max(18, max(map(len, first["classes"])) + 2)
+    lines = [f"{'':<{width}}" + "".join(f"{s:>8}" for s in stats)]
+    for i, disease in enumerate(classes):
+        lines.append(f"{disease:<{width}}" + "".join(f"{st['percent'][i]:8.3f}"
+                                                     for st in stats.values()))
     for count in ("images", "patients"):
-        lines.append(f"{count:<18}" + "".join(
+        lines.append(f"{count:<{width}}" + "".join(
             f"{st[count]:8d}" if st[count] is not None else f"{'n/a':>8}" for st in stats.values()))
+    if first["uncertain"] is not None:
+        lines.append(f"\n{'% uncertain (-1)':<{width}}" + "".join(f"{s:>8}" for s in stats))
+        for i, disease in enumerate(classes):
+            lines.append(f"{disease:<{width}}" + "".join(f"{st['uncertain'][i]:8.3f}"
+                                                         for st in stats.values()))
     return "\n".join(lines)
 
 
@@ -48,33 +62,39 @@ def plot(stats, lists, data_dir, out_dir):
     if plt is None:
         raise DataError("--plot needs matplotlib (pip install matplotlib)")
     out_dir = Path(out_dir)
+    classes = next(iter(stats.values()))["classes"]
     fig, ax = plt.subplots(figsize=(12, 5))
     width = 0.8 / len(stats)
-    x = np.arange(len(CLASS_NAMES))
+    x = np.arange(len(classes))
     for i, (split, st) in enumerate(stats.items()):
         ax.bar(x + (i - (len(stats) - 1) / 2) * width, st["percent"], width,
                label=f"{split} ({st['images']} images)")
-    ax.set_xticks(x, CLASS_NAMES, rotation=45, ha="right")
+    ax.set_xticks(x, classes, rotation=45, ha="right")
     ax.set_ylabel("% of images")
     ax.set_title(f"Disease prevalence per split ({lists['train'].parent})")
     ax.legend()
     paths = [out_dir / "stats_prevalence.png", out_dir / "stats_cooccurrence.png"]
     _save(fig, paths[0])
-    try:
-        table = find_label_table(data_dir)
-    except DataError:
-        table = SHIPPED_LABEL_TABLE
-    _, _, labels = read_label_table(table)
+    if next(iter(stats.values()))["uncertain"] is None:  # NIH: the whole label table
+        try:
+            table = find_label_table(data_dir)
+        except DataError:
+            table = SHIPPED_LABEL_TABLE
+        _, _, labels = read_label_table(table)
+        source = table.name
+    else:  # other data sets: the positives of the split's lists
+        labels = np.concatenate([read_list(p)[1] == 1 for p in lists.values()])
+        source = str(lists["train"].parent)
     labels = labels.astype(np.int64)
     both = labels.T @ labels  # (14, 14): images with both diseases; the diagonal: with each
     fig, ax = plt.subplots(figsize=(9, 8))
     image = ax.imshow(np.log10(both + 1), cmap="viridis")
-    for i in range(len(CLASS_NAMES)):
-        for j in range(len(CLASS_NAMES)):
+    for i in range(len(classes)):
+        for j in range(len(classes)):
             ax.text(j, i, str(both[i, j]), ha="center", va="center", fontsize=6, color="w")
-    ax.set_xticks(x, CLASS_NAMES, rotation=45, ha="right")
-    ax.set_yticks(x, CLASS_NAMES)
-    ax.set_title(f"Images with both diseases, {table.name} ({len(labels)} images)")
+    ax.set_xticks(x, classes, rotation=45, ha="right")
+    ax.set_yticks(x, classes)
+    ax.set_title(f"Images with both findings, {source} ({len(labels)} images)")
     fig.colorbar(image, label="log10(images + 1)")
     _save(fig, paths[1])
     return paths
@@ -86,11 +106,14 @@ def main(argv=None):
     parser.add_argument("--split", default="auto",
                         help="auto | chexnet | random | official | DIR (see dataset.py)")
     parser.add_argument("--split-seed", type=seed, default=0)
+    parser.add_argument("--keep-laterals", action="store_true",
+                        help="CheXpert, MIMIC-CXR: count lateral views too")
     parser.add_argument("--plot", nargs="?", const="plots", default=None, metavar="DIR",
                         help="also write the prevalence and co-occurrence figures (to plots/)")
     args = parser.parse_args(argv)
     try:
-        lists = resolve_split(args.split, args.data_dir, args.split_seed)
+        lists = resolve_split(args.split, args.data_dir, args.split_seed,
+                          getattr(args, "keep_laterals", False))
         stats = split_stats(lists)
         print(f"split: {lists['train'].parent}")
         print(format_table(stats))  # resolve_split refused any image or patient in two splits

@@ -49,10 +49,28 @@ def store_dir(data_dir, size):
     return Path(data_dir) / "store" / str(size)
 
 
+def source_dir(data_dir):
+    """Where the images are: NIH's flat images/, or the data directory itself for the nested
+    layouts of CheXpert (train/patient*/...) and MIMIC-CXR-JPG (files/p*/...)."""
+    from datasets import detect_dataset
+    return Path(data_dir) / "images" if detect_dataset(data_dir) == "nih" else Path(data_dir)
+
+
 def image_names(data_dir):
-    image_dir = Path(data_dir) / "images"
+    """Every image of the data set, as the list files name it (relative to source_dir)."""
+    image_dir = source_dir(data_dir)
     try:
-        return sorted(n for n in os.listdir(image_dir) if n.lower().endswith(IMAGE_SUFFIXES))
+        if image_dir.name == "images":
+            return sorted(n for n in os.listdir(image_dir) if n.lower().endswith(IMAGE_SUFFIXES))
+        names = []
+        for top in sorted(os.listdir(image_dir)):
+            if top in ("store", "splits") or not (image_dir / top).is_dir():
+                continue
+            for root, dirs, files in os.walk(image_dir / top):
+                dirs.sort()
+                rel = Path(root).relative_to(image_dir).as_posix()
+                names += [f"{rel}/{f}" for f in sorted(files) if f.lower().endswith(IMAGE_SUFFIXES)]
+        return names
     except OSError as e:
         raise DataError(f"{image_dir}/: cannot list images ({os_reason(e)})") from None
 
@@ -217,7 +235,7 @@ def prepare_store(data_dir, sizes=(256,), workers=None, progress=True, skip_bad_
     from multiprocessing import Pool
     from tqdm import tqdm
 
-    image_dir = Path(data_dir) / "images"
+    image_dir = source_dir(data_dir)
     names = image_names(data_dir)
     if not names:
         raise DataError(f"{image_dir}/: no images (PNG, JPEG or DICOM)")
