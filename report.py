@@ -370,7 +370,10 @@ def compare(args):
     names_a, probs_a, classes = read_predictions(args.a)
     names_b, probs_b, classes_b = read_predictions(args.b)
     if classes_b != classes:
-        raise DataError(f"{args.b}: predicts other classes than {args.a}")
+        missing = [c for c in classes if c not in classes_b] or [c for c in classes_b
+                                                                 if c not in classes]
+        detail = f"no column {missing[0]!r}: " if missing else "its columns in another order: "
+        raise DataError(f"{args.b}: {detail}it predicts other classes than {args.a}")
     if set(names_a) != set(names_b):
         only = sorted(set(names_a) ^ set(names_b))
         raise DataError(f"{args.b}: not the images of {args.a} ({len(only)} differ, e.g. "

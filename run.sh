@@ -45,7 +45,10 @@ elif command -v nvidia-smi >/dev/null && [ "$(count nvidia-smi -L)" -gt 0 ]; the
 fi
 
 data_dir=${DATA_DIR:-data}
-if [ -d "$data_dir/images" ] && ls "$data_dir"/Data_Entry_2017*.csv* >/dev/null 2>&1; then
+# ChestX-ray14 (images/ + label table), CheXpert (train.csv + valid.csv) or MIMIC-CXR-JPG
+if { [ -d "$data_dir/images" ] && ls "$data_dir"/Data_Entry_2017*.csv* >/dev/null 2>&1; } ||
+   { [ -f "$data_dir/train.csv" ] && [ -f "$data_dir/valid.csv" ]; } ||
+   [ -f "$data_dir/mimic-cxr-2.0.0-chexpert.csv.gz" ]; then
     defaults=(--data-dir "$data_dir")
     restarts=${MAX_RESTARTS:-3}
     echo "run.sh: training on $data_dir with $nproc x $device"

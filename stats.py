@@ -36,7 +36,8 @@ def split_stats(lists):
 
 def format_table(stats):
     first = next(iter(stats.values()))
-    classes, width = first["classes"], max(18, max(map(len, first["classes"])) + 2)
+    classes = first["classes"]
+    width = 18 if max(map(len, classes)) <= 18 else max(map(len, classes)) + 2
     lines = [f"{'':<{width}}" + "".join(f"{s:>8}" for s in stats)]
     for i, disease in enumerate(classes):
         lines.append(f"{disease:<{width}}" + "".join(f"{st['percent'][i]:8.3f}"

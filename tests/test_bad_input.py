@@ -78,6 +78,13 @@ for flag, value, says in [
     case(f"infer {flag} {value}", "infer", f"argument {flag}", says)(
         lambda ctx, flag=flag, value=value: [flag, value])
 
+case("main --uncertain maybe", "main", "argument --uncertain", "invalid choice")(
+    lambda ctx: [*TINY, "--uncertain", "maybe"])
+case("infer --class-map without =", "infer", "argument --class-map", "MODEL NAME=LIST NAME")(
+    lambda ctx: ["--class-map", "Effusion"])
+case("main --arch unknown", "main", "argument --arch", "invalid choice")(
+    lambda ctx: [*TINY, "--arch", "densenet999"])
+
 case("infer crop larger than resize", "infer", "--crop-size 300 is larger than --resize 256")(
     lambda ctx: ["--model-dir", ctx.tmp / "none", "--crop-size", "300"])
 

@@ -2,9 +2,8 @@
 the uncertainty policies and the masked loss, class names carried by the model, training +
 export + evaluation on each layout, and an NIH model evaluated on CheXpert over the shared
 classes. Fixtures: real NIH images re-encoded in each layout (other_datasets.py)."""
+import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -148,17 +147,14 @@ def test_train_export_and_evaluate_on_each_layout(which, layouts, tmp_path, caps
     refused = run_main(capsys, *_args(data), "--uncertain", "ones", "--epochs", "2",
                        "--out-dir", run)
     assert_clean_error(refused, "--uncertain ignore, not ones")
-    if which == "mimic":
-        evaluated = run_script("infer.py", "--mode", "torch", "--checkpoint", run / "best.pt",
-                               "--data-dir", data, "--model-dir", tmp_path / "models",
-                               "--no-figures", "--n-boot", "50")
-    else:
-        export = run_script("infer.py", "--export", "--checkpoint", run / "best.pt",
-                            "--model-dir", tmp_path / "models", "--calibration-size", "2",
-                            "--validation-size", "2")
-        assert export.returncode == 0, export.stdout + export.stderr
-        evaluated = run_script("infer.py", "--mode", "int8", "--model-dir", tmp_path / "models",
-                               "--no-figures", "--n-boot", "50")
+    export = run_script("infer.py", "--export", "--checkpoint", run / "best.pt",
+                        "--model-dir", tmp_path / "models", "--calibration-size", "2",
+                        "--validation-size", "2")
+    assert export.returncode == 0, export.stdout + export.stderr
+    assert json.loads((tmp_path / "models" / "chexnet.json").read_text())["class_names"] == \
+        CHEXPERT_CLASSES
+    evaluated = run_script("infer.py", "--mode", "int8", "--model-dir", tmp_path / "models",
+                           "--no-figures", "--n-boot", "50")
     assert evaluated.returncode == 0, evaluated.stderr
     assert "Pleural Effusion" in evaluated.stdout and "Support Devices" in evaluated.stdout
     csv = next((tmp_path / "models").glob("predictions_*.csv")).read_text().splitlines()
