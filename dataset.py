@@ -38,8 +38,8 @@ def check_data_dir(data_dir):
         return
     image_dir = data_dir / "images"
     try:
-        pngs = image_dir.is_dir() and any(n.lower().endswith(IMAGE_SUFFIXES)
-                                          for n in os.listdir(image_dir))
+        from store import is_image
+        pngs = image_dir.is_dir() and any(is_image(image_dir / n) for n in os.listdir(image_dir))
     except OSError as e:
         raise DataError(f"{image_dir}/: cannot list images ({os_reason(e)})") from None
     if not pngs:
@@ -236,9 +236,9 @@ def check(data_dir, lists, decode=False, workers=None, skip_bad_images=False):
     """Check a data directory against a split before a long run: every listed image present
     and, with decode, every one decodable. Returns {split: image count}."""
     check_data_dir(data_dir)
-    image_dir = Path(data_dir) / "images"
     counts = {}
     for split, path in lists.items():
+        image_dir = Path(data_dir) / list_header(path)[1]
         names, _ = read_list(path)
         check_images_present(image_dir, names, path)
         counts[split] = len(names)

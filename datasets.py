@@ -39,9 +39,9 @@ DATASETS = ("nih", "chexpert", "mimic")
 def detect_dataset(data_dir):
     """'chexpert', 'mimic' or 'nih' from the files the data directory holds."""
     data_dir = Path(data_dir)
-    if (data_dir / "train.csv").is_file() and (data_dir / "valid.csv").is_file():
-        return "chexpert"
-    if (data_dir / MIMIC_FILES["chexpert"]).is_file():
+    if (data_dir / "train.csv").is_file() or (data_dir / "valid.csv").is_file():
+        return "chexpert"  # one of them missing is then named by read_chexpert
+    if any((data_dir / name).is_file() for name in MIMIC_FILES.values()):
         return "mimic"
     return "nih"
 
@@ -60,6 +60,17 @@ def _read_csv(path, needed):
     missing = [c for c in needed if c not in table.columns]
     if missing:
         raise DataError(f"{path}: lacks column(s) {', '.join(map(repr, missing))}")
+    if table.empty:
+        raise DataError(f"{path}: no rows")
+    # pandas fills a short row's missing fields with '' (a blank label): count them instead
+    import csv
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rt", newline="") as f:
+        rows = csv.reader(f)
+        width = len(next(rows))
+        for line, row in enumerate(rows, 2):
+            if row and len(row) < width:
+                raise DataError(f"{path}:{line}: fewer fields than the header has (a truncated "
+                                "file?)")
     return table
 
 
@@ -90,7 +101,10 @@ def read_chexpert(data_dir, keep_laterals=False):
         path = Path(data_dir) / part
         table = _read_csv(path, needed)
         paths = table["Path"].str.strip()
-        names = paths.str.partition("/")[2]
+        # 'CheXpert-v1.0-small/train/...': the folder as it was called when the CSV was made;
+        # paths already relative to the data directory ('train/...') are kept as they are
+        names = paths.where(paths.str.match(r"(?:train|valid|test)/"),
+                            paths.str.partition("/")[2])
         if (names == "").any():
             row = int(np.flatnonzero((names == "").to_numpy())[0])
             raise DataError(f"{path}:{row + 2}: Path {paths.iloc[row]!r} is not "

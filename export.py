@@ -106,7 +106,9 @@ def export(args):
             meta = {"checkpoint": str(args.checkpoint),
                     "arch": ckpt_meta.get("args", {}).get("arch", "densenet121"),
                     "class_names": ckpt_meta.get("class_names", CLASS_NAMES), "data_dir": str(args.data_dir),
-                    "split": args.split, "resize": args.resize, "crop_size": crop,
+                    "split": args.split, "split_seed": args.split_seed,
+                    "keep_laterals": bool(args.keep_laterals), "resize": args.resize,
+                    "crop_size": crop,
                     "calibration": info, "exported": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "files": {name: file_digest(staging / name) for name in _model_files()}}
             commit(staging, model_dir, meta)

@@ -73,7 +73,10 @@ def load_dicom(path):
                         ) from None
     try:
         ds = pydicom.dcmread(path)
-    except Exception as e:  # InvalidDicomError, truncated file, disk error
+    except pydicom.errors.InvalidDicomError:
+        raise DataError(f"{path}: unreadable DICOM (not a DICOM file: no DICM marker at byte "
+                        "128)") from None
+    except Exception as e:  # truncated file, disk error
         raise DataError(f"{path}: unreadable DICOM ({one_line(e)})") from None
     if "PixelData" not in ds:
         kind = getattr(ds.get("SOPClassUID"), "name", None) or "no SOP class"

@@ -495,9 +495,16 @@ def evaluate(args, rt=None):
     is_main = rt is None or rt.is_main
     log = (lambda *a, **k: print(*a, **k)) if is_main else (lambda *a, **k: None)
     meta = read_metadata(args.model_dir)
-    out_csv = Path(args.out_csv or Path(args.model_dir) / (
-        f"predictions_{args.mode}.csv" if args.part == "test" else
-        f"predictions_{args.mode}_{args.part}.csv"))
+    trained_on = (checkpoint_settings(torch_checkpoint(args, meta)) if args.mode == "torch"
+                  else meta).get("data_dir")
+    # Another data set's evaluation (CheXpert for an NIH model...) gets its own files: it
+    # never replaces those of the data set the model was trained on.
+    from datasets import detect_dataset
+    dataset = detect_dataset(args.data_dir)
+    elsewhere = isinstance(trained_on, str) and detect_dataset(trained_on) != dataset
+    args.elsewhere = f"_on_{dataset}" if elsewhere else ""
+    suffix = ("" if args.part == "test" else f"_{args.part}") + args.elsewhere
+    out_csv = Path(args.out_csv or Path(args.model_dir) / f"predictions_{args.mode}{suffix}.csv")
     if is_main:
         check_writable_file(out_csv, "--out-csv")
     list_path, images = evaluation_images(args, log)
@@ -588,7 +595,11 @@ def _predict_and_report(args, rt, is_main, log, out_csv, list_path, images, pred
         summary,
         write_report,
     )
-    points, why = operating_points_for(args.model_dir, args.mode, model_id, classes)
+    # Chosen on another data set's val: kept under their own key, beside the model's own
+    key_of_points = args.mode + getattr(args, "elsewhere", "")
+    points, why = operating_points_for(args.model_dir, key_of_points, model_id, classes)
+    if points is None and key_of_points != args.mode:  # the model's own, if the classes fit
+        points, why = operating_points_for(args.model_dir, args.mode, model_id, classes)
     notes = []
     if classes != model_classes:
         notes.append(f"note: {len(classes)} of the model's {len(model_classes)} classes are "
@@ -598,7 +609,7 @@ def _predict_and_report(args, rt, is_main, log, out_csv, list_path, images, pred
     if args.part == "val":  # thresholds and calibration are chosen here, never on test
         chosen = choose_operating_points(labels, probs, model_id, list_path,
                                          args.target_sensitivity, classes)
-        where = save_operating_points(args.model_dir, args.mode, chosen)
+        where = save_operating_points(args.model_dir, key_of_points, chosen)
         notes.append(f"operating points (thresholds by rule, Platt calibration) chosen on these "
                      f"{len(names)} val images: {where}")
         points = chosen if args.calibrated else None
@@ -780,7 +791,8 @@ def get_args(argv=None):
                    help="accuracy-controlled quantization: largest allowed drop of val mean AUC")
     # Unset data flags come from the checkpoint (export) or the exported model (evaluation):
     # a model trained on 56x56 crops of the sample is calibrated and evaluated the same way.
-    p.set_defaults(data_dir=None, split=None, resize=None, crop_size=None)
+    p.set_defaults(data_dir=None, split=None, resize=None, crop_size=None, split_seed=None,
+                   keep_laterals=None)
     args = p.parse_args(argv)
     if args.hpu:
         args.device = "hpu"
@@ -801,13 +813,16 @@ def get_args(argv=None):
 def fill_defaults(args, source, where="the defaults"):
     """Unset data flags from `source` (the checkpoint's arguments, or the exported model's
     metadata; `where` names it), each checked, else from the fallbacks."""
-    fallback = {"data_dir": "data", "split": "auto", "resize": 256, "crop_size": 224}
+    fallback = {"data_dir": "data", "split": "auto", "resize": 256, "crop_size": 224,
+                "split_seed": 0, "keep_laterals": False}
     for key, value in fallback.items():
-        if getattr(args, key) is None:
+        if getattr(args, key, None) is None:
             value = source.get(key, value)
-            kind = str if key in ("data_dir", "split") else int
-            if not isinstance(value, kind) or isinstance(value, bool) or (
-                    kind is int and not 0 < value <= 100_000):
+            kind = {"data_dir": str, "split": str, "keep_laterals": bool}.get(key, int)
+            usable = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+            if kind is int and usable:
+                usable = (0 <= value < 2 ** 63) if key == "split_seed" else 0 < value <= 100_000
+            if not usable:
                 raise DataError(f"{where}: its {key} is {value!r}, not a usable setting; pass "
                                 f"--{key.replace('_', '-')} or export the model again")
             setattr(args, key, value)

@@ -232,14 +232,31 @@ SAME_FINDING = {"Effusion": "Pleural Effusion"}
 def shared_classes(model_classes, list_classes, mapping=None):
     """[(model column, list column)] for every class of the model that the list labels: by
     the same name, else through `mapping` (SAME_FINDING by default) in either direction."""
+    if mapping is not None:  # the user's own: every name must exist, each list class once
+        for model_name, list_name in mapping.items():
+            if model_name not in model_classes:
+                raise DataError(f"--class-map: the model has no class {model_name!r} "
+                                f"(it has {', '.join(model_classes)})")
+            if list_name not in list_classes:
+                raise DataError(f"--class-map: the list labels no class {list_name!r} "
+                                f"(it labels {', '.join(list_classes)})")
+        twice = [v for v in mapping.values() if list(mapping.values()).count(v) > 1]
+        if twice:
+            raise DataError(f"--class-map: {twice[0]!r} is mapped from several classes; one "
+                            "model class per label")
+    explicit = mapping is not None
     mapping = SAME_FINDING if mapping is None else mapping
     both_ways = {**mapping, **{v: k for k, v in mapping.items()}}
     column = {c: j for j, c in enumerate(list_classes)}
-    pairs = []
+    pairs, used = [], set()
     for i, name in enumerate(model_classes):
-        j = column.get(name, column.get(both_ways.get(name)))
-        if j is not None:
+        if explicit and name in mapping:  # the user's pair wins over a same-named class
+            j = column.get(mapping[name])
+        else:
+            j = column.get(name, column.get(both_ways.get(name)))
+        if j is not None and j not in used:
             pairs.append((i, j))
+            used.add(j)
     return pairs
 
 

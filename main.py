@@ -365,17 +365,24 @@ def load_checkpoint(path, model, optimizer, scheduler, scaler, args, data):
         raise CheckpointError(f"{path}: written by an older main.py without the epoch position; "
                               f"start a new --out-dir (--weights {path} starts from its weights)")
     for key in RESUME_FLAGS:
+        if key == "uncertain" and data["classes"] == CLASS_NAMES:
+            continue  # NIH's labels hold nothing uncertain: the policy changes nothing
         if key in trained and trained[key] != getattr(args, key):
             raise CheckpointError(f"{path}: trained with --{key.replace('_', '-')} "
                                   f"{trained[key]}, not {getattr(args, key)}; {how}")
     for part in ("train", "val"):
         if ckpt.get("data", data).get(part) != data[part]:
             raise CheckpointError(f"{path}: trained on another {part} list (a different --split, "
-                                  f"--data-dir or --limit); {how}")
+                                  f"--split-seed, --keep-laterals, --data-dir or --limit); {how}")
     classes = ckpt.get("class_names", CLASS_NAMES)
     if classes != data["classes"]:
-        raise CheckpointError(f"{path}: trained for other classes ({', '.join(classes[:3])}...) "
-                              f"than these lists ({', '.join(data['classes'][:3])}...); {how}")
+        k = next((k for k, (a, b) in enumerate(zip(classes, data["classes"])) if a != b),
+                 min(len(classes), len(data["classes"])))
+        raise CheckpointError(f"{path}: trained for other classes than these lists ({len(classes)}"
+                              f" vs {len(data['classes'])}; first difference at class {k + 1}: "
+                              f"{classes[k] if k < len(classes) else 'none'!r} vs "
+                              f"{data['classes'][k] if k < len(data['classes']) else 'none'!r}); "
+                              f"{how}")
     load_weights(model, ckpt["model"], path, args.arch, len(classes))
     try:
         optimizer.load_state_dict(ckpt["optimizer"])

@@ -411,7 +411,8 @@ def report_file(args):
     report = build_report(names, labels, probs, n_boot=args.n_boot, seed=args.boot_seed,
                           class_names=classes, predictions=str(args.predictions))
     print(summary(report))
-    for path in write_report(args.predictions, report, labels, probs, class_names=classes):
+    for path in write_report(args.predictions, report, labels, probs, class_names=classes,
+                             figures=not args.no_figures):
         print(f"wrote {path}")
     return report
 
@@ -434,6 +435,11 @@ def main(argv=None):
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--split", default="auto", help="the split the images come from")
     parser.add_argument("--split-seed", type=seed, default=0)
+    parser.add_argument("--keep-laterals", action="store_true",
+                        help="CheXpert, MIMIC-CXR: the split with lateral views")
+    if argv[:1] != ["compare"]:
+        parser.add_argument("--no-figures", action="store_true",
+                            help="the report's JSON and Markdown only")
     add_report_args(parser)
     args = parser.parse_args(argv)
     try:

@@ -52,6 +52,10 @@ if { [ -d "$data_dir/images" ] && ls "$data_dir"/Data_Entry_2017*.csv* >/dev/nul
     defaults=(--data-dir "$data_dir")
     restarts=${MAX_RESTARTS:-3}
     echo "run.sh: training on $data_dir with $nproc x $device"
+elif [ -n "${DATA_DIR:-}" ] && [ -d "$data_dir" ]; then  # a folder that is no data set: no demo
+    echo "error: DATA_DIR=$data_dir: not ChestX-ray14 (images/ + Data_Entry_2017*.csv), CheXpert" \
+         "(train.csv + valid.csv) or MIMIC-CXR-JPG (mimic-cxr-2.0.0-chexpert.csv.gz)" >&2
+    exit 1
 else
     defaults=(--data-dir sample --train-size 256 --epochs 3 --workers 2 --out-dir runs/sample-demo)
     restarts=${MAX_RESTARTS:-0}

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from common import DataError, atomic_write_text, is_disk_full, os_reason
-from images import IMAGE_SUFFIXES, fit_square, load_gray
+from images import IMAGE_SUFFIXES, fit_square, is_dicom, load_gray
 
 DONE, SKIPPED = 1, 2  # states of a row in done.partial (0: still to do)
 
@@ -56,12 +56,21 @@ def source_dir(data_dir):
     return Path(data_dir) / "images" if detect_dataset(data_dir) == "nih" else Path(data_dir)
 
 
+def is_image(path):
+    """A name the store takes: .png/.jpg/.jpeg/.dcm/.dicom, or a DICOM whatever its name
+    (its DICM marker read only for names without one of those suffixes)."""
+    name = str(path).lower()
+    if name.endswith(IMAGE_SUFFIXES):
+        return True
+    return not name.endswith((".csv", ".txt", ".gz", ".json", ".md")) and is_dicom(path)
+
+
 def image_names(data_dir):
     """Every image of the data set, as the list files name it (relative to source_dir)."""
     image_dir = source_dir(data_dir)
     try:
         if image_dir.name == "images":
-            return sorted(n for n in os.listdir(image_dir) if n.lower().endswith(IMAGE_SUFFIXES))
+            return sorted(n for n in os.listdir(image_dir) if is_image(image_dir / n))
         names = []
         for top in sorted(os.listdir(image_dir)):
             if top in ("store", "splits") or not (image_dir / top).is_dir():
@@ -69,7 +78,7 @@ def image_names(data_dir):
             for root, dirs, files in os.walk(image_dir / top):
                 dirs.sort()
                 rel = Path(root).relative_to(image_dir).as_posix()
-                names += [f"{rel}/{f}" for f in sorted(files) if f.lower().endswith(IMAGE_SUFFIXES)]
+                names += [f"{rel}/{f}" for f in sorted(files) if is_image(Path(root) / f)]
         return names
     except OSError as e:
         raise DataError(f"{image_dir}/: cannot list images ({os_reason(e)})") from None

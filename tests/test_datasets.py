@@ -174,7 +174,10 @@ def test_an_nih_model_evaluates_on_chexpert_over_the_shared_classes(layouts, sma
               "Consolidation", "Edema"]
     assert "7 of the model's 14 classes are labelled" in proc.stdout
     assert "Effusion = Pleural Effusion" in proc.stdout
-    header = (models / "predictions_fp32.csv").read_text().splitlines()[0].split(",")
+    header = (models / "predictions_fp32_on_chexpert.csv").read_text().splitlines()[0].split(",")
+    assert not (models / "predictions_fp32.csv").exists() or (
+        (work / "models" / "predictions_fp32.csv").read_text()
+        == (models / "predictions_fp32.csv").read_text())  # the NIH evaluation is untouched
     assert header == ["Image Index", *shared]
     none = run_script("infer.py", "--mode", "fp32", "--model-dir", models, "--data-dir",
                       chexpert, "--class-map", "Hernia=Fracture", "--no-figures")
@@ -204,3 +207,49 @@ def test_stats_of_a_chexpert_split(layouts):
     assert proc.returncode == 0, proc.stderr
     assert "Pleural Effusion" in proc.stdout and "% uncertain (-1)" in proc.stdout
     assert proc.stdout.splitlines()[0].endswith("chexpert-official-seed0")
+
+
+def test_more_bad_tables_and_maps(layouts, tmp_path):
+    chexpert, _ = layouts
+    bad = tmp_path / "CheXpert-v1.0-small"
+    bad.mkdir()
+    text = (chexpert / "train.csv").read_text().splitlines()
+    (bad / "train.csv").write_text("\n".join(text) + "\n")
+    proc = run_script("dataset.py", "split", "--data-dir", bad)  # valid.csv missing
+    assert_clean_error(proc, f"{bad / 'valid.csv'}: not found")
+    shutil.copy(chexpert / "valid.csv", bad)
+    (bad / "train.csv").write_text(text[0] + "\n")
+    assert_clean_error(run_script("dataset.py", "split", "--data-dir", bad), "train.csv: no rows")
+    cut = ",".join(text[1].split(",")[:6])  # a row cut short after 'No Finding'
+    (bad / "train.csv").write_text("\n".join([text[0], cut, *text[2:]]) + "\n")
+    assert_clean_error(run_script("dataset.py", "split", "--data-dir", bad),
+                       "train.csv:2: fewer fields than the header")
+    # Paths already relative to the data directory are taken as they are
+    relative = [text[0]] + [ln.replace("CheXpert-v1.0-small/", "", 1) for ln in text[1:]]
+    (bad / "train.csv").write_text("\n".join(relative) + "\n")
+    lists = resolve_split("auto", bad)
+    assert read_list(lists["train"])[0][0].startswith("train/patient")
+    from common import DataError
+    from labels import CLASS_NAMES, shared_classes
+    for mapping, says in (({"Nope": "Edema"}, "--class-map: the model has no class 'Nope'"),
+                          ({"Edema": "Oedema"}, "--class-map: the list labels no class"),
+                          ({"Mass": "Lung Lesion", "Nodule": "Lung Lesion"},
+                           "'Lung Lesion' is mapped from several classes")):
+        with pytest.raises(DataError, match=says):
+            shared_classes(CLASS_NAMES, CHEXPERT_CLASSES, mapping)
+
+def test_check_and_evaluation_follow_the_trained_split(layouts, tmp_path, capsys):
+    """dataset.py check reads the nested layout; a checkpoint trained on a seeded random split
+    is evaluated on that split's test list, never on images it trained on."""
+    chexpert, _ = layouts
+    proc = run_script("dataset.py", "check", "--data-dir", chexpert, "--decode", "--workers", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "ok, 36 train, 4 val, 10 test images decoded" in proc.stdout
+    run = tmp_path / "run"
+    trained = run_main(capsys, *_args(chexpert), "--split", "random", "--split-seed", "3",
+                       "--epochs", "1", "--limit", "16", "--out-dir", run)
+    assert trained.returncode == 0, trained.stderr
+    evaluated = run_script("infer.py", "--mode", "torch", "--checkpoint", run / "best.pt",
+                           "--model-dir", tmp_path / "models", "--no-figures", "--n-boot", "20")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "chexpert-random-seed3/test_list.txt" in evaluated.stdout

@@ -155,3 +155,17 @@ def test_dicom_data_dir_gives_the_store_training_and_evaluation_the_png_pixels(
                           path) for path in (PNG, dcm)]
     assert all(o.returncode == 0 for o in outputs), outputs[1].stderr
     assert outputs[0].stdout.split(":\n", 1)[1] == outputs[1].stdout.split(":\n", 1)[1]
+
+
+def test_dicoms_without_a_suffix_go_into_the_store(tmp_path):
+    from store import image_names, open_store, prepare_store
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    pngs = sorted((REPO / "sample" / "images").glob("*.png"))[:4]
+    for i, png in enumerate(pngs):
+        write_dicom(png, data / "images" / f"IM{i:06d}", "window")
+    (data / "images" / "notes.txt").write_text("not an image")
+    shutil.copy(REPO / "sample" / "Data_Entry_2017_v2020.csv", data)
+    assert image_names(data) == [f"IM{i:06d}" for i in range(4)]
+    prepare_store(data, (32,), workers=1, progress=False)
+    assert open_store(data, 32).count == 4
