@@ -26,8 +26,8 @@ from common import (DataError, atomic_write_text, check_writable_dir, exclusive_
                     os_reason, strict_json)
 from dataset import ImageList, SkippedImage, check_data_dir
 from images import normalize_gray
-from infer import (METADATA, MODEL_NAMES, InferError, OpenVINOModel, _ov_reason, file_digest,
-                   fill_defaults)
+from backends import METADATA, MODEL_NAMES, InferError, OpenVINOModel, _ov_reason, file_digest
+from infer import fill_defaults
 from labels import CLASS_NAMES, resolve_split
 from metrics import mean_auc, paired_auc_difference, roc_aucs
 

@@ -12,38 +12,29 @@ probabilities averaged over the 10 crops; per-disease ROC-AUC; predictions to a 
 chunks as they are made: the same command after a kill continues after the last complete chunk.
 Crops come from the preprocessed store of --resize when there is one (the same pixels).
 The OpenVINO modes import no torch: an edge box needs openvino, numpy, pillow, scikit-learn.
+The models themselves (OpenVINO, PyTorch) and their batched prediction live in backends.py.
 """
-import collections
 import hashlib
 import json
 import os
 import shutil
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
+from backends import (METADATA, MODEL_NAMES, InferError, OpenVINOModel, TorchModel,  # noqa: F401
+                      TorchPredictor, file_digest, import_torch, load_openvino, predict_openvino,
+                      read_metadata, torch_checkpoint)
 from common import (ArgumentParser, DataError, SetupError, atomic_path, atomic_write_text,
                     exclusive_lock,
                     check_writable_file, fraction, one_line, positive_int, seed, strict_json)
-from dataset import ImageList, SkippedImage, add_data_args, check_data_dir
-from images import eval_input, normalize_gray
-from labels import CLASS_NAMES, resolve_split, shared_classes
+from dataset import ImageList, add_data_args, check_data_dir
+from images import eval_input
+from labels import resolve_split, shared_classes
 from metrics import mean_auc, roc_aucs
-
-MODEL_NAMES = {"fp32": "chexnet_fp32.xml", "int8": "chexnet_int8.xml"}
-METADATA = "chexnet.json"
-
-
-class InferError(DataError):
-    """Missing, mismatched or damaged model; one line."""
-
-
-# ---------------------------------------------------------------------------------------------
-# The model directory: what infer.sh wrote, checked against its own manifest
 
 def class_map(text):
     """'A=B,C=D' -> {'A': 'B', 'C': 'D'} (argparse type)."""
@@ -52,222 +43,6 @@ def class_map(text):
     if not pairs or any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
         raise argparse.ArgumentTypeError(f"{text!r}: expected 'MODEL NAME=LIST NAME,...'")
     return {a.strip(): b.strip() for a, b in pairs}
-
-
-def read_metadata(model_dir, required=False):
-    """chexnet.json as a dict ({} when there is none and it is not required)."""
-    if Path(model_dir).exists() and not Path(model_dir).is_dir():
-        raise InferError(f"--model-dir {model_dir}: not a directory")
-    path = Path(model_dir) / METADATA
-    if not path.exists():
-        if required:
-            raise InferError(f"{path} not found: run `bash infer.sh` to export the model first")
-        return {}
-    try:
-        meta = json.loads(path.read_text())
-        if not isinstance(meta, dict):
-            raise ValueError("not a JSON object")
-        files = meta.get("files", {})
-        if not (isinstance(files, dict) and all(isinstance(k, str) and isinstance(v, str)
-                                                for k, v in files.items())):
-            raise ValueError("'files' is not a table of file names and SHA-256 sums")
-    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
-        raise InferError(f"{path}: damaged model metadata ({one_line(e)}); run `bash infer.sh` "
-                         "to export the model again") from None
-    return meta
-
-
-def file_digest(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def verify_model_files(model_dir, xml, meta):
-    """The .xml and .bin must be the ones this export's manifest lists: never an INT8 graph
-    with FP32 weights, or a model from an export that was interrupted."""
-    files = meta.get("files")
-    if files is None:
-        raise InferError(f"{Path(model_dir) / METADATA}: no manifest of the model files (missing, "
-                         "or from an older export); run `bash infer.sh` to export again")
-    for path in (xml, xml.with_suffix(".bin")):
-        expected = files.get(path.name)
-        if expected is None or not path.is_file() or file_digest(path) != expected:
-            raise InferError(f"{path}: does not belong to the export recorded in "
-                             f"{Path(model_dir) / METADATA} (changed, missing, or left by an "
-                             "interrupted export); run `bash infer.sh` again")
-
-
-# ---------------------------------------------------------------------------------------------
-# Back ends
-
-class OpenVINOModel:
-    """An exported model compiled for this CPU: float32 (n, 3, crop, crop) crops -> (n, 14)
-    probabilities. FP32 really is FP32: this CPU would otherwise silently run in bf16
-    (INFERENCE_PRECISION_HINT), which is also slower on it."""
-
-    def __init__(self, xml, crop, crops_per_request, streams=None, class_names=CLASS_NAMES):
-        import openvino as ov
-        self.class_names = list(class_names)
-        xml = Path(xml)
-        if not xml.is_file():
-            raise InferError(f"{xml} not found: run `bash infer.sh` to export the model first")
-        core = ov.Core()
-        with open(xml, "rb") as f:  # never hand a non-IR file to OpenVINO's other frontends
-            head = f.read(4096)
-        if b"<net" not in head:
-            raise InferError(f"{xml}: not an OpenVINO model (no <net> element); run `bash "
-                             "infer.sh` to export it again")
-        try:
-            model = core.read_model(xml, xml.with_suffix(".bin"))
-        except RuntimeError as e:
-            raise InferError(f"{xml}: cannot read the model ({_ov_reason(e)}); run `bash "
-                             "infer.sh` to export it again") from None
-        shape = model.inputs[0].get_partial_shape()
-        if (len(shape) != 4 or not shape[1].is_static or shape[1].get_length() != 3
-                or any(not d.is_dynamic and d.get_length() != crop for d in (shape[2], shape[3]))):
-            raise InferError(f"{xml}: input shape {shape} does not take 3x{crop}x{crop} crops "
-                             f"(--crop-size {crop})")
-        out = model.outputs[0].get_partial_shape()
-        if len(out) != 2 or out[1].is_dynamic or out[1].get_length() != len(class_names):
-            raise InferError(f"{xml}: outputs {out[1] if len(out) == 2 else out}, expected "
-                             f"{len(class_names)} classes")
-        # The class activation maps (N, 14, h, w), in models exported since they exist.
-        self.has_cams = len(model.outputs) > 1 and len(model.outputs[1].get_partial_shape()) == 4
-        # Static shapes compile to faster CPU kernels than the exported dynamic batch.
-        model.reshape([crops_per_request, 3, crop, crop])
-        config = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "f32"}
-        if streams:
-            config["NUM_STREAMS"] = str(streams)
-        try:
-            self.compiled = core.compile_model(model, "CPU", config)
-        except RuntimeError as e:
-            raise InferError(f"{xml}: cannot compile the model ({_ov_reason(e)})") from None
-        shape = list(self.compiled.outputs[0].get_shape())
-        if shape != [crops_per_request, len(class_names)]:
-            raise InferError(f"{xml}: gives outputs of shape {shape} for {crops_per_request} "
-                             "crops: not a CheXNet export; run `bash infer.sh` again")
-        self.requests = self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
-        self.batch = crops_per_request
-
-    def run_all(self, batches, on_result, cams=False):
-        """Feed (key, crops) pairs through `requests` asynchronous infer requests, each started
-        as soon as one is free; on_result(key, probs), or with cams on_result(key, (probs,
-        maps)), in order. Equal-sized requests finish in the order they started, so waiting on
-        the oldest keeps them all busy, with no Python callbacks on OpenVINO's threads."""
-        free = [self.compiled.create_infer_request() for _ in range(self.requests)]
-        running = collections.deque()
-
-        def finish_oldest():
-            request, key = running.popleft()
-            request.wait()
-            probs = request.get_output_tensor(0).data.copy()
-            on_result(key, (probs, request.get_output_tensor(1).data.copy()) if cams else probs)
-            free.append(request)
-
-        for key, crops in batches:
-            if not free:
-                finish_oldest()
-            request = free.pop()
-            request.start_async({0: crops})
-            running.append((request, key))
-        while running:
-            finish_oldest()
-
-
-def _ov_reason(exc):
-    """The informative line of an OpenVINO exception (they start with 'Exception from
-    src/...cpp:NN:' lines that say only where)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()
-             and not ln.strip().startswith(("[", "Exception from", "Check "))]
-    return (lines[-1] if lines else type(exc).__name__)[:200]
-
-
-class TorchModel:
-    """The checkpoint in PyTorch: (n, 3, crop, crop) normalised crops -> (n, 14) probabilities,
-    on the run's device. The reference the OpenVINO models are held to."""
-
-    def __init__(self, checkpoint, rt=None, args=None):
-        import torch
-
-        from model import WithCAM, model_from_checkpoint, with_sigmoid
-        self.torch, self.rt, self.args = torch, rt, args
-        model, meta = model_from_checkpoint(checkpoint)
-        self.class_names = checkpoint_classes(meta, model, checkpoint)
-        self.bare = model
-        self.with_cams = WithCAM(model).eval()
-        self.has_cams = True
-        self.model = with_sigmoid(model)
-        if rt is not None:
-            self.model = self.model.to(rt.device)
-            if args.channels_last:
-                self.model = self.model.to(memory_format=torch.channels_last)
-        self.requests = 1
-
-    def __call__(self, crops):
-        torch = self.torch
-        x = crops if isinstance(crops, torch.Tensor) else torch.from_numpy(crops)
-        with torch.inference_mode():
-            if self.rt is None:
-                return self.model(x).numpy()
-            from runtime import autocast
-            x = x.to(self.rt.device, non_blocking=True)
-            if self.args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(self.rt, self.args):
-                return self.model(x).float()
-
-    def run_all(self, batches, on_result, cams=False):
-        for key, crops in batches:
-            if not cams:
-                on_result(key, self(crops))
-                continue
-            with self.torch.inference_mode():
-                probs, maps = self.with_cams(self.torch.from_numpy(crops))
-            on_result(key, (probs.numpy(), maps.numpy()))
-
-
-def checkpoint_classes(meta, model, path):
-    """The class names a checkpoint was trained for; NIH's 14 for a bare or legacy file."""
-    classes = meta.get("class_names", CLASS_NAMES)
-    head = model.fc if hasattr(model, "fc") else model.classifier
-    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)
-            and len(classes) == head.out_features):
-        raise InferError(f"{path}: its class names do not match its {head.out_features} outputs")
-    return classes
-
-
-def metadata_classes(meta, model_dir):
-    classes = meta.get("class_names", CLASS_NAMES)
-    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
-        raise InferError(f"{Path(model_dir) / METADATA}: damaged model metadata ('class_names' "
-                         "is not a list of names); run `bash infer.sh` to export the model again")
-    return classes
-
-
-def load_openvino(args, meta):
-    xml = Path(args.model_dir) / MODEL_NAMES[args.mode]
-    if xml.exists():
-        verify_model_files(args.model_dir, xml, meta)
-    return OpenVINOModel(xml, args.crop_size, 10 * args.images_per_request, args.streams,
-                         metadata_classes(meta, args.model_dir))
-
-
-def torch_checkpoint(args, meta):
-    checkpoint = args.checkpoint or meta.get("checkpoint")
-    if not checkpoint:
-        raise InferError("--mode torch needs --checkpoint (no exported model records one)")
-    return checkpoint
-
-
-def import_torch():
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        raise InferError("--mode torch needs PyTorch (pip install torch torchvision); "
-                         "the fp32 and int8 modes do not") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,123 +127,6 @@ def _duration(seconds):
         return "?"
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def predict_openvino(backend, images, indices, args):
-    """Ten-crop probabilities (len(indices), 14) of the images, averaged over their crops, and
-    which were readable. Decoding runs in threads ahead of the infer requests."""
-    per_request = args.images_per_request
-    groups = [indices[i:i + per_request] for i in range(0, len(indices), per_request)]
-    probs = np.zeros((len(indices), len(backend.class_names)), np.float32)
-    readable = np.ones(len(indices), bool)
-
-    def load(g):  # (10 * per_request, 3, crop, crop); skipped and padding slots repeat a crop
-        crops = []
-        for j, i in enumerate(groups[g]):
-            try:
-                crops.append(images.eval_crops(i, args.crop_size))
-            except SkippedImage:
-                readable[g * per_request + j] = False
-                crops.append(None)
-        filler = next((c for c in crops if c is not None), None)
-        if filler is None:
-            filler = np.zeros((10, args.crop_size, args.crop_size), np.uint8)
-        crops = [c if c is not None else filler for c in crops]
-        crops += [filler] * (per_request - len(crops))
-        return normalize_gray(np.concatenate(crops))
-
-    def store(g, out):
-        n = len(groups[g])
-        probs[g * per_request:g * per_request + n] = out[:10 * n].reshape(n, 10, -1).mean(1)
-
-    window = 2 * backend.requests + args.workers
-    backend.run_all(enumerate(prefetch(load, range(len(groups)), args.workers, window)), store)
-    return probs, readable
-
-
-def prefetch(function, items, workers, window):
-    """function(item) for every item in order, computed by `workers` threads at most `window`
-    items ahead of the consumer: decoding keeps ahead of inference without filling memory."""
-    with ThreadPoolExecutor(workers) as pool:
-        pending = collections.deque()
-        items = iter(items)
-        for item in items:
-            pending.append(pool.submit(function, item))
-            if len(pending) >= window:
-                break
-        while pending:
-            result = pending.popleft().result()
-            for item in items:
-                pending.append(pool.submit(function, item))
-                break
-            yield result
-
-
-class TorchPredictor:
-    """Batched ten-crop evaluation in PyTorch through a DataLoader with workers, on the device;
-    under torchrun each rank takes every world_size-th image of a chunk and rank 0 gathers."""
-
-    def __init__(self, checkpoint, images, args, rt):
-        cpu = rt.device.type == "cpu"
-        if args.batch_size is None:
-            args.batch_size = 1 if cpu else 32
-        if args.workers is None:  # PNG decoding is what keeps a GPU waiting
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-            args.workers = 1 if cpu else max(1, min(16, (os.cpu_count() or 1) // local))
-        self.model = TorchModel(checkpoint, rt, args)
-        self.class_names = self.model.class_names
-        self.images, self.args, self.rt = images, args, rt
-
-    def __call__(self, indices):
-        import torch
-
-        from dataset import collate, to_model_input
-        from runtime import gather_from_ranks
-        args, rt = self.args, self.rt
-        mine = indices[rt.rank::rt.world_size]
-        batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
-        dataset = _IndexedTenCrop(self.images, args.crop_size)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=batches, num_workers=args.workers if batches else 0,
-            collate_fn=collate, pin_memory=rt.device.type == "cuda")
-        positions, outputs = [], []
-        for batch in loader:
-            if batch is None:
-                continue
-            x, where = batch  # (B, 10, 1, crop, crop) uint8, (B,) list positions
-            x = to_model_input(x.to(rt.device, non_blocking=True)).flatten(0, 1)
-            outputs.append(self.model(x).view(-1, 10, len(self.class_names)).mean(1))
-            rt.mark_step()
-            positions.append(where.numpy())
-        empty = np.zeros((0, len(self.class_names)), np.float32)
-        probs = torch.cat(outputs).cpu().numpy() if outputs else empty
-        positions = np.concatenate(positions) if positions else np.zeros(0, np.int64)
-        probs, positions = gather_from_ranks(rt, probs, positions)
-        out = np.zeros((len(indices), len(self.class_names)), np.float32)
-        readable = np.zeros(len(indices), bool)
-        slot = {i: k for k, i in enumerate(indices)}
-        for p, i in zip(probs, positions):
-            out[slot[int(i)]] = p
-            readable[slot[int(i)]] = True
-        return out, readable
-
-
-class _IndexedTenCrop:
-    """Ten-crop uint8 items with their list position; None for a skipped image."""
-
-    def __init__(self, images, crop):
-        self.images, self.crop = images, crop
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, index):
-        import torch
-        try:
-            crops = self.images.eval_crops(index, self.crop)
-        except SkippedImage:
-            return None
-        return torch.from_numpy(np.array(crops)[:, None]), index
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, TINY, assert_clean_error, run_main, run_script
+from conftest import REPO, TINY, run_main, run_script
 
 pydicom = pytest.importorskip("pydicom")
 from dicom_files import KINDS, write_dicom  # noqa: E402
