@@ -16,7 +16,6 @@ with `.` for not mentioned; image names are relative to <data-dir>/<images>. Spl
 patient-level, frontal views only unless --keep-laterals.
 """
 import gzip
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -47,21 +46,10 @@ def detect_dataset(data_dir):
 
 
 def _read_csv(path, needed):
-    import pandas as pd
+    from labels import read_table
     if not Path(path).is_file():
         raise DataError(f"{path}: not found")
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: empty") from None
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError, EOFError, zlib.error,
-            gzip.BadGzipFile) as e:
-        raise DataError(f"{path}: cannot read ({one_line(e)})") from None
-    missing = [c for c in needed if c not in table.columns]
-    if missing:
-        raise DataError(f"{path}: lacks column(s) {', '.join(map(repr, missing))}")
-    if table.empty:
-        raise DataError(f"{path}: no rows")
+    table = read_table(path, needed)
     # pandas fills a short row's missing fields with '' (a blank label): count them instead
     import csv
     with (gzip.open if str(path).endswith(".gz") else open)(path, "rt", newline="") as f:

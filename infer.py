@@ -153,8 +153,7 @@ def evaluate(args, rt=None):
     is_main = rt is None or rt.is_main
     log = (lambda *a, **k: print(*a, **k)) if is_main else (lambda *a, **k: None)
     meta = read_metadata(args.model_dir)
-    trained_on = (checkpoint_settings(torch_checkpoint(args, meta)) if args.mode == "torch"
-                  else meta).get("data_dir")
+    trained_on = getattr(args, "trained_on", None)  # set by fill_defaults
     # Another data set's evaluation (CheXpert for an NIH model...) gets its own files: it
     # never replaces those of the data set the model was trained on.
     from datasets import detect_dataset
@@ -471,6 +470,7 @@ def get_args(argv=None):
 def fill_defaults(args, source, where="the defaults"):
     """Unset data flags from `source` (the checkpoint's arguments, or the exported model's
     metadata; `where` names it), each checked, else from the fallbacks."""
+    args.trained_on = source.get("data_dir")  # the data set the model came from
     fallback = {"data_dir": "data", "split": "auto", "resize": 256, "crop_size": 224,
                 "split_seed": 0, "keep_laterals": False}
     for key, value in fallback.items():

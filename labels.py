@@ -63,21 +63,7 @@ def read_label_table(path):
     The 2017 file ends every line with a comma (pandas sees an extra 'Unnamed: 11' column);
     the 2020 revision does not. Only the three columns used here are required.
     """
-    import pandas as pd
-
-    needed = ["Image Index", "Finding Labels", "Patient ID"]
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: label table is empty") from None
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError, EOFError, zlib.error,
-            gzip.BadGzipFile) as e:
-        raise DataError(f"{path}: cannot read label table ({one_line(e)})") from None
-    missing = [c for c in needed if c not in table.columns]
-    if missing:
-        raise DataError(f"{path}: label table lacks column(s) {', '.join(map(repr, missing))}")
-    if table.empty:
-        raise DataError(f"{path}: label table has no rows")
+    table = read_table(path, ["Image Index", "Finding Labels", "Patient ID"], "label table")
     duplicated = table["Image Index"].duplicated()
     if duplicated.any():
         row = int(np.flatnonzero(duplicated.to_numpy())[0])
@@ -108,26 +94,41 @@ def read_label_table(path):
 LABEL_TEXT = {"1": 1.0, "0": 0.0, "-1": -1.0, ".": np.nan}
 
 
+def read_table(path, needed, what="table"):
+    """A CSV (gzipped or not) as strings, blanks kept as '', with the `needed` columns and at
+    least one row, or a one-line DataError naming the file."""
+    import pandas as pd
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: {what} is empty") from None
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, EOFError, zlib.error,
+            gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: cannot read {what} ({one_line(e)})") from None
+    missing = [c for c in needed if c not in table.columns]
+    if missing:
+        raise DataError(f"{path}: {what} lacks column(s) {', '.join(map(repr, missing))}")
+    if table.empty:
+        raise DataError(f"{path}: {what} has no rows")
+    return table
+
+
 def read_list(path):
     """Returns (names, labels [N, K]). Every image at most once. NIH lists (no header, 0/1)
     give uint8 labels for NIH's 14 classes; a list with a `# classes:` header gives float32
     labels with 1, 0, -1 (uncertain) and NaN (not mentioned) for its own classes."""
-    header, names, rows, line_of = {}, [], [], {}
+    header = _read_header(path)
+    classes = list_classes_from(header, path)
+    allowed = LABEL_TEXT if "classes" in header else ("0", "1")
+    values = "1/0/-1/." if "classes" in header else "0/1"
+    names, rows, line_of = [], [], {}
     try:
         with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of a name
             for line_no, line in enumerate(f, 1):
-                if line.startswith("#"):
-                    if not names and ":" in line:
-                        key, value = line[1:].split(":", 1)
-                        header[key.strip()] = value.strip()
-                    continue
                 fields = line.split()
-                if not fields:
+                if not fields or line.startswith("#"):
                     continue
-                classes = list_classes_from(header, path)
-                allowed = LABEL_TEXT if "classes" in header else ("0", "1")
                 if len(fields) != len(classes) + 1 or not all(v in allowed for v in fields[1:]):
-                    values = "1/0/-1/." if "classes" in header else "0/1"
                     raise DataError(f"{path}:{line_no}: expected an image name and "
                                     f"{len(classes)} labels of {values}, got "
                                     f"{line.strip()[:80]!r}")
@@ -141,7 +142,7 @@ def read_list(path):
         raise DataError(f"{path}: cannot read list file ({os_reason(e)})") from None
     if not names:
         raise DataError(f"{path}: list file is empty")
-    k = len(list_classes_from(header, path))
+    k = len(classes)
     if "classes" not in header:
         return names, np.array(rows, dtype=np.uint8).reshape(-1, k)
     return names, np.array([[LABEL_TEXT[v] for v in row] for row in rows],
@@ -159,6 +160,12 @@ def list_classes_from(header, path):
 
 def list_header(path):
     """(class names, image directory relative to the data directory) of a list file."""
+    header = _read_header(path)
+    return list_classes_from(header, path), header.get("images", "images")
+
+
+def _read_header(path):
+    """The `# key: value` lines at the top of a list file, as a dict."""
     header = {}
     try:
         with open(path, encoding="utf-8-sig") as f:
@@ -170,7 +177,7 @@ def list_header(path):
                     header[key.strip()] = value.strip()
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read list file ({os_reason(e)})") from None
-    return list_classes_from(header, path), header.get("images", "images")
+    return header
 
 
 def write_list(path, names, labels, header=None):

@@ -198,7 +198,7 @@ def test_bad_tables_are_one_line_errors(layouts, tmp_path):
     assert_clean_error(proc, f"{bad / 'train.csv'}:2: Edema is 'maybe'")
     (bad / "train.csv").write_text(text[0].replace("Frontal/Lateral", "View") + "\n")
     proc = run_script("dataset.py", "split", "--data-dir", bad)
-    assert_clean_error(proc, "train.csv: lacks column(s) 'Frontal/Lateral'")
+    assert_clean_error(proc, "train.csv: table lacks column(s) 'Frontal/Lateral'")
 
 
 def test_stats_of_a_chexpert_split(layouts):
@@ -219,7 +219,7 @@ def test_more_bad_tables_and_maps(layouts, tmp_path):
     assert_clean_error(proc, f"{bad / 'valid.csv'}: not found")
     shutil.copy(chexpert / "valid.csv", bad)
     (bad / "train.csv").write_text(text[0] + "\n")
-    assert_clean_error(run_script("dataset.py", "split", "--data-dir", bad), "train.csv: no rows")
+    assert_clean_error(run_script("dataset.py", "split", "--data-dir", bad), "train.csv: table has no rows")
     cut = ",".join(text[1].split(",")[:6])  # a row cut short after 'No Finding'
     (bad / "train.csv").write_text("\n".join([text[0], cut, *text[2:]]) + "\n")
     assert_clean_error(run_script("dataset.py", "split", "--data-dir", bad),
