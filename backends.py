@@ -5,6 +5,7 @@ directory's manifest; batched ten-crop prediction for each.
     backend = load_openvino(args, read_metadata(model_dir))   # or TorchModel(checkpoint)
     backend.run_all([(key, crops)], on_result)                # (n, 3, crop, crop) -> (n, K)
 """
+import argparse
 import collections
 import hashlib
 import json
@@ -16,8 +17,8 @@ import numpy as np
 
 from common import DataError, one_line
 from dataset import SkippedImage
-from images import normalize_gray
-from labels import CLASS_NAMES
+from images import TEN_CROPS, average_crops, normalize_gray
+from labels import NIH_CLASSES
 
 MODEL_NAMES = {"fp32": "chexnet_fp32.xml", "int8": "chexnet_int8.xml"}
 METADATA = "chexnet.json"
@@ -76,15 +77,39 @@ def verify_model_files(model_dir, xml, meta):
                              "interrupted export); run `bash infer.sh` again")
 
 
+def with_data_defaults(args, source, where="the defaults"):
+    """A copy of `args` whose unset data flags come from `source` (the checkpoint's flags, or
+    the exported model's metadata; `where` names it), each checked, else from the fallbacks;
+    `trained_on` is the data directory the model came from."""
+    settings = {"trained_on": source.get("data_dir")}
+    fallback = {"data_dir": "data", "split": "auto", "resize": 256, "crop_size": 224,
+                "split_seed": 0, "keep_laterals": False}
+    for key, value in fallback.items():
+        if getattr(args, key, None) is None:
+            value = source.get(key, value)
+            kind = {"data_dir": str, "split": str, "keep_laterals": bool}.get(key, int)
+            usable = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+            if kind is int and usable:
+                usable = (0 <= value < 2 ** 63) if key == "split_seed" else 0 < value <= 100_000
+            if not usable:
+                raise DataError(f"{where}: its {key} is {value!r}, not a usable setting; pass "
+                                f"--{key.replace('_', '-')} or export the model again")
+            settings[key] = value
+    args = argparse.Namespace(**{**vars(args), **settings})
+    if args.crop_size > args.resize:
+        raise DataError(f"--crop-size {args.crop_size} is larger than --resize {args.resize}")
+    return args
+
+
 # ---------------------------------------------------------------------------------------------
 # Back ends
 
 class OpenVINOModel:
-    """An exported model compiled for this CPU: float32 (n, 3, crop, crop) crops -> (n, 14)
-    probabilities. FP32 really is FP32: this CPU would otherwise silently run in bf16
+    """An exported model compiled for this CPU: float32 (n, 3, crop, crop) crops -> (n, K)
+    probabilities of its K classes. FP32 really is FP32: this CPU would otherwise silently run in bf16
     (INFERENCE_PRECISION_HINT), which is also slower on it."""
 
-    def __init__(self, xml, crop, crops_per_request, streams=None, class_names=CLASS_NAMES):
+    def __init__(self, xml, crop, crops_per_request, class_names, streams=None):
         import openvino as ov
         self.class_names = list(class_names)
         xml = Path(xml)
@@ -99,7 +124,7 @@ class OpenVINOModel:
         try:
             model = core.read_model(xml, xml.with_suffix(".bin"))
         except RuntimeError as e:
-            raise InferError(f"{xml}: cannot read the model ({_ov_reason(e)}); run `bash "
+            raise InferError(f"{xml}: cannot read the model ({ov_reason(e)}); run `bash "
                              "infer.sh` to export it again") from None
         shape = model.inputs[0].get_partial_shape()
         if (len(shape) != 4 or not shape[1].is_static or shape[1].get_length() != 3
@@ -110,7 +135,7 @@ class OpenVINOModel:
         if len(out) != 2 or out[1].is_dynamic or out[1].get_length() != len(class_names):
             raise InferError(f"{xml}: outputs {out[1] if len(out) == 2 else out}, expected "
                              f"{len(class_names)} classes")
-        # The class activation maps (N, 14, h, w), in models exported since they exist.
+        # The class activation maps (N, K, h, w), in models exported since they exist.
         self.has_cams = len(model.outputs) > 1 and len(model.outputs[1].get_partial_shape()) == 4
         # Static shapes compile to faster CPU kernels than the exported dynamic batch.
         model.reshape([crops_per_request, 3, crop, crop])
@@ -120,7 +145,7 @@ class OpenVINOModel:
         try:
             self.compiled = core.compile_model(model, "CPU", config)
         except RuntimeError as e:
-            raise InferError(f"{xml}: cannot compile the model ({_ov_reason(e)})") from None
+            raise InferError(f"{xml}: cannot compile the model ({ov_reason(e)})") from None
         shape = list(self.compiled.outputs[0].get_shape())
         if shape != [crops_per_request, len(class_names)]:
             raise InferError(f"{xml}: gives outputs of shape {shape} for {crops_per_request} "
@@ -153,7 +178,7 @@ class OpenVINOModel:
             finish_oldest()
 
 
-def _ov_reason(exc):
+def ov_reason(exc):
     """The informative line of an OpenVINO exception (they start with 'Exception from
     src/...cpp:NN:' lines that say only where)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()
@@ -162,16 +187,16 @@ def _ov_reason(exc):
 
 
 class TorchModel:
-    """The checkpoint in PyTorch: (n, 3, crop, crop) normalised crops -> (n, 14) probabilities,
+    """The checkpoint in PyTorch: (n, 3, crop, crop) normalised crops -> (n, K) probabilities,
     on the run's device. The reference the OpenVINO models are held to."""
 
     def __init__(self, checkpoint, rt=None, args=None):
-        import torch
+        import torch  # heavy, and absent on an edge box: only --mode torch comes here
 
-        from model import WithCAM, model_from_checkpoint, with_sigmoid
+        from checkpoint import load_for_inference
+        from model import WithCAM, with_sigmoid
         self.torch, self.rt, self.args = torch, rt, args
-        model, meta = model_from_checkpoint(checkpoint)
-        self.class_names = checkpoint_classes(meta, model, checkpoint)
+        model, self.class_names, _ = load_for_inference(checkpoint)
         self.bare = model
         self.with_cams = WithCAM(model).eval()
         self.has_cams = True
@@ -205,18 +230,10 @@ class TorchModel:
             on_result(key, (probs.numpy(), maps.numpy()))
 
 
-def checkpoint_classes(meta, model, path):
-    """The class names a checkpoint was trained for; NIH's 14 for a bare or legacy file."""
-    classes = meta.get("class_names", CLASS_NAMES)
-    head = model.fc if hasattr(model, "fc") else model.classifier
-    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)
-            and len(classes) == head.out_features):
-        raise InferError(f"{path}: its class names do not match its {head.out_features} outputs")
-    return classes
-
-
 def metadata_classes(meta, model_dir):
-    classes = meta.get("class_names", CLASS_NAMES)
+    """The class names an export records; exports made before they were recorded are all of
+    NIH's 14 (the head size is checked against them when the model is read)."""
+    classes = meta.get("class_names", NIH_CLASSES)
     if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
         raise InferError(f"{Path(model_dir) / METADATA}: damaged model metadata ('class_names' "
                          "is not a list of names); run `bash infer.sh` to export the model again")
@@ -227,8 +244,8 @@ def load_openvino(args, meta):
     xml = Path(args.model_dir) / MODEL_NAMES[args.mode]
     if xml.exists():
         verify_model_files(args.model_dir, xml, meta)
-    return OpenVINOModel(xml, args.crop_size, 10 * args.images_per_request, args.streams,
-                         metadata_classes(meta, args.model_dir))
+    return OpenVINOModel(xml, args.crop_size, TEN_CROPS * args.images_per_request,
+                         metadata_classes(meta, args.model_dir), args.streams)
 
 
 def torch_checkpoint(args, meta):
@@ -252,7 +269,7 @@ def import_torch():
 # Batched ten-crop prediction
 
 def predict_openvino(backend, images, indices, args):
-    """Ten-crop probabilities (len(indices), 14) of the images, averaged over their crops, and
+    """Ten-crop probabilities (len(indices), K) of the images, averaged over their crops, and
     which were readable. Decoding runs in threads ahead of the infer requests."""
     per_request = args.images_per_request
     groups = [indices[i:i + per_request] for i in range(0, len(indices), per_request)]
@@ -269,14 +286,14 @@ def predict_openvino(backend, images, indices, args):
                 crops.append(None)
         filler = next((c for c in crops if c is not None), None)
         if filler is None:
-            filler = np.zeros((10, args.crop_size, args.crop_size), np.uint8)
+            filler = np.zeros((TEN_CROPS, args.crop_size, args.crop_size), np.uint8)
         crops = [c if c is not None else filler for c in crops]
         crops += [filler] * (per_request - len(crops))
         return normalize_gray(np.concatenate(crops))
 
     def store(g, out):
         n = len(groups[g])
-        probs[g * per_request:g * per_request + n] = out[:10 * n].reshape(n, 10, -1).mean(1)
+        probs[g * per_request:g * per_request + n] = average_crops(out[:TEN_CROPS * n])
 
     window = 2 * backend.requests + args.workers
     backend.run_all(enumerate(prefetch(load, range(len(groups)), args.workers, window)), store)
@@ -307,26 +324,26 @@ class TorchPredictor:
 
     def __init__(self, checkpoint, images, args, rt):
         cpu = rt.device.type == "cpu"
-        if args.batch_size is None:
-            args.batch_size = 1 if cpu else 32
-        if args.workers is None:  # PNG decoding is what keeps a GPU waiting
+        self.batch_size = args.batch_size or (1 if cpu else 32)
+        self.workers = args.workers
+        if self.workers is None:  # PNG decoding is what keeps a GPU waiting
             local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-            args.workers = 1 if cpu else max(1, min(16, (os.cpu_count() or 1) // local))
+            self.workers = 1 if cpu else max(1, min(16, (os.cpu_count() or 1) // local))
         self.model = TorchModel(checkpoint, rt, args)
         self.class_names = self.model.class_names
-        self.images, self.args, self.rt = images, args, rt
+        self.images, self.crop_size, self.rt = images, args.crop_size, rt
 
     def __call__(self, indices):
         import torch
 
         from dataset import collate, to_model_input
         from runtime import gather_from_ranks
-        args, rt = self.args, self.rt
+        rt, size = self.rt, self.batch_size
         mine = indices[rt.rank::rt.world_size]
-        batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
-        dataset = _IndexedTenCrop(self.images, args.crop_size)
+        batches = [mine[i:i + size] for i in range(0, len(mine), size)]
+        dataset = _IndexedTenCrop(self.images, self.crop_size)
         loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=batches, num_workers=args.workers if batches else 0,
+            dataset, batch_sampler=batches, num_workers=self.workers if batches else 0,
             collate_fn=collate, pin_memory=rt.device.type == "cuda")
         positions, outputs = [], []
         for batch in loader:
@@ -334,7 +351,7 @@ class TorchPredictor:
                 continue
             x, where = batch  # (B, 10, 1, crop, crop) uint8, (B,) list positions
             x = to_model_input(x.to(rt.device, non_blocking=True)).flatten(0, 1)
-            outputs.append(self.model(x).view(-1, 10, len(self.class_names)).mean(1))
+            outputs.append(average_crops(self.model(x)))
             rt.mark_step()
             positions.append(where.numpy())
         empty = np.zeros((0, len(self.class_names)), np.float32)

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common import DataError, os_reason
-from images import ten_crop_boxes
-from labels import CLASS_NAMES, REPO_DIR, shared_classes
+from common import REPO_DIR, DataError, os_reason
+from images import average_crops, ten_crop_boxes
+from labels import NIH_CLASSES, shared_classes
 
 BOX_FILE_NAMES = ("BBox_List_2017.csv", "BBox_List_2017.csv.gz")
 SHIPPED_BOXES = REPO_DIR / "nih" / "BBox_List_2017.csv.gz"
@@ -107,7 +107,7 @@ def read_boxes(path):
             x, y, w, h = (float(v) for v in row[2:6])
         except (ValueError, IndexError):
             raise DataError(f"{path}:{line}: expected an image, a disease and 4 numbers") from None
-        if disease not in CLASS_NAMES:
+        if disease not in NIH_CLASSES:  # the box file is NIH's
             raise DataError(f"{path}:{line}: unknown disease {row[1]!r}")
         if not (w > 0 and h > 0 and x >= 0 and y >= 0 and np.isfinite([x, y, w, h]).all()):
             raise DataError(f"{path}:{line}: box {x:g}, {y:g}, {w:g}, {h:g} is not a box")
@@ -216,7 +216,7 @@ class Tally:
             self.false[tau].setdefault(disease, []).append(false)
 
     def diseases(self):
-        return [d for d in CLASS_NAMES if d in self.points]
+        return [d for d in NIH_CLASSES if d in self.points]
 
     def table(self, tau):
         """{disease or 'overall': {"boxes", "images", "pointing", "iobb": {T: (acc, afp)},
@@ -276,6 +276,7 @@ def grid(gray, heats, titles, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     from report import _grid, _save
     fig, axes = _grid(plt, Path(path).stem, len(titles))
     for ax, heat, title in zip(axes, heats, titles):
@@ -347,7 +348,7 @@ def image_heatmaps(backend, path, args, method="cam"):
     probs, maps = crop_maps(backend, normalize_gray(crop_gray(resized, args.crop_size)), args,
                             method)
     gray = np.asarray(image)
-    return probs.mean(0), tencrop_heatmap(maps, resized.shape, args.crop_size, gray.shape), gray
+    return average_crops(probs)[0], tencrop_heatmap(maps, resized.shape, args.crop_size, gray.shape), gray
 
 
 def write_cams(backend, paths, args, out_dir, positive=None):
@@ -363,7 +364,7 @@ def write_cams(backend, paths, args, out_dir, positive=None):
         if not len(chosen):
             chosen = np.argsort(-probs)[:3]
         stem = Path(path).stem
-        classes = getattr(backend, "class_names", CLASS_NAMES)
+        classes = backend.class_names
         for k in chosen:
             target = out_dir / f"{stem}_{classes[k].replace(' ', '_')}.png"
             with atomic_path(target, "heatmap") as tmp:
@@ -381,7 +382,7 @@ def localize(backend, args, lists, log=print):
     threshold) and test (to score it): {method: {"tau", "val", "test"}}."""
     from dataset import ImageList
     from images import crop_gray, load_gray, normalize_gray, resize_shorter
-    classes = getattr(backend, "class_names", CLASS_NAMES)
+    classes = backend.class_names
     box_file = find_box_file(args.data_dir)
     boxes = read_boxes(box_file)
     tallies = {part: {m: Tally() for m in ("model", "random", "centre")} for part in ("val", "test")}

@@ -15,6 +15,9 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+# The repository's own files (the shipped split, NIH's tables and boxes) are found from here.
+REPO_DIR = Path(__file__).resolve().parent
+
 
 class DataError(Exception):
     """Bad input: the message is one line naming the file (and line) or flag at fault."""
@@ -162,6 +165,28 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def add_split_args(parser, laterals_help="CheXpert, MIMIC-CXR: keep lateral views (default: "
+                   "frontal only)"):
+    """--data-dir, --split, --split-seed, --keep-laterals: which data and which split, the same
+    in every script."""
+    parser.add_argument("--data-dir", default="data",
+                        help="ChestX-ray14 (images/ and the label table), CheXpert (train.csv, "
+                             "valid.csv) or MIMIC-CXR-JPG directory (default: data)")
+    parser.add_argument("--split", default="auto",
+                        help="auto | chexnet | random | official | DIR with the three list files "
+                             "(default auto: the data dir's own lists, else the CheXNet split)")
+    parser.add_argument("--split-seed", type=seed, default=0,
+                        help="seed of the random/official patient-level split")
+    parser.add_argument("--keep-laterals", action="store_true", help=laterals_help)
+
+
+def add_device_args(parser, what=""):
+    """--device and --hpu (main.py, and infer.py's --mode torch)."""
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "hpu"],
+                        help=f"{what}where to run (auto: a GPU or Gaudi if there is one)")
+    parser.add_argument("--hpu", action="store_true", help="shorthand for --device hpu (Intel Gaudi)")
 
 
 def positive_int(text):

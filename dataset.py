@@ -17,11 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from common import ArgumentParser, DataError, one_line, os_reason, positive_int, seed
-from images import (CROP_RATIO, CROP_SCALE, IMAGE_SUFFIXES, crop_gray, draw_train_box, fit_square,
-                    load_gray, normalize_gray, resize_shorter, train_crop, train_rng)
-from labels import (HOW_TO_GET_DATA, evaluation_labels, find_label_table, list_header, read_list,
-                    resolve_split, training_targets)
+from common import ArgumentParser, DataError, add_split_args, one_line, os_reason, positive_int
+from images import (CROP_RATIO, CROP_SCALE, crop_gray, draw_train_box, fit_square, load_gray,
+                    normalize_gray, resize_shorter, train_crop, train_rng)
+from labels import evaluation_labels, list_header, read_list, training_targets
+from splitting import resolve_split
+from store import is_image
+from tables import HOW_TO_GET_DATA, detect_dataset, find_label_table
 
 # Where training crops come from: the image resized to TRAIN_SIZE (512: see the README's
 # "Training crops" table; 1024 is the NIH original), evaluation crops from EVAL_SIZE.
@@ -30,7 +32,6 @@ TRAIN_SIZE, EVAL_SIZE = 512, 256
 
 def check_data_dir(data_dir):
     """Fail fast, before any long work, on a data directory that cannot be used."""
-    from datasets import detect_dataset
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"data directory {data_dir}/ not found: {HOW_TO_GET_DATA}")
@@ -38,7 +39,6 @@ def check_data_dir(data_dir):
         return
     image_dir = data_dir / "images"
     try:
-        from store import is_image
         pngs = image_dir.is_dir() and any(is_image(image_dir / n) for n in os.listdir(image_dir))
     except OSError as e:
         raise DataError(f"{image_dir}/: cannot list images ({os_reason(e)})") from None
@@ -127,7 +127,7 @@ class SkippedImage(DataError):
     """An unreadable image left out under --skip-bad-images."""
 
 
-class ChestXray14(ImageList):
+class XrayDataset(ImageList):
     """Map-style dataset over one list file: item = (image, labels float32 [14], name).
 
     mode 'train': RandomResizedCrop + flip from the image at `size` (--train-size);
@@ -212,17 +212,8 @@ def to_model_input(x):
 
 
 def add_data_args(parser):
-    """The data flags every script shares."""
-    parser.add_argument("--data-dir", default="data",
-                        help="ChestX-ray14 (images/ and the label table), CheXpert (train.csv, "
-                             "valid.csv) or MIMIC-CXR-JPG directory (default: data)")
-    parser.add_argument("--split", default="auto",
-                        help="auto | chexnet | random | official | DIR with the three list files "
-                             "(default auto: the data dir's own lists, else the CheXNet split)")
-    parser.add_argument("--split-seed", type=seed, default=0,
-                        help="seed of the random/official patient-level split")
-    parser.add_argument("--keep-laterals", action="store_true",
-                        help="CheXpert, MIMIC-CXR: keep lateral views (default: frontal only)")
+    """The data flags of the scripts that read images: the split's, then the crops'."""
+    add_split_args(parser)
     parser.add_argument("--resize", type=positive_int, default=EVAL_SIZE,
                         help=f"evaluation resize (default {EVAL_SIZE})")
     parser.add_argument("--crop-size", type=positive_int, default=224, help="crop size (default 224)")

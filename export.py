@@ -22,14 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (DataError, atomic_write_text, check_writable_dir, exclusive_lock,
-                    os_reason, strict_json)
+from backends import (METADATA, MODEL_NAMES, InferError, OpenVINOModel, file_digest, ov_reason,
+                      with_data_defaults)
+from common import (DataError, atomic_write_text, check_writable_dir, exclusive_lock, os_reason,
+                    strict_json)
 from dataset import ImageList, SkippedImage, check_data_dir
-from images import normalize_gray
-from backends import METADATA, MODEL_NAMES, InferError, OpenVINOModel, _ov_reason, file_digest
-from infer import fill_defaults
-from labels import CLASS_NAMES, resolve_split
+from images import TEN_CROPS, average_crops, normalize_gray
 from metrics import mean_auc, paired_auc_difference, roc_aucs
+from splitting import resolve_split
 
 
 def held_out_val_crops(args):
@@ -70,11 +70,12 @@ def held_out_val_crops(args):
 def export(args):
     import openvino as ov
     import torch
-    from model import WithCAM, model_from_checkpoint
 
-    model, ckpt_meta = model_from_checkpoint(args.checkpoint)
-    trained = ckpt_meta.get("args", {})  # calibrate on the data it was trained on
-    fill_defaults(args, trained if isinstance(trained, dict) else {}, args.checkpoint)
+    from checkpoint import load_for_inference
+    from model import WithCAM
+
+    model, classes, trained = load_for_inference(args.checkpoint)
+    args = with_data_defaults(args, trained, args.checkpoint)  # calibrate on its own data
     model_dir = Path(args.model_dir)
     check_writable_dir(model_dir, "--model-dir")
     with exclusive_lock(model_dir / ".export.lock", "another export",
@@ -102,10 +103,10 @@ def export(args):
             save_model(int8, staging / MODEL_NAMES["int8"])
             print(f"INT8 model quantized in {time.perf_counter() - t0:.1f} s ({info['images']} "
                   "val images for calibration)")
-            info["int8_vs_fp32"] = compare(staging, held_out, held_out_info, args)
+            info["int8_vs_fp32"] = compare(staging, held_out, held_out_info, classes, args)
             meta = {"checkpoint": str(args.checkpoint),
-                    "arch": ckpt_meta.get("args", {}).get("arch", "densenet121"),
-                    "class_names": ckpt_meta.get("class_names", CLASS_NAMES), "data_dir": str(args.data_dir),
+                    "arch": trained.get("arch", "densenet121"),
+                    "class_names": classes, "data_dir": str(args.data_dir),
                     "split": args.split, "split_seed": args.split_seed,
                     "keep_laterals": bool(args.keep_laterals), "resize": args.resize,
                     "crop_size": crop,
@@ -162,7 +163,7 @@ def quantize(ov_model, calibration, held_out, labels, args, info):
         try:
             return nncf.quantize(ov_model, dataset, subset_size=len(calibration))
         except RuntimeError as e:
-            raise InferError(f"INT8 quantization failed ({_ov_reason(e)})") from None
+            raise InferError(f"INT8 quantization failed ({ov_reason(e)})") from None
     if len(held_out) < 2 or np.isnan(mean_auc(roc_aucs(labels, np.zeros(labels.shape)))):
         raise DataError(f"--max-auc-drop needs held-out val images with positives and negatives "
                         f"({len(held_out)} left after --calibration-size {len(calibration)})")
@@ -172,7 +173,7 @@ def quantize(ov_model, calibration, held_out, labels, args, info):
         """Mean AUC, and each image's probabilities: AUC has no per-image value, so NNCF ranks
         the layers to keep in float by how far each image's output moved instead."""
         data = list(data)  # raw items: (uint8 crops, labels)
-        probs = [compiled(as_input(x))[0].mean(0) for x, _ in data]
+        probs = [average_crops(compiled(as_input(x))[0])[0] for x, _ in data]
         return (mean_auc(roc_aucs(np.stack([y for _, y in data]), np.stack(probs))),
                 [[p] for p in probs])
 
@@ -182,7 +183,7 @@ def quantize(ov_model, calibration, held_out, labels, args, info):
         drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calibration))
 
 
-def compare(staging, held_out, held_out_info, args):
+def compare(staging, held_out, held_out_info, class_names, args):
     """INT8 against FP32 on the held-out val images: the mean AUC difference with a paired
     patient-level bootstrap interval, and the largest probability difference."""
     if not held_out:
@@ -190,10 +191,11 @@ def compare(staging, held_out, held_out_info, args):
     from report import patient_groups
     probs = {}
     for mode in ("fp32", "int8"):
-        model = OpenVINOModel(staging / MODEL_NAMES[mode], args.crop_size, 10, args.streams)
+        model = OpenVINOModel(staging / MODEL_NAMES[mode], args.crop_size, TEN_CROPS, class_names,
+                              args.streams)
         out = {}
         batches = ((i, normalize_gray(c)) for i, c in enumerate(held_out))
-        model.run_all(batches, lambda i, p: out.__setitem__(i, p.mean(0)))
+        model.run_all(batches, lambda i, p: out.__setitem__(i, average_crops(p)[0]))
         probs[mode] = np.stack([out[i] for i in range(len(held_out))])
     labels = held_out_info["labels"]
     paired = paired_auc_difference(labels, probs["fp32"], probs["int8"],
@@ -212,7 +214,7 @@ def save_model(ov_model, xml):
     try:
         ov.save_model(ov_model, xml, compress_to_fp16=False)
     except RuntimeError as e:  # OpenVINO reports a failed write as a RuntimeError
-        raise OSError(0, _ov_reason(e)) from None
+        raise OSError(0, ov_reason(e)) from None
 
 
 def size_mb(xml):

@@ -186,6 +186,15 @@ def ten_crop_boxes(height, width, crop):
                                               (five[1], five[0], five[3], five[2], five[4])]
 
 
+TEN_CROPS = 10
+
+
+def average_crops(outputs, crops_per_image=TEN_CROPS):
+    """The ten-crop protocol's last step: (n * crops, ...) outputs -> (n, ...), each image's
+    crops averaged. numpy arrays and torch tensors alike; every back end averages here."""
+    return outputs.reshape(-1, crops_per_image, *outputs.shape[1:]).mean(1)
+
+
 def eval_gray(path, resize=256, crop=224, ten_crop=True):
     """(10 or 1, crop, crop) uint8: the evaluation crops of one image file."""
     return crop_gray(np.asarray(resize_shorter(load_gray(path), resize)), crop, ten_crop)

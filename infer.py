@@ -25,16 +25,32 @@ from pathlib import Path
 
 import numpy as np
 
-from backends import (METADATA, MODEL_NAMES, InferError, OpenVINOModel, TorchModel,  # noqa: F401
-                      TorchPredictor, file_digest, import_torch, load_openvino, predict_openvino,
-                      read_metadata, torch_checkpoint)
-from common import (ArgumentParser, DataError, SetupError, atomic_path, atomic_write_text,
-                    exclusive_lock,
-                    check_writable_file, fraction, one_line, positive_int, seed, strict_json)
+from backends import (  # noqa: F401
+    METADATA,
+    MODEL_NAMES,
+    InferError,
+    OpenVINOModel,
+    TorchModel,
+    TorchPredictor,
+    file_digest,
+    import_torch,
+    load_openvino,
+    predict_openvino,
+    read_metadata,
+    torch_checkpoint,
+    with_data_defaults,
+)
+from common import (ArgumentParser, DataError, SetupError, add_device_args, atomic_path,
+                    atomic_write_text, check_writable_file, exclusive_lock, fraction, one_line,
+                    positive_int, strict_json)
 from dataset import ImageList, add_data_args, check_data_dir
-from images import eval_input
-from labels import resolve_split, shared_classes
+from images import TEN_CROPS, average_crops, eval_input
+from labels import shared_classes
 from metrics import mean_auc, roc_aucs
+from report import add_report_args
+from splitting import resolve_split
+from tables import detect_dataset
+
 
 def class_map(text):
     """'A=B,C=D' -> {'A': 'B', 'C': 'D'} (argparse type)."""
@@ -148,20 +164,24 @@ def evaluation_images(args, log):
     return lists[args.part], images
 
 
+def evaluation_suffix(part, trained_on, data_dir):
+    """'' for the test part of the data set the model was trained on; '_val' for val; and
+    '_on_<dataset>' for another data set's evaluation (CheXpert for an NIH model...), whose
+    predictions and operating points never replace those of the model's own data set."""
+    dataset = detect_dataset(data_dir)
+    elsewhere = isinstance(trained_on, str) and detect_dataset(trained_on) != dataset
+    return ("" if part == "test" else f"_{part}"), (f"_on_{dataset}" if elsewhere else "")
+
+
 def evaluate(args, rt=None):
-    """Predict every image of the chosen part of the split (in chunks, resumable), then report."""
+    """Predict every image of the chosen part of the split (in chunks, resumable), then report.
+    Everything a report needs (classes, operating points) is checked before the first image."""
     is_main = rt is None or rt.is_main
     log = (lambda *a, **k: print(*a, **k)) if is_main else (lambda *a, **k: None)
     meta = read_metadata(args.model_dir)
-    trained_on = getattr(args, "trained_on", None)  # set by fill_defaults
-    # Another data set's evaluation (CheXpert for an NIH model...) gets its own files: it
-    # never replaces those of the data set the model was trained on.
-    from datasets import detect_dataset
-    dataset = detect_dataset(args.data_dir)
-    elsewhere = isinstance(trained_on, str) and detect_dataset(trained_on) != dataset
-    args.elsewhere = f"_on_{dataset}" if elsewhere else ""
-    suffix = ("" if args.part == "test" else f"_{args.part}") + args.elsewhere
-    out_csv = Path(args.out_csv or Path(args.model_dir) / f"predictions_{args.mode}{suffix}.csv")
+    part_suffix, elsewhere = evaluation_suffix(args.part, args.trained_on, args.data_dir)
+    out_csv = Path(args.out_csv or Path(args.model_dir) /
+                   f"predictions_{args.mode}{part_suffix}{elsewhere}.csv")
     if is_main:
         check_writable_file(out_csv, "--out-csv")
     list_path, images = evaluation_images(args, log)
@@ -179,6 +199,11 @@ def evaluate(args, rt=None):
         def predictor(indices):
             return predict_openvino(backend, images, indices, args)
 
+    columns = evaluated_classes(model_classes, images, list_path, args.class_map)
+    points, why = evaluation_points(args.model_dir, args.mode + elsewhere, args.mode, model_id,
+                                    columns[2])
+    if args.calibrated and points is None and args.part != "val":
+        raise InferError(f"--calibrated: {why}")
     key = {"model": model_id, "mode": args.mode, "names": hashlib.sha256(
         "\n".join(images.names).encode()).hexdigest(), "resize": args.resize,
         "crop": args.crop_size, "chunk": args.chunk_size,
@@ -187,8 +212,15 @@ def evaluate(args, rt=None):
         if is_main:  # one evaluation per predictions file: they would share its chunks
             stack.enter_context(exclusive_lock(out_csv.parent / f".{out_csv.name}.lock",
                                                "another evaluation", "use another --out-csv"))
-        return _predict_and_report(args, rt, is_main, log, out_csv, list_path, images,
-                                   predictor, model_id, key, model_classes)
+        chunks = Chunks(out_csv, key, args.chunk_size, log) if is_main else None
+        probs, readable, timing = predict_in_chunks(predictor, len(images), args.chunk_size,
+                                                    chunks, rt, log)
+        if not is_main:
+            return None
+        result = report_evaluation(args, out_csv, list_path, images, probs, readable, model_id,
+                                   model_classes, columns, (points, why), elsewhere, timing)
+        chunks.remove()
+        return result
 
 
 def evaluated_classes(model_classes, images, list_path, class_map):
@@ -207,56 +239,69 @@ def evaluated_classes(model_classes, images, list_path, class_map):
             [images.class_names[j] for _, j in pairs])
 
 
-def _predict_and_report(args, rt, is_main, log, out_csv, list_path, images, predictor, model_id,
-                        key, model_classes):
-    chunks = Chunks(out_csv, key, args.chunk_size, log) if is_main else None
-    n = len(images)
-    n_chunks = -(-n // args.chunk_size)
+def evaluation_points(model_dir, key, own_key, model_id, classes):
+    """The operating points chosen on val for this evaluation (those chosen on this data set,
+    else the model's own if the classes fit), or (None, why not); a damaged file is an error
+    here, before any image is predicted."""
+    from report import operating_points_for
+    points, why = operating_points_for(model_dir, key, model_id, classes)
+    if points is None and key != own_key:
+        points, why = operating_points_for(model_dir, own_key, model_id, classes)
+    return points, why
+
+
+def predict_in_chunks(predictor, n, chunk_size, chunks, rt, log):
+    """Every image's probabilities, a chunk at a time, each chunk saved as it is made (rank 0
+    holds `chunks`; under torchrun every rank predicts its share and rank 0 gathers). Returns
+    (probs, readable, (images predicted now, seconds)) on rank 0, (None, None, timing)
+    elsewhere."""
+    is_main = chunks is not None
+    n_chunks = -(-n // chunk_size)
     done = chunks.done if is_main else 0
-    if rt is not None and rt.distributed:
+    if rt is not None and rt.distributed:  # rank 0 alone knows what is saved
         import torch.distributed as dist
         shared = [done]
         dist.broadcast_object_list(shared, src=0)
         done = shared[0]
     if done:
-        log(f"continuing after {min(done * args.chunk_size, n)} images already predicted "
+        log(f"continuing after {min(done * chunk_size, n)} images already predicted "
             f"({chunks.dir}/)")
-    progress = Progress(n, min(done * args.chunk_size, n), is_main)
+    progress = Progress(n, min(done * chunk_size, n), is_main)
     start = time.perf_counter()
     for c in range(done, n_chunks):
-        indices = list(range(c * args.chunk_size, min(n, (c + 1) * args.chunk_size)))
+        indices = list(range(c * chunk_size, min(n, (c + 1) * chunk_size)))
         probs, readable = predictor(indices)
         if is_main:
             chunks.write(c, probs, readable)
         progress.update(len(indices))
     progress.close()
-    seconds = time.perf_counter() - start
-    predicted = n - min(done * args.chunk_size, n)
+    timing = (n - min(done * chunk_size, n), time.perf_counter() - start)
     if not is_main:
-        return None
+        return None, None, timing
     parts = [chunks.read(c) for c in range(n_chunks)]
-    probs = np.concatenate([p for p, _ in parts])
-    readable = np.concatenate([r for _, r in parts])
-    names = [nm for nm, ok in zip(images.names, readable) if ok]
-    model_cols, list_cols, classes = evaluated_classes(model_classes, images, list_path,
-                                                      args.class_map)
-    labels, probs = images.labels[readable][:, list_cols], probs[readable][:, model_cols]
-    if not np.isfinite(probs).all():
-        raise InferError(f"the model gives non-finite probabilities on {list_path}")
+    return (np.concatenate([p for p, _ in parts]), np.concatenate([r for _, r in parts]),
+            timing)
+
+
+def report_evaluation(args, out_csv, list_path, images, probs, readable, model_id,
+                      model_classes, columns, points_why, elsewhere, timing):
+    """Score the predictions against the list's labels: on val, choose and save the operating
+    points; write the predictions CSV and the report; print the summary."""
     from report import (
         build_report,
         calibrate,
         choose_operating_points,
-        operating_points_for,
         save_operating_points,
         summary,
+        write_predictions,
         write_report,
     )
-    # Chosen on another data set's val: kept under their own key, beside the model's own
-    key_of_points = args.mode + getattr(args, "elsewhere", "")
-    points, why = operating_points_for(args.model_dir, key_of_points, model_id, classes)
-    if points is None and key_of_points != args.mode:  # the model's own, if the classes fit
-        points, why = operating_points_for(args.model_dir, args.mode, model_id, classes)
+    model_cols, list_cols, classes = columns
+    points, why = points_why
+    names = [nm for nm, ok in zip(images.names, readable) if ok]
+    labels, probs = images.labels[readable][:, list_cols], probs[readable][:, model_cols]
+    if not np.isfinite(probs).all():
+        raise InferError(f"the model gives non-finite probabilities on {list_path}")
     notes = []
     if classes != model_classes:
         notes.append(f"note: {len(classes)} of the model's {len(model_classes)} classes are "
@@ -264,38 +309,34 @@ def _predict_and_report(args, rt, is_main, log, out_csv, list_path, images, pred
                          model_classes[i] + ("" if model_classes[i] == c else f" = {c}")
                          for i, c in zip(model_cols, classes)))
     if args.part == "val":  # thresholds and calibration are chosen here, never on test
-        chosen = choose_operating_points(labels, probs, model_id, list_path,
-                                         args.target_sensitivity, classes)
-        where = save_operating_points(args.model_dir, key_of_points, chosen)
+        chosen = choose_operating_points(labels, probs, model_id, list_path, classes,
+                                         args.target_sensitivity)
+        where = save_operating_points(args.model_dir, args.mode + elsewhere, chosen)
         notes.append(f"operating points (thresholds by rule, Platt calibration) chosen on these "
                      f"{len(names)} val images: {where}")
         points = chosen if args.calibrated else None
     elif points is None:
         notes.append(f"note: {why}")
-    if args.calibrated and points is None:
-        raise InferError(f"--calibrated: {why}")
     written = calibrate(probs, points) if args.calibrated else probs
-    atomic_write_text(out_csv, "Image Index," + ",".join(classes) + "\n" + "".join(
-        nm + "," + ",".join(f"{p:.6f}" for p in row) + "\n" for nm, row in zip(names, written)),
-        "predictions")
-    chunks.remove()
-    report = build_report(names, labels, probs, points if args.part == "test" else None,
-                          args.n_boot, args.boot_seed, args.calibrated, classes, mode=args.mode,
-                          part=args.part, list=str(list_path), predictions=str(out_csv))
-    skipped = n - len(names)
+    write_predictions(out_csv, names, classes, written)
+    scored = points if args.part == "test" else None
+    report = build_report(names, labels, probs, classes, scored, args.n_boot, args.boot_seed,
+                          args.calibrated, mode=args.mode, part=args.part, list=str(list_path),
+                          predictions=str(out_csv))
+    skipped = len(images) - len(names)
     print(f"mode {args.mode}: {len(names)} {args.part} images of {list_path}"
           + (f" ({skipped} unreadable skipped)" if skipped else ""))
     print(summary(report))
+    predicted, seconds = timing
     if predicted:
-        print(f"throughput: {predicted / seconds:.1f} images/s, {10 * predicted / seconds:.1f} "
-              f"crops/s (end to end, decoding included); {predicted} images predicted now in "
+        print(f"throughput: {predicted / seconds:.1f} images/s, {TEN_CROPS * predicted / seconds:.1f}"
+              f" crops/s (end to end, decoding included); {predicted} images predicted now in "
               f"{seconds:.1f} s")
     for note in notes:
         print(note)
     print(f"predictions: {out_csv}" + (" (Platt-calibrated)" if args.calibrated else ""))
-    for path in write_report(out_csv, report, labels, probs,
-                             points if args.part == "test" else None, args.calibrated,
-                             figures=not args.no_figures, class_names=classes):
+    for path in write_report(out_csv, report, labels, probs, classes, scored, args.calibrated,
+                             figures=not args.no_figures):
         print(f"report: {path}")
     aucs = roc_aucs(labels, probs)
     return {"aucs": aucs, "mean_auc": mean_auc(aucs), "probs": written, "names": names,
@@ -323,7 +364,7 @@ def classify_images(args):
         crops = np.concatenate([eval_input(path, args.resize, args.crop_size)]
                                * args.images_per_request)
         result = {}
-        backend.run_all([(0, crops)], lambda key, out: result.update(p=out[:10].mean(0)))
+        backend.run_all([(0, crops)], lambda key, out: result.update(p=average_crops(out[:TEN_CROPS])[0]))
         probs = np.asarray(result["p"], dtype=np.float64)
         if not np.isfinite(probs).all():
             raise InferError(f"{path}: the model gives non-finite probabilities")
@@ -401,9 +442,7 @@ def get_args(argv=None):
     p.add_argument("--streams", type=positive_int, default=None,
                    help="OpenVINO CPU streams (default: the THROUGHPUT hint chooses)")
     # PyTorch
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "hpu"],
-                   help="--mode torch: where to run (auto: a GPU if there is one)")
-    p.add_argument("--hpu", action="store_true", help="shorthand for --device hpu (Intel Gaudi)")
+    add_device_args(p, "--mode torch: ")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="--mode torch: images (10 crops each) per batch and process (default "
                         "32 on a GPU or Gaudi, 1 on a CPU, where larger batches run slower)")
@@ -427,9 +466,7 @@ def get_args(argv=None):
                         "model's classes with the list's (default: same names, and NIH's "
                         "Effusion = CheXpert's Pleural Effusion)")
     # Report (report.py): intervals, operating points, calibration
-    p.add_argument("--n-boot", type=positive_int, default=2000,
-                   help="bootstrap resamples of patients for the 95%% intervals")
-    p.add_argument("--boot-seed", type=seed, default=0)
+    add_report_args(p)
     p.add_argument("--rule", default="youden", choices=["youden", "f1", "sensitivity"],
                    help="--image: which of the operating points chosen on val decides")
     p.add_argument("--target-sensitivity", type=fraction, default=0.9,
@@ -451,6 +488,11 @@ def get_args(argv=None):
     p.set_defaults(data_dir=None, split=None, resize=None, crop_size=None, split_seed=None,
                    keep_laterals=None)
     args = p.parse_args(argv)
+    modes = [flag for flag, on in (("--export", args.export), ("--image", args.image),
+                                   ("--localize", args.localize)) if on]
+    if len(modes) > 1:  # each is its own command: never one silently winning over the other
+        p.error(f"argument {modes[1]}: not allowed with {modes[0]} (one of --export, --image, "
+                "--localize, or none for an evaluation)")
     if args.hpu:
         args.device = "hpu"
     if args.workers is None and (args.mode != "torch" or args.export or args.image):
@@ -467,35 +509,6 @@ def get_args(argv=None):
     return args
 
 
-def fill_defaults(args, source, where="the defaults"):
-    """Unset data flags from `source` (the checkpoint's arguments, or the exported model's
-    metadata; `where` names it), each checked, else from the fallbacks."""
-    args.trained_on = source.get("data_dir")  # the data set the model came from
-    fallback = {"data_dir": "data", "split": "auto", "resize": 256, "crop_size": 224,
-                "split_seed": 0, "keep_laterals": False}
-    for key, value in fallback.items():
-        if getattr(args, key, None) is None:
-            value = source.get(key, value)
-            kind = {"data_dir": str, "split": str, "keep_laterals": bool}.get(key, int)
-            usable = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
-            if kind is int and usable:
-                usable = (0 <= value < 2 ** 63) if key == "split_seed" else 0 < value <= 100_000
-            if not usable:
-                raise DataError(f"{where}: its {key} is {value!r}, not a usable setting; pass "
-                                f"--{key.replace('_', '-')} or export the model again")
-            setattr(args, key, value)
-    if args.crop_size > args.resize:
-        raise DataError(f"--crop-size {args.crop_size} is larger than --resize {args.resize}")
-
-
-def checkpoint_settings(path):
-    """The data flags a checkpoint was trained with ({} for a bare state dict)."""
-    from model import load_file
-    ckpt = load_file(path)
-    settings = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
-    return settings if isinstance(settings, dict) else {}
-
-
 def main(argv=None):
     args = get_args(argv)
     rt = None
@@ -510,9 +523,10 @@ def main(argv=None):
         if args.mode == "torch":
             import_torch()
         if args.mode == "torch" and args.checkpoint:  # this checkpoint, not the exported one
-            fill_defaults(args, checkpoint_settings(args.checkpoint), args.checkpoint)
+            from checkpoint import read_training_flags
+            args = with_data_defaults(args, read_training_flags(args.checkpoint), args.checkpoint)
         else:
-            fill_defaults(args, meta, Path(args.model_dir) / METADATA)
+            args = with_data_defaults(args, meta, Path(args.model_dir) / METADATA)
         if args.mode == "torch":
             if not (args.image or args.localize):
                 from runtime import setup

@@ -1,39 +1,25 @@
-"""ChestX-ray14 labels and splits: NIH's label table, list files, patient-level splits.
+"""List files and class sets: the format every script reads, whatever data set it came from.
 
-    label table   Data_Entry_2017_v2020.csv (or the 2017 file), one row per image
-    list file     "<image name> <14 space-separated 0/1>", one line per image; lists of other
-                  data sets (datasets.py) start with "# classes: A,B,..." and "# images: DIR"
-                  headers and may hold -1 (uncertain) and . (not mentioned)
-    split         three list files, train_list.txt, val_list.txt, test_list.txt
+    list file     "<image name> <K labels>", one line per image. NIH's lists have no header and
+                  0/1 for NIH's 14 classes; lists made from other data sets (tables.py) start
+                  with "# classes: A,B,..." and "# images: DIR" and may hold -1 (uncertain) and
+                  . (not mentioned)
 
-No patient is ever in two splits: every split made here is patient-level, and every split
-read is checked for images or patients shared between its lists.
+A model's class names come from the list it was trained on and travel with it (checkpoint,
+export metadata, prediction files); NIH_CLASSES is only what a header-less NIH list means.
 """
-import gzip
 import re
-import zlib
 from pathlib import Path
 
 import numpy as np
 
-from common import DataError, atomic_write_text, one_line, os_reason
+from common import DataError, atomic_write_text, os_reason
 
-CLASS_NAMES = [
+NIH_CLASSES = [
     "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
     "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening",
     "Hernia",
 ]
-NUM_CLASSES = len(CLASS_NAMES)
-SPLITS = ("train", "val", "test")
-REPO_DIR = Path(__file__).resolve().parent
-# arnoweng/CheXNet's published 70/10/20 split (Stanford never released the paper's own).
-SHIPPED_SPLIT_DIR = REPO_DIR / "splits" / "chexnet"
-SHIPPED_LABEL_TABLE = REPO_DIR / "nih" / "Data_Entry_2017_v2020.csv.gz"
-# Both NIH revisions, newest first; either may be gzipped.
-LABEL_TABLE_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv",
-                     "Data_Entry_2017_v2020.csv.gz", "Data_Entry_2017.csv.gz")
-HOW_TO_GET_DATA = ("run `bash batch_download.sh` to fetch ChestX-ray14 (42 GB), "
-                   "or pass --data-dir sample to use the bundled 200-image sample")
 
 
 def patient_of(name):
@@ -47,70 +33,9 @@ def patient_of(name):
 
 
 # ---------------------------------------------------------------------------------------------
-# Label table
-
-def find_label_table(data_dir):
-    for name in LABEL_TABLE_NAMES:
-        if (Path(data_dir) / name).is_file():
-            return Path(data_dir) / name
-    raise DataError(f"{data_dir}: no label table (expected {LABEL_TABLE_NAMES[0]} or "
-                    f"{LABEL_TABLE_NAMES[1]}); {HOW_TO_GET_DATA}")
-
-
-def read_label_table(path):
-    """Returns (names, patient_ids int64 [N], labels uint8 [N, 14]) in file order.
-
-    The 2017 file ends every line with a comma (pandas sees an extra 'Unnamed: 11' column);
-    the 2020 revision does not. Only the three columns used here are required.
-    """
-    table = read_table(path, ["Image Index", "Finding Labels", "Patient ID"], "label table")
-    duplicated = table["Image Index"].duplicated()
-    if duplicated.any():
-        row = int(np.flatnonzero(duplicated.to_numpy())[0])
-        raise DataError(f"{path}:{row + 2}: image {table['Image Index'][row]!r} is listed twice")
-    labels = np.zeros((len(table), NUM_CLASSES), dtype=np.uint8)
-    column = {c: i for i, c in enumerate(CLASS_NAMES)}
-    for row, findings in enumerate(table["Finding Labels"]):
-        for disease in findings.split("|"):
-            if disease == "No Finding":
-                continue
-            if disease not in column:
-                what = f"unknown disease {disease!r}" if disease else "an empty entry"
-                raise DataError(f"{path}:{row + 2}: {what} in Finding Labels (expected "
-                                f"{', '.join(CLASS_NAMES)} or 'No Finding'; a truncated file?)")
-            labels[row, column[disease]] = 1
-    ids = table["Patient ID"].str.strip()
-    bad = ~ids.str.fullmatch(r"\d{1,18}")  # int64 holds every 18-digit number
-    if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(f"{path}:{row + 2}: Patient ID {table['Patient ID'][row]!r} is not a "
-                        "number of at most 18 digits")
-    return table["Image Index"].tolist(), ids.astype(np.int64).to_numpy(), labels
-
-
-# ---------------------------------------------------------------------------------------------
 # List files
 
 LABEL_TEXT = {"1": 1.0, "0": 0.0, "-1": -1.0, ".": np.nan}
-
-
-def read_table(path, needed, what="table"):
-    """A CSV (gzipped or not) as strings, blanks kept as '', with the `needed` columns and at
-    least one row, or a one-line DataError naming the file."""
-    import pandas as pd
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: {what} is empty") from None
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError, EOFError, zlib.error,
-            gzip.BadGzipFile) as e:
-        raise DataError(f"{path}: cannot read {what} ({one_line(e)})") from None
-    missing = [c for c in needed if c not in table.columns]
-    if missing:
-        raise DataError(f"{path}: {what} lacks column(s) {', '.join(map(repr, missing))}")
-    if table.empty:
-        raise DataError(f"{path}: {what} has no rows")
-    return table
 
 
 def read_list(path):
@@ -151,7 +76,7 @@ def read_list(path):
 
 def list_classes_from(header, path):
     if "classes" not in header:
-        return CLASS_NAMES
+        return NIH_CLASSES
     classes = [c.strip() for c in header["classes"].split(",")]
     if not all(classes) or len(set(classes)) != len(classes):
         raise DataError(f"{path}: '# classes:' header must name distinct classes, comma-separated")
@@ -289,138 +214,3 @@ def check_disjoint(lists):
                 if first[0] != path:
                     raise DataError(f"{path}: patient {patient} ({name}) is also in {first[0]} "
                                     f"({first[1]}): images of one patient must stay in one split")
-
-
-# ---------------------------------------------------------------------------------------------
-# Splits
-
-def patient_split(patients, fractions=(0.7, 0.1, 0.2), seed=0):
-    """Assign whole patients to train/val/test so each split holds ~fractions of the images.
-
-    Deterministic: patients are shuffled by a seeded generator from their sorted ids, then
-    filled into train until it holds fractions[0] of the images, then val, then test.
-    Returns {split: sorted image indices}.
-    """
-    patients = np.asarray(patients)
-    unique, counts = np.unique(patients, return_counts=True)
-    order = np.random.default_rng(seed).permutation(len(unique))
-    cum = np.cumsum(counts[order])
-    # A patient goes to the first split whose image quota is not yet filled when it starts.
-    start = cum - counts[order]
-    bounds = np.cumsum(fractions)[:-1] * len(patients)
-    which = np.searchsorted(bounds, start, side="right")
-    split_of_patient = dict(zip(unique[order].tolist(), which.tolist()))
-    assignment = np.array([split_of_patient[p] for p in patients.tolist()])
-    return {s: np.flatnonzero(assignment == i) for i, s in enumerate(SPLITS)}
-
-
-def _write_split(out, rows, names, labels, flag):
-    try:
-        for split, idx in rows.items():
-            write_list(out / f"{split}_list.txt", [names[i] for i in idx], labels[idx])
-    except DataError as e:
-        raise DataError(f"--split {flag}: {one_line(e)}; make the data directory writable or "
-                        "write the lists elsewhere and pass --split DIR") from None
-    return out
-
-
-def make_random_split(data_dir, seed=0, fractions=(0.7, 0.1, 0.2)):
-    """A fresh patient-level split of the data directory's label table, written (atomically,
-    only where it changed) to <data-dir>/splits/random-seed<seed>/."""
-    names, patients, labels = read_label_table(find_label_table(data_dir))
-    tag = "" if tuple(fractions) == (0.7, 0.1, 0.2) else "-" + "-".join(
-        f"{round(100 * f)}" for f in fractions)
-    out = Path(data_dir) / "splits" / f"random-seed{seed}{tag}"
-    order = np.argsort(names, kind="stable")
-    names, patients, labels = [names[i] for i in order], patients[order], labels[order]
-    return _write_split(out, patient_split(patients, fractions, seed), names, labels, "random")
-
-
-def make_official_split(data_dir, seed=0, val_fraction=0.125):
-    """NIH's own train_val_list.txt / test_list.txt, with val carved out of train_val by patient
-    (1/8 of train_val by default, which makes the whole ~70/10/20)."""
-    data_dir = Path(data_dir)
-    table = find_label_table(data_dir)
-    names, patients, labels = read_label_table(table)
-    row_of = {n: i for i, n in enumerate(names)}
-    official = {}
-    for part in ("train_val", "test"):
-        path = data_dir / f"{part}_list.txt"
-        if not path.is_file():
-            raise DataError(f"{path}: not found (NIH's official split lists ship with the data "
-                            "on NIH's download page)")
-        try:
-            listed = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"{path}: cannot read ({os_reason(e)})") from None
-        unknown = [n for n in listed if n not in row_of]
-        if unknown:
-            raise DataError(f"{path}: {len(unknown)} image(s) not in {table.name}, "
-                            f"e.g. {', '.join(unknown[:3])}")
-        if len(set(listed)) != len(listed):
-            raise DataError(f"{path}: lists some images twice")
-        official[part] = np.array(sorted(row_of[n] for n in listed), dtype=np.int64)
-    if np.intersect1d(official["train_val"], official["test"]).size:
-        raise DataError(f"{data_dir}/test_list.txt: shares images with train_val_list.txt")
-    trainval = official["train_val"]
-    carve = patient_split(patients[trainval], (1 - val_fraction, val_fraction, 0.0), seed)
-    rows = {"train": trainval[carve["train"]], "val": trainval[carve["val"]],
-            "test": official["test"]}
-    return _write_split(data_dir / "splits" / f"official-seed{seed}", rows, names, labels,
-                        "official")
-
-
-def resolve_split(split="auto", data_dir=None, seed=0, keep_laterals=False):
-    """Where the list files of a split live: {'train': Path, 'val': Path, 'test': Path}.
-
-    split:
-      auto     the data directory's own lists (<data-dir>/train_list.txt ...) if it has them
-               (the bundled sample does); else for CheXpert and MIMIC-CXR their official
-               split, for ChestX-ray14 the shipped CheXNet split
-      chexnet  arnoweng/CheXNet's published lists, shipped in splits/chexnet/
-      random   a fresh seeded patient-level 70/10/20 split of <data-dir>'s labels
-      official the data set's own split (NIH's train_val_list.txt / test_list.txt, val carved
-               out by patient; CheXpert's train.csv / valid.csv; MIMIC's split file)
-      DIR      a directory holding train_list.txt, val_list.txt, test_list.txt
-    The lists are checked to share no image and no patient. CheXpert and MIMIC lists hold
-    frontal views only unless keep_laterals.
-    """
-    from datasets import detect_dataset, make_split
-    dataset = detect_dataset(data_dir) if data_dir is not None and Path(data_dir).is_dir() \
-        else "nih"
-    if split == "auto":
-        present = [s for s in SPLITS if data_dir is not None
-                   and (Path(data_dir) / f"{s}_list.txt").exists()]
-        if present and len(present) < len(SPLITS):  # never fall back silently to another split
-            missing = next(s for s in SPLITS if s not in present)
-            raise DataError(f"{Path(data_dir) / f'{missing}_list.txt'}: not found, while "
-                            f"{Path(data_dir) / f'{present[0]}_list.txt'} is there: a data "
-                            "directory's own split needs all three lists (or pass --split)")
-        if present:
-            directory = Path(data_dir)
-        elif dataset != "nih":
-            directory = make_split(dataset, data_dir, "official", seed, keep_laterals)
-        else:
-            directory = SHIPPED_SPLIT_DIR
-    elif split in ("random", "official") and dataset != "nih":
-        directory = make_split(dataset, data_dir, split, seed, keep_laterals)
-    elif split == "chexnet":
-        directory = SHIPPED_SPLIT_DIR
-    elif split in ("random", "official"):
-        if data_dir is None or not Path(data_dir).is_dir():
-            raise DataError(f"--split {split} needs a data directory with the label table "
-                            f"({data_dir} not found); {HOW_TO_GET_DATA}")
-        make = make_random_split if split == "random" else make_official_split
-        directory = make(data_dir, seed=seed)
-    else:
-        directory = Path(split)
-        if not directory.is_dir():
-            raise DataError(f"--split {split}: not auto, chexnet, random, official "
-                            "or a directory of list files")
-    lists = {s: directory / f"{s}_list.txt" for s in SPLITS}
-    for path in lists.values():
-        if not path.is_file():
-            raise DataError(f"{path}: list file not found" if not path.exists()
-                            else f"{path}: not a list file (a directory?)")
-    check_disjoint(lists)
-    return lists

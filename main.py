@@ -8,9 +8,6 @@ Rank and device come from torchrun's environment; rank 0 prints and writes. Star
 with the same --out-dir resumes from its last.pt; torchrun --max-restarts=K does that for you
 after a worker dies (export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 first: pytorch#135712).
 """
-import hashlib
-import io
-import json
 import math
 import sys
 import time
@@ -24,15 +21,18 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (ArgumentParser, DataError, atomic_copy, atomic_path, atomic_write_text,
-                    check_writable_dir, exclusive_lock, fraction, nonnegative_float,
-                    nonnegative_int, one_line, positive_float, positive_int, seed, strict_json)
-from dataset import TRAIN_SIZE, ChestXray14, add_data_args, check_data_dir, collate, to_model_input
-from labels import CLASS_NAMES, UNCERTAIN_POLICIES, resolve_split
+from checkpoint import (NonFiniteLoss, data_identity, load_checkpoint, repair_outputs,
+                        save_checkpoint, uses_scaler, write_metrics)
+from common import (ArgumentParser, DataError, add_device_args, atomic_copy, check_writable_dir,
+                    exclusive_lock, fraction, nonnegative_float, nonnegative_int, one_line,
+                    positive_float, positive_int, seed)
+from dataset import TRAIN_SIZE, XrayDataset, add_data_args, check_data_dir, collate, to_model_input
+from labels import UNCERTAIN_POLICIES
 from metrics import mean_auc, roc_aucs
-from model import ARCH_NAMES, CheckpointError, build_model, load_file, load_weights, train_mode
+from model import ARCH_NAMES, build_model, train_mode
 from runtime import SetupError, autocast, gather_from_ranks, setup
-from store import open_store, image_names
+from splitting import resolve_split
+from store import image_names, open_store
 
 # Training recipes. Defaults reproduce the best published DenseNet-121 on the shipped split;
 # `--recipe chexnet` is the CheXNet paper's. Each value is one flag away (--lr, ...).
@@ -50,10 +50,6 @@ RECIPES = {
 }
 RECIPE_BATCH = 16  # the global batch both recipes were tuned at
 WARMUP_STEPS = 500  # at most, and never more than one epoch
-
-
-class NonFiniteLoss(Exception):
-    pass
 
 
 def get_args(argv=None):
@@ -94,8 +90,7 @@ def get_args(argv=None):
                    help="weight positives by negatives/positives of each disease in train")
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--workers", type=nonnegative_int, default=4, help="data-loader workers per process")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "hpu"])
-    p.add_argument("--hpu", action="store_true", help="shorthand for --device hpu (Intel Gaudi)")
+    add_device_args(p)
     p.add_argument("--amp", action="store_true", help="mixed precision autocast")
     p.add_argument("--amp-dtype", default="bf16", choices=["bf16", "fp16"],
                    help="autocast dtype (fp16 adds a gradient scaler; not on Gaudi)")
@@ -293,111 +288,6 @@ def to_device(batch, rt, args):
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: last.pt, best.pt and metrics.jsonl are one record
-
-def save_checkpoint(path, model, optimizer, scheduler, scaler, args, **state):
-    """Atomically (unique temp file + rename): a kill never leaves a broken checkpoint, a full
-    disk leaves the previous one. Holds the bare model's state dict (no DDP or compile
-    prefixes) and everything needed to resume."""
-    for name, p in model.state_dict().items():
-        if p.is_floating_point() and not torch.isfinite(p).all():
-            raise NonFiniteLoss(f"weights became non-finite ({name}); {path} not overwritten")
-    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-               "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-               "args": vars(args), **state}
-    buffer = io.BytesIO()  # serialised first: a failed write is then an OSError naming its cause
-    torch.save(payload, buffer)
-    with atomic_path(path, "checkpoint") as tmp:
-        with open(tmp, "wb") as f:
-            f.write(buffer.getbuffer())
-
-
-def write_metrics(out_dir, history):
-    """metrics.jsonl rewritten from the checkpoint's own history: strict JSON (NaN -> null)."""
-    atomic_write_text(Path(out_dir) / "metrics.jsonl", "".join(
-        json.dumps(strict_json(r), allow_nan=False) + "\n" for r in history), "metrics")
-
-
-def repair_outputs(out_dir, ckpt, log):
-    """After a kill at any instant the three outputs agree again: last.pt is written first, so
-    it is the record; best.pt is restored from it when the kill came before best.pt was
-    written, metrics.jsonl is rewritten from its history."""
-    last, best = Path(out_dir) / "last.pt", Path(out_dir) / "best.pt"
-    best_epoch = ckpt.get("best_epoch")
-    if best_epoch and best_epoch == ckpt["epoch"] and ckpt["epoch_images"] == 0:
-        try:
-            held = load_file(best).get("epoch") if best.is_file() else None
-        except CheckpointError:
-            held = None
-        if held != best_epoch:
-            atomic_copy(last, best, "checkpoint")
-            log(f"repaired {best}: it now holds epoch {best_epoch}, the best, as last.pt records")
-    write_metrics(out_dir, ckpt.get("history", []))
-
-
-# Flags whose change would make the resumed run another experiment than the one in last.pt.
-RESUME_FLAGS = ("seed", "train_size", "resize", "crop_size", "crop_scale", "uncertain")
-
-
-def data_identity(train_set, val_set):
-    """Which images a run trains and validates on: resuming on other lists is refused."""
-    return {**{part: hashlib.sha256("\n".join(ds.names).encode()).hexdigest()
-               for part, ds in (("train", train_set), ("val", val_set))},
-            "classes": train_set.class_names}
-
-
-def load_checkpoint(path, model, optimizer, scheduler, scaler, args, data):
-    ckpt = load_file(path, "checkpoint")
-    if not (isinstance(ckpt, dict) and "model" in ckpt and "optimizer" in ckpt):
-        raise CheckpointError(f"{path}: not a training checkpoint of main.py (no model/optimizer "
-                              "state); to start from its weights use --weights")
-    trained = ckpt.get("args", {})
-    how = f"resume with the flags it was trained with, or start a new --out-dir (--weights {path} starts from its weights)"
-    if trained.get("arch", args.arch) != args.arch:
-        raise CheckpointError(f"{path}: trained with --arch {trained['arch']}, not {args.arch}; {how}")
-    if bool(trained.get("freeze_backbone")) != args.freeze_backbone:
-        flag = "with" if trained.get("freeze_backbone") else "without"
-        raise CheckpointError(f"{path}: trained {flag} --freeze-backbone; {how}")
-    if _uses_scaler(trained) != _uses_scaler(vars(args)):
-        raise CheckpointError(f"{path}: trained {'with' if _uses_scaler(trained) else 'without'} "
-                              f"--amp --amp-dtype fp16 (its gradient scaler); {how}")
-    if "epoch_images" not in ckpt:
-        raise CheckpointError(f"{path}: written by an older main.py without the epoch position; "
-                              f"start a new --out-dir (--weights {path} starts from its weights)")
-    for key in RESUME_FLAGS:
-        if key == "uncertain" and data["classes"] == CLASS_NAMES:
-            continue  # NIH's labels hold nothing uncertain: the policy changes nothing
-        if key in trained and trained[key] != getattr(args, key):
-            raise CheckpointError(f"{path}: trained with --{key.replace('_', '-')} "
-                                  f"{trained[key]}, not {getattr(args, key)}; {how}")
-    for part in ("train", "val"):
-        if ckpt.get("data", data).get(part) != data[part]:
-            raise CheckpointError(f"{path}: trained on another {part} list (a different --split, "
-                                  f"--split-seed, --keep-laterals, --data-dir or --limit); {how}")
-    classes = ckpt.get("class_names", CLASS_NAMES)
-    if classes != data["classes"]:
-        k = next((k for k, (a, b) in enumerate(zip(classes, data["classes"])) if a != b),
-                 min(len(classes), len(data["classes"])))
-        raise CheckpointError(f"{path}: trained for other classes than these lists ({len(classes)}"
-                              f" vs {len(data['classes'])}; first difference at class {k + 1}: "
-                              f"{classes[k] if k < len(classes) else 'none'!r} vs "
-                              f"{data['classes'][k] if k < len(data['classes']) else 'none'!r}); "
-                              f"{how}")
-    load_weights(model, ckpt["model"], path, args.arch, len(classes))
-    try:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: its optimizer state does not fit ({one_line(e)}); {how}") from None
-    return ckpt
-
-
-def _uses_scaler(args):
-    return bool(args.get("amp")) and args.get("amp_dtype") == "fp16"
-
-
-# ---------------------------------------------------------------------------------------------
 
 def make_datasets(args, lists, log):
     """Training crops from the store of --train-size, validation crops from the store of
@@ -413,10 +303,10 @@ def make_datasets(args, lists, log):
             log(f"note: no store for {size}x{size}: decoding PNGs (`python dataset.py prepare "
                 f"--data-dir {args.data_dir} --size {size}` makes loading far cheaper)")
     common = dict(crop=args.crop_size, skip_bad_images=args.skip_bad_images, limit=args.limit)
-    return (ChestXray14(args.data_dir, lists["train"], "train", args.train_size, seed=args.seed,
+    return (XrayDataset(args.data_dir, lists["train"], "train", args.train_size, seed=args.seed,
                         crop_scale=(args.crop_scale, 1.0), crop_ratio=args.crop_ratio,
                         store=stores[args.train_size], uncertain=args.uncertain, **common),
-            ChestXray14(args.data_dir, lists["val"], "center", args.resize,
+            XrayDataset(args.data_dir, lists["val"], "center", args.resize,
                         store=stores[args.resize], **common))
 
 
@@ -504,7 +394,7 @@ def _train(args, rt, lists, train_set, val_set, global_batch, out_dir, log):
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.1,
                                                            patience=args.patience)
     scaler = torch.amp.GradScaler(rt.device.type if rt.device.type != "hpu" else "cpu",
-                                  enabled=_uses_scaler(vars(args)))
+                                  enabled=uses_scaler(vars(args)))
     pos_weight = None
     if args.pos_weight:
         targets = train_set.labels.astype(np.float64)  # NaN: ignored

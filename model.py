@@ -165,20 +165,6 @@ def imagenet_state(arch, imagenet):
         f"delete it to download it again, or copy torchvision's {cache.name} there"))
 
 
-def model_from_checkpoint(path, arch=None):
-    """The bare model of a checkpoint (ours or legacy), in eval mode, and its metadata."""
-    obj = load_file(path)
-    meta = obj if isinstance(obj, dict) and "model" in obj else {}
-    arch = arch or meta.get("args", {}).get("arch", "densenet121")
-    state = read_state_dict(path, obj=obj)
-    head = next((state[k] for k in ("classifier.weight", "fc.weight") if k in state), None)
-    if head is None:
-        raise CheckpointError(f"{path}: no classifier.weight or fc.weight: not a CheXNet checkpoint")
-    model = build_model(arch, num_classes=head.shape[0], pretrained="none")
-    load_weights(model, state, path, arch, head.shape[0])
-    return model.eval(), meta
-
-
 def with_sigmoid(model):
     """The inference model: (N, 3, H, W) normalised images -> (N, 14) probabilities."""
     return nn.Sequential(model, nn.Sigmoid()).eval()

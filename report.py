@@ -19,13 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (ArgumentParser, DataError, atomic_path, atomic_write_text, one_line, os_reason,
-                    positive_int, seed, strict_json)
-from labels import (CLASS_NAMES, evaluation_labels, list_header, patient_of, read_list,
-                    resolve_split, shared_classes)
+from common import (ArgumentParser, DataError, add_split_args, atomic_path, atomic_write_text,
+                    one_line, os_reason, positive_int, seed, strict_json)
+from labels import (NIH_CLASSES, evaluation_labels, list_header, patient_of, read_list,
+                    shared_classes)
 from metrics import (N_BOOT, RULES, apply_platt, at_threshold, auprcs, bootstrap_aucs,
                      calibration_errors, choose_thresholds, fit_platt, interval, known, mean_auc,
                      paired_auc_difference, reliability, roc_aucs)
+from splitting import resolve_split
 
 OPERATING_POINTS = "operating_points.json"
 STATS = ("sensitivity", "specificity", "ppv", "npv", "f1")
@@ -40,8 +41,8 @@ def patient_groups(names):
 # ---------------------------------------------------------------------------------------------
 # Operating points: chosen on val, stored in the model directory, applied to test
 
-def choose_operating_points(labels, probs, model_id, source, target_sensitivity=0.9,
-                            class_names=CLASS_NAMES):
+def choose_operating_points(labels, probs, model_id, source, class_names,
+                            target_sensitivity=0.9):
     """Thresholds by each rule and Platt parameters, from validation predictions."""
     thresholds = choose_thresholds(labels, probs, target_sensitivity)
     a, b = fit_platt(labels, probs)
@@ -74,7 +75,7 @@ def read_operating_points(model_dir):
     return points
 
 
-def operating_points_for(model_dir, mode, model_id, class_names=CLASS_NAMES):
+def operating_points_for(model_dir, mode, model_id, class_names):
     """This model's operating points for this mode, or (None, why not)."""
     points = read_operating_points(model_dir).get(mode)
     how = f"run `python infer.py --mode {mode} --part val` to choose them on the val split"
@@ -82,7 +83,8 @@ def operating_points_for(model_dir, mode, model_id, class_names=CLASS_NAMES):
         return None, f"no operating points for --mode {mode} in {model_dir}/; {how}"
     if points.get("model") != model_id:
         return None, f"the operating points in {model_dir}/ are for another model; {how}"
-    if points.get("class_names", CLASS_NAMES) != list(class_names):
+    # Operating points written before class names were recorded are all of NIH's 14.
+    if points.get("class_names", NIH_CLASSES) != list(class_names):
         return None, (f"the operating points in {model_dir}/ are for other classes "
                       f"(chosen on another data set); {how}")
     try:
@@ -106,8 +108,8 @@ def calibrate(probs, points):
 # ---------------------------------------------------------------------------------------------
 # The report
 
-def build_report(names, labels, probs, points=None, n_boot=N_BOOT, seed=0, calibrated=False,
-                 class_names=CLASS_NAMES, **context):
+def build_report(names, labels, probs, class_names, points=None, n_boot=N_BOOT, seed=0,
+                 calibrated=False, **context):
     """Every number of one evaluation, as a JSON-ready dict. points: operating points chosen
     on val (None: no thresholds are reported)."""
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
@@ -201,15 +203,15 @@ def markdown(report, rule="youden"):
     return head + "\n\n" + "\n".join(rows) + "\n"
 
 
-def write_report(csv_path, report, labels, probs, points=None, calibrated=False, log=print,
-                 figures=True, class_names=CLASS_NAMES):
+def write_report(csv_path, report, labels, probs, class_names, points=None, calibrated=False,
+                 log=print, figures=True):
     """<stem>_report.json, <stem>_report.md and the figures, beside the predictions."""
     csv_path = Path(csv_path)
     stem = csv_path.with_suffix("")
     atomic_write_text(f"{stem}_report.json",
                       json.dumps(report, indent=1, allow_nan=False) + "\n", "report")
     atomic_write_text(f"{stem}_report.md", markdown(report), "report")
-    pngs = (write_figures(stem, labels, probs, points, calibrated, log, class_names)
+    pngs = (write_figures(stem, labels, probs, class_names, points, calibrated, log)
             if figures else [])
     return [f"{stem}_report.json", f"{stem}_report.md", *pngs]
 
@@ -245,8 +247,7 @@ def _save(fig, path):
     plt.close(fig)
 
 
-def write_figures(stem, labels, probs, points=None, calibrated=False, log=print,
-                  class_names=CLASS_NAMES):
+def write_figures(stem, labels, probs, class_names, points=None, calibrated=False, log=print):
     """ROC and precision-recall curves (14 panels each, operating points marked) and the
     reliability diagram. Needs matplotlib; without it, a note and no figures."""
     plt = _pyplot()
@@ -313,14 +314,32 @@ def write_figures(stem, labels, probs, points=None, calibrated=False, log=print,
 # ---------------------------------------------------------------------------------------------
 # Prediction files
 
+def write_predictions(path, names, class_names, probs):
+    """The predictions CSV: 'Image Index' and the class names, then a row per image; quoted
+    where a name needs it (a comma in a file name), so read_predictions reads it back exactly."""
+    import io
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["Image Index", *class_names])
+    writer.writerows([name, *(f"{p:.6f}" for p in row)] for name, row in zip(names, probs))
+    atomic_write_text(path, text.getvalue(), "predictions")
+
+
 def read_predictions(path):
-    """(names, probs [N, K], class names) from a predictions CSV, checked: the header, numbers
-    in [0, 1]. The classes are the header's columns after 'Image Index'."""
+    """(names, probs [N, K], class names) from a predictions CSV, checked: the header, exactly
+    one name and K numbers in [0, 1] per row. The classes are the header's columns after
+    'Image Index'."""
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
+        with open(path, newline="", encoding="utf-8-sig") as f:  # a byte-order mark is no name
+            reader = csv.reader(f)
+            rows, lines = [], []
+            for row in reader:
+                rows.append(row)
+                lines.append(reader.line_num)
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read predictions ({os_reason(e)})") from None
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num + 1}: not CSV ({e})") from None
     if not rows or rows[0][:1] != ["Image Index"]:
         raise DataError(f"{path}: not a predictions file (its first column must be 'Image Index')")
     classes = rows[0][1:]
@@ -328,11 +347,16 @@ def read_predictions(path):
         raise DataError(f"{path}: its header must name each class once after 'Image Index'")
     columns = list(range(1, len(classes) + 1))
     names, probs = [], []
-    for line, row in enumerate(rows[1:], 2):
+    for line, row in zip(lines[1:], rows[1:]):
+        if not row:
+            continue
         try:
+            if len(row) != len(classes) + 1:
+                raise ValueError(len(row))
             values = [float(row[c]) for c in columns]
         except (ValueError, IndexError):
-            raise DataError(f"{path}:{line}: expected {len(classes)} probabilities") from None
+            raise DataError(f"{path}:{line}: expected an image name and {len(classes)} "
+                            f"probabilities, got {len(row)} fields") from None
         if not all(0 <= v <= 1 for v in values):  # NaN fails this too
             raise DataError(f"{path}:{line}: probabilities must be numbers in [0, 1]")
         names.append(row[0])
@@ -344,7 +368,7 @@ def read_predictions(path):
     return names, np.array(probs), classes
 
 
-def labels_for(names, lists, what, classes=CLASS_NAMES):
+def labels_for(names, lists, what, classes):
     """The evaluation labels [N, len(classes)] of these images (NaN: uncertain, left out), from
     whichever list of the split holds them, the list's columns matched to `classes` by name
     (or as the same finding under another data set's name)."""
@@ -408,18 +432,19 @@ def report_file(args):
     lists = resolve_split(args.split, args.data_dir, args.split_seed,
                           getattr(args, "keep_laterals", False))
     labels = labels_for(names, lists, args.predictions, classes)
-    report = build_report(names, labels, probs, n_boot=args.n_boot, seed=args.boot_seed,
-                          class_names=classes, predictions=str(args.predictions))
+    report = build_report(names, labels, probs, classes, n_boot=args.n_boot, seed=args.boot_seed,
+                          predictions=str(args.predictions))
     print(summary(report))
-    for path in write_report(args.predictions, report, labels, probs, class_names=classes,
+    for path in write_report(args.predictions, report, labels, probs, classes,
                              figures=not args.no_figures):
         print(f"wrote {path}")
     return report
 
 
 def add_report_args(parser):
+    """--n-boot, --boot-seed: the report's bootstrap (report.py and infer.py)."""
     parser.add_argument("--n-boot", type=positive_int, default=N_BOOT,
-                        help="bootstrap resamples (patients drawn with replacement)")
+                        help="bootstrap resamples of patients for the 95%% intervals")
     parser.add_argument("--boot-seed", type=seed, default=0)
 
 
@@ -432,11 +457,7 @@ def main(argv=None):
         parser.add_argument("b", help="predictions CSV of model B, same images")
     else:
         parser.add_argument("predictions", help="a predictions CSV written by infer.py")
-    parser.add_argument("--data-dir", default="data")
-    parser.add_argument("--split", default="auto", help="the split the images come from")
-    parser.add_argument("--split-seed", type=seed, default=0)
-    parser.add_argument("--keep-laterals", action="store_true",
-                        help="CheXpert, MIMIC-CXR: the split with lateral views")
+    add_split_args(parser, "CheXpert, MIMIC-CXR: the split with lateral views")
     if argv[:1] != ["compare"]:
         parser.add_argument("--no-figures", action="store_true",
                             help="the report's JSON and Markdown only")

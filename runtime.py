@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from common import SetupError
 
+
 @dataclass
 class Runtime:
     device: torch.device

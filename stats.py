@@ -13,8 +13,10 @@ import sys
 
 import numpy as np
 
-from common import ArgumentParser, DataError, one_line, seed
-from labels import list_header, patient_of, read_list, resolve_split
+from common import ArgumentParser, DataError, add_split_args, one_line
+from labels import list_header, patient_of, read_list
+from splitting import resolve_split
+from tables import SHIPPED_LABEL_TABLE, find_label_table, read_label_table
 
 
 def split_stats(lists):
@@ -57,7 +59,6 @@ def plot(stats, lists, data_dir, out_dir):
     """stats_prevalence.png and stats_cooccurrence.png in out_dir; returns their paths."""
     from pathlib import Path
 
-    from labels import SHIPPED_LABEL_TABLE, find_label_table, read_label_table
     from report import _pyplot, _save
     plt = _pyplot()
     if plt is None:
@@ -103,12 +104,7 @@ def plot(stats, lists, data_dir, out_dir):
 
 def main(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", default="data", help="data directory (default: data)")
-    parser.add_argument("--split", default="auto",
-                        help="auto | chexnet | random | official | DIR (see dataset.py)")
-    parser.add_argument("--split-seed", type=seed, default=0)
-    parser.add_argument("--keep-laterals", action="store_true",
-                        help="CheXpert, MIMIC-CXR: count lateral views too")
+    add_split_args(parser, "CheXpert, MIMIC-CXR: count lateral views too")
     parser.add_argument("--plot", nargs="?", const="plots", default=None, metavar="DIR",
                         help="also write the prevalence and co-occurrence figures (to plots/)")
     args = parser.parse_args(argv)

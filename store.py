@@ -20,6 +20,7 @@ import numpy as np
 
 from common import DataError, atomic_write_text, is_disk_full, os_reason
 from images import IMAGE_SUFFIXES, fit_square, is_dicom, load_gray
+from tables import detect_dataset
 
 DONE, SKIPPED = 1, 2  # states of a row in done.partial (0: still to do)
 
@@ -52,7 +53,6 @@ def store_dir(data_dir, size):
 def source_dir(data_dir):
     """Where the images are: NIH's flat images/, or the data directory itself for the nested
     layouts of CheXpert (train/patient*/...) and MIMIC-CXR-JPG (files/p*/...)."""
-    from datasets import detect_dataset
     return Path(data_dir) / "images" if detect_dataset(data_dir) == "nih" else Path(data_dir)
 
 
@@ -242,6 +242,7 @@ def prepare_store(data_dir, sizes=(256,), workers=None, progress=True, skip_bad_
     of the same images is left alone; a stale or damaged one is prepared anew.
     Returns {size: (directory, images decoded now, names skipped as unreadable)}."""
     from multiprocessing import Pool
+
     from tqdm import tqdm
 
     image_dir = source_dir(data_dir)

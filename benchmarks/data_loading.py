@@ -25,7 +25,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from dataset import ChestXray14, collate  # noqa: E402
+from dataset import XrayDataset, collate  # noqa: E402
 from images import draw_train_box, fit_square, load_gray, train_crop, train_rng  # noqa: E402
 from store import open_store, prepare_store  # noqa: E402
 
@@ -116,7 +116,7 @@ def main():
     for workers in (0, 1, 2):
         rates = []
         for size, store in ((512, None), (512, open_store(root, 512)), (256, open_store(root, 256))):
-            ds = ChestXray14(root, root / "list.txt", "train", size, crop=args.crop_size,
+            ds = XrayDataset(root, root / "list.txt", "train", size, crop=args.crop_size,
                              store=store)
             rates.append(loader_throughput(ds, workers, passes=1 if store is None else 5))
         print(f"{workers:>8}{rates[0]:>10.1f}{rates[1]:>11.1f}{rates[2]:>11.1f}", flush=True)

@@ -25,7 +25,8 @@ sys.path.insert(0, str(REPO))
 import infer  # noqa: E402
 from export import export  # noqa: E402
 from images import eval_input  # noqa: E402
-from labels import read_label_table, write_list  # noqa: E402
+from labels import write_list  # noqa: E402
+from tables import read_label_table  # noqa: E402
 from model import build_model  # noqa: E402
 from runtime import setup  # noqa: E402
 
@@ -91,7 +92,7 @@ def main():
         if mode == "torch":
             argv += ["--device", a.device] + (["--batch-size", a.batch_size] if a.batch_size else [])
         args = infer.get_args(argv)
-        infer.fill_defaults(args, infer.read_metadata(args.model_dir))
+        args = infer.with_data_defaults(args, infer.read_metadata(args.model_dir))
         rt = setup(args.device) if mode == "torch" else None
         if rt is not None:
             device = (torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda"

@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CHEXNET_SHARED_DATA", REPO.parent / "shared" / "data"))
 sys.path.insert(0, str(REPO))
 
-from labels import read_label_table, write_list  # noqa: E402
+from labels import write_list  # noqa: E402
+from tables import read_label_table  # noqa: E402
 
 # The tiny configuration: the real code on the bundled sample, 64x64 images, 56x56 crops,
 # random initial weights, no loader workers (seconds per epoch on a CPU).
@@ -70,7 +71,7 @@ def nih_images(shared):
 
 def make_data_dir(root, image_dir, table, names=None, splits=(0.6, 0.2, 0.2)):
     """A data directory as NIH ships it (images/ + label table) with its own list files."""
-    from labels import patient_split
+    from splitting import patient_split
     root = Path(root)
     (root / "images").mkdir(parents=True)
     all_names, patients, labels = read_label_table(table)

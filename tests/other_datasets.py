@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from datasets import CHEXPERT_CLASSES
+from tables import CHEXPERT_CLASSES
 
 VALUES = ("1.0", "0.0", "-1.0", "")
 # One row spelled out, to check the parser by hand (CheXpert train.csv, first row).

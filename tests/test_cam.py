@@ -12,7 +12,7 @@ from cam import (SHIPPED_BOXES, Tally, heatmap_boxes, iobb, iou, read_boxes, sco
                  tencrop_heatmap)
 from conftest import BLOCK_TORCH, REPO, assert_clean_error, run_main, run_script
 from images import crop_gray, eval_input
-from labels import write_list
+from labels import NIH_CLASSES, write_list
 from model import WithCAM, build_model, with_sigmoid
 
 
@@ -37,7 +37,7 @@ def test_cam_output_of_the_exported_models(full_size_model, nih_dir):
                             for n in ("00000100_000.png", "00001369_000.png")])
     out = {}
     for mode in ("fp32", "int8"):
-        model = OpenVINOModel(full_size_model / "models" / f"chexnet_{mode}.xml", 224, len(crops))
+        model = OpenVINOModel(full_size_model / "models" / f"chexnet_{mode}.xml", 224, len(crops), NIH_CLASSES)
         assert model.has_cams
         model.run_all([(0, crops)], lambda k, o, mode=mode: out.update({mode: o}), cams=True)
     probs, maps = out["fp32"]

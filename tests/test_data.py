@@ -9,9 +9,10 @@ from PIL import Image
 
 from common import DataError
 from conftest import REPO, assert_clean_error, run_script
-from dataset import ChestXray14, collate
-from labels import (CLASS_NAMES, SHIPPED_SPLIT_DIR, make_random_split, patient_of,
-                    read_label_table, read_list, resolve_split)
+from dataset import XrayDataset, collate
+from labels import NIH_CLASSES, patient_of, read_list
+from splitting import SHIPPED_SPLIT_DIR, make_random_split, resolve_split
+from tables import read_label_table
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +84,7 @@ def test_stats_prints_shipped_split_on_fresh_clone():
     assert lines[1] == "                     train     val    test"
     assert lines[2] == "Atelectasis         10.190   9.974  10.788"
     assert lines[-2].split() == ["images", "78468", "11219", "22433"]
-    assert [ln.split()[0] for ln in lines[2:16]] == CLASS_NAMES
+    assert [ln.split()[0] for ln in lines[2:16]] == NIH_CLASSES
 
 
 def test_stats_on_a_fresh_random_split(full_table_dir):
@@ -108,19 +109,19 @@ def test_auto_split_prefers_the_data_dirs_own_lists():
 def test_dataset_shapes_on_real_images(nih_data_dir):
     from dataset import to_model_input
     lists = resolve_split("auto", nih_data_dir)
-    train = ChestXray14(nih_data_dir, lists["train"], mode="train", size=512, crop=224)
+    train = XrayDataset(nih_data_dir, lists["train"], mode="train", size=512, crop=224)
     x, y, name = train[0]
     assert x.shape == (1, 224, 224) and x.dtype == torch.uint8  # one channel travels
     assert y.shape == (14,) and y.dtype == torch.float32 and name == train.names[0]
-    ten = ChestXray14(nih_data_dir, lists["train"], mode="ten_crop", size=256, crop=224)
-    centre = ChestXray14(nih_data_dir, lists["train"], mode="center", size=256, crop=224)
+    ten = XrayDataset(nih_data_dir, lists["train"], mode="ten_crop", size=256, crop=224)
+    centre = XrayDataset(nih_data_dir, lists["train"], mode="center", size=256, crop=224)
     assert ten[0][0].shape == (10, 1, 224, 224) and centre[0][0].shape == (1, 224, 224)
-    float_ten = ChestXray14(nih_data_dir, lists["train"], mode="ten_crop", normalize=True)
+    float_ten = XrayDataset(nih_data_dir, lists["train"], mode="ten_crop", normalize=True)
     assert float_ten[0][0].shape == (10, 3, 224, 224) and float_ten[0][0].dtype == torch.float32
     # The device-side finish equals the CPU normalisation.
     assert torch.allclose(to_model_input(ten[0][0][None])[0], float_ten[0][0], atol=1e-5)
     # Tests run the same code on small images.
-    small = ChestXray14(nih_data_dir, lists["train"], mode="ten_crop", size=64, crop=56)
+    small = XrayDataset(nih_data_dir, lists["train"], mode="ten_crop", size=64, crop=56)
     assert small[0][0].shape == (10, 1, 56, 56)
     batch = collate([ten[0], ten[1]])
     assert batch[0].shape == (2, 10, 1, 224, 224) and list(batch[2]) == ten.names[:2]
@@ -139,7 +140,7 @@ def test_grayscale_and_rgba_match_torchvision_tencrop(nih_data_dir):
     modes = {n: Image.open(nih_data_dir / "images" / n).mode for n in names}
     assert set(modes.values()) == {"L", "RGBA"}
     for split, path in lists.items():
-        ds = ChestXray14(nih_data_dir, path, mode="ten_crop", normalize=True)
+        ds = XrayDataset(nih_data_dir, path, mode="ten_crop", normalize=True)
         for i in range(len(ds)):
             x = ds[i][0]
             with Image.open(nih_data_dir / "images" / ds.names[i]) as im:
@@ -149,7 +150,7 @@ def test_grayscale_and_rgba_match_torchvision_tencrop(nih_data_dir):
 
 def test_training_augmentation_is_seeded_by_epoch_and_index(nih_data_dir):
     path = resolve_split("auto", nih_data_dir)["train"]
-    ds = ChestXray14(nih_data_dir, path, mode="train", size=256, seed=3)
+    ds = XrayDataset(nih_data_dir, path, mode="train", size=256, seed=3)
     a = ds[1][0]
     torch.manual_seed(123)  # the global generator must not matter
     assert torch.equal(ds[1][0], a)
@@ -199,8 +200,8 @@ LOADER_PROBE = """
 import sys, torch
 sys.path.insert(0, {repo!r})
 from common import DataError, one_line
-from dataset import ChestXray14, collate
-ds = ChestXray14({data!r}, {data!r} + "/val_list.txt", mode="center")
+from dataset import XrayDataset, collate
+ds = XrayDataset({data!r}, {data!r} + "/val_list.txt", mode="center")
 try:
     list(torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1, collate_fn=collate))
 except DataError as e:

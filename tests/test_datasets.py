@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, assert_clean_error, run_main, run_script
-from datasets import CHEXPERT_CLASSES, detect_dataset
-from labels import (evaluation_labels, list_header, patient_of, read_list, resolve_split,
-                    training_targets)
+from tables import CHEXPERT_CLASSES, detect_dataset
+from labels import evaluation_labels, list_header, patient_of, read_list, training_targets
+from splitting import resolve_split
 from other_datasets import FIRST_ROW, make_chexpert, make_mimic
 
 C = {c: k for k, c in enumerate(CHEXPERT_CLASSES)}
@@ -230,13 +230,13 @@ def test_more_bad_tables_and_maps(layouts, tmp_path):
     lists = resolve_split("auto", bad)
     assert read_list(lists["train"])[0][0].startswith("train/patient")
     from common import DataError
-    from labels import CLASS_NAMES, shared_classes
+    from labels import NIH_CLASSES, shared_classes
     for mapping, says in (({"Nope": "Edema"}, "--class-map: the model has no class 'Nope'"),
                           ({"Edema": "Oedema"}, "--class-map: the list labels no class"),
                           ({"Mass": "Lung Lesion", "Nodule": "Lung Lesion"},
                            "'Lung Lesion' is mapped from several classes")):
         with pytest.raises(DataError, match=says):
-            shared_classes(CLASS_NAMES, CHEXPERT_CLASSES, mapping)
+            shared_classes(NIH_CLASSES, CHEXPERT_CLASSES, mapping)
 
 def test_check_and_evaluation_follow_the_trained_split(layouts, tmp_path, capsys):
     """dataset.py check reads the nested layout; a checkpoint trained on a seeded random split

@@ -16,13 +16,13 @@ import torch
 
 from conftest import BLOCK_TORCH, REPO, assert_clean_error, run_main, run_script
 from images import eval_input
-from labels import CLASS_NAMES, read_list
+from labels import NIH_CLASSES, read_list
 from model import build_model
 
 
 def read_csv(path):
     rows = list(csv.reader(open(path)))
-    assert rows[0] == ["Image Index", *CLASS_NAMES]
+    assert rows[0] == ["Image Index", *NIH_CLASSES]
     return [r[0] for r in rows[1:]], np.array([[float(v) for v in r[1:]] for r in rows[1:]])
 
 
@@ -51,8 +51,8 @@ def test_fp32_matches_pytorch_and_int8_stays_close(full_size_model, nih_dir):
     rgba = "00000100_000.png"  # an RGBA original
     crops = np.concatenate([eval_input(nih_dir / "images" / n) for n in (names[0], names[1], rgba)])
     reference = TorchModel(full_size_model / "random.pt")(crops)
-    fp32 = OpenVINOModel(full_size_model / "models" / "chexnet_fp32.xml", 224, len(crops))
-    int8 = OpenVINOModel(full_size_model / "models" / "chexnet_int8.xml", 224, len(crops))
+    fp32 = OpenVINOModel(full_size_model / "models" / "chexnet_fp32.xml", 224, len(crops), NIH_CLASSES)
+    int8 = OpenVINOModel(full_size_model / "models" / "chexnet_int8.xml", 224, len(crops), NIH_CLASSES)
     results = {}
     for label, model in (("fp32", fp32), ("int8", int8)):
         model.run_all([(0, crops)], lambda key, out, label=label: results.update({label: out}))
@@ -87,7 +87,7 @@ def test_int8_keeps_auc_and_reports_with_operating_points_from_val(small_model, 
     for out in (fp32, int8):
         assert "340 test images" in out.stdout and "images/s" in out.stdout and "95% CI" in out.stdout
         assert "predicted 340/340 images" in out.stderr and "ETA" in out.stderr  # not a tty
-        for disease in CLASS_NAMES:
+        for disease in NIH_CLASSES:
             assert disease in out.stdout
     assert "no operating points for --mode fp32" in fp32.stdout
     names, probs = read_csv(models / "predictions_int8.csv")
@@ -99,10 +99,10 @@ def test_int8_keeps_auc_and_reports_with_operating_points_from_val(small_model, 
     report = json.loads((models / "predictions_int8_report.json").read_text())
     labels = read_list(nih_dir / "test_list.txt")[1]
     on_test = choose_thresholds(labels, probs)["youden"]
-    used = [report["diseases"][d]["thresholds"]["youden"]["threshold"] for d in CLASS_NAMES]
+    used = [report["diseases"][d]["thresholds"]["youden"]["threshold"] for d in NIH_CLASSES]
     assert used == points["thresholds"]["youden"]
     assert any(abs(u - t) > 1e-3 for u, t in zip(used, on_test) if u is not None)
-    for d, name in enumerate(CLASS_NAMES):  # sensitivity and specificity: a direct count
+    for d, name in enumerate(NIH_CLASSES):  # sensitivity and specificity: a direct count
         t = report["diseases"][name]["thresholds"]["youden"]
         positive = probs[:, d] >= np.float64(t["threshold"]) - 5e-7  # the CSV's 6 decimals
         if t["sensitivity"][0] is not None:

@@ -9,7 +9,7 @@ from PIL import Image
 from scipy.stats import norm
 
 from conftest import assert_clean_error, run_main
-from labels import CLASS_NAMES, read_list
+from labels import NIH_CLASSES, read_list
 from metrics import (at_threshold, bootstrap_aucs, choose_thresholds, fit_platt, apply_platt,
                      calibration_errors, interval, weighted_aucs)
 
@@ -89,7 +89,7 @@ def test_single_class_disease_is_na_not_a_crash():
     labels = (rng.random((60, 14)) < 0.3).astype(np.uint8)
     labels[:, 13] = 0  # no Hernia among these images
     names = [f"{i:08d}_000.png" for i in range(60)]
-    report = build_report(names, labels, rng.random((60, 14)), n_boot=50)
+    report = build_report(names, labels, rng.random((60, 14)), NIH_CLASSES, n_boot=50)
     assert report["diseases"]["Hernia"]["auc"] is None
     assert report["diseases"]["Hernia"]["auc_ci"] == [None, None]
     assert "| Hernia | 0.000 | n/a n/a |" in markdown(report)
@@ -99,7 +99,7 @@ def test_single_class_disease_is_na_not_a_crash():
 # ---- the commands ---------------------------------------------------------------------------
 
 def _predictions(path, names, probs):
-    path.write_text("Image Index," + ",".join(CLASS_NAMES) + "\n" + "".join(
+    path.write_text("Image Index," + ",".join(NIH_CLASSES) + "\n" + "".join(
         n + "," + ",".join(f"{p:.6f}" for p in row) + "\n" for n, row in zip(names, probs)))
     return path
 

@@ -10,7 +10,7 @@ import torch
 
 from common import DataError
 from conftest import assert_clean_error, make_data_dir, run_main, run_script
-from dataset import ChestXray14, collate
+from dataset import XrayDataset, collate
 from store import open_store, prepare_store
 
 
@@ -36,8 +36,8 @@ def test_store_and_png_give_the_model_the_same_pixels(prepared, mode, size):
     data_dir, stores = prepared
     for split in ("train", "val", "test"):
         path = data_dir / f"{split}_list.txt"
-        png = ChestXray14(data_dir, path, mode=mode, size=size, seed=4)
-        stored = ChestXray14(data_dir, path, mode=mode, size=size, seed=4, store=stores[size])
+        png = XrayDataset(data_dir, path, mode=mode, size=size, seed=4)
+        stored = XrayDataset(data_dir, path, mode=mode, size=size, seed=4, store=stores[size])
         png.set_epoch(2)
         stored.set_epoch(2)
         for i in range(len(png)):
@@ -47,7 +47,7 @@ def test_store_and_png_give_the_model_the_same_pixels(prepared, mode, size):
 
 def test_store_training_batches_are_ready_crops(prepared):
     data_dir, stores = prepared
-    train = ChestXray14(data_dir, data_dir / "train_list.txt", "train", 512, crop=224, seed=1,
+    train = XrayDataset(data_dir, data_dir / "train_list.txt", "train", 512, crop=224, seed=1,
                         store=stores[512])
     images, labels, names = collate([train[i] for i in range(4)])
     assert images.shape == (4, 1, 224, 224) and images.dtype == torch.uint8
@@ -110,8 +110,8 @@ def test_prepare_can_skip_unreadable_images(nih_data_dir, tmp_path, capsys):
     assert store.skipped == {bad.name}
     split = next(p for p in nih_data_dir.glob("*_list.txt") if bad.name in p.read_text())
     with pytest.raises(DataError, match="skipped when"):
-        ChestXray14(nih_data_dir, split, "center", 64, crop=56, store=store)
-    ds = ChestXray14(nih_data_dir, split, "center", 64, crop=56, store=store, skip_bad_images=True)
+        XrayDataset(nih_data_dir, split, "center", 64, crop=56, store=store)
+    ds = XrayDataset(nih_data_dir, split, "center", 64, crop=56, store=store, skip_bad_images=True)
     assert sum(item is None for item in (ds[i] for i in range(len(ds)))) == 1
     # The image is fixed: the next prepare decodes it and takes it back into the store.
     shutil.copy(next(p for p in sorted((nih_data_dir / "images").iterdir()) if p != bad), bad)

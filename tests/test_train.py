@@ -18,7 +18,7 @@ import torchvision
 from PIL import Image
 
 from conftest import REPO, TINY, assert_clean_error, pre_041_state, run_main
-from labels import CLASS_NAMES, read_list, write_list
+from labels import NIH_CLASSES, read_list, write_list
 from model import build_model, load_file, with_sigmoid
 
 
@@ -41,11 +41,11 @@ def test_one_process_run_writes_checkpoints_and_metrics(tmp_path, capsys):
     assert [r["epoch"] for r in records] == [1, 2]
     for key in ("train_loss", "val_loss", "val_mean_auc", "seconds", "images_per_s", "batches"):
         assert np.isfinite(records[0][key]), key
-    assert set(records[0]["val_auc"]) == set(CLASS_NAMES) and records[0]["global_batch"] == 8
+    assert set(records[0]["val_auc"]) == set(NIH_CLASSES) and records[0]["global_batch"] == 8
     epoch_lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("epoch ")]
     assert len(epoch_lines) == 2 and "val mean AUC" in epoch_lines[0] and "img/s" in epoch_lines[0]
     ckpt = load_file(tmp_path / "last.pt")
-    assert ckpt["epoch"] == 2 and ckpt["class_names"] == CLASS_NAMES and ckpt["history"] == records
+    assert ckpt["epoch"] == 2 and ckpt["class_names"] == NIH_CLASSES and ckpt["history"] == records
     assert ckpt["args"]["arch"] == "densenet121" and ckpt["args"]["recipe"] == "zoogzog"
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
     assert {"optimizer", "scheduler", "scaler", "best_auc", "best_epoch", "step"} <= ckpt.keys()
@@ -274,8 +274,9 @@ def test_legacy_chexnet_checkpoint_gives_identical_outputs(tmp_path):
     path = tmp_path / "model.pth.tar"
     torch.save({"epoch": 7, "state_dict": state, "best_loss": 0.15}, path,
                _use_new_zipfile_serialization=False)
-    from model import model_from_checkpoint
-    model, _ = model_from_checkpoint(path)
+    from checkpoint import load_for_inference
+    model, classes, _ = load_for_inference(path)
+    assert classes == NIH_CLASSES  # the 2017 format has no class names: NIH's 14 outputs
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         assert torch.allclose(with_sigmoid(model)(x), original(x), atol=1e-6)

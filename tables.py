@@ -1,27 +1,37 @@
-"""Readers of the other public chest X-ray data sets: CheXpert and MIMIC-CXR-JPG, turned into
-the list files every script reads (ChestX-ray14 is labels.py's).
+"""The data sets' own label tables, read into (image names, patient ids, labels):
+NIH ChestX-ray14, CheXpert and MIMIC-CXR-JPG. splitting.py turns them into list files.
 
+    ChestX-ray14                <data-dir>/Data_Entry_2017_v2020.csv (or the 2017 file),
+                                <data-dir>/images/*.png
     CheXpert v1.0 (or -small)   <data-dir>/train.csv, valid.csv, train/patient*/study*/view*.jpg
     MIMIC-CXR-JPG 2.0.0         <data-dir>/mimic-cxr-2.0.0-{chexpert,split,metadata}.csv.gz,
                                 <data-dir>/files/p10/p10000032/s50414267/<dicom_id>.jpg
 
-Both label the same 14 observations with the CheXpert labeler: 1 positive, 0 negative, -1
-uncertain, blank not mentioned. A list file of theirs says so in its header:
+CheXpert and MIMIC label the same 14 observations with the CheXpert labeler: 1 positive, 0
+negative, -1 uncertain, blank not mentioned. A list file of theirs says so in its header:
 
     # classes: No Finding,Enlarged Cardiomediastinum,...,Support Devices
     # images: .
     train/patient00001/study1/view1_frontal.jpg 1 . . . . . . . . 0 . . . 1
 
-with `.` for not mentioned; image names are relative to <data-dir>/<images>. Splits are
-patient-level, frontal views only unless --keep-laterals.
+with `.` for not mentioned; image names are relative to <data-dir>/<images>.
 """
+import csv
 import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
 
-from common import DataError, one_line
+from common import REPO_DIR, DataError, one_line
+from labels import NIH_CLASSES
 
+SHIPPED_LABEL_TABLE = REPO_DIR / "nih" / "Data_Entry_2017_v2020.csv.gz"
+# Both NIH revisions, newest first; either may be gzipped.
+LABEL_TABLE_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv",
+                     "Data_Entry_2017_v2020.csv.gz", "Data_Entry_2017.csv.gz")
+HOW_TO_GET_DATA = ("run `bash batch_download.sh` to fetch ChestX-ray14 (42 GB), "
+                   "or pass --data-dir sample to use the bundled 200-image sample")
 CHEXPERT_CLASSES = [
     "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
     "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
@@ -45,13 +55,30 @@ def detect_dataset(data_dir):
     return "nih"
 
 
+def read_table(path, needed, what="table"):
+    """A CSV (gzipped or not) as strings, blanks kept as '', with the `needed` columns and at
+    least one row, or a one-line DataError naming the file."""
+    import pandas as pd  # heavy, and only commands that read a data set's table need it
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: {what} is empty") from None
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, EOFError, zlib.error,
+            gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: cannot read {what} ({one_line(e)})") from None
+    missing = [c for c in needed if c not in table.columns]
+    if missing:
+        raise DataError(f"{path}: {what} lacks column(s) {', '.join(map(repr, missing))}")
+    if table.empty:
+        raise DataError(f"{path}: {what} has no rows")
+    return table
+
+
 def _read_csv(path, needed):
-    from labels import read_table
     if not Path(path).is_file():
         raise DataError(f"{path}: not found")
     table = read_table(path, needed)
     # pandas fills a short row's missing fields with '' (a blank label): count them instead
-    import csv
     with (gzip.open if str(path).endswith(".gz") else open)(path, "rt", newline="") as f:
         rows = csv.reader(f)
         width = len(next(rows))
@@ -160,47 +187,43 @@ def read_mimic(data_dir, keep_laterals=False):
         -1, len(CHEXPERT_CLASSES)), np.array(official))
 
 
-def make_split(dataset, data_dir, split="official", seed=0, keep_laterals=False,
-               fractions=(0.7, 0.1, 0.2), val_fraction=0.1):
-    """Write a patient-level split of CheXpert or MIMIC-CXR-JPG to
-    <data-dir>/splits/<split>-seed<seed>[-laterals]/ and return that directory.
+# ---------------------------------------------------------------------------------------------
+# ChestX-ray14
 
-    official  CheXpert: train.csv into train and val (val_fraction of its patients), valid.csv
-              (234 images, radiologist consensus) as test. MIMIC: its own train/validate/test.
-    random    every image, patients shuffled into 70/10/20 (CheXpert: train.csv and valid.csv
-              pooled)."""
-    from labels import patient_split, write_list
-    data_dir = Path(data_dir)
-    if dataset == "chexpert":
-        parts = read_chexpert(data_dir, keep_laterals)
-        train, valid = parts["train.csv"], parts["valid.csv"]
-        names = train[0] + valid[0]
-        patients = np.concatenate([train[1], valid[1]])
-        labels = np.concatenate([train[2], valid[2]])
-        official = np.array(["trainval"] * len(train[0]) + ["test"] * len(valid[0]))
-    else:
-        names, patients, labels, official = read_mimic(data_dir, keep_laterals)
-    if not names:
-        raise DataError(f"{data_dir}: no {'images' if keep_laterals else 'frontal images'} "
-                        f"in the {dataset} tables")
-    if split == "random":
-        rows = patient_split(patients, fractions, seed)
-    elif dataset == "chexpert":
-        trainval = np.flatnonzero(official == "trainval")
-        carve = patient_split(patients[trainval], (1 - val_fraction, val_fraction, 0.0), seed)
-        rows = {"train": trainval[carve["train"]], "val": trainval[carve["val"]],
-                "test": np.flatnonzero(official == "test")}
-    else:
-        rows = {s: np.flatnonzero(official == s) for s in ("train", "val", "test")}
-    tag = f"{dataset}-{split}" + (f"-seed{seed}" if split == "random" or dataset == "chexpert"
-                                  else "") + ("-laterals" if keep_laterals else "")
-    out = data_dir / "splits" / tag
-    header = {"classes": CHEXPERT_CLASSES, "images": "."}
-    try:
-        for part, idx in rows.items():
-            if not len(idx):
-                raise DataError(f"{data_dir}: the {split} split of {dataset} leaves {part} empty")
-            write_list(out / f"{part}_list.txt", [names[i] for i in idx], labels[idx], header)
-    except DataError as e:
-        raise DataError(f"--split {split}: {one_line(e)}") from None
-    return out
+def find_label_table(data_dir):
+    for name in LABEL_TABLE_NAMES:
+        if (Path(data_dir) / name).is_file():
+            return Path(data_dir) / name
+    raise DataError(f"{data_dir}: no label table (expected {LABEL_TABLE_NAMES[0]} or "
+                    f"{LABEL_TABLE_NAMES[1]}); {HOW_TO_GET_DATA}")
+
+
+def read_label_table(path):
+    """Returns (names, patient_ids int64 [N], labels uint8 [N, 14]) in file order.
+
+    The 2017 file ends every line with a comma (pandas sees an extra 'Unnamed: 11' column);
+    the 2020 revision does not. Only the three columns used here are required.
+    """
+    table = read_table(path, ["Image Index", "Finding Labels", "Patient ID"], "label table")
+    duplicated = table["Image Index"].duplicated()
+    if duplicated.any():
+        row = int(np.flatnonzero(duplicated.to_numpy())[0])
+        raise DataError(f"{path}:{row + 2}: image {table['Image Index'][row]!r} is listed twice")
+    labels = np.zeros((len(table), len(NIH_CLASSES)), dtype=np.uint8)
+    column = {c: i for i, c in enumerate(NIH_CLASSES)}
+    for row, findings in enumerate(table["Finding Labels"]):
+        for disease in findings.split("|"):
+            if disease == "No Finding":
+                continue
+            if disease not in column:
+                what = f"unknown disease {disease!r}" if disease else "an empty entry"
+                raise DataError(f"{path}:{row + 2}: {what} in Finding Labels (expected "
+                                f"{', '.join(NIH_CLASSES)} or 'No Finding'; a truncated file?)")
+            labels[row, column[disease]] = 1
+    ids = table["Patient ID"].str.strip()
+    bad = ~ids.str.fullmatch(r"\d{1,18}")  # int64 holds every 18-digit number
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(f"{path}:{row + 2}: Patient ID {table['Patient ID'][row]!r} is not a "
+                        "number of at most 18 digits")
+    return table["Image Index"].tolist(), ids.astype(np.int64).to_numpy(), labels
