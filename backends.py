@@ -268,10 +268,10 @@ def import_torch():
 # ---------------------------------------------------------------------------------------------
 # Batched ten-crop prediction
 
-def predict_openvino(backend, images, indices, args):
+def predict_openvino(backend, images, indices, crop_size, per_request, workers):
     """Ten-crop probabilities (len(indices), K) of the images, averaged over their crops, and
-    which were readable. Decoding runs in threads ahead of the infer requests."""
-    per_request = args.images_per_request
+    which were readable. `per_request` images per infer request; decoding runs in `workers`
+    threads ahead of the infer requests."""
     groups = [indices[i:i + per_request] for i in range(0, len(indices), per_request)]
     probs = np.zeros((len(indices), len(backend.class_names)), np.float32)
     readable = np.ones(len(indices), bool)
@@ -280,13 +280,13 @@ def predict_openvino(backend, images, indices, args):
         crops = []
         for j, i in enumerate(groups[g]):
             try:
-                crops.append(images.eval_crops(i, args.crop_size))
+                crops.append(images.eval_crops(i, crop_size))
             except SkippedImage:
                 readable[g * per_request + j] = False
                 crops.append(None)
         filler = next((c for c in crops if c is not None), None)
         if filler is None:
-            filler = np.zeros((TEN_CROPS, args.crop_size, args.crop_size), np.uint8)
+            filler = np.zeros((TEN_CROPS, crop_size, crop_size), np.uint8)
         crops = [c if c is not None else filler for c in crops]
         crops += [filler] * (per_request - len(crops))
         return normalize_gray(np.concatenate(crops))
@@ -295,8 +295,8 @@ def predict_openvino(backend, images, indices, args):
         n = len(groups[g])
         probs[g * per_request:g * per_request + n] = average_crops(out[:TEN_CROPS * n])
 
-    window = 2 * backend.requests + args.workers
-    backend.run_all(enumerate(prefetch(load, range(len(groups)), args.workers, window)), store)
+    window = 2 * backend.requests + workers
+    backend.run_all(enumerate(prefetch(load, range(len(groups)), workers, window)), store)
     return probs, readable
 
 

@@ -22,7 +22,7 @@ from images import (CROP_RATIO, CROP_SCALE, crop_gray, draw_train_box, fit_squar
                     normalize_gray, resize_shorter, train_crop, train_rng)
 from labels import evaluation_labels, list_header, read_list, training_targets
 from splitting import resolve_split
-from store import is_image
+from store import is_image, open_store
 from tables import HOW_TO_GET_DATA, detect_dataset, find_label_table
 
 # Where training crops come from: the image resized to TRAIN_SIZE (512: see the README's
@@ -121,6 +121,18 @@ class ImageList:
     def eval_crops(self, index, crop, ten_crop=True):
         """(10 or 1, crop, crop) uint8: Resize(size) -> TenCrop / CenterCrop."""
         return crop_gray(self.source(index, square=False), crop, ten_crop)
+
+
+def split_images(data_dir, split, split_seed, keep_laterals, part, size, use_store=True,
+                 skip_bad_images=False, limit=None, log=None):
+    """(list path, ImageList) of one part of a split: evaluation's and export's images, from
+    the store of `size` where `dataset.py prepare` made one."""
+    check_data_dir(data_dir)
+    lists = resolve_split(split, data_dir, split_seed, keep_laterals)
+    store = open_store(data_dir, size) if use_store else None
+    if store is not None and log is not None:
+        log(f"reading the preprocessed store {store.dir}/")
+    return lists[part], ImageList(data_dir, lists[part], size, store, skip_bad_images, limit)
 
 
 class SkippedImage(DataError):

@@ -26,23 +26,17 @@ from backends import (METADATA, MODEL_NAMES, InferError, OpenVINOModel, file_dig
                       with_data_defaults)
 from common import (DataError, atomic_write_text, check_writable_dir, exclusive_lock, os_reason,
                     strict_json)
-from dataset import ImageList, SkippedImage, check_data_dir
+from dataset import SkippedImage, split_images
 from images import TEN_CROPS, average_crops, normalize_gray
 from metrics import mean_auc, paired_auc_difference, roc_aucs
-from splitting import resolve_split
 
 
 def held_out_val_crops(args):
     """Ten-crop uint8 crops of the val images: the first ones calibrate INT8, the next ones
     (never the same) check it. Decoded before any conversion, so bad data fails first."""
-    check_data_dir(args.data_dir)
-    lists = resolve_split(args.split, args.data_dir, args.split_seed,
-                          getattr(args, "keep_laterals", False))
-    store = None
-    if not args.no_store:
-        from store import open_store
-        store = open_store(args.data_dir, args.resize)
-    images = ImageList(args.data_dir, lists["val"], args.resize, store, args.skip_bad_images)
+    val_list, images = split_images(args.data_dir, args.split, args.split_seed,
+                                    args.keep_laterals, "val", args.resize, not args.no_store,
+                                    args.skip_bad_images)
     n = len(images)
     calibration, validation = args.calibration_size, args.validation_size
     if calibration + validation > n:  # a small val split: half and half at most
@@ -61,10 +55,10 @@ def held_out_val_crops(args):
     cal = [i for i in keep if i < calibration]
     val = [i for i in keep if i >= calibration]
     if not cal:
-        raise DataError(f"{lists['val']}: no readable val image to calibrate INT8 on")
+        raise DataError(f"{val_list}: no readable val image to calibrate INT8 on")
     held_out = {"names": [images.names[i] for i in val], "labels": images.labels[val]}
     return ([decoded[i] for i in cal], [decoded[i] for i in val], held_out,
-            {"split": str(lists["val"]), "images": len(cal), "held_out_images": len(val)})
+            {"split": str(val_list), "images": len(cal), "held_out_images": len(val)})
 
 
 def export(args):

@@ -25,25 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from backends import (  # noqa: F401
-    METADATA,
-    MODEL_NAMES,
-    InferError,
-    OpenVINOModel,
-    TorchModel,
-    TorchPredictor,
-    file_digest,
-    import_torch,
-    load_openvino,
-    predict_openvino,
-    read_metadata,
-    torch_checkpoint,
-    with_data_defaults,
-)
+from backends import (METADATA, MODEL_NAMES, InferError, TorchModel, TorchPredictor, file_digest,
+                      import_torch, load_openvino, predict_openvino, read_metadata,
+                      torch_checkpoint, with_data_defaults)
 from common import (ArgumentParser, DataError, SetupError, add_device_args, atomic_path,
                     atomic_write_text, check_writable_file, exclusive_lock, fraction, one_line,
                     positive_int, strict_json)
-from dataset import ImageList, add_data_args, check_data_dir
+from dataset import add_data_args, check_data_dir, split_images
 from images import TEN_CROPS, average_crops, eval_input
 from labels import shared_classes
 from metrics import mean_auc, roc_aucs
@@ -148,22 +136,6 @@ def _duration(seconds):
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 
-def evaluation_images(args, log):
-    """The list to evaluate, from the store of --resize when there is one."""
-    check_data_dir(args.data_dir)
-    lists = resolve_split(args.split, args.data_dir, args.split_seed,
-                          getattr(args, "keep_laterals", False))
-    store = None
-    if not args.no_store:
-        from store import open_store
-        store = open_store(args.data_dir, args.resize)
-        if store is not None:
-            log(f"reading the preprocessed store {store.dir}/")
-    images = ImageList(args.data_dir, lists[args.part], args.resize, store,
-                       args.skip_bad_images, args.limit)
-    return lists[args.part], images
-
-
 def evaluation_suffix(part, trained_on, data_dir):
     """'' for the test part of the data set the model was trained on; '_val' for val; and
     '_on_<dataset>' for another data set's evaluation (CheXpert for an NIH model...), whose
@@ -184,7 +156,9 @@ def evaluate(args, rt=None):
                    f"predictions_{args.mode}{part_suffix}{elsewhere}.csv")
     if is_main:
         check_writable_file(out_csv, "--out-csv")
-    list_path, images = evaluation_images(args, log)
+    list_path, images = split_images(args.data_dir, args.split, args.split_seed,
+                                     args.keep_laterals, args.part, args.resize,
+                                     not args.no_store, args.skip_bad_images, args.limit, log)
     if args.mode == "torch":
         checkpoint = torch_checkpoint(args, meta)
         predictor = TorchPredictor(checkpoint, images, args, rt)
@@ -197,7 +171,8 @@ def evaluate(args, rt=None):
         model_classes = backend.class_names
 
         def predictor(indices):
-            return predict_openvino(backend, images, indices, args)
+            return predict_openvino(backend, images, indices, args.crop_size,
+                                    args.images_per_request, args.workers)
 
     columns = evaluated_classes(model_classes, images, list_path, args.class_map)
     points, why = evaluation_points(args.model_dir, args.mode + elsewhere, args.mode, model_id,

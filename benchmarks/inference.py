@@ -23,6 +23,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import infer  # noqa: E402
+from backends import TorchModel, load_openvino, read_metadata, with_data_defaults  # noqa: E402
 from export import export  # noqa: E402
 from images import eval_input  # noqa: E402
 from labels import write_list  # noqa: E402
@@ -92,15 +93,16 @@ def main():
         if mode == "torch":
             argv += ["--device", a.device] + (["--batch-size", a.batch_size] if a.batch_size else [])
         args = infer.get_args(argv)
-        args = infer.with_data_defaults(args, infer.read_metadata(args.model_dir))
+        args = with_data_defaults(args, read_metadata(args.model_dir))
         rt = setup(args.device) if mode == "torch" else None
         if rt is not None:
             device = (torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda"
                       else f"{rt.device.type}, {torch.get_num_threads()} threads")
         result = infer.evaluate(args, rt)  # loads the model first; times the predictions
-        batch = args.batch_size if mode == "torch" else batch
-        backend = (infer.TorchModel(checkpoint) if mode == "torch"
-                   else infer.load_openvino(args, infer.read_metadata(args.model_dir)))
+        batch = (args.batch_size or (1 if rt.device.type == "cpu" else 32)) if mode == "torch" \
+            else batch  # TorchPredictor's default
+        backend = (TorchModel(checkpoint) if mode == "torch"
+                   else load_openvino(args, read_metadata(args.model_dir)))
         rows[mode] = {"e2e": len(result["names"]) / result["seconds"],
                       "model": model_only(backend, crops, 3 if mode == "torch" else 20),
                       "auc": result["mean_auc"]}

@@ -16,6 +16,10 @@ sys.path.insert(0, str(REPO))
 from labels import write_list  # noqa: E402
 from tables import read_label_table  # noqa: E402
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: over ~20 s; the fast tier is `pytest -m \"not slow\"`")
+
+
 # The tiny configuration: the real code on the bundled sample, 64x64 images, 56x56 crops,
 # random initial weights, no loader workers (seconds per epoch on a CPU).
 TINY = ["--data-dir", REPO / "sample", "--pretrained", "none", "--resize", "64",

@@ -349,7 +349,7 @@ case("model without a manifest", "infer", "chexnet.json: no manifest of the mode
 
 
 def _garbage_rehashed(models):
-    from infer import file_digest
+    from backends import file_digest
     (models / "chexnet_int8.xml").write_text("<net>not a model")
     meta = json.loads((models / "chexnet.json").read_text())
     meta["files"]["chexnet_int8.xml"] = file_digest(models / "chexnet_int8.xml")
@@ -357,7 +357,7 @@ def _garbage_rehashed(models):
 
 
 def _zero_weights(models):
-    from infer import file_digest
+    from backends import file_digest
     size = (models / "chexnet_int8.bin").stat().st_size
     (models / "chexnet_int8.bin").write_bytes(bytes(size))
     meta = json.loads((models / "chexnet.json").read_text())
@@ -366,7 +366,7 @@ def _zero_weights(models):
 
 
 def _not_ir(models):
-    from infer import file_digest
+    from backends import file_digest
     (models / "chexnet_int8.xml").write_text("name: a yaml file, not a model\n")
     meta = json.loads((models / "chexnet.json").read_text())
     meta["files"]["chexnet_int8.xml"] = file_digest(models / "chexnet_int8.xml")

@@ -32,7 +32,7 @@ def test_cam_mean_is_the_logit_in_torch():
 def test_cam_output_of_the_exported_models(full_size_model, nih_dir):
     """FP32: the maps' mean is the logit of the probabilities it outputs; INT8 maps stay close
     to FP32's on real NIH images."""
-    from infer import OpenVINOModel
+    from backends import OpenVINOModel
     crops = np.concatenate([eval_input(nih_dir / "images" / n)
                             for n in ("00000100_000.png", "00001369_000.png")])
     out = {}

@@ -46,7 +46,7 @@ def test_infer_sh_writes_fp32_int8_and_a_manifest(small_model, nih_dir):
 
 
 def test_fp32_matches_pytorch_and_int8_stays_close(full_size_model, nih_dir):
-    from infer import OpenVINOModel, TorchModel
+    from backends import OpenVINOModel, TorchModel
     names = read_list(nih_dir / "test_list.txt")[0]
     rgba = "00000100_000.png"  # an RGBA original
     crops = np.concatenate([eval_input(nih_dir / "images" / n) for n in (names[0], names[1], rgba)])
@@ -119,7 +119,7 @@ def test_torch_batched_equals_one_image_path_and_torchrun(small_model, nih_dir, 
     """Batched through loader workers, and under torchrun with 2 processes on an odd number of
     images: the one-image CPU path's probabilities (to 2e-6, the CSV's 6 decimals and float
     summation order), each image once, in list order."""
-    from infer import TorchModel
+    from backends import TorchModel
     work, _ = small_model
     checkpoint = work / "run" / "best.pt"
     args = ["--checkpoint", checkpoint, "--limit", "7"]  # sizes: the checkpoint's own, 64 and 56
