@@ -231,13 +231,8 @@ def evaluate(model, loader, rt, args, pos_weight=None):
         if batch is None:
             continue
         x, _ = to_device(batch, rt, args)
-        if x.dim() == 5:  # ten-crop (B, 10, 3, H, W): mean of the crops' logits
-            b, n = x.shape[:2]
-            with amp:
-                out = model(x.flatten(0, 1)).view(b, n, -1).mean(1)
-        else:
-            with amp:
-                out = model(x)
+        with amp:
+            out = model(x)
         rt.mark_step()
         logits.append(out.float())
         labels.append(batch[1].numpy())
