@@ -106,8 +106,8 @@ def with_data_defaults(args, source, where="the defaults"):
 
 class OpenVINOModel:
     """An exported model compiled for this CPU: float32 (n, 3, crop, crop) crops -> (n, K)
-    probabilities of its K classes. FP32 really is FP32: this CPU would otherwise silently run in bf16
-    (INFERENCE_PRECISION_HINT), which is also slower on it."""
+    probabilities of its K classes. FP32 really is FP32: this CPU would otherwise silently run
+    in bf16 (INFERENCE_PRECISION_HINT), which is also slower on it."""
 
     def __init__(self, xml, crop, crops_per_request, class_names, streams=None):
         import openvino as ov

@@ -304,9 +304,9 @@ def report_evaluation(args, out_csv, list_path, images, probs, readable, model_i
     print(summary(report))
     predicted, seconds = timing
     if predicted:
-        print(f"throughput: {predicted / seconds:.1f} images/s, {TEN_CROPS * predicted / seconds:.1f}"
-              f" crops/s (end to end, decoding included); {predicted} images predicted now in "
-              f"{seconds:.1f} s")
+        print(f"throughput: {predicted / seconds:.1f} images/s, "
+              f"{TEN_CROPS * predicted / seconds:.1f} crops/s (end to end, decoding included); "
+              f"{predicted} images predicted now in {seconds:.1f} s")
     for note in notes:
         print(note)
     print(f"predictions: {out_csv}" + (" (Platt-calibrated)" if args.calibrated else ""))
@@ -339,7 +339,8 @@ def classify_images(args):
         crops = np.concatenate([eval_input(path, args.resize, args.crop_size)]
                                * args.images_per_request)
         result = {}
-        backend.run_all([(0, crops)], lambda key, out: result.update(p=average_crops(out[:TEN_CROPS])[0]))
+        backend.run_all([(0, crops)],
+                        lambda key, out: result.update(p=average_crops(out[:TEN_CROPS])[0]))
         probs = np.asarray(result["p"], dtype=np.float64)
         if not np.isfinite(probs).all():
             raise InferError(f"{path}: the model gives non-finite probabilities")
