@@ -2,7 +2,7 @@
 for this CPU, torch never imported) and a PyTorch checkpoint on any device; the model
 directory's manifest; batched ten-crop prediction for each.
 
-    backend = load_openvino(args, read_metadata(model_dir))   # or TorchModel(checkpoint)
+    backend = load_openvino(model_dir, mode, read_metadata(model_dir), crop)  # or TorchModel(path)
     backend.run_all([(key, crops)], on_result)                # (n, 3, crop, crop) -> (n, K)
 """
 import argparse
@@ -190,12 +190,17 @@ class TorchModel:
     """The checkpoint in PyTorch: (n, 3, crop, crop) normalised crops -> (n, K) probabilities,
     on the run's device. The reference the OpenVINO models are held to."""
 
-    def __init__(self, checkpoint, rt=None, args=None):
+    def __init__(self, checkpoint, rt=None, channels_last=False, autocast=None):
+        """On the CPU in this process without `rt`; else on rt's device, NHWC with
+        channels_last, inside autocast() (a context factory: runtime.autocast's) if given."""
+        import contextlib
+
         import torch  # heavy, and absent on an edge box: only --mode torch comes here
 
         from checkpoint import load_for_inference
         from model import WithCAM, with_sigmoid
-        self.torch, self.rt, self.args = torch, rt, args
+        self.torch, self.rt, self.channels_last = torch, rt, channels_last
+        self.autocast = autocast or contextlib.nullcontext
         model, self.class_names, _ = load_for_inference(checkpoint)
         self.bare = model
         self.with_cams = WithCAM(model).eval()
@@ -203,7 +208,7 @@ class TorchModel:
         self.model = with_sigmoid(model)
         if rt is not None:
             self.model = self.model.to(rt.device)
-            if args.channels_last:
+            if channels_last:
                 self.model = self.model.to(memory_format=torch.channels_last)
         self.requests = 1
 
@@ -213,11 +218,10 @@ class TorchModel:
         with torch.inference_mode():
             if self.rt is None:
                 return self.model(x).numpy()
-            from runtime import autocast
             x = x.to(self.rt.device, non_blocking=True)
-            if self.args.channels_last:
+            if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(self.rt, self.args):
+            with self.autocast():
                 return self.model(x).float()
 
     def run_all(self, batches, on_result, cams=False):
@@ -240,16 +244,19 @@ def metadata_classes(meta, model_dir):
     return classes
 
 
-def load_openvino(args, meta):
-    xml = Path(args.model_dir) / MODEL_NAMES[args.mode]
+def load_openvino(model_dir, mode, meta, crop_size, images_per_request=1, streams=None):
+    """The exported model of `mode` ('fp32' or 'int8'), checked against the manifest, compiled
+    for requests of `images_per_request` images (10 crops each)."""
+    xml = Path(model_dir) / MODEL_NAMES[mode]
     if xml.exists():
-        verify_model_files(args.model_dir, xml, meta)
-    return OpenVINOModel(xml, args.crop_size, TEN_CROPS * args.images_per_request,
-                         metadata_classes(meta, args.model_dir), args.streams)
+        verify_model_files(model_dir, xml, meta)
+    return OpenVINOModel(xml, crop_size, TEN_CROPS * images_per_request,
+                         metadata_classes(meta, model_dir), streams)
 
 
-def torch_checkpoint(args, meta):
-    checkpoint = args.checkpoint or meta.get("checkpoint")
+def torch_checkpoint(checkpoint, meta):
+    """--mode torch's checkpoint: the one given, else the one the exported model came from."""
+    checkpoint = checkpoint or meta.get("checkpoint")
     if not checkpoint:
         raise InferError("--mode torch needs --checkpoint (no exported model records one)")
     return checkpoint
@@ -322,16 +329,17 @@ class TorchPredictor:
     """Batched ten-crop evaluation in PyTorch through a DataLoader with workers, on the device;
     under torchrun each rank takes every world_size-th image of a chunk and rank 0 gathers."""
 
-    def __init__(self, checkpoint, images, args, rt):
+    def __init__(self, checkpoint, images, rt, crop_size, batch_size=None, workers=None,
+                 channels_last=False, autocast=None):
         cpu = rt.device.type == "cpu"
-        self.batch_size = args.batch_size or (1 if cpu else 32)
-        self.workers = args.workers
+        self.batch_size = batch_size or (1 if cpu else 32)
+        self.workers = workers
         if self.workers is None:  # PNG decoding is what keeps a GPU waiting
             local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
             self.workers = 1 if cpu else max(1, min(16, (os.cpu_count() or 1) // local))
-        self.model = TorchModel(checkpoint, rt, args)
+        self.model = TorchModel(checkpoint, rt, channels_last, autocast)
         self.class_names = self.model.class_names
-        self.images, self.crop_size, self.rt = images, args.crop_size, rt
+        self.images, self.crop_size, self.rt = images, crop_size, rt
 
     def __call__(self, indices):
         import torch

@@ -160,12 +160,15 @@ def evaluate(args, rt=None):
                                      args.keep_laterals, args.part, args.resize,
                                      not args.no_store, args.skip_bad_images, args.limit, log)
     if args.mode == "torch":
-        checkpoint = torch_checkpoint(args, meta)
-        predictor = TorchPredictor(checkpoint, images, args, rt)
+        from runtime import autocast
+        checkpoint = torch_checkpoint(args.checkpoint, meta)
+        predictor = TorchPredictor(checkpoint, images, rt, args.crop_size, args.batch_size,
+                                   args.workers, args.channels_last, lambda: autocast(rt, args))
         model_id = file_digest(checkpoint)
         model_classes = predictor.class_names
     else:
-        backend = load_openvino(args, meta)
+        backend = load_openvino(args.model_dir, args.mode, meta, args.crop_size,
+                                args.images_per_request, args.streams)
         xml = Path(args.model_dir) / MODEL_NAMES[args.mode]
         model_id = file_digest(xml) + file_digest(xml.with_suffix(".bin"))
         model_classes = backend.class_names
@@ -324,10 +327,11 @@ def classify_images(args):
     from report import calibrate, operating_points_for, thresholds_of
     meta = read_metadata(args.model_dir)
     if args.mode == "torch":
-        checkpoint = torch_checkpoint(args, meta)
+        checkpoint = torch_checkpoint(args.checkpoint, meta)
         backend, model_id = TorchModel(checkpoint), file_digest(checkpoint)
     else:
-        backend = load_openvino(args, meta)
+        backend = load_openvino(args.model_dir, args.mode, meta, args.crop_size,
+                                args.images_per_request, args.streams)
         xml = Path(args.model_dir) / MODEL_NAMES[args.mode]
         model_id = file_digest(xml) + file_digest(xml.with_suffix(".bin"))
     classes = backend.class_names
@@ -371,8 +375,9 @@ def localize(args):
     from cam import format_localization
     from cam import localize as run
     meta = read_metadata(args.model_dir)
-    backend = (TorchModel(torch_checkpoint(args, meta)) if args.mode == "torch"
-               else load_openvino(args, meta))
+    backend = (TorchModel(torch_checkpoint(args.checkpoint, meta)) if args.mode == "torch"
+               else load_openvino(args.model_dir, args.mode, meta, args.crop_size,
+                                  args.images_per_request, args.streams))
     check_data_dir(args.data_dir)
     lists = resolve_split(args.split, args.data_dir, args.split_seed,
                           getattr(args, "keep_laterals", False))

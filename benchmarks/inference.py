@@ -102,7 +102,8 @@ def main():
         batch = (args.batch_size or (1 if rt.device.type == "cpu" else 32)) if mode == "torch" \
             else batch  # TorchPredictor's default
         backend = (TorchModel(checkpoint) if mode == "torch"
-                   else load_openvino(args, read_metadata(args.model_dir)))
+                   else load_openvino(args.model_dir, mode, read_metadata(args.model_dir),
+                                      args.crop_size, args.images_per_request, args.streams))
         rows[mode] = {"e2e": len(result["names"]) / result["seconds"],
                       "model": model_only(backend, crops, 3 if mode == "torch" else 20),
                       "auc": result["mean_auc"]}
