@@ -193,6 +193,6 @@ def test_the_readme_code_map_names_every_module():
     section = readme[start:readme.index("\n## ", start + 1)]
     for path in sorted(REPO.glob("*.py")) + sorted(REPO.glob("*.sh")):
         assert f"`{path.name}`" in section, f"{path.name} missing from the README's code map"
-    mentioned = {w.strip("`") for w in section.split() if w.strip("`").endswith((".py", ".sh"))
-                 and "/" not in w}
+    import re
+    mentioned = {m for m in re.findall(r"`([\w.-]+\.(?:py|sh))`", section)}
     assert mentioned <= {p.name for p in REPO.glob("*")}, mentioned - {p.name for p in REPO.glob("*")}
