@@ -85,7 +85,8 @@ class OpenVINOModel:
     (INFERENCE_PRECISION_HINT), which is also slower on it."""
 
     def __init__(self, xml, crop, crops_per_request, streams=None, class_names=CLASS_NAMES):
-        import openvino as ov
+        from optional import openvino
+        ov = openvino()
         self.class_names = list(class_names)
         xml = Path(xml)
         if not xml.is_file():

@@ -97,7 +97,8 @@ LABEL_TEXT = {"1": 1.0, "0": 0.0, "-1": -1.0, ".": np.nan}
 def read_table(path, needed, what="table"):
     """A CSV (gzipped or not) as strings, blanks kept as '', with the `needed` columns and at
     least one row, or a one-line DataError naming the file."""
-    import pandas as pd
+    from optional import pandas
+    pd = pandas(f"{path}: reading the {what}")
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
