@@ -263,3 +263,15 @@ def test_openvino_numpy_pillow_scikit_learn_alone(hiding, small_model, nih_dir, 
                     "--image", images["png"], "--cam", tmp_path / "cams")
     assert ("--cam needs the matplotlib package (its dependency 'pyparsing' is missing): "
             "pip install matplotlib") in assert_clean_error(broken)
+
+
+def test_a_broken_package_says_why(tmp_path):
+    """A package that is there but fails to load (a system library missing) names the reason."""
+    fake = tmp_path / "site" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        'raise ImportError("libGL.so.1: cannot open shared object file: No such file or directory")')
+    proc = run(EDGE or sys.executable, "stats.py", "--plot", tmp_path / "plots",
+               env={"PYTHONPATH": tmp_path / "site"})
+    assert ("--plot needs the matplotlib package (libGL.so.1: cannot open shared object file: No "
+            "such file or directory): pip install matplotlib") in assert_clean_error(proc)
