@@ -110,7 +110,8 @@ class OpenVINOModel:
     in bf16 (INFERENCE_PRECISION_HINT), which is also slower on it."""
 
     def __init__(self, xml, crop, crops_per_request, class_names, streams=None):
-        import openvino as ov
+        from optional import openvino
+        ov = openvino()
         self.class_names = list(class_names)
         xml = Path(xml)
         if not xml.is_file():

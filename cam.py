@@ -127,7 +127,8 @@ def check_boxes_inside(boxes, name, size, path):
 
 def heatmap_boxes(heat, tau):
     """Boxes around the connected regions where the normalised heatmap is >= tau."""
-    from scipy import ndimage
+    from optional import ndimage
+    ndimage = ndimage("--localize")
     regions, _ = ndimage.label(normalise(heat) >= tau)
     return [(s[1].start, s[0].start, s[1].stop - s[1].start, s[0].stop - s[0].start)
             for s in ndimage.find_objects(regions) if s is not None]
@@ -182,7 +183,8 @@ def pointing_hit(heat, truth, scale=1.0):
 def random_heatmap(shape, seed):
     """Smooth random blobs (Gaussian-filtered noise), a fair rival: pure noise would break into
     thousands of single-pixel regions."""
-    from scipy import ndimage
+    from optional import ndimage
+    ndimage = ndimage("--localize")
     rng = np.random.default_rng(seed)
     noise = ndimage.gaussian_filter(rng.random((64, 64)), 4)
     return resize_maps(noise[None], shape)[0]
@@ -253,9 +255,10 @@ class Tally:
 def overlay(gray, heat, title):
     """The X-ray (H, W) uint8 with the normalised heatmap in a jet colour map over it, the
     title at the top: an (H, W, 3) uint8 image at the X-ray's own resolution."""
-    from matplotlib import colormaps
     from PIL import ImageDraw
-    colour = colormaps["jet"](normalise(heat))[..., :3]
+
+    from optional import colormap
+    colour = colormap("jet", "--cam")(normalise(heat))[..., :3]
     base = np.repeat(gray[..., None].astype(np.float32) / 255.0, 3, axis=2)
     blend = (0.6 * base + 0.4 * colour) * 255
     image = Image.fromarray(blend.clip(0, 255).astype(np.uint8))
@@ -273,18 +276,16 @@ def overlay(gray, heat, title):
 
 def grid(gray, heats, titles, path):
     """Every class's heatmap over the X-ray in one figure."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from report import _grid, _save
-    fig, axes = _grid(plt, Path(path).stem, len(titles))
+    from optional import pyplot
+    from report import panel_grid, save_figure
+    plt = pyplot("--cam")
+    fig, axes = panel_grid(plt, Path(path).stem, len(titles))
     for ax, heat, title in zip(axes, heats, titles):
         ax.imshow(gray, cmap="gray")
         ax.imshow(normalise(heat), cmap="jet", alpha=0.4)
         ax.set_title(title, fontsize=10)
         ax.axis("off")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------

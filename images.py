@@ -64,13 +64,8 @@ def load_dicom(path):
     (a VOI LUT, else Window Center/Width with its VOI LUT Function) -> 0..255, and MONOCHROME1
     (white = low) inverted. Without any VOI the modality values' own range is stretched to
     0..255. Compressed transfer syntaxes decode through pydicom's plugins (pylibjpeg)."""
-    try:
-        import pydicom
-        from pydicom.pixels import apply_modality_lut
-    except ImportError:
-        raise DataError(f"{path}: reading DICOM needs the pydicom package "
-                        "(pip install pydicom pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg)"
-                        ) from None
+    from optional import pydicom
+    pydicom = pydicom(f"{path}: reading DICOM")
     try:
         ds = pydicom.dcmread(path)
     except pydicom.errors.InvalidDicomError:
@@ -97,8 +92,8 @@ def load_dicom(path):
     if stored.ndim != 2:
         raise DataError(f"{path}: a DICOM of shape {stored.shape}: one 2-D grayscale frame "
                         "is read, not several frames")
-    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
-    shown = _voi(values, ds)
+    values = np.asarray(pydicom.pixels.apply_modality_lut(stored, ds), dtype=np.float64)
+    shown = _voi(values, ds, pydicom)
     if shown is None:  # no VOI: the image's own range
         low, high = values.min(), values.max()
         shown = (values - low) / (high - low) if high > low else np.zeros_like(values)
@@ -107,19 +102,18 @@ def load_dicom(path):
     return Image.fromarray(np.round(shown.clip(0, 1) * 255).astype(np.uint8))
 
 
-def _voi(values, ds):
+def _voi(values, ds, pydicom):
     """The first VOI transform of the DICOM as values in 0..1, or None when it has none."""
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
-        from pydicom.pixels import apply_voi_lut
         item = ds.VOILUTSequence[0]
         bits = int(item.LUTDescriptor[2])
         # A LUT is indexed by integer values (the modality output of an integer image)
-        out = apply_voi_lut(np.round(values).astype(np.int64), ds, index=0, prefer_lut=True)
+        out = pydicom.pixels.apply_voi_lut(np.round(values).astype(np.int64), ds, index=0, prefer_lut=True)
         return np.asarray(out, dtype=np.float64) / (2 ** bits - 1)
     if "WindowCenter" in ds and "WindowWidth" in ds:
-        from pydicom.multival import MultiValue
         def first(v):  # a multi-valued element lists several windows: the first is default
-            return float(v[0]) if isinstance(v, (list, tuple, MultiValue)) else float(v)
+            multi = (list, tuple, pydicom.multival.MultiValue)
+            return float(v[0]) if isinstance(v, multi) else float(v)
         c, w = first(ds.WindowCenter), first(ds.WindowWidth)
         function = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper()
         if w <= 0 or (function == "LINEAR" and w < 1):

@@ -325,6 +325,9 @@ def classify_images(args):
     """Each image's 14 probabilities (ten-crop), most likely first; positive / negative by the
     operating points chosen on val when there are some for this model and mode."""
     from report import calibrate, operating_points_for, thresholds_of
+    if args.cam:  # a missing matplotlib is one line before the model is loaded, not after
+        from optional import pyplot
+        pyplot("--cam")
     meta = read_metadata(args.model_dir)
     if args.mode == "torch":
         checkpoint = torch_checkpoint(args.checkpoint, meta)

@@ -27,6 +27,7 @@ from metrics import (N_BOOT, RULES, apply_platt, at_threshold, auprcs, bootstrap
                      calibration_errors, choose_thresholds, fit_platt, interval, known, mean_auc,
                      paired_auc_difference, reliability, roc_aucs)
 from splitting import resolve_split
+from optional import MissingPackage, pyplot
 
 OPERATING_POINTS = "operating_points.json"
 STATS = ("sensitivity", "specificity", "ppv", "npv", "f1")
@@ -219,17 +220,8 @@ def write_report(csv_path, report, labels, probs, class_names, points=None, cali
 # ---------------------------------------------------------------------------------------------
 # Figures
 
-def _pyplot():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only: no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def _grid(plt, title, n):
+def panel_grid(plt, title, n):
+    """A figure of n panels, 5 a row, titled; returns (figure, the n axes)."""
     rows = max(1, -(-n // 5))
     fig, axes = plt.subplots(rows, 5, figsize=(17, 3.5 * rows), layout="constrained",
                              squeeze=False)
@@ -240,27 +232,28 @@ def _grid(plt, title, n):
     return fig, axes[:n]
 
 
-def _save(fig, path):
+def save_figure(fig, path):
+    """The figure as a PNG, written as a unit, then closed."""
     with atomic_path(path, "figure") as tmp:
         fig.savefig(tmp, format="png", dpi=80, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def write_figures(stem, labels, probs, class_names, points=None, calibrated=False, log=print):
     """ROC and precision-recall curves (14 panels each, operating points marked) and the
     reliability diagram. Needs matplotlib; without it, a note and no figures."""
-    plt = _pyplot()
-    if plt is None:
-        log("note: `pip install matplotlib` for the ROC, PR and reliability figures")
+    try:
+        plt = pyplot("drawing the ROC, PR and reliability figures")
+    except MissingPackage as e:
+        log(f"note: {e}")
         return []
     from sklearn.metrics import precision_recall_curve, roc_curve
     labels, probs = np.asarray(labels), np.asarray(probs)
     marks = {rule: thresholds_of(points, rule) for rule in RULES} if points else {}
     style = {"youden": "o", "f1": "s", "sensitivity": "^"}
     n = len(class_names)
-    roc, roc_axes = _grid(plt, "ROC curves (markers: operating points chosen on val)", n)
-    pr, pr_axes = _grid(plt, "Precision-recall curves (dashed: prevalence)", n)
+    roc, roc_axes = panel_grid(plt, "ROC curves (markers: operating points chosen on val)", n)
+    pr, pr_axes = panel_grid(plt, "Precision-recall curves (dashed: prevalence)", n)
     for d, name in enumerate(class_names):
         y, p = known(labels[:, d], probs[:, d])
         for ax in (roc_axes[d], pr_axes[d]):
@@ -291,9 +284,9 @@ def write_figures(stem, labels, probs, class_names, points=None, calibrated=Fals
         roc_axes[0].legend(fontsize=7)
         pr_axes[0].legend(fontsize=7)
     paths = [f"{stem}_roc.png", f"{stem}_pr.png", f"{stem}_reliability.png"]
-    _save(roc, paths[0])
-    _save(pr, paths[1])
-    rel, rel_axes = _grid(plt, "Reliability (fraction positive against mean predicted "
+    save_figure(roc, paths[0])
+    save_figure(pr, paths[1])
+    rel, rel_axes = panel_grid(plt, "Reliability (fraction positive against mean predicted "
                                "probability, 15 bins)", n)
     series = [("predicted", probs)]
     if calibrated and points:
@@ -307,7 +300,7 @@ def write_figures(stem, labels, probs, class_names, points=None, calibrated=Fals
                     label=f"{label} (ECE {r['ece']:.3f})")
         ax.set_title(name, fontsize=10)
         ax.legend(fontsize=6)
-    _save(rel, paths[2])
+    save_figure(rel, paths[2])
     return paths
 
 

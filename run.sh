@@ -24,16 +24,17 @@ if [ ! -x "$VENV/bin/python" ]; then
     fi
 fi
 stamp="$VENV/.requirements-installed"
-if ! cmp -s requirements.txt "$stamp"; then
+if ! cat requirements.txt requirements-edge.txt | cmp -s - "$stamp"; then
     echo "run.sh: installing requirements.txt into $VENV"
     if "$VENV/bin/python" -c "import habana_frameworks.torch" >/dev/null 2>&1; then
         # The Gaudi container's torch and torchvision are built for it: keep them.
-        grep -vE '^(torch|torchvision)([<>=! ]|$)' requirements.txt > "$VENV/.requirements-gaudi"
-        "$VENV/bin/pip" install -q -r "$VENV/.requirements-gaudi"
+        # (requirements.txt's `-r requirements-edge.txt` is relative to it: named here instead)
+        grep -vE '^(torch|torchvision)([<>=! ]|$)|^-r ' requirements.txt > "$VENV/.requirements-gaudi"
+        "$VENV/bin/pip" install -q -r requirements-edge.txt -r "$VENV/.requirements-gaudi"
     else
         "$VENV/bin/pip" install -q -r requirements.txt
     fi
-    cp requirements.txt "$stamp"
+    cat requirements.txt requirements-edge.txt > "$stamp"
 fi
 
 count() { "$@" 2>/dev/null | grep -c . || true; }

@@ -59,10 +59,22 @@ def plot(stats, lists, data_dir, out_dir):
     """stats_prevalence.png and stats_cooccurrence.png in out_dir; returns their paths."""
     from pathlib import Path
 
-    from report import _pyplot, _save
-    plt = _pyplot()
-    if plt is None:
-        raise DataError("--plot needs matplotlib (pip install matplotlib)")
+    from optional import pyplot
+    from report import save_figure
+    plt = pyplot("--plot")
+    # Everything read before the first figure is drawn: a bad table (or no pandas to read it
+    # with) is one line and no figure, not the first figure without the second.
+    if next(iter(stats.values()))["uncertain"] is None:  # NIH: the whole label table
+        try:
+            table = find_label_table(data_dir)
+        except DataError:
+            table = SHIPPED_LABEL_TABLE
+        _, _, labels = read_label_table(table)
+        source = table.name
+    else:  # other data sets: the positives of the split's lists
+        labels = np.concatenate([read_list(p)[1] == 1 for p in lists.values()])
+        source = str(lists["train"].parent)
+    labels = labels.astype(np.int64)
     out_dir = Path(out_dir)
     classes = next(iter(stats.values()))["classes"]
     fig, ax = plt.subplots(figsize=(12, 5))
@@ -76,18 +88,7 @@ def plot(stats, lists, data_dir, out_dir):
     ax.set_title(f"Disease prevalence per split ({lists['train'].parent})")
     ax.legend()
     paths = [out_dir / "stats_prevalence.png", out_dir / "stats_cooccurrence.png"]
-    _save(fig, paths[0])
-    if next(iter(stats.values()))["uncertain"] is None:  # NIH: the whole label table
-        try:
-            table = find_label_table(data_dir)
-        except DataError:
-            table = SHIPPED_LABEL_TABLE
-        _, _, labels = read_label_table(table)
-        source = table.name
-    else:  # other data sets: the positives of the split's lists
-        labels = np.concatenate([read_list(p)[1] == 1 for p in lists.values()])
-        source = str(lists["train"].parent)
-    labels = labels.astype(np.int64)
+    save_figure(fig, paths[0])
     both = labels.T @ labels  # (14, 14): images with both diseases; the diagonal: with each
     fig, ax = plt.subplots(figsize=(9, 8))
     image = ax.imshow(np.log10(both + 1), cmap="viridis")
@@ -98,7 +99,7 @@ def plot(stats, lists, data_dir, out_dir):
     ax.set_yticks(x, classes)
     ax.set_title(f"Images with both findings, {source} ({len(labels)} images)")
     fig.colorbar(image, label="log10(images + 1)")
-    _save(fig, paths[1])
+    save_figure(fig, paths[1])
     return paths
 
 

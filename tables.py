@@ -58,7 +58,8 @@ def detect_dataset(data_dir):
 def read_table(path, needed, what="table"):
     """A CSV (gzipped or not) as strings, blanks kept as '', with the `needed` columns and at
     least one row, or a one-line DataError naming the file."""
-    import pandas as pd  # heavy, and only commands that read a data set's table need it
+    from optional import pandas  # heavy, and only commands that read a data set's table need it
+    pd = pandas(f"{path}: reading the {what}")
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:

@@ -16,10 +16,6 @@ sys.path.insert(0, str(REPO))
 from labels import write_list  # noqa: E402
 from tables import read_label_table  # noqa: E402
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: over ~20 s; the fast tier is `pytest -m \"not slow\"`")
-
-
 # The tiny configuration: the real code on the bundled sample, 64x64 images, 56x56 crops,
 # random initial weights, no loader workers (seconds per epoch on a CPU).
 TINY = ["--data-dir", REPO / "sample", "--pretrained", "none", "--resize", "64",
@@ -170,3 +166,7 @@ def pre_041_state(model, prefix=""):
                 key = key.replace(f".{layer}{i}.", f".{layer}.{i}.")
         old[prefix + key] = value
     return old
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~20 s (pytest -m 'not slow' skips it)")

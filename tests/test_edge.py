@@ -1,0 +1,276 @@
+"""The edge box as the README installs it: requirements-edge.txt in a virtual environment of its
+own, without torch. Every command an edge box runs is run there (EDGE_PYTHON, the environment's
+python, which .ci/run builds as .venv-edge) against a model exported in the full environment;
+and a user who installed less gets one line naming the missing package, never a traceback.
+
+    python3 -m venv .venv-edge && .venv-edge/bin/pip install -r requirements-edge.txt
+    EDGE_PYTHON=.venv-edge/bin/python python -m pytest -q tests/test_edge.py
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import REPO, assert_clean_error
+from dicom_files import write_dicom
+
+EDGE = os.environ.get("EDGE_PYTHON")
+
+
+@pytest.fixture(scope="module")
+def edge_python():
+    """The edge environment's python; under CI a missing one fails rather than skips."""
+    if not EDGE:
+        why = ("EDGE_PYTHON is not set (python3 -m venv .venv-edge && .venv-edge/bin/pip install "
+               "-r requirements-edge.txt, then EDGE_PYTHON=.venv-edge/bin/python)")
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must test the edge environment: {why}")
+        pytest.skip(why)
+    python = Path(EDGE).absolute()  # not resolved: a venv's python is a link to the system's
+    assert os.access(python, os.X_OK), f"EDGE_PYTHON={EDGE} is not an executable"
+    proc = subprocess.run([python, "-c", "import torch"], capture_output=True, text=True)
+    assert proc.returncode != 0 and "No module named 'torch'" in proc.stderr, \
+        f"the edge environment {EDGE} has torch: it must not"
+    return python
+
+
+def run(python, *args, env=None):
+    return subprocess.run([str(python), *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=600,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+
+def ok(proc):
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def edge_model(small_model, tmp_path_factory):
+    """A copy of the small model exported in the full environment (by infer.sh), so that the
+    operating points and predictions written here touch no other test's."""
+    models = tmp_path_factory.mktemp("edge") / "models"
+    shutil.copytree(small_model[0] / "models", models)
+    return models
+
+
+@pytest.fixture(scope="module")
+def images(nih_dir, tmp_path_factory):
+    """One NIH X-ray as PNG, JPEG, a JPEG 2000 compressed DICOM and a JPEG baseline DICOM
+    (each compressed kind needs its decoder in the edge environment)."""
+    out = tmp_path_factory.mktemp("edge_images")
+    png = nih_dir / "images" / "00000100_000.png"
+    jpeg = out / "00000100_000.jpg"
+    Image.open(png).convert("L").save(jpeg, quality=95)
+    j2k = write_dicom(png, out / "IM000001", "jpeg2000")  # a PACS export's name, no suffix
+    return {"png": png, "jpeg": jpeg, "j2k": j2k, "jpeg_dicom": jpeg_dicom(jpeg, out / "jpeg.dcm")}
+
+
+def jpeg_dicom(jpeg, path):
+    """A JPEG baseline (8-bit, process 1) DICOM holding the JPEG file's bytes as they are."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage, generate_uid
+    with Image.open(jpeg) as im:
+        width, height = im.size
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = (
+        SecondaryCaptureImageStorage, generate_uid())
+    meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "DX", "test"
+    ds.Rows, ds.Columns = height, width
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.WindowCenter, ds.WindowWidth = 128, 256  # the identity on 0..255 (PS3.3 C.11.2.1.2)
+    ds.PixelData = encapsulate([Path(jpeg).read_bytes()])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The environment
+
+EDGE_MODULES = ["openvino", "numpy", "PIL", "sklearn", "scipy.ndimage", "pandas", "tqdm",
+                "matplotlib.pyplot", "pydicom", "pylibjpeg", "libjpeg", "openjpeg", "pynetdicom",
+                "highdicom"]
+
+
+def test_the_edge_environment_has_what_the_edge_needs_and_no_torch(edge_python):
+    code = (f"import importlib, importlib.util\n"
+            f"for m in {EDGE_MODULES!r}: importlib.import_module(m)\n"
+            "print([m for m in ('torch', 'torchvision', 'nncf', 'timm')"
+            " if importlib.util.find_spec(m)])")
+    assert ok(run(edge_python, "-c", code)).stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------------------------
+# Every command of the README's edge section, in the edge environment
+
+@pytest.mark.slow
+def test_evaluation_report_and_compare(edge_python, edge_model, nih_dir, tmp_path):
+    """Both OpenVINO modes on val (operating points, calibration) and test (--calibrated too),
+    each with its report and figures; report.py on a predictions file; report.py compare."""
+    common = ["--model-dir", edge_model, "--data-dir", nih_dir, "--n-boot", "200"]
+    for mode in ("fp32", "int8"):
+        val = ok(run(edge_python, "infer.py", "--mode", mode, "--part", "val", *common))
+        assert "mean" in val.stdout
+        test = ok(run(edge_python, "infer.py", "--mode", mode, *common))
+        assert "mean" in test.stdout and "note:" not in test.stdout, test.stdout
+        stem = edge_model / f"predictions_{mode}"
+        report = json.loads(Path(f"{stem}_report.json").read_text())
+        assert report["images"] == 340 and report["operating_points"], report.keys()
+        for figure in ("roc", "pr", "reliability"):
+            assert Path(f"{stem}_{figure}.png").is_file()
+    calibrated = ok(run(edge_python, "infer.py", "--mode", "int8", "--calibrated",
+                        "--out-csv", tmp_path / "calibrated.csv", *common))
+    assert "mean" in calibrated.stdout
+    assert (tmp_path / "calibrated.csv").read_text() != (edge_model / "predictions_int8.csv").read_text()
+    again = ok(run(edge_python, "report.py", edge_model / "predictions_int8.csv", "--data-dir",
+                   nih_dir, "--n-boot", "200"))
+    assert "Atelectasis" in again.stdout
+    compare = ok(run(edge_python, "report.py", "compare", edge_model / "predictions_fp32.csv",
+                     edge_model / "predictions_int8.csv", "--data-dir", nih_dir, "--n-boot", "200"))
+    assert "paired bootstrap" in compare.stdout
+
+
+@pytest.mark.slow
+def test_images_heatmaps_and_localization(edge_python, edge_model, nih_dir, images, tmp_path):
+    """--image on PNG, JPEG and two compressed DICOMs, with --cam; --localize on NIH's boxes."""
+    paths = [images[k] for k in ("png", "jpeg", "j2k", "jpeg_dicom")]
+    proc = ok(run(edge_python, "infer.py", "--mode", "int8", "--model-dir", edge_model,
+                  "--image", *paths, "--cam", tmp_path / "cams"))
+    probs = {path: probabilities(proc.stdout, path) for path in paths}
+    assert probs[images["j2k"]] == probs[images["png"]]  # lossless: the PNG's pixels
+    assert probs[images["jpeg_dicom"]] == probs[images["jpeg"]]  # the same JPEG bytes
+    for path in paths:
+        assert (tmp_path / "cams" / f"{Path(path).stem}_all.png").is_file(), proc.stdout
+        overlays = [p for p in (tmp_path / "cams").glob(f"{Path(path).stem}_*.png")
+                    if not p.name.endswith("_all.png")]
+        assert overlays, proc.stdout
+        with Image.open(overlays[0]) as im:
+            assert im.size == (1024, 1024)
+    loc = ok(run(edge_python, "infer.py", "--mode", "int8", "--model-dir", edge_model,
+                 "--data-dir", nih_dir, "--localize"))
+    assert "random" in loc.stdout
+    assert (edge_model / "localization_int8.json").is_file()
+
+
+def probabilities(stdout, path):
+    """{disease: probability} of one image in `infer.py --image`'s output."""
+    lines = stdout.split(f"{path}:\n", 1)[1].splitlines()[:14]
+    return {m[1]: float(m[2]) for m in (re.match(r"  (.+?)\s+(\d\.\d{4})", ln) for ln in lines)}
+
+
+def test_stats_and_its_figures(edge_python, nih_dir, tmp_path):
+    ok(run(edge_python, "stats.py", "--data-dir", nih_dir))
+    proc = ok(run(edge_python, "stats.py", "--plot", tmp_path))  # the shipped split and table
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats_cooccurrence.png",
+                                                          "stats_prevalence.png"]
+    assert "wrote" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# A user who installed less: each missing package is one line naming it and the pip command
+
+# Put first on PYTHONPATH, this makes the packages named in HIDE_PACKAGES unimportable, as on
+# a machine where they were never installed.
+HIDE = """
+import os, sys
+hidden = set(os.environ.get("HIDE_PACKAGES", "").split(","))
+class Hide:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in hidden:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name.split(".")[0])
+sys.meta_path.insert(0, Hide())
+"""
+PANDAS_ETC = "pandas,tqdm,matplotlib,pydicom,pylibjpeg,libjpeg,openjpeg,pynetdicom,highdicom"
+
+
+@pytest.fixture
+def hiding(tmp_path):
+    """A function: run(...) with some packages hidden, in the edge environment when there is
+    one (else this one, with torch hidden as well)."""
+    (tmp_path / "hide").mkdir()
+    (tmp_path / "hide" / "sitecustomize.py").write_text(HIDE)
+
+    def run_hiding(packages, *args):
+        python = EDGE or sys.executable
+        hidden = packages + ("" if EDGE else ",torch,torchvision")
+        return run(python, *args, env={"HIDE_PACKAGES": hidden, "PYTHONPATH": tmp_path / "hide"})
+    return run_hiding
+
+
+def test_the_hiding_works(hiding):
+    proc = hiding("matplotlib", "-c", "import matplotlib")
+    assert "No module named 'matplotlib'" in proc.stderr
+
+
+@pytest.mark.parametrize("hidden, command, message", [
+    ("matplotlib", ["--image", "PNG", "--cam", "CAMS"],
+     "error: --cam needs the matplotlib package: pip install matplotlib"),
+    ("pydicom", ["--image", "DICOM"], "IM000001: reading DICOM needs the pydicom package: "
+     "pip install pydicom pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg"),
+    ("openvino", ["--image", "PNG"],
+     "error: --mode fp32/int8 needs the openvino package: pip install openvino"),
+])
+def test_a_missing_package_is_one_line(hiding, small_model, images, tmp_path, hidden, command,
+                                       message):
+    args = [{"PNG": images["png"], "DICOM": images["j2k"], "CAMS": tmp_path}.get(a, a)
+            for a in command]
+    proc = hiding(hidden, "infer.py", "--mode", "int8", "--model-dir", small_model[0] / "models",
+                  *args)
+    assert message in assert_clean_error(proc), proc.stderr
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_stats_without_matplotlib_or_pandas(hiding, tmp_path):
+    assert "error: --plot needs the matplotlib package: pip install matplotlib" in \
+        assert_clean_error(hiding("matplotlib", "stats.py", "--plot", tmp_path))
+    assert "reading the label table needs the pandas package: pip install pandas" in \
+        assert_clean_error(hiding("pandas", "stats.py", "--plot", tmp_path))
+    assert not list(tmp_path.glob("*.png"))  # nothing half done: not one of the two figures
+
+
+def test_openvino_numpy_pillow_scikit_learn_alone(hiding, small_model, nih_dir, images, tmp_path):
+    """What the README once said an edge box needs: evaluation (its figures a one-line note)
+    and --image on PNG and JPEG work; a broken matplotlib says which dependency is missing."""
+    models = tmp_path / "models"
+    shutil.copytree(small_model[0] / "models", models)
+    proc = hiding(PANDAS_ETC, "infer.py", "--mode", "int8", "--model-dir", models, "--data-dir",
+                  nih_dir, "--limit", "20", "--n-boot", "50")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    notes = [ln for ln in proc.stdout.splitlines() if "matplotlib" in ln]
+    assert notes == ["note: drawing the ROC, PR and reliability figures needs the matplotlib "
+                     "package: pip install matplotlib"], proc.stdout
+    assert (models / "predictions_int8_report.md").is_file()
+    assert not list(models.glob("*.png"))
+    proc = hiding(PANDAS_ETC, "infer.py", "--mode", "int8", "--model-dir", models,
+                  "--image", images["png"], images["jpeg"])
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    # matplotlib present but one of its own dependencies missing
+    broken = hiding("pyparsing", "infer.py", "--mode", "int8", "--model-dir", models,
+                    "--image", images["png"], "--cam", tmp_path / "cams")
+    assert ("--cam needs the matplotlib package (its dependency 'pyparsing' is missing): "
+            "pip install matplotlib") in assert_clean_error(broken)
+
+
+def test_a_broken_package_says_why(tmp_path):
+    """A package that is there but fails to load (a system library missing) names the reason."""
+    fake = tmp_path / "site" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        'raise ImportError("libGL.so.1: cannot open shared object file: No such file or directory")')
+    proc = run(EDGE or sys.executable, "stats.py", "--plot", tmp_path / "plots",
+               env={"PYTHONPATH": tmp_path / "site"})
+    assert ("--plot needs the matplotlib package (libGL.so.1: cannot open shared object file: No "
+            "such file or directory): pip install matplotlib") in assert_clean_error(proc)
