@@ -201,16 +201,17 @@ class Tally:
     """Localization results of one method over many boxed images, for every heatmap threshold
     tau at once (tau is chosen later, on val)."""
 
-    def __init__(self):
-        self.found = {t: {} for t in TAUS}  # tau -> disease -> list of (thresholds, boxes) bool
-        self.false = {t: {} for t in TAUS}  # tau -> disease -> list of per-threshold counts
+    def __init__(self, taus=TAUS):
+        self.taus = tuple(float(t) for t in taus)  # TAUS, or the one --localize-tau fixes
+        self.found = {t: {} for t in self.taus}  # tau -> disease -> list of (thresholds, boxes)
+        self.false = {t: {} for t in self.taus}  # tau -> disease -> list of per-threshold counts
         self.points = {}  # disease -> list of bool
 
     def add(self, disease, heat, truth, scale):
         """heat: the heatmap (at any resolution); truth: boxes in original pixels; scale:
         original pixels per heatmap pixel."""
         self.points.setdefault(disease, []).append(pointing_hit(heat, truth, scale))
-        for tau in TAUS:
+        for tau in self.taus:
             predicted = [(x * scale, y * scale, w * scale, h * scale)
                          for x, y, w, h in heatmap_boxes(heat, tau)]
             found, false = score_boxes(predicted, truth)
@@ -246,7 +247,7 @@ class Tally:
         def score(tau):
             t = self.table(tau)["overall"]["iou"]
             return np.mean([acc for acc, _ in t.values()])
-        return max(TAUS, key=score)
+        return max(self.taus, key=score)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,34 +341,64 @@ def gradcam_plus_plus(backend, crops):
     return probs, maps
 
 
+# Overlays are drawn at the original resolution up to this longer side (NIH's 1024): a
+# 5000x5000 original costs the memory of a 1024x1024 one (14 float maps), not 25x that.
+MAX_OVERLAY_SIDE = 1024
+
+
+def overlay_size(width, height, limit=MAX_OVERLAY_SIDE):
+    """(width, height) of the overlays of a width x height image: the same, or scaled down so
+    that the longer side is `limit`."""
+    scale = min(1.0, limit / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def image_heatmaps(backend, path, args, method="cam"):
-    """(probabilities (14,), heatmaps (14, H, W) over the original image, the original (H, W)
-    uint8): the evaluation's ten crops, their maps put back where each crop came from."""
+    """(probabilities (14,), heatmaps (14, H, W), the X-ray (H, W) uint8) of one image file, at
+    the original resolution capped to MAX_OVERLAY_SIDE: the evaluation's ten crops, their maps
+    put back where each crop came from. Memory follows the crop size and the cap, never the
+    original's size."""
     from images import crop_gray, load_gray, normalize_gray, resize_shorter
     image = load_gray(path)
     resized = np.asarray(resize_shorter(image, args.resize))
+    width, height = overlay_size(*image.size)
+    gray = np.asarray(image if image.size == (width, height)
+                      else image.resize((width, height), Image.BILINEAR))
+    del image
     probs, maps = crop_maps(backend, normalize_gray(crop_gray(resized, args.crop_size)), args,
                             method)
-    gray = np.asarray(image)
-    return average_crops(probs)[0], tencrop_heatmap(maps, resized.shape, args.crop_size, gray.shape), gray
+    return (average_crops(probs)[0],
+            tencrop_heatmap(maps, resized.shape, args.crop_size, gray.shape), gray)
+
+
+def cam_stem(path, method, mode):
+    """The file name stem of an image's heatmaps: its name, a short hash of its resolved path
+    (two images called 1.png in two folders never share files), the method and the mode (a
+    Grad-CAM++ or INT8 run never overwrites a CAM or FP32 one)."""
+    import hashlib
+    resolved = str(Path(path).resolve())
+    digest = hashlib.sha256(resolved.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return f"{Path(path).stem}_{digest}_{method.replace('+', 'p')}_{mode}"
 
 
 def write_cams(backend, paths, args, out_dir, positive=None):
-    """For each image: an overlay at the original resolution for every disease called positive
-    (positive(probs) -> bool [14]; None or no positive: the 3 most probable) and a grid of all
-    14. Returns the files written."""
-    from common import atomic_path
+    """For each image: an overlay for every disease called positive (positive(probs) -> bool
+    [14]; None or no positive: the 3 most probable) and a grid of all 14, named by cam_stem.
+    Returns the files written."""
+    from common import atomic_path, check_writable_dir
     out_dir = Path(out_dir)
+    check_writable_dir(out_dir, "--cam")  # before any image: a file there is one line
     written = []
     for path in paths:
         probs, heat, gray = image_heatmaps(backend, path, args, args.cam_method)
         chosen = np.flatnonzero(positive(probs)) if positive is not None else []
         if not len(chosen):
             chosen = np.argsort(-probs)[:3]
-        stem = Path(path).stem
+        stem = cam_stem(path, args.cam_method, args.mode)
         classes = backend.class_names
         for k in chosen:
-            target = out_dir / f"{stem}_{classes[k].replace(' ', '_')}.png"
+            name = "".join(c if c.isalnum() or c in "-." else "_" for c in classes[k])
+            target = out_dir / f"{stem}_{name}.png"
             with atomic_path(target, "heatmap") as tmp:
                 overlay(gray, heat[k], f"{classes[k]}  p = {probs[k]:.3f}  "
                         f"({args.cam_method}, {args.mode})").save(tmp, format="PNG")
@@ -381,15 +412,15 @@ def write_cams(backend, paths, args, out_dir, positive=None):
 def localize(backend, args, lists, log=print):
     """The localization benchmark over the boxed images of val (to choose each method's heatmap
     threshold) and test (to score it): {method: {"tau", "val", "test"}}."""
-    from dataset import ImageList
-    from images import crop_gray, load_gray, normalize_gray, resize_shorter
+    from dataset import ImageList, SkippedImage
+    from images import crop_gray, normalize_gray, resize_shorter
     classes = backend.class_names
     box_file = find_box_file(args.data_dir)
     boxes = read_boxes(box_file)
-    tallies = {part: {m: Tally() for m in ("model", "random", "centre")} for part in ("val", "test")}
-    fixed = getattr(args, "localize_tau", None)
-    if fixed is not None:  # the nearest of the thresholds every tally keeps
-        fixed = float(min(TAUS, key=lambda t: abs(t - fixed)))
+    fixed = getattr(args, "localize_tau", None)  # any value in (0, 1]: scored exactly as given
+    taus = TAUS if fixed is None else (float(fixed),)
+    tallies = {part: {m: Tally(taus) for m in ("model", "random", "centre")}
+               for part in ("val", "test")}
     for part in ("val", "test") if fixed is None else ("test",):
         images = ImageList(args.data_dir, lists[part], args.resize, None, args.skip_bad_images,
                            args.limit)
@@ -403,11 +434,14 @@ def localize(backend, args, lists, log=print):
         log(f"{part}: {len(boxed)} boxed images, {count} boxes")
         for i in boxed:
             name = images.names[i]
-            path = images.image_dir / name
-            with Image.open(path) as im:
-                size = im.size
+            try:  # PNG, JPEG or DICOM, as everywhere; unreadable ones skipped like everywhere
+                original = images.load(i)
+            except SkippedImage:
+                continue
+            size = original.size
             check_boxes_inside(boxes[name], name, size, box_file)
-            image = np.asarray(resize_shorter(load_gray(path), args.resize))
+            image = np.asarray(resize_shorter(original, args.resize))
+            del original
             _, maps = crop_maps(backend, normalize_gray(crop_gray(image, args.crop_size)), args,
                                 args.cam_method)
             heat = tencrop_heatmap(maps, image.shape, args.crop_size)  # at the resized size
@@ -447,7 +481,7 @@ def format_localization(result):
                  f"{'AFP 0.1':>10}")
     for method, r in result["methods"].items():
         e = r["test"]["overall"]
-        lines.append(f"{method:<20}{r['tau']:>6.2f}" + "".join(
+        lines.append(f"{method:<20}{r['tau']:>6.3g}" + "".join(
             f"{e['iobb'][t][0]:>7.3f}" for t in ("0.1", "0.25", "0.5")) + f"{e['pointing']:>7.3f}"
             f"{e['iobb']['0.1'][1]:>10.2f}")
     return "\n".join(lines)

@@ -90,8 +90,11 @@ def atomic_copy(src, dst, what="file"):
 
 
 # ---------------------------------------------------------------------------------------------
-# Locks: one writer per directory. flock is released by the kernel when the process dies, so
-# a killed run never leaves a stale lock behind.
+# Locks: one writer per directory. A POSIX record lock (fcntl.lockf) belongs to the process
+# that took it: the kernel releases it when that process dies, and a fork()ed child (a
+# DataLoader worker, a multiprocessing pool) does not inherit it, so a killed run never leaves
+# the lock held by an orphaned worker. (flock locks belong to the open file description, which
+# fork shares: a surviving worker kept them.) The descriptor is close-on-exec as well.
 
 @contextmanager
 def exclusive_lock(lock_path, what, hint):
@@ -100,13 +103,16 @@ def exclusive_lock(lock_path, what, hint):
     lock_path = Path(lock_path)
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as e:
         raise DataError(f"{lock_path.parent}: cannot lock for {what} ({os_reason(e)})") from None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise DataError(f"{lock_path.parent}: cannot lock for {what} ({os_reason(e)})"
+                                ) from None
             owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
             raise DataError(f"{lock_path.parent}: in use by {what} (pid {owner}); wait for it to "
                             f"finish or {hint}") from None

@@ -104,19 +104,27 @@ class ImageList:
         the decoded PNG resized to `size` (with square, centre-cropped to a square, as the
         store holds it)."""
         name = self.names[index]
-        try:
-            if self.store is not None:
-                if name in self.store.skipped:
-                    raise DataError(f"{self.image_dir / name}: unreadable image (skipped when "
-                                    "the store was prepared)")
-                return self.store.array[self.store.row[name]]
-            image = load_gray(self.image_dir / name)
-        except DataError as e:
-            if not self.skip_bad_images:
-                raise
-            print(f"warning: skipping {e}", file=sys.stderr, flush=True)
-            raise SkippedImage(str(e)) from None
+        if self.store is not None:
+            if name in self.store.skipped:
+                self._unreadable(DataError(f"{self.image_dir / name}: unreadable image (skipped "
+                                           "when the store was prepared)"))
+            return self.store.array[self.store.row[name]]
+        image = self.load(index)
         return fit_square(image, self.size) if square else np.asarray(resize_shorter(image, self.size))
+
+    def load(self, index):
+        """The original image (8-bit grayscale PIL image) of the list's image `index`; an
+        unreadable one raises DataError, or SkippedImage with a warning under skip_bad_images."""
+        try:
+            return load_gray(self.image_dir / self.names[index])
+        except DataError as e:
+            self._unreadable(e)
+
+    def _unreadable(self, error):
+        if not self.skip_bad_images:
+            raise error
+        print(f"warning: skipping {error}", file=sys.stderr, flush=True)
+        raise SkippedImage(str(error)) from None
 
     def eval_crops(self, index, crop, ten_crop=True):
         """(10 or 1, crop, crop) uint8: Resize(size) -> TenCrop / CenterCrop."""

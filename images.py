@@ -22,6 +22,22 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 IMAGE_SUFFIXES = RASTER_SUFFIXES + DICOM_SUFFIXES
 
 
+# The largest image any script decodes: an 8192x8192 16-bit image (128 MiB decoded; chest
+# X-rays are at most ~4300x3500). Checked on the header, BEFORE decoding, so a small file that
+# declares a huge image (a decompression bomb) costs nothing: DICOM Rows x Columns x
+# SamplesPerPixel x NumberOfFrames x BitsAllocated / 8, and a PNG's / JPEG's width x height x
+# bytes per pixel. One constant for every reader (images.py, the DICOM node).
+MAX_DECODED_BYTES = 8192 * 8192 * 2
+
+
+def check_declared_size(path, nbytes, what):
+    """A DataError before decoding when the header declares more than MAX_DECODED_BYTES."""
+    if not 0 < nbytes <= MAX_DECODED_BYTES:
+        raise DataError(f"{path}: declares {what} ({nbytes / 2 ** 20:.0f} MiB decoded), over the "
+                        f"limit of {MAX_DECODED_BYTES / 2 ** 20:.0f} MiB (images.MAX_DECODED_BYTES:"
+                        " an 8192x8192 16-bit image); a corrupt file or a decompression bomb")
+
+
 def load_gray(path):
     """Decode an image as 8-bit single-channel (H, W) PIL image.
 
@@ -29,17 +45,27 @@ def load_gray(path):
     alpha opaque, so one channel loses nothing. 16-bit PNGs (several public chest X-ray sets)
     are scaled by their bit depth, 0..65535 -> 0..255, not clipped as convert('L') would.
     JPEG (CheXpert, MIMIC-CXR-JPG) goes the same way; DICOM through load_dicom.
+    Whatever goes wrong in a decoder is a DataError naming the file (--skip-bad-images skips
+    exactly those), never another exception type.
     """
     if is_dicom(path):
         return load_dicom(path)
     try:
         with Image.open(path) as im:
+            w, h = im.size
+            bands = len(im.getbands())
+            check_declared_size(path, w * h * bands * (2 if im.mode.startswith("I") else 1),
+                                f"a {w}x{h} {im.mode} image")
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 pixels = np.asarray(im, dtype=np.float64)
                 return Image.fromarray(np.round(pixels.clip(0, 65535) / 257.0).astype(np.uint8))
             return im.convert("L")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: unreadable image ({one_line(e)})") from None
+    except DataError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as e:  # OSError, SyntaxError, struct.error...: a damaged file, whatever the plugin raises
+        raise DataError(f"{path}: unreadable image ({one_line(e)[:200]})") from None
 
 
 def is_dicom(path):
@@ -72,55 +98,163 @@ def load_dicom(path):
         raise DataError(f"{path}: unreadable DICOM (not a DICOM file: no DICM marker at byte "
                         "128)") from None
     except Exception as e:  # truncated file, disk error
-        raise DataError(f"{path}: unreadable DICOM ({one_line(e)})") from None
+        raise DataError(f"{path}: unreadable DICOM ({one_line(e)[:200]})") from None
+    try:
+        return _dicom_pixels(path, ds)
+    except DataError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as e:  # a malformed attribute pydicom trips on: one line, never a traceback
+        raise DataError(f"{path}: corrupt DICOM ({type(e).__name__}: {one_line(e)[:160]})"
+                        ) from None
+
+
+def _dicom_pixels(path, ds):
+    """The displayed 8-bit image of a read DICOM dataset; DataError naming the attribute."""
+    from pydicom.pixels import apply_modality_lut
+    image_attributes = [k for k in ("Rows", "Columns", "BitsAllocated") if k in ds]
     if "PixelData" not in ds:
+        if image_attributes or _cut_short(path, ds):  # the file was cut before or inside its pixels
+            why = (f"it declares an image ({', '.join(image_attributes)}) but has no Pixel Data"
+                   if image_attributes else "the file ends inside its data set")
+            raise DataError(f"{path}: truncated or corrupt DICOM ({why})")
         kind = getattr(ds.get("SOPClassUID"), "name", None) or "no SOP class"
         raise DataError(f"{path}: a DICOM without an image (no Pixel Data; {kind})")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise DataError(f"{path}: a {photometric or 'colour'} DICOM: only grayscale X-rays "
                         "(MONOCHROME1 or MONOCHROME2) are read")
+    declared = {}
+    for key, default in (("Rows", None), ("Columns", None), ("SamplesPerPixel", 1),
+                         ("NumberOfFrames", 1), ("BitsAllocated", None)):
+        value = ds.get(key, default)
+        try:
+            declared[key] = int(value)
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: corrupt DICOM ({key} is {value!r}, not a number)") from None
+        if declared[key] < 1:
+            raise DataError(f"{path}: corrupt DICOM ({key} is {declared[key]})")
+    if declared["NumberOfFrames"] != 1:
+        raise DataError(f"{path}: a DICOM of {declared['NumberOfFrames']} frames: one 2-D "
+                        "grayscale frame is read, not several frames")
+    check_declared_size(path, declared["Rows"] * declared["Columns"] * declared["SamplesPerPixel"]
+                        * declared["NumberOfFrames"] * -(-declared["BitsAllocated"] // 8),
+                        f"a {declared['Columns']}x{declared['Rows']} image of "
+                        f"{declared['BitsAllocated']} bits")
     try:
         stored = ds.pixel_array
     except Exception as e:  # no decoder for the transfer syntax, damaged pixel data
         syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
         name = getattr(syntax, "name", None) or "unknown transfer syntax"
-        hint = ("; install its decoder: pip install pylibjpeg pylibjpeg-libjpeg "
-                "pylibjpeg-openjpeg" if syntax is not None and syntax.is_compressed else "")
+        if syntax is not None and syntax.is_compressed and not _has_decoder(syntax):
+            hint = "; install its decoder: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg"
+        else:  # the decoder is there and failed: the data is at fault
+            hint = "; the file is truncated or corrupt"
         raise DataError(f"{path}: cannot decode the DICOM pixel data ({name}: "
                         f"{one_line(e)[:160]}){hint}") from None
     if stored.ndim != 2:
         raise DataError(f"{path}: a DICOM of shape {stored.shape}: one 2-D grayscale frame "
                         "is read, not several frames")
-    values = np.asarray(pydicom.pixels.apply_modality_lut(stored, ds), dtype=np.float64)
-    shown = _voi(values, ds, pydicom)
+    for key in ("RescaleSlope", "RescaleIntercept"):
+        if key in ds:
+            _finite(path, ds, key)
+    if "RescaleSlope" in ds and _finite(path, ds, "RescaleSlope") == 0:
+        raise DataError(f"{path}: corrupt DICOM (RescaleSlope is 0: every pixel the same)")
+    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise DataError(f"{path}: corrupt DICOM (its modality transform, RescaleSlope/"
+                        "RescaleIntercept or Modality LUT, gives values that are not finite)")
+    shown = _voi(path, values, ds)
     if shown is None:  # no VOI: the image's own range
         low, high = values.min(), values.max()
         shown = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    if not np.isfinite(shown).all():
+        raise DataError(f"{path}: corrupt DICOM (its VOI transform gives values that are not "
+                        "finite)")
     if photometric == "MONOCHROME1":
         shown = 1.0 - shown
     return Image.fromarray(np.round(shown.clip(0, 1) * 255).astype(np.uint8))
 
 
-def _voi(values, ds, pydicom):
+def _cut_short(path, ds):
+    """Whether the file ends before its data set does: no element at all after the header, or
+    the last element's declared length runs past the end of the file (pydicom keeps what is
+    there without a word)."""
+    import os
+    tags = list(ds.keys())
+    if not tags:
+        return True
+    raw = ds.get_item(tags[-1])
+    end = getattr(raw, "value_tell", None)
+    length = getattr(raw, "length", None)
+    if end is None or length is None or length == 0xFFFFFFFF:
+        return False
+    try:
+        return end + length > os.path.getsize(path)
+    except OSError:
+        return False
+
+
+def _has_decoder(syntax):
+    try:
+        from pydicom.pixels import get_decoder
+        return bool(get_decoder(syntax).is_available)
+    except Exception:  # an unknown syntax has no decoder
+        return False
+
+
+def _finite(path, ds, key, value=None):
+    """The attribute's (first) value as a finite float, or a DataError naming it."""
+    from pydicom.multival import MultiValue
+    raw = ds.get(key) if value is None else value
+    raw = raw[0] if isinstance(raw, (list, tuple, MultiValue)) and len(raw) else raw
+    try:
+        number = float(raw)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not np.isfinite(number):
+        raise DataError(f"{path}: corrupt DICOM ({key} is {str(raw)[:40]!r}, not a finite number)")
+    return number
+
+
+def _voi(path, values, ds):
     """The first VOI transform of the DICOM as values in 0..1, or None when it has none."""
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+        from pydicom.pixels import apply_voi_lut
         item = ds.VOILUTSequence[0]
-        bits = int(item.LUTDescriptor[2])
+        try:
+            entries, _, bits = (int(v) for v in item.LUTDescriptor)
+            data = item.get("LUTData")
+            count = len(data) if data is not None and not isinstance(data, (bytes, int)) else None
+        except (AttributeError, TypeError, ValueError):
+            raise DataError(f"{path}: corrupt DICOM (VOILUTSequence[0].LUTDescriptor is missing or "
+                            "not three numbers)") from None
+        if not 8 <= bits <= 16:
+            raise DataError(f"{path}: corrupt DICOM (VOILUTSequence[0].LUTDescriptor declares "
+                            f"{bits} bits per entry; 8 to 16 are allowed)")
+        if data is None or (count is not None and count < (entries or 65536)):
+            raise DataError(f"{path}: corrupt DICOM (VOILUTSequence[0].LUTData is missing or "
+                            "shorter than its LUTDescriptor declares)")
         # A LUT is indexed by integer values (the modality output of an integer image)
-        out = pydicom.pixels.apply_voi_lut(np.round(values).astype(np.int64), ds, index=0, prefer_lut=True)
+        try:
+            out = apply_voi_lut(np.round(values).astype(np.int64), ds, index=0, prefer_lut=True)
+        except Exception as e:
+            raise DataError(f"{path}: corrupt DICOM (VOILUTSequence[0]: {one_line(e)[:120]})"
+                            ) from None
         return np.asarray(out, dtype=np.float64) / (2 ** bits - 1)
     if "WindowCenter" in ds and "WindowWidth" in ds:
-        def first(v):  # a multi-valued element lists several windows: the first is default
-            multi = (list, tuple, pydicom.multival.MultiValue)
-            return float(v[0]) if isinstance(v, multi) else float(v)
-        c, w = first(ds.WindowCenter), first(ds.WindowWidth)
+        c, w = _finite(path, ds, "WindowCenter"), _finite(path, ds, "WindowWidth")
         function = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper()
+        if function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
+            raise DataError(f"{path}: corrupt DICOM (VOILUTFunction is {function[:40]!r}; "
+                            "LINEAR, LINEAR_EXACT or SIGMOID)")
         if w <= 0 or (function == "LINEAR" and w < 1):
             return None  # not a valid window (PS3.3 C.11.2.1.2): fall back to the image's range
         # DICOM PS3.3 C.11.2.1.2: the linear, exact-linear and sigmoid VOI functions
-        if function == "SIGMOID":
-            return 1.0 / (1.0 + np.exp(-4.0 * (values - c) / w))
+        with np.errstate(over="ignore"):  # exp overflows to inf: the sigmoid's 0, as it should
+            if function == "SIGMOID":
+                return 1.0 / (1.0 + np.exp(-4.0 * (values - c) / w))
         if function == "LINEAR_EXACT":
             return (values - c) / w + 0.5
         return (values - (c - 0.5)) / max(w - 1, 1e-6) + 0.5

@@ -56,11 +56,17 @@ class Chunks:
     """<out-csv>.partial/: key.json (what is being predicted) and chunk-NNNNN.npz files, each
     the probabilities of `size` consecutive images, written atomically. The same command after a
     kill continues after the last complete chunk; a different model, list or protocol starts
-    afresh. Removed once the CSV is written."""
+    afresh. Removed once the CSV is written.
 
-    def __init__(self, out_csv, key, size, log):
+    Each chunk proves which images it holds: its index range (start, stop), the SHA-256 of
+    those images' names and its row count are saved in it and checked when the evaluation
+    resumes. A chunk copied over another, truncated, of the wrong length or unreadable is
+    predicted again (with a note), never merged."""
+
+    def __init__(self, out_csv, key, size, names, log):
         self.dir = Path(f"{out_csv}.partial")
-        self.size = size
+        self.size, self.names = size, list(names)
+        self.count = -(-len(self.names) // size)
         old = None
         try:
             old = json.loads((self.dir / "key.json").read_text())
@@ -72,22 +78,62 @@ class Chunks:
                     "starting afresh")
                 shutil.rmtree(self.dir, ignore_errors=True)
             atomic_write_text(self.dir / "key.json", json.dumps(key) + "\n", "predictions")
-        self.done = 0
-        while (self.dir / f"chunk-{self.done:05d}.npz").is_file():
+        self.done, width = 0, None
+        while self.done < self.count and self.path(self.done).is_file():
+            problem, width = self.problem(self.done, width)
+            if problem:
+                log(f"note: {self.path(self.done)}: {problem}; predicting its images again")
+                for later in range(self.done, self.count):
+                    self.path(later).unlink(missing_ok=True)
+                break
             self.done += 1
 
+    def path(self, index):
+        return self.dir / f"chunk-{index:05d}.npz"
+
+    def proof(self, index):
+        """(start, stop, SHA-256 of the names) of the images chunk `index` holds."""
+        start, stop = index * self.size, min(len(self.names), (index + 1) * self.size)
+        digest = hashlib.sha256("\n".join(self.names[start:stop]).encode()).hexdigest()
+        return start, stop, digest
+
     def write(self, index, probs, readable):
-        with atomic_path(self.dir / f"chunk-{index:05d}.npz", "predictions") as tmp:
+        start, stop, digest = self.proof(index)
+        if len(probs) != stop - start or len(readable) != stop - start:
+            raise ValueError(f"chunk {index}: {len(probs)} rows for images {start}..{stop}")
+        with atomic_path(self.path(index), "predictions") as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, probs=probs, readable=readable)
+                np.savez(f, probs=probs, readable=readable, start=start, stop=stop,
+                         names_sha256=digest)
+
+    def _load(self, index):
+        with np.load(self.path(index), allow_pickle=False) as z:
+            return {k: z[k] for k in ("probs", "readable", "start", "stop", "names_sha256")}
+
+    def problem(self, index, width=None):
+        """(None or why chunk `index` cannot be used, its number of classes)."""
+        try:
+            z = self._load(index)
+        except Exception as e:  # OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError...
+            return f"unreadable ({type(e).__name__}: {one_line(e)[:80]})", width
+        start, stop, digest = self.proof(index)
+        probs, readable = z["probs"], z["readable"]
+        if (int(z["start"]), int(z["stop"])) != (start, stop) or str(z["names_sha256"]) != digest:
+            return (f"holds images {int(z['start'])}..{int(z['stop'])} or other names, not "
+                    f"images {start}..{stop} of this list (a copied chunk?)"), width
+        if (probs.ndim != 2 or len(probs) != stop - start or readable.shape != (stop - start,)
+                or readable.dtype != bool or (width is not None and probs.shape[1] != width)):
+            return (f"holds {probs.shape} probabilities for {stop - start} images (a truncated "
+                    "or damaged chunk?)"), width
+        return None, probs.shape[1]
 
     def read(self, index):
-        try:
-            with np.load(self.dir / f"chunk-{index:05d}.npz") as z:
-                return z["probs"], z["readable"]
-        except (OSError, ValueError, KeyError) as e:
-            raise DataError(f"{self.dir}/chunk-{index:05d}.npz: unreadable ({one_line(e)}); "
-                            f"delete {self.dir}/ to predict again") from None
+        problem, _ = self.problem(index)
+        if problem:  # changed while this run was using it
+            raise DataError(f"{self.path(index)}: {problem}; run the same command again to "
+                            "predict it again")
+        z = self._load(index)
+        return z["probs"], z["readable"]
 
     def remove(self):
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -178,8 +224,13 @@ def evaluate(args, rt=None):
                                     args.images_per_request, args.workers)
 
     columns = evaluated_classes(model_classes, images, list_path, args.class_map)
-    points, why = evaluation_points(args.model_dir, args.mode + elsewhere, args.mode, model_id,
-                                    columns[2])
+    if args.part == "val":  # its entry is chosen again; the file must take it
+        from report import read_operating_points
+        read_operating_points(args.model_dir)
+        points, why = None, None
+    else:
+        points, why = evaluation_points(args.model_dir, args.mode + elsewhere, args.mode,
+                                        model_id, columns[2])
     if args.calibrated and points is None and args.part != "val":
         raise InferError(f"--calibrated: {why}")
     key = {"model": model_id, "mode": args.mode, "names": hashlib.sha256(
@@ -190,7 +241,7 @@ def evaluate(args, rt=None):
         if is_main:  # one evaluation per predictions file: they would share its chunks
             stack.enter_context(exclusive_lock(out_csv.parent / f".{out_csv.name}.lock",
                                                "another evaluation", "use another --out-csv"))
-        chunks = Chunks(out_csv, key, args.chunk_size, log) if is_main else None
+        chunks = Chunks(out_csv, key, args.chunk_size, images.names, log) if is_main else None
         probs, readable, timing = predict_in_chunks(predictor, len(images), args.chunk_size,
                                                     chunks, rt, log)
         if not is_main:
@@ -241,7 +292,7 @@ def predict_in_chunks(predictor, n, chunk_size, chunks, rt, log):
         shared = [done]
         dist.broadcast_object_list(shared, src=0)
         done = shared[0]
-    if done:
+    if done and is_main:  # only rank 0 holds the chunks (and prints)
         log(f"continuing after {min(done * chunk_size, n)} images already predicted "
             f"({chunks.dir}/)")
     progress = Progress(n, min(done * chunk_size, n), is_main)
@@ -269,6 +320,7 @@ def report_evaluation(args, out_csv, list_path, images, probs, readable, model_i
         build_report,
         calibrate,
         choose_operating_points,
+        platt_notes,
         save_operating_points,
         summary,
         write_predictions,
@@ -290,11 +342,14 @@ def report_evaluation(args, out_csv, list_path, images, probs, readable, model_i
         chosen = choose_operating_points(labels, probs, model_id, list_path, classes,
                                          args.target_sensitivity)
         where = save_operating_points(args.model_dir, args.mode + elsewhere, chosen)
+        notes += platt_notes(chosen)
         notes.append(f"operating points (thresholds by rule, Platt calibration) chosen on these "
                      f"{len(names)} val images: {where}")
         points = chosen if args.calibrated else None
     elif points is None:
         notes.append(f"note: {why}")
+    elif args.calibrated:
+        notes += platt_notes(points)
     written = calibrate(probs, points) if args.calibrated else probs
     write_predictions(out_csv, names, classes, written)
     scored = points if args.part == "test" else None
@@ -325,9 +380,11 @@ def classify_images(args):
     """Each image's 14 probabilities (ten-crop), most likely first; positive / negative by the
     operating points chosen on val when there are some for this model and mode."""
     from report import calibrate, operating_points_for, thresholds_of
-    if args.cam:  # a missing matplotlib is one line before the model is loaded, not after
+    if args.cam:  # before any work: no matplotlib, or a file where the folder should be
         from optional import pyplot
         pyplot("--cam")
+        from common import check_writable_dir
+        check_writable_dir(args.cam, "--cam")
     meta = read_metadata(args.model_dir)
     if args.mode == "torch":
         checkpoint = torch_checkpoint(args.checkpoint, meta)

@@ -33,6 +33,34 @@ def patient_of(name):
 
 
 # ---------------------------------------------------------------------------------------------
+# Image names: every path made from a table or a list stays inside the data directory
+
+def name_problem(name):
+    """Why `name` (an image name from a data set's table or a list file, joined onto the data
+    directory to make a path) cannot be used, or None. Names are relative paths with '/'
+    between folders: never absolute, never a '..' folder (the path would leave the data
+    directory), never a space, tab or line break (a list file separates its fields by
+    whitespace: such a name would come back as another name). The one check: the tables'
+    readers (tables.py), read_list and list_header all ask it."""
+    if not name:
+        return "is empty"
+    if any(c.isspace() for c in name) or "\0" in name:
+        return "holds whitespace (list files separate fields by whitespace); rename the file"
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:[/\\]", name):
+        return "is an absolute path: image names are relative to the data directory"
+    if ".." in re.split(r"[/\\]", name):
+        return "has a '..' folder: it would leave the data directory"
+    return None
+
+
+def check_name(name, where):
+    """A DataError naming `where` (file:line) when the image name cannot be used."""
+    problem = name_problem(name)
+    if problem:
+        raise DataError(f"{where}: image name {name[:120]!r} {problem}")
+
+
+# ---------------------------------------------------------------------------------------------
 # List files
 
 LABEL_TEXT = {"1": 1.0, "0": 0.0, "-1": -1.0, ".": np.nan}
@@ -57,6 +85,7 @@ def read_list(path):
                     raise DataError(f"{path}:{line_no}: expected an image name and "
                                     f"{len(classes)} labels of {values}, got "
                                     f"{line.strip()[:80]!r}")
+                check_name(fields[0], f"{path}:{line_no}")
                 if fields[0] in line_of:
                     raise DataError(f"{path}:{line_no}: image {fields[0]} is listed twice "
                                     f"(first on line {line_of[fields[0]]})")
@@ -86,7 +115,11 @@ def list_classes_from(header, path):
 def list_header(path):
     """(class names, image directory relative to the data directory) of a list file."""
     header = _read_header(path)
-    return list_classes_from(header, path), header.get("images", "images")
+    images = header.get("images", "images")
+    problem = name_problem(images.replace(" ", "_"))  # a folder with a space is fine here
+    if problem:
+        raise DataError(f"{path}: '# images: {images[:80]}' {problem}")
+    return list_classes_from(header, path), images
 
 
 def _read_header(path):

@@ -16,6 +16,11 @@ from contextlib import contextmanager
 import numpy as np
 
 N_BOOT = 2000  # resamples, by default
+# --n-boot's range. Fewer than 100 resamples cannot place a 95% interval: its bounds are the
+# 2.5th and 97.5th percentiles, which 1 or 10 resamples do not have (an interval of one
+# resample excludes its own estimate and reads as "significant"). More than 100,000 hold
+# (resamples x classes) AUCs in memory and take hours for no change in the interval.
+N_BOOT_RANGE = (100, 100_000)
 CHUNK = 200  # resamples held in memory at once: (CHUNK, images) float64
 
 
@@ -236,16 +241,32 @@ def calibration_errors(labels, probs, bins=15):
 
 def fit_platt(labels, probs):
     """Per-disease Platt scaling fitted on validation predictions: p' = sigmoid(a logit(p) + b).
-    Returns (a [K], b [K]); identity (1, 0) for a disease with one class."""
+    Returns (a [K], b [K]); identity (1, 0) for a disease with one class, and for one whose
+    fitted slope is not positive (see fit_platt_monotone)."""
+    a, b, _ = fit_platt_monotone(labels, probs)
+    return a, b
+
+
+def fit_platt_monotone(labels, probs):
+    """fit_platt, and the diseases where the fitted map was refused: (a [K], b [K], refused
+    [(disease index, fitted slope)]). A calibration map must be increasing (it must not change
+    any ranking, so every AUROC stays what it was): a slope a <= 0, which a small or odd val
+    set can give (the model ranks val's positives below its negatives), would reverse or
+    flatten the disease's ranking; that disease keeps the identity map instead."""
     from sklearn.linear_model import LogisticRegression
     logits = _logit(probs)
     a, b = np.ones(labels.shape[1]), np.zeros(labels.shape[1])
+    refused = []
     for d in range(labels.shape[1]):
         y, x = known(labels[:, d], logits[:, d:d + 1])
         if 0 < y.sum() < len(y):
             fit = LogisticRegression(C=1e6, max_iter=1000).fit(x, y)
-            a[d], b[d] = fit.coef_[0, 0], fit.intercept_[0]
-    return a, b
+            slope, intercept = float(fit.coef_[0, 0]), float(fit.intercept_[0])
+            if slope > 0 and np.isfinite(slope) and np.isfinite(intercept):
+                a[d], b[d] = slope, intercept
+            else:
+                refused.append((d, slope))
+    return a, b, refused
 
 
 def apply_platt(probs, a, b):

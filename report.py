@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from common import (ArgumentParser, DataError, add_split_args, atomic_path, atomic_write_text,
-                    one_line, os_reason, positive_int, seed, strict_json)
+                    one_line, os_reason, seed, strict_json)
 from labels import (NIH_CLASSES, evaluation_labels, list_header, patient_of, read_list,
                     shared_classes)
-from metrics import (N_BOOT, RULES, apply_platt, at_threshold, auprcs, bootstrap_aucs,
-                     calibration_errors, choose_thresholds, fit_platt, interval, known, mean_auc,
+from metrics import (N_BOOT, N_BOOT_RANGE, RULES, apply_platt, at_threshold, auprcs, bootstrap_aucs,
+                     calibration_errors, choose_thresholds, fit_platt_monotone, interval, known, mean_auc,
                      paired_auc_difference, reliability, roc_aucs)
 from splitting import resolve_split
 from optional import MissingPackage, pyplot
@@ -46,11 +46,20 @@ def choose_operating_points(labels, probs, model_id, source, class_names,
                             target_sensitivity=0.9):
     """Thresholds by each rule and Platt parameters, from validation predictions."""
     thresholds = choose_thresholds(labels, probs, target_sensitivity)
-    a, b = fit_platt(labels, probs)
+    a, b, refused = fit_platt_monotone(labels, probs)
     return {"model": model_id, "chosen_on": str(source), "images": int(len(labels)),
             "target_sensitivity": target_sensitivity, "class_names": list(class_names),
             "thresholds": {rule: thresholds[rule].tolist() for rule in RULES},
-            "platt": {"a": a.tolist(), "b": b.tolist()}}
+            "platt": {"a": a.tolist(), "b": b.tolist(),
+                      # fitted slope <= 0 (it would reverse the ranking): identity kept
+                      "identity": {class_names[d]: slope for d, slope in refused}}}
+
+
+def platt_notes(points):
+    """The note to print for each disease whose Platt map was refused when it was fitted."""
+    return [f"note: Platt calibration of {name}: the slope fitted on val is {slope:.3g} (not "
+            "increasing: it would reverse the ranking); --calibrated leaves its probabilities "
+            "as they are" for name, slope in points["platt"].get("identity", {}).items()]
 
 
 def save_operating_points(model_dir, mode, points):
@@ -63,38 +72,86 @@ def save_operating_points(model_dir, mode, points):
 
 
 def read_operating_points(model_dir):
+    """operating_points.json as {mode: entry}: strict JSON (no NaN), an object of objects, or a
+    one-line DataError naming the file. Entries are checked by check_operating_points."""
     path = Path(model_dir) / OPERATING_POINTS
     if not path.exists():
         return {}
+
+    def constant(name):  # json.loads takes NaN and Infinity, which json.dumps never wrote here
+        raise ValueError(f"{name} is not a JSON number")
     try:
-        points = json.loads(path.read_text())
+        points = json.loads(path.read_text(), parse_constant=constant)
         if not isinstance(points, dict):
             raise ValueError("not a JSON object")
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: damaged ({one_line(e)}); run `python infer.py --part val` "
-                        "again to choose the operating points") from None
+        for mode, entry in points.items():
+            if not isinstance(entry, dict):
+                raise ValueError(f"entry {mode!r} is a {type(entry).__name__}, not an object")
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise DataError(f"{path}: damaged ({one_line(e)[:160]}); delete it and run `python "
+                        "infer.py --part val` to choose the operating points again") from None
     return points
 
 
+def check_operating_points(points, mode, path):
+    """A stored entry, checked field by field (a hand-edited or damaged file is an error here,
+    before any image is predicted, never a crash after): a one-line DataError naming the file,
+    the entry and the field."""
+    def bad(field, problem):
+        raise DataError(f"{path}: entry {mode!r}: {field} {problem}; delete the entry (or the "
+                        f"file) and run `python infer.py --mode {mode.split('_on_')[0]} --part "
+                        "val` to choose the operating points again")
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+    if not isinstance(points.get("model"), str):
+        bad("model", "is missing or not a string")
+    names = points.get("class_names", NIH_CLASSES)
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        bad("class_names", "is not a list of class names")
+    k = len(names)
+    if not (isinstance(points.get("images"), int) and not isinstance(points["images"], bool)
+            and points["images"] >= 1):
+        bad("images", "is not a positive whole number")
+    if not isinstance(points.get("chosen_on", ""), str):
+        bad("chosen_on", "is not a string")
+    thresholds = points.get("thresholds")
+    if not isinstance(thresholds, dict):
+        bad("thresholds", "is missing or not an object")
+    for rule in RULES:
+        t = thresholds.get(rule)
+        if not isinstance(t, list) or len(t) != k:
+            bad(f"thresholds.{rule}", f"is not a list of {k} thresholds (one per class)")
+        if not all(v is None or (number(v) and 0 <= v <= 1) for v in t):
+            bad(f"thresholds.{rule}", "holds a value that is neither a number in [0, 1] nor null")
+    platt = points.get("platt")
+    if not isinstance(platt, dict):
+        bad("platt", "is missing or not an object")
+    for key in ("a", "b"):
+        v = platt.get(key)
+        if not isinstance(v, list) or len(v) != k or not all(number(x) for x in v):
+            bad(f"platt.{key}", f"is not a list of {k} finite numbers")
+    if not all(x > 0 for x in platt["a"]):
+        bad("platt.a", "holds a slope <= 0: that map would reverse the ranking")
+    if not isinstance(platt.get("identity", {}), dict):
+        bad("platt.identity", "is not an object")
+
+
 def operating_points_for(model_dir, mode, model_id, class_names):
-    """This model's operating points for this mode, or (None, why not)."""
+    """This model's operating points for this mode, or (None, why not: none chosen yet, or
+    chosen for another model or other classes). A damaged entry is a DataError."""
+    path = Path(model_dir) / OPERATING_POINTS
     points = read_operating_points(model_dir).get(mode)
-    how = f"run `python infer.py --mode {mode} --part val` to choose them on the val split"
+    how = f"run `python infer.py --mode {mode.split('_on_')[0]} --part val` to choose them on the val split"
     if points is None:
         return None, f"no operating points for --mode {mode} in {model_dir}/; {how}"
-    if points.get("model") != model_id:
+    check_operating_points(points, mode, path)
+    if points["model"] != model_id:
         return None, f"the operating points in {model_dir}/ are for another model; {how}"
     # Operating points written before class names were recorded are all of NIH's 14.
     if points.get("class_names", NIH_CLASSES) != list(class_names):
         return None, (f"the operating points in {model_dir}/ are for other classes "
                       f"(chosen on another data set); {how}")
-    try:
-        for rule in RULES:
-            if len(points["thresholds"][rule]) != len(class_names):
-                raise ValueError(rule)
-        np.asarray(points["platt"]["a"], float), np.asarray(points["platt"]["b"], float)
-    except (KeyError, TypeError, ValueError):
-        return None, f"{Path(model_dir) / OPERATING_POINTS}: damaged entry for {mode}; {how}"
     return points, None
 
 
@@ -434,10 +491,27 @@ def report_file(args):
     return report
 
 
+def n_boot(text):
+    """--n-boot (argparse type): a whole number in N_BOOT_RANGE, checked before any work."""
+    import argparse
+    low, high = N_BOOT_RANGE
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number from {low} to {high}, got {text!r} (a 95% interval is the "
+            f"2.5th to 97.5th percentile of the resamples: fewer than {low} cannot place it; more "
+            f"than {high} only cost memory and time)")
+    return value
+
+
 def add_report_args(parser):
     """--n-boot, --boot-seed: the report's bootstrap (report.py and infer.py)."""
-    parser.add_argument("--n-boot", type=positive_int, default=N_BOOT,
-                        help="bootstrap resamples of patients for the 95%% intervals")
+    parser.add_argument("--n-boot", type=n_boot, default=N_BOOT,
+                        help=f"bootstrap resamples of patients for the 95%% intervals "
+                             f"({N_BOOT_RANGE[0]} to {N_BOOT_RANGE[1]}, default {N_BOOT})")
     parser.add_argument("--boot-seed", type=seed, default=0)
 
 

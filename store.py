@@ -65,12 +65,23 @@ def is_image(path):
     return not name.endswith((".csv", ".txt", ".gz", ".json", ".md")) and is_dicom(path)
 
 
+def _one_line(name):
+    """A name with a line break, or bytes that are not UTF-8, can be in no list file and no
+    names.txt: not an image here."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\n" not in name and "\r" not in name
+
+
 def image_names(data_dir):
     """Every image of the data set, as the list files name it (relative to source_dir)."""
     image_dir = source_dir(data_dir)
     try:
         if image_dir.name == "images":
-            return sorted(n for n in os.listdir(image_dir) if is_image(image_dir / n))
+            return sorted(n for n in os.listdir(image_dir)
+                          if _one_line(n) and is_image(image_dir / n))
         names = []
         for top in sorted(os.listdir(image_dir)):
             if top in ("store", "splits") or not (image_dir / top).is_dir():
@@ -78,10 +89,22 @@ def image_names(data_dir):
             for root, dirs, files in os.walk(image_dir / top):
                 dirs.sort()
                 rel = Path(root).relative_to(image_dir).as_posix()
-                names += [f"{rel}/{f}" for f in sorted(files) if is_image(Path(root) / f)]
+                names += [f"{rel}/{f}" for f in sorted(files)
+                          if _one_line(f"{rel}/{f}") and is_image(Path(root) / f)]
         return names
     except OSError as e:
         raise DataError(f"{image_dir}/: cannot list images ({os_reason(e)})") from None
+
+
+def read_names(path):
+    """names.txt: one name per line, read back exactly (a name may hold spaces: never split on
+    whitespace). The one reader of the file; write_names is its one writer."""
+    text = Path(path).read_text(encoding="utf-8")
+    return text[:-1].split("\n") if text.endswith("\n") else (text.split("\n") if text else [])
+
+
+def names_text(names):
+    return "".join(f"{n}\n" for n in names)
 
 
 def _read_meta(directory):
@@ -113,7 +136,7 @@ def open_store(data_dir, size, names=None):
     if meta is None or meta["size"] != size:
         raise DataError(f"{directory}/meta.json: damaged store metadata; {how} to repair it")
     try:
-        stored = (directory / "names.txt").read_text().split()
+        stored = read_names(directory / "names.txt")
         nbytes = (directory / "images.u8").stat().st_size
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{directory}/: damaged store ({os_reason(e)}); {how} to repair it") from None
@@ -167,7 +190,7 @@ class _Partial:
         names_path = directory / "names.txt.partial"
         nbytes = len(names) * size * size
         try:
-            same = (names_path.is_file() and names_path.read_text().split() == names
+            same = (names_path.is_file() and read_names(names_path) == names
                     and self.data.is_file() and self.done_path.is_file()
                     and self.done_path.stat().st_size == len(names)
                     # each row's state is 0, 1 or 2: anything else is a damaged file
@@ -180,7 +203,7 @@ class _Partial:
                     path.unlink(missing_ok=True)
                 self.data.touch()
                 np.zeros(len(names), np.uint8).tofile(self.done_path)
-                atomic_write_text(names_path, "\n".join(names) + "\n", "store names")
+                atomic_write_text(names_path, names_text(names), "store names")
             # Reserve the disk space now: a full disk fails here, before any decoding.
             fd = os.open(self.data, os.O_RDWR)
             try:

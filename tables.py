@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from common import REPO_DIR, DataError, one_line
-from labels import NIH_CLASSES
+from labels import NIH_CLASSES, name_problem
 
 SHIPPED_LABEL_TABLE = REPO_DIR / "nih" / "Data_Entry_2017_v2020.csv.gz"
 # Both NIH revisions, newest first; either may be gzipped.
@@ -90,6 +90,16 @@ def _read_csv(path, needed):
     return table
 
 
+def check_names(names, path, column, first_row=2):
+    """Every image name made from a table stays inside the data directory (labels.name_problem):
+    else a DataError naming the table, its line and the column the name came from."""
+    for row, name in enumerate(names):
+        problem = name_problem(name)
+        if problem:
+            raise DataError(f"{path}:{row + first_row}: {column} gives the image name "
+                            f"{name[:120]!r}, which {problem}")
+
+
 def label_values(table, path, first_row=2):
     """The 14 observation columns of a CheXpert-labeler table as float32 [N, 14]: 1, 0, -1
     (uncertain) and NaN (blank: not mentioned)."""
@@ -117,6 +127,7 @@ def read_chexpert(data_dir, keep_laterals=False):
         path = Path(data_dir) / part
         table = _read_csv(path, needed)
         paths = table["Path"].str.strip()
+        check_names(paths.tolist(), path, "Path")  # as written: absolute, '..', whitespace
         # 'CheXpert-v1.0-small/train/...': the folder as it was called when the CSV was made;
         # paths already relative to the data directory ('train/...') are kept as they are
         names = paths.where(paths.str.match(r"(?:train|valid|test)/"),
@@ -174,6 +185,19 @@ def read_mimic(data_dir, keep_laterals=False):
     row_of_study = {key: i for i, key in enumerate(zip(labels_table["subject_id"],
                                                        labels_table["study_id"]))}
     view = dict(zip(meta["dicom_id"], meta["ViewPosition"].str.strip()))
+    split_path = data_dir / MIMIC_FILES["split"]
+    for column in ("subject_id", "study_id"):  # digits: they become folder names
+        bad = ~split[column].str.fullmatch(r"\d{1,18}")
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DataError(f"{split_path}:{row + 2}: {column} {split[column].iloc[row][:40]!r} "
+                            "is not a number")
+    check_names(split["dicom_id"].tolist(), split_path, "dicom_id")
+    bad = split["dicom_id"].str.contains("/", regex=False)
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(f"{split_path}:{row + 2}: dicom_id {split['dicom_id'].iloc[row][:80]!r} "
+                        "holds a '/': it is a file name, not a path")
     names, patients, rows, official = [], [], [], []
     for dicom, subject, study, part in zip(split["dicom_id"], split["subject_id"],
                                            split["study_id"], split["split"]):
@@ -210,6 +234,7 @@ def read_label_table(path):
     if duplicated.any():
         row = int(np.flatnonzero(duplicated.to_numpy())[0])
         raise DataError(f"{path}:{row + 2}: image {table['Image Index'][row]!r} is listed twice")
+    check_names(table["Image Index"].tolist(), path, "Image Index")
     labels = np.zeros((len(table), len(NIH_CLASSES)), dtype=np.uint8)
     column = {c: i for i, c in enumerate(NIH_CLASSES)}
     for row, findings in enumerate(table["Finding Labels"]):

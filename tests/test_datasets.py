@@ -154,7 +154,7 @@ def test_train_export_and_evaluate_on_each_layout(which, layouts, tmp_path, caps
     assert json.loads((tmp_path / "models" / "chexnet.json").read_text())["class_names"] == \
         CHEXPERT_CLASSES
     evaluated = run_script("infer.py", "--mode", "int8", "--model-dir", tmp_path / "models",
-                           "--no-figures", "--n-boot", "50")
+                           "--no-figures", "--n-boot", "100")
     assert evaluated.returncode == 0, evaluated.stderr
     assert "Pleural Effusion" in evaluated.stdout and "Support Devices" in evaluated.stdout
     csv = next((tmp_path / "models").glob("predictions_*.csv")).read_text().splitlines()
@@ -168,7 +168,7 @@ def test_an_nih_model_evaluates_on_chexpert_over_the_shared_classes(layouts, sma
     models = tmp_path / "models"
     shutil.copytree(work / "models", models)
     proc = run_script("infer.py", "--mode", "fp32", "--model-dir", models, "--data-dir",
-                      chexpert, "--no-figures", "--n-boot", "50")
+                      chexpert, "--no-figures", "--n-boot", "100")
     assert proc.returncode == 0, proc.stderr
     shared = ["Atelectasis", "Cardiomegaly", "Pleural Effusion", "Pneumonia", "Pneumothorax",
               "Consolidation", "Edema"]
@@ -250,6 +250,6 @@ def test_check_and_evaluation_follow_the_trained_split(layouts, tmp_path, capsys
                        "--epochs", "1", "--limit", "16", "--out-dir", run)
     assert trained.returncode == 0, trained.stderr
     evaluated = run_script("infer.py", "--mode", "torch", "--checkpoint", run / "best.pt",
-                           "--model-dir", tmp_path / "models", "--no-figures", "--n-boot", "20")
+                           "--model-dir", tmp_path / "models", "--no-figures", "--n-boot", "100")
     assert evaluated.returncode == 0, evaluated.stderr
     assert "chexpert-random-seed3/test_list.txt" in evaluated.stdout

@@ -215,7 +215,7 @@ def test_image_mode_prints_sorted_probabilities_and_decisions(small_model, nih_d
     values = [float(ln.split()[1]) for ln in blocks[1].splitlines()[:14]]
     assert len(values) == 14 and values == sorted(values, reverse=True)
     assert "positive" not in proc.stdout and "--part val" in proc.stdout
-    val = _run_infer("fp32", small_model, nih_dir, "--part", "val", "--limit", "60", "--n-boot", "50")
+    val = _run_infer("fp32", small_model, nih_dir, "--part", "val", "--limit", "60", "--n-boot", "100")
     assert val.returncode == 0, val.stderr
     proc = _run_infer("fp32", small_model, nih_dir, "--image", *images, "--rule", "f1")
     lines = proc.stdout.split(":\n")[1].splitlines()[:14]
