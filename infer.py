@@ -29,7 +29,7 @@ from backends import (METADATA, MODEL_NAMES, InferError, OpenVINOModel, TorchMod
                       TorchPredictor, file_digest, import_torch, load_openvino, predict_openvino,
                       read_metadata, torch_checkpoint)
 from common import (ArgumentParser, DataError, SetupError, atomic_path, atomic_write_text,
-                    exclusive_lock,
+                    Progress, exclusive_lock,
                     check_writable_file, fraction, one_line, positive_int, seed, strict_json)
 from dataset import ImageList, add_data_args, check_data_dir
 from images import eval_input
@@ -87,46 +87,6 @@ class Chunks:
 
     def remove(self):
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class Progress:
-    """A tqdm bar (images/s, ETA) on a terminal; a plain line every `every` seconds and at the
-    end otherwise (the log of a batch job)."""
-
-    def __init__(self, total, initial, enabled, every=30.0, label="predicted"):
-        self.total, self.count, self.label, self.every = total, initial, label, every
-        self.enabled, self.start, self.first = enabled, time.perf_counter(), initial
-        self.last = self.start
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            try:  # an edge box may not have tqdm: plain lines then
-                from tqdm import tqdm
-                self.bar = tqdm(total=total, initial=initial, unit="img", desc=label)
-            except ImportError:
-                pass
-
-    def update(self, n):
-        self.count += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.enabled and (time.perf_counter() - self.last >= self.every
-                               or self.count >= self.total):
-            self.last = time.perf_counter()
-            rate = (self.count - self.first) / max(self.last - self.start, 1e-9)
-            eta = (self.total - self.count) / rate if rate > 0 else float("nan")
-            print(f"{self.label} {self.count}/{self.total} images  {rate:.1f} images/s  "
-                  f"ETA {_duration(eta)}", file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _duration(seconds):
-    if not np.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 # ---------------------------------------------------------------------------------------------
