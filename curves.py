@@ -44,15 +44,29 @@ class Board:
             log("note: the tensorboard package is not installed: no TensorBoard curves "
                 "(pip install tensorboard, or --no-tensorboard; metrics.jsonl is written anyway)")
             return
+        self.log = log
         self.writer = SummaryWriter(str(Path(out_dir) / TENSORBOARD_DIR), purge_step=purge_step)
+
+    def _failed(self, exc):
+        """A write that fails (a full disk) ends the curves, not the training: the checkpoint
+        that follows says in one line what is wrong with the disk."""
+        self.log(f"note: TensorBoard files stop here ({os_reason(exc)}); training goes on")
+        try:
+            self.writer.close()
+        except Exception:  # noqa: BLE001  the same failure again
+            pass
+        self.writer = None
 
     def scalars(self, step, values):
         """values: {tag: number}; non-finite numbers (an AUC without positives) are left out."""
         if self.writer is None:
             return
-        for name, value in values.items():
-            if value is not None and math.isfinite(value):
-                self.writer.add_scalar(name, value, step)
+        try:
+            for name, value in values.items():
+                if value is not None and math.isfinite(value):
+                    self.writer.add_scalar(name, value, step)
+        except OSError as e:
+            self._failed(e)
 
     def epoch(self, step, record, peak_memory=None):
         """The epoch's record (metrics.jsonl's line) at the step it ended."""
@@ -69,11 +83,17 @@ class Board:
         """On disk before a checkpoint: what a kill loses is then only what the resumed run
         writes again."""
         if self.writer is not None:
-            self.writer.flush()
+            try:
+                self.writer.flush()
+            except OSError as e:
+                self._failed(e)
 
     def close(self):
         if self.writer is not None:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except OSError as e:
+                self._failed(e)
             self.writer = None
 
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from common import (ArgumentParser, DataError, Progress, atomic_copy, atomic_path,
                     atomic_write_text, check_writable_dir, exclusive_lock, fraction, nonnegative_float,
                     nonnegative_int, one_line, positive_float, positive_int, seed, strict_json)
-from curves import Board, write_figure
+from curves import TENSORBOARD_DIR, Board, write_figure
 from dataset import TRAIN_SIZE, ChestXray14, add_data_args, check_data_dir, collate, to_model_input
 from labels import CLASS_NAMES, UNCERTAIN_POLICIES, resolve_split
 from metrics import mean_auc, roc_aucs
@@ -514,6 +514,8 @@ def run(args, rt):
     with ExitStack() as stack:
         if rt.is_main:  # one training per out-dir; the kernel drops the lock if we die
             check_writable_dir(out_dir, "--out-dir")
+            if not args.no_tensorboard:
+                check_writable_dir(out_dir / TENSORBOARD_DIR, "--out-dir")
             stack.enter_context(exclusive_lock(
                 out_dir / ".lock", "another training", "use another --out-dir"))
             for stale in out_dir.glob(".*.tmp"):  # temp files of a writer killed mid-write
