@@ -130,7 +130,7 @@ def get_args(argv=None):
     if fast and (args.amp is None or args.channels_last is None):
         args.precision_note = ("this CPU has AMX: bf16 autocast and channels_last are on by "
                                "default (--no-amp --no-channels-last: fp32)")
-    args.amp = fast if args.amp is None else args.amp
+    args.amp = (fast and args.amp_dtype == "bf16") if args.amp is None else args.amp
     args.channels_last = fast if args.channels_last is None else args.channels_last
     recipe = RECIPES[args.recipe]
     for key, value in recipe.items():
@@ -787,6 +787,8 @@ def figure(out_dir, log):
         log(f"curves: {write_figure(out_dir)}")
     except ImportError:
         log(f"note: no matplotlib: no {out_dir}/curves.png")
+    except DataError as e:  # the run itself is done and saved
+        log(f"note: no curves.png: {one_line(e)}")
 
 
 if __name__ == "__main__":

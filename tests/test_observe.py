@@ -20,6 +20,12 @@ def event_scalars(out_dir):
             for tag in events.Tags()["scalars"]}
 
 
+def assert_points(points, expected):
+    """TensorBoard's (step, value) points: these steps, these values (float32 in the file)."""
+    assert [s for s, _ in points] == [s for s, _ in expected]
+    assert [v for _, v in points] == pytest.approx([v for _, v in expected], rel=1e-6)
+
+
 def assert_curves_continue(scalars):
     """Every curve's steps strictly increase: nothing written twice, nothing backwards."""
     for tag, points in scalars.items():
@@ -93,7 +99,7 @@ def test_train_loss_reaches_the_log_at_each_interval():
 # ---------------------------------------------------------------------------------------------
 # Progress lines when stderr is not a terminal (a batch job's log)
 
-def test_training_prints_progress_lines_into_a_log(tmp_path):
+def test_training_prints_progress_lines_into_a_log(tmp_path, capsys):
     out = tmp_path / "run"
     proc = run_script("main.py", *TINY, "--limit", "32", "--epochs", "1", "--out-dir", out,
                       "--progress-every", "0.01", "--no-tensorboard")
@@ -107,7 +113,7 @@ def test_training_prints_progress_lines_into_a_log(tmp_path):
     assert "loader wait " in epoch_line and "img/s" in epoch_line
     assert not (out / "tensorboard").exists()
     # The default (30 s) keeps a short run's log to the epoch lines.
-    again = run_script("main.py", *TINY, "--limit", "32", "--epochs", "2", "--out-dir", out)
+    again = run_main(capsys, *TINY, "--limit", "32", "--epochs", "2", "--out-dir", out)
     assert again.returncode == 0, again.stderr
     assert not [ln for ln in again.stderr.splitlines() if ln.startswith("epoch ")]
 
@@ -123,15 +129,14 @@ def test_tensorboard_curves_and_the_figure_of_a_run(tmp_path, capsys):
     scalars = event_scalars(out)
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     from curves import tag
-    assert scalars["val/loss"] == pytest.approx([(3, records[0]["val_loss"]),
-                                                 (6, records[1]["val_loss"])])
-    assert scalars["val/mean_auc"] == pytest.approx([(3, records[0]["val_mean_auc"]),
-                                                     (6, records[1]["val_mean_auc"])])
+    assert_points(scalars["val/loss"], [(3, records[0]["val_loss"]), (6, records[1]["val_loss"])])
+    assert_points(scalars["val/mean_auc"], [(3, records[0]["val_mean_auc"]),
+                                            (6, records[1]["val_mean_auc"])])
     assert [s for s, _ in scalars["train/loss"]] == [2, 4, 6]
     assert [s for s, _ in scalars["train/lr"]] == [2, 4, 6]
     for cls, auc in records[0]["val_auc"].items():
         if auc is not None:
-            assert scalars[f"val_auc/{tag(cls)}"][0] == pytest.approx((3, auc))
+            assert_points(scalars[f"val_auc/{tag(cls)}"][:1], [(3, auc)])
     for name in ("perf/images_per_s", "perf/loader_wait_share", "train/epoch_loss"):
         assert [s for s, _ in scalars[name]] == [3, 6]
     assert 0 <= scalars["perf/loader_wait_share"][0][1] <= 1
@@ -168,12 +173,13 @@ def test_curves_of_damaged_metrics_are_one_line_errors(tmp_path):
 
 TENSORBOARD_MISSING = """
 import runpy, sys
+sys.path.insert(0, ".")
 class NoTensorBoard:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] == "tensorboard" or name == "torch.utils.tensorboard":
             raise ImportError(f"No module named {name!r} (blocked by the test)")
 sys.meta_path.insert(0, NoTensorBoard())
-sys.argv = sys.argv[1:]
+sys.argv = ["main.py"] + sys.argv[1:]
 runpy.run_path("main.py", run_name="__main__")
 """
 
