@@ -1,4 +1,5 @@
-"""What every script shares: the one-line error, files written as a unit, locks, flag checks.
+"""What every script shares: the one-line error, files written as a unit, locks, flag checks,
+progress lines.
 
 Needs only the standard library, so the torch-free edge path (infer.py --mode fp32/int8) and
 stats.py import it at no cost.
@@ -12,6 +13,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -234,3 +236,58 @@ def fail(message, code=1):
     """Print the one-line error and exit."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress of a long loop (infer.py's evaluation, main.py's training epochs)
+
+class Progress:
+    """A tqdm bar (images/s, ETA) on a terminal; a plain line on stderr every `every` seconds
+    otherwise (the log of a batch job), and at the end when final_line. update(n, details):
+    details, if given, is a function returning more text for the line (training's loss and
+    loader wait); it is called only when a line is printed, every `every` seconds at most."""
+
+    def __init__(self, total, initial, enabled, every=30.0, label="predicted", final_line=True,
+                 leave=True):
+        self.total, self.count, self.label, self.every = total, initial, label, every
+        self.enabled, self.start, self.first = enabled, time.perf_counter(), initial
+        self.final_line = final_line
+        self.last = self.start
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            try:  # an edge box may not have tqdm: plain lines then
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, initial=initial, unit="img", desc=label, leave=leave)
+            except ImportError:
+                pass
+
+    def update(self, n, details=None):
+        self.count += n
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        due = now - self.last >= self.every
+        if self.bar is not None:
+            self.bar.update(n)
+            if due and details is not None:
+                self.last = now
+                self.bar.set_postfix_str(details(), refresh=False)
+        elif due or (self.final_line and self.count >= self.total):
+            self.last = now
+            rate = (self.count - self.first) / max(now - self.start, 1e-9)
+            eta = (self.total - self.count) / rate if rate > 0 else float("nan")
+            extra = f"  {details()}" if details is not None else ""
+            print(f"{self.label} {self.count}/{self.total} images  {rate:.1f} images/s  "
+                  f"ETA {duration(eta)}{extra}", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def duration(seconds):
+    """H:MM:SS, or ? for an unknown time."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

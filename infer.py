@@ -28,7 +28,7 @@ import numpy as np
 from backends import (METADATA, MODEL_NAMES, InferError, TorchModel, TorchPredictor, file_digest,
                       import_torch, load_openvino, predict_openvino, read_metadata,
                       torch_checkpoint, with_data_defaults)
-from common import (ArgumentParser, DataError, SetupError, add_device_args, atomic_path,
+from common import (ArgumentParser, DataError, Progress, SetupError, add_device_args, atomic_path,
                     atomic_write_text, check_writable_file, exclusive_lock, fraction, one_line,
                     positive_int, strict_json)
 from dataset import add_data_args, check_data_dir, split_images
@@ -137,46 +137,6 @@ class Chunks:
 
     def remove(self):
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class Progress:
-    """A tqdm bar (images/s, ETA) on a terminal; a plain line every `every` seconds and at the
-    end otherwise (the log of a batch job)."""
-
-    def __init__(self, total, initial, enabled, every=30.0, label="predicted"):
-        self.total, self.count, self.label, self.every = total, initial, label, every
-        self.enabled, self.start, self.first = enabled, time.perf_counter(), initial
-        self.last = self.start
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            try:  # an edge box may not have tqdm: plain lines then
-                from tqdm import tqdm
-                self.bar = tqdm(total=total, initial=initial, unit="img", desc=label)
-            except ImportError:
-                pass
-
-    def update(self, n):
-        self.count += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.enabled and (time.perf_counter() - self.last >= self.every
-                               or self.count >= self.total):
-            self.last = time.perf_counter()
-            rate = (self.count - self.first) / max(self.last - self.start, 1e-9)
-            eta = (self.total - self.count) / rate if rate > 0 else float("nan")
-            print(f"{self.label} {self.count}/{self.total} images  {rate:.1f} images/s  "
-                  f"ETA {_duration(eta)}", file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _duration(seconds):
-    if not np.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 # ---------------------------------------------------------------------------------------------

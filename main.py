@@ -11,7 +11,9 @@ after a worker dies (export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 first: pytorch#
 import math
 import sys
 import time
+from argparse import BooleanOptionalAction
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +25,16 @@ from tqdm import tqdm
 
 from checkpoint import (NonFiniteLoss, data_identity, load_checkpoint, repair_outputs,
                         save_checkpoint, uses_scaler, write_metrics)
-from common import (ArgumentParser, DataError, add_device_args, atomic_copy, check_writable_dir,
+from common import (ArgumentParser, DataError, Progress, add_device_args, atomic_copy, check_writable_dir,
                     exclusive_lock, fraction, nonnegative_float, nonnegative_int, one_line,
                     positive_float, positive_int, seed)
+from curves import TENSORBOARD_DIR, Board, write_figure
 from dataset import TRAIN_SIZE, XrayDataset, add_data_args, check_data_dir, collate, to_model_input
 from labels import UNCERTAIN_POLICIES
 from metrics import mean_auc, roc_aucs
 from model import ARCH_NAMES, build_model, train_mode
-from runtime import SetupError, autocast, gather_from_ranks, setup
+from runtime import (SetupError, autocast, cpu_fast_path, device_type, gather_from_ranks,
+                     setup)
 from splitting import resolve_split
 from store import image_names, open_store
 
@@ -91,10 +95,13 @@ def get_args(argv=None):
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--workers", type=nonnegative_int, default=4, help="data-loader workers per process")
     add_device_args(p)
-    p.add_argument("--amp", action="store_true", help="mixed precision autocast")
+    p.add_argument("--amp", action=BooleanOptionalAction, default=None,
+                   help="mixed precision autocast (default: on for a CPU with AMX, where bf16 "
+                        "trains ~2x faster; off elsewhere)")
     p.add_argument("--amp-dtype", default="bf16", choices=["bf16", "fp16"],
                    help="autocast dtype (fp16 adds a gradient scaler; not on Gaudi)")
-    p.add_argument("--channels-last", action="store_true", help="NHWC memory format")
+    p.add_argument("--channels-last", action=BooleanOptionalAction, default=None,
+                   help="NHWC memory format (default: on for a CPU with AMX, off elsewhere)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--resume", default=None, help="checkpoint to resume (default: out-dir/last.pt)")
     p.add_argument("--save-every", type=nonnegative_int, default=0,
@@ -103,12 +110,23 @@ def get_args(argv=None):
                    help="stop (saving last.pt) after N optimizer steps in all; 0: no limit")
     p.add_argument("--log-every", type=positive_int, default=50,
                    help="steps between reads of the loss (each read waits for the device)")
+    p.add_argument("--no-tensorboard", action="store_true",
+                   help="no TensorBoard event files (default: OUT_DIR/tensorboard/, rank 0)")
+    p.add_argument("--progress-every", type=positive_float, default=30.0,
+                   help="seconds between progress lines when stderr is not a terminal")
     p.add_argument("--check", action="store_true",
                    help="check data, weights, checkpoint and out-dir, then exit (run.sh does "
                         "this once before torchrun)")
     args = p.parse_args(argv)
     if args.hpu:
         args.device = "hpu"
+    fast = cpu_fast_path(device_type(args.device))  # bf16 + NHWC where the CPU has AMX
+    args.precision_note = None
+    if fast and (args.amp is None or args.channels_last is None):
+        args.precision_note = ("this CPU has AMX: bf16 autocast and channels_last are on by "
+                               "default (--no-amp --no-channels-last: fp32)")
+    args.amp = (fast and args.amp_dtype == "bf16") if args.amp is None else args.amp
+    args.channels_last = fast if args.channels_last is None else args.channels_last
     recipe = RECIPES[args.recipe]
     for key, value in recipe.items():
         if getattr(args, key, None) is None:
@@ -162,21 +180,28 @@ class LearningRate:
         return self.base + (self.peak - self.base) * (step + 1) / self.warmup
 
 
-def train_one_epoch(model, loader, criterion, optimizer, scaler, rt, args, epoch, step, on_step,
-                    lr=None):
-    """One pass over this rank's shard. `step` counts optimizer steps over the whole run;
-    on_step(step, batches, stats) is called after each. Returns the epoch's metrics.
+_END = object()  # the end of a loader (a batch of only unreadable images is None)
 
-    Nothing here waits for the device except every --log-every steps and before a checkpoint:
-    the loss is summed and checked for finiteness on the device."""
+
+def train_one_epoch(model, loader, criterion, optimizer, scaler, rt, args, epoch, step,
+                    on_step=None, lr=None, on_log=None, progress=None):
+    """One pass over this rank's shard. `step` counts optimizer steps over the whole run;
+    on_step(step, batches, check) is called after each, on_log(step, {tag: value}) with the
+    loss of the last --log-every steps and the lr, progress.update(images) after each step.
+    Returns the epoch's metrics: loss_sum, images, batches, step, seconds, and loader_wait:
+    the seconds spent in next(loader) (worker start-up included), loader_wait_share of the
+    loop's wall time: near 0 when the loader keeps up, near 1 when the device waits for data.
+
+    Nothing here waits for the device except every --log-every steps, a progress line and
+    before a checkpoint: the loss is summed and checked for finiteness on the device, and the
+    loader wait is read on host clocks around next(loader) alone."""
     train_mode(model, args.freeze_backbone)
     images, batches, start = 0, 0, time.perf_counter()
     loss_sum = torch.zeros((), device=rt.device)  # sum over images of the batch-mean loss
     first_bad = torch.full((), -1, dtype=torch.long, device=rt.device)  # first non-finite step
     step_counter = torch.full((), step, dtype=torch.long, device=rt.device)
     amp = autocast(rt, args)
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False,
-               disable=not (rt.is_main and sys.stderr.isatty()))
+    logged = [0.0, 0]  # loss sum and images at the last on_log
 
     def check():
         """Wait for the device: raise if any loss so far was non-finite."""
@@ -185,7 +210,19 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, rt, args, epoch
             raise NonFiniteLoss(f"loss is non-finite at epoch {epoch + 1} step {bad}")
         return float(loss_sum) / max(images, 1)
 
-    for batch in bar:
+    def details():
+        share = waited / max(time.perf_counter() - start, 1e-9)
+        return f"step {step}  loss {check():.4f}  loader wait {share:.0%}"
+
+    waited = 0.0
+    batches_of = iter(loader)
+    waited += time.perf_counter() - start  # a new worker pool starts here
+    while True:
+        before = time.perf_counter()
+        batch = next(batches_of, _END)
+        waited += time.perf_counter() - before
+        if batch is _END:
+            break
         batches += 1
         if batch is None:  # evaluation only: training batches are always full
             continue
@@ -209,14 +246,22 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, rt, args, epoch
         loss_sum += loss * x.shape[0]
         images += x.shape[0]
         last = args.max_steps and step >= args.max_steps
-        if step % args.log_every == 0 or last:
-            bar.set_postfix(loss=f"{check():.4f}")
-        on_step(step, batches, check)
+        if on_log is not None and (step % args.log_every == 0 or last):
+            total = check() * images
+            on_log(step, {"train/loss": (total - logged[0]) / max(images - logged[1], 1),
+                          "train/lr": optimizer.param_groups[0]["lr"]})
+            logged[:] = [total, images]
+        if progress is not None:
+            progress.update(x.shape[0] * rt.world_size, details)
+        if on_step is not None:
+            on_step(step, batches, check)
         if last:
             break
     train_loss = check()
+    seconds = time.perf_counter() - start
     return {"loss_sum": train_loss * images, "images": images, "batches": batches, "step": step,
-            "seconds": time.perf_counter() - start}
+            "seconds": seconds, "loader_wait": waited,
+            "loader_wait_share": waited / max(seconds, 1e-9)}
 
 
 @torch.no_grad()
@@ -354,6 +399,8 @@ def run(args, rt):
     with ExitStack() as stack:
         if rt.is_main:  # one training per out-dir; the kernel drops the lock if we die
             check_writable_dir(out_dir, "--out-dir")
+            if not args.no_tensorboard:
+                check_writable_dir(out_dir / TENSORBOARD_DIR, "--out-dir")
             stack.enter_context(exclusive_lock(
                 out_dir / ".lock", "another training", "use another --out-dir"))
             for stale in out_dir.glob(".*.tmp"):  # temp files of a writer killed mid-write
@@ -361,11 +408,24 @@ def run(args, rt):
         return _train(args, rt, lists, train_set, val_set, global_batch, out_dir, log)
 
 
-def _train(args, rt, lists, train_set, val_set, global_batch, out_dir, log):
-    torch.manual_seed(args.seed)
-    data_ids = data_identity(train_set, val_set)
-    last, best = out_dir / "last.pt", out_dir / "best.pt"
-    resume = args.resume or (last if last.is_file() else None)
+@dataclass
+class Training:
+    """What a run updates: the bare model (what checkpoints hold), the network that runs it
+    (compiled, DDP-wrapped), the optimizer and its companions."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: object
+    criterion: torch.nn.Module
+    lr: LearningRate
+    pos_weight: object
+    steps_per_epoch: int
+    net: object = None
+
+
+def build_training(args, rt, train_set, resume, out_dir, global_batch):
+    """The model (random, ImageNet or --weights; a resumed run's come from its checkpoint),
+    on the device, with its optimizer, lr schedule, gradient scaler and loss."""
     # One download of the ImageNet weights per node: local rank 0 first, the others after.
     # A resumed run takes its weights from the checkpoint: nothing to download.
     if rt.distributed and rt.local_rank != 0:
@@ -381,7 +441,7 @@ def _train(args, rt, lists, train_set, val_set, global_batch, out_dir, log):
     model = model.to(rt.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    n, steps_per_epoch = len(train_set), len(train_set) // global_batch
+    steps_per_epoch = len(train_set) // global_batch
     lr = LearningRate(args, global_batch, steps_per_epoch)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
                                  lr=args.lr if lr.warmup else lr.peak, betas=(0.9, 0.999),
@@ -399,131 +459,221 @@ def _train(args, rt, lists, train_set, val_set, global_batch, out_dir, log):
     # Plain BCE for labels that are all known (NIH's); the masked one where some are ignored
     masked = train_set.labels.dtype != np.uint8 and np.isnan(train_set.labels).any()
     criterion = (MaskedBCE if masked else torch.nn.BCEWithLogitsLoss)(pos_weight=pos_weight)
+    return Training(model, optimizer, scheduler, scaler, criterion, lr, pos_weight,
+                    steps_per_epoch)
 
+
+def resume_state(args, rt, t, resume, out_dir, data_ids, global_batch, log):
+    """The run's state: fresh, or the checkpoint's (its weights and optimizer loaded into t)."""
     if rt.distributed:  # every rank must resume from the same file, or none
         seen = [None] * rt.world_size
         dist.all_gather_object(seen, str(resume) if resume else None)
         if len(set(seen)) > 1:
             raise SetupError(f"rank 0 resumes from {seen[0]} but other ranks see {set(seen[1:])}: "
                              "put --out-dir on a filesystem every node shares")
-    state = {"class_names": classes, "epoch": 0, "step": 0, "epoch_images": 0, "best_auc": -math.inf, "best_epoch": None,
+    state = {"class_names": data_ids["classes"], "epoch": 0, "step": 0, "epoch_images": 0,
+             "best_auc": -math.inf, "best_epoch": None,
              "history": [], "partial": {"loss_sum": 0.0, "images": 0},
              "world_size": rt.world_size, "batch_size": args.batch_size}
-    if resume:
-        ckpt = load_checkpoint(resume, model, optimizer, scheduler, scaler, args, data_ids)
-        state.update({k: ckpt[k] for k in state if k in ckpt})
-        log(f"resuming from {resume}: epoch {state['epoch']}, step {state['step']}")
-        if rt.is_main and Path(resume).resolve() == last.resolve():
-            repair_outputs(out_dir, ckpt, log)
-        old_batch = ckpt["batch_size"] * ckpt["world_size"]
-        if old_batch != global_batch:
-            note = (f"note: global batch {old_batch} -> {global_batch}: the epoch continues "
-                    f"after the {state['epoch_images']} images already seen")
-            if not args.no_lr_scaling:
-                for group in optimizer.param_groups:
-                    group["lr"] *= math.sqrt(global_batch / old_batch)
-                note += f"; lr x sqrt({global_batch}/{old_batch})"
-            log(note)
-        if ckpt["args"].get("lr") != args.lr:
-            log(f"note: the resumed optimizer keeps its learning rate schedule; --lr {args.lr} "
-                "applies to new runs only")
+    if not resume:
+        return state
+    last = out_dir / "last.pt"
+    ckpt = load_checkpoint(resume, t.model, t.optimizer, t.scheduler, t.scaler, args, data_ids)
+    state.update({k: ckpt[k] for k in state if k in ckpt})
+    log(f"resuming from {resume}: epoch {state['epoch']}, step {state['step']}")
+    if rt.is_main and Path(resume).resolve() == last.resolve():
+        repair_outputs(out_dir, ckpt, log)
+    old_batch = ckpt["batch_size"] * ckpt["world_size"]
+    if old_batch != global_batch:
+        note = (f"note: global batch {old_batch} -> {global_batch}: the epoch continues "
+                f"after the {state['epoch_images']} images already seen")
+        if not args.no_lr_scaling:
+            for group in t.optimizer.param_groups:
+                group["lr"] *= math.sqrt(global_batch / old_batch)
+            note += f"; lr x sqrt({global_batch}/{old_batch})"
+        log(note)
+    if ckpt["args"].get("lr") != args.lr:
+        log(f"note: the resumed optimizer keeps its learning rate schedule; --lr {args.lr} "
+            "applies to new runs only")
+    return state
+
+
+def precision_of(args):
+    parts = ([f"{args.amp_dtype} autocast"] if args.amp else ["fp32"]) + (
+        ["channels_last"] if args.channels_last else [])
+    return " + ".join(parts)
+
+
+def train_epoch(t, args, rt, train_set, state, epoch, global_batch, save, board):
+    """Train epoch `epoch` from where `state` says it stopped (a resumed run continues after
+    the images it has seen); state takes the new step, position and partial loss. Returns
+    train_one_epoch's metrics."""
+    n = len(train_set)
+    last = Path(args.out_dir) / "last.pt"
+    train_set.set_epoch(epoch)
+    start_images = state["epoch_images"]
+    indices = rank_indices(epoch_order(n, args.seed, epoch), start_images, rt.world_size,
+                           rt.rank, args.batch_size)
+    loader = make_loader(train_set, indices, args, rt, train=True)
+    partial = dict(state["partial"])
+
+    def on_step(step, batches, check):
+        if rt.is_main and args.save_every and step % args.save_every == 0:
+            loss = check()  # waits for the device; raises on a non-finite loss
+            board.flush()
+            save(last, epoch=epoch, step=step,
+                 epoch_images=start_images + batches * global_batch,
+                 partial={"loss_sum": partial["loss_sum"] + loss * batches * args.batch_size,
+                          "images": partial["images"] + batches * args.batch_size})
+
+    progress = Progress(t.steps_per_epoch * global_batch, start_images, rt.is_main,
+                        every=args.progress_every, label=f"epoch {epoch + 1}",
+                        final_line=False, leave=False)
+    try:
+        stats = train_one_epoch(t.net, loader, t.criterion, t.optimizer, t.scaler, rt, args,
+                                epoch, state["step"], on_step, t.lr, on_log=board.scalars,
+                                progress=progress)
+    except NonFiniteLoss as e:
+        kept = f"{last} keeps the last good weights" if last.is_file() else "nothing saved"
+        raise NonFiniteLoss(f"{e}; training stopped, {kept}") from None
+    finally:
+        progress.close()
+    state["step"] = stats["step"]
+    state["partial"] = {"loss_sum": partial["loss_sum"] + stats["loss_sum"],
+                        "images": partial["images"] + stats["images"]}
+    state["epoch_images"] = start_images + stats["batches"] * global_batch
+    return stats
+
+
+def validate(t, val_loader, rt, args, epoch):
+    """evaluate() at the end of an epoch; diverged weights stop the run in one line."""
+    last = Path(args.out_dir) / "last.pt"
+    try:
+        return evaluate(t.net, val_loader, rt, args, t.pos_weight)
+    except NonFiniteLoss as e:
+        kept = f"{last} keeps the last good weights" if last.is_file() else "nothing saved"
+        raise NonFiniteLoss(f"{e} at epoch {epoch + 1}; training stopped, {kept}") from None
+
+
+def epoch_record(t, args, rt, state, epoch, stats, val, seconds, global_batch):
+    """The epoch's line of metrics.jsonl, the same on every rank (train loss and loader wait
+    averaged over ranks)."""
+    train_loss = state["partial"]["loss_sum"] / max(state["partial"]["images"], 1)
+    wait = stats["loader_wait_share"]
+    if rt.distributed:  # mean over ranks, so every rank logs the same number
+        both = torch.tensor([train_loss, wait], device=rt.device)
+        dist.all_reduce(both)
+        train_loss, wait = (both / rt.world_size).tolist()
+    record = {"epoch": epoch + 1, "steps": state["step"], "batches": t.steps_per_epoch,
+              "global_batch": global_batch, "train_loss": train_loss,
+              "val_loss": val["loss"], "val_mean_auc": val["mean_auc"],
+              "val_auc": dict(zip(state["class_names"], val["auc"].tolist())),
+              "lr": t.optimizer.param_groups[0]["lr"], "seconds": seconds,
+              "images_per_s": stats["images"] * rt.world_size / stats["seconds"],
+              "loader_wait_share": wait}
+    if rt.device.type == "cuda":
+        record["peak_memory_gib"] = torch.cuda.max_memory_allocated(rt.device) / 2 ** 30
+    return record
+
+
+def _train(args, rt, lists, train_set, val_set, global_batch, out_dir, log):
+    torch.manual_seed(args.seed)
+    data_ids = data_identity(train_set, val_set)
+    last, best = out_dir / "last.pt", out_dir / "best.pt"
+    resume = args.resume or (last if last.is_file() else None)
+    t = build_training(args, rt, train_set, resume, out_dir, global_batch)
+    state = resume_state(args, rt, t, resume, out_dir, data_ids, global_batch, log)
+    n = len(train_set)
     if args.check:
         log(f"ok: {n} train / {len(val_set)} val images, {args.arch}, out-dir {out_dir}"
             + (f", resuming from {resume}" if resume else ""))
-        return model
+        return t.model
 
-    net = model
+    t.net = t.model
     if args.compile:
-        net = torch.compile(model, backend="hpu_backend" if rt.device.type == "hpu" else "inductor")
+        t.net = torch.compile(t.model, backend="hpu_backend" if rt.device.type == "hpu"
+                              else "inductor")
     if rt.distributed:
-        net = DDP(net, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+        t.net = DDP(t.net, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
     val_sampler = torch.utils.data.DistributedSampler(
         val_set, num_replicas=rt.world_size, rank=rt.rank, shuffle=False)
     val_loader = make_loader(val_set, val_sampler, args, rt, train=False)
-    log(f"{args.arch} on {rt.world_size} x {rt.device.type}: {n} train / {len(val_set)} val "
-        f"images; global batch {global_batch} ({args.batch_size} x {rt.world_size}), "
-        f"{steps_per_epoch} steps per epoch; lr {lr.peak:.3g}"
+    lr = t.lr
+    if args.precision_note:
+        log(f"note: {args.precision_note}")
+    log(f"{args.arch} on {rt.world_size} x {rt.device.type}, {precision_of(args)}: {n} train / "
+        f"{len(val_set)} val images; global batch {global_batch} ({args.batch_size} x "
+        f"{rt.world_size}), {t.steps_per_epoch} steps per epoch; lr {lr.peak:.3g}"
         + (f" (recipe {args.lr:.3g} x sqrt({global_batch}/{RECIPE_BATCH}), {lr.warmup} warm-up "
            "steps)" if lr.peak != args.lr else "") + f"; out-dir {out_dir}")
     if state["epoch"] >= args.epochs:
         log(f"nothing to do: {resume} already holds epoch {state['epoch']} of {args.epochs}")
-        return model
+        return t.model
 
     def save(path, **extra):
-        save_checkpoint(path, model, optimizer, scheduler, scaler, args,
+        save_checkpoint(path, t.model, t.optimizer, t.scheduler, t.scaler, args,
                         **{**state, "world_size": rt.world_size, "batch_size": args.batch_size,
                            "data": data_ids, **extra})
 
-    for epoch in range(state["epoch"], args.epochs):
-        train_set.set_epoch(epoch)
-        start_images = state["epoch_images"]
-        indices = rank_indices(epoch_order(n, args.seed, epoch), start_images, rt.world_size,
-                               rt.rank, args.batch_size)
-        loader = make_loader(train_set, indices, args, rt, train=True)
-        start = time.perf_counter()
-        partial = dict(state["partial"])
-
-        def on_step(step, batches, check, epoch=epoch):
-            if rt.is_main and args.save_every and step % args.save_every == 0:
-                loss = check()  # waits for the device; raises on a non-finite loss
-                save(last, epoch=epoch, step=step,
-                     epoch_images=start_images + batches * global_batch,
-                     partial={"loss_sum": partial["loss_sum"] + loss * batches * args.batch_size,
-                              "images": partial["images"] + batches * args.batch_size})
-
-        try:
-            stats = train_one_epoch(net, loader, criterion, optimizer, scaler, rt, args, epoch,
-                                    state["step"], on_step, lr)
-        except NonFiniteLoss as e:
-            kept = f"{last} keeps the last good weights" if last.is_file() else "nothing saved"
-            raise NonFiniteLoss(f"{e}; training stopped, {kept}") from None
-        state["step"] = stats["step"]
-        state["partial"] = {"loss_sum": partial["loss_sum"] + stats["loss_sum"],
-                            "images": partial["images"] + stats["images"]}
-        state["epoch_images"] = start_images + stats["batches"] * global_batch
-        if state["epoch_images"] + global_batch <= n:  # --max-steps reached mid-epoch
+    # Events of a killed process beyond the checkpoint's step are purged: none twice.
+    board = Board(out_dir, state["step"] + 1, rt.is_main and not args.no_tensorboard, log)
+    with ExitStack() as stack:
+        stack.callback(board.close)
+        for epoch in range(state["epoch"], args.epochs):
+            start = time.perf_counter()
+            if rt.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(rt.device)
+            stats = train_epoch(t, args, rt, train_set, state, epoch, global_batch, save, board)
+            if state["epoch_images"] + global_batch <= n:  # --max-steps reached mid-epoch
+                if rt.is_main:
+                    board.flush()
+                    save(last, epoch=epoch)
+                log(f"stopped after {state['step']} steps (--max-steps); resume with the same "
+                    "--out-dir")
+                return t.model
+            val = validate(t, val_loader, rt, args, epoch)
+            t.scheduler.step(val["loss"])
+            record = epoch_record(t, args, rt, state, epoch, stats, val,
+                                  time.perf_counter() - start, global_batch)
+            improved = not math.isnan(val["mean_auc"]) and val["mean_auc"] > state["best_auc"]
+            if improved:
+                state["best_auc"], state["best_epoch"] = val["mean_auc"], epoch + 1
+            state.update(epoch=epoch + 1, epoch_images=0, partial={"loss_sum": 0.0, "images": 0},
+                         history=state["history"] + [record])
             if rt.is_main:
-                save(last, epoch=epoch)
-            log(f"stopped after {state['step']} steps (--max-steps); resume with the same --out-dir")
-            return model
-        try:
-            val = evaluate(net, val_loader, rt, args, pos_weight)
-        except NonFiniteLoss as e:
-            kept = f"{last} keeps the last good weights" if last.is_file() else "nothing saved"
-            raise NonFiniteLoss(f"{e} at epoch {epoch + 1}; training stopped, {kept}") from None
-        scheduler.step(val["loss"])
-        seconds = time.perf_counter() - start
-        train_loss = state["partial"]["loss_sum"] / max(state["partial"]["images"], 1)
-        if rt.distributed:  # mean over ranks, so every rank logs the same number
-            t = torch.tensor([train_loss], device=rt.device)
-            dist.all_reduce(t)
-            train_loss = t.item() / rt.world_size
-        record = {"epoch": epoch + 1, "steps": state["step"], "batches": steps_per_epoch,
-                  "global_batch": global_batch, "train_loss": train_loss,
-                  "val_loss": val["loss"], "val_mean_auc": val["mean_auc"],
-                  "val_auc": dict(zip(classes, val["auc"].tolist())),
-                  "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
-                  "images_per_s": stats["images"] * rt.world_size / stats["seconds"]}
-        improved = not math.isnan(val["mean_auc"]) and val["mean_auc"] > state["best_auc"]
-        if improved:
-            state["best_auc"], state["best_epoch"] = val["mean_auc"], epoch + 1
-        state.update(epoch=epoch + 1, epoch_images=0, partial={"loss_sum": 0.0, "images": 0},
-                     history=state["history"] + [record])
-        if rt.is_main:
-            # last.pt first: it is the record that best.pt and metrics.jsonl are repaired from.
-            save(last)
-            if improved or not best.is_file():
-                atomic_copy(last, best, "checkpoint")
-            write_metrics(out_dir, state["history"])
-        log(f"epoch {epoch + 1}/{args.epochs}  batches {steps_per_epoch}  train loss "
-            f"{train_loss:.4f}  val loss {val['loss']:.4f}  val mean AUC {val['mean_auc']:.4f}  "
-            f"{seconds:.1f}s  {record['images_per_s']:.1f} img/s")
-        if args.max_steps and state["step"] >= args.max_steps and epoch + 1 < args.epochs:
-            log(f"stopped after {state['step']} steps (--max-steps); resume with the same --out-dir")
-            return model
+                # TensorBoard first: a kill before last.pt is written purges the epoch's
+                # events on resume, and it is trained again; after, they stay.
+                board.epoch(state["step"], record, record.get("peak_memory_gib"))
+                board.flush()
+                # last.pt next: it is the record that best.pt and metrics.jsonl are repaired from.
+                save(last)
+                if improved or not best.is_file():
+                    atomic_copy(last, best, "checkpoint")
+                write_metrics(out_dir, state["history"])
+            log(f"epoch {epoch + 1}/{args.epochs}  batches {t.steps_per_epoch}  train loss "
+                f"{record['train_loss']:.4f}  val loss {val['loss']:.4f}  val mean AUC "
+                f"{val['mean_auc']:.4f}  {record['seconds']:.1f}s  "
+                f"{record['images_per_s']:.1f} img/s  loader wait "
+                f"{record['loader_wait_share']:.0%}")
+            if args.max_steps and state["step"] >= args.max_steps and epoch + 1 < args.epochs:
+                log(f"stopped after {state['step']} steps (--max-steps); resume with the same "
+                    "--out-dir")
+                return t.model
     log(f"done: best val mean AUC {state['best_auc']:.4f} (epoch {state['best_epoch']}), "
         f"checkpoints in {out_dir}")
-    return model
+    if rt.is_main:
+        figure(out_dir, log)
+    return t.model
+
+
+def figure(out_dir, log):
+    """OUT_DIR/curves.png at the end of a run (`python curves.py OUT_DIR` draws it any time)."""
+    try:
+        log(f"curves: {write_figure(out_dir)}")
+    except ImportError:
+        log(f"note: no matplotlib: no {out_dir}/curves.png")
+    except DataError as e:  # the run itself is done and saved
+        log(f"note: no curves.png: {one_line(e)}")
 
 
 if __name__ == "__main__":

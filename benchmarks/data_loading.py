@@ -79,6 +79,16 @@ def detail_table(paths, crops_per_image=20, crop=224):
               f"{quality[0]:>9}{quality[1]:>9}{ms:>9.2f}")
 
 
+def throwaway_data_dir(paths):
+    """A temporary data directory: links to the PNGs and list.txt naming them (no labels)."""
+    root = Path(tempfile.mkdtemp(prefix="chexnet-bench-"))
+    (root / "images").mkdir()
+    for p in paths:
+        os.symlink(Path(p).resolve(), root / "images" / Path(p).name)
+    (root / "list.txt").write_text("".join(f"{Path(p).name} " + "0 " * 13 + "0\n" for p in paths))
+    return root
+
+
 def loader_throughput(dataset, workers, passes=1, batch_size=16):
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          collate_fn=collate,
@@ -101,12 +111,7 @@ def main():
     print(f"{os.cpu_count()} cores ({cpu_name()}), torch {torch.__version__}")
     detail_table(paths[:60])
 
-    # A throwaway data directory: links to the PNGs and a list file of them.
-    root = Path(tempfile.mkdtemp(prefix="chexnet-bench-"))
-    (root / "images").mkdir()
-    for p in paths:
-        os.symlink(p.resolve(), root / "images" / p.name)
-    (root / "list.txt").write_text("".join(f"{p.name} " + "0 " * 13 + "0\n" for p in paths))
+    root = throwaway_data_dir(paths)
     start = time.perf_counter()
     prepare_store(root, (256, 512), progress=False)
     prepare_seconds = time.perf_counter() - start

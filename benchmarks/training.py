@@ -21,13 +21,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import main  # noqa: E402
+from benchmarks.data_loading import cpu_name  # noqa: E402
 from model import build_model  # noqa: E402
 
-VARIANTS = {"fp32": [], "channels_last": ["--channels-last"], "bf16 autocast": ["--amp"],
+# Explicit both ways: main.py's defaults depend on the CPU (bf16 + channels_last with AMX).
+VARIANTS = {"fp32": ["--no-amp", "--no-channels-last"],
+            "channels_last": ["--no-amp", "--channels-last"],
+            "bf16 autocast": ["--amp", "--no-channels-last"],
             "bf16 + channels_last": ["--amp", "--channels-last"]}
 
 
-def throughput(flags, rt, steps, batch_size, crop):
+def throughput(flags, rt, steps, batch_size, crop, warmup=None):
+    """Images/s of main.train_one_epoch on in-memory batches, after `warmup` steps."""
     args = main.get_args(["--batch-size", str(batch_size), "--crop-size", str(crop), *flags])
     torch.manual_seed(0)
     model = build_model(pretrained="none").to(rt.device)
@@ -52,8 +57,10 @@ def throughput(flags, rt, steps, batch_size, crop):
     def sync():
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
+        elif rt.device.type == "hpu":
+            torch.hpu.synchronize()
 
-    run(2 if rt.device.type == "cpu" else 10)  # warm-up (and compilation)
+    run(warmup if warmup is not None else 2 if rt.device.type == "cpu" else 10)  # and compile
     return steps * batch_size / run(steps)
 
 
@@ -135,7 +142,8 @@ def main_():
         return end_to_end(a)
     rt = main.setup(a.device)
     name = (torch.cuda.get_device_name() if rt.device.type == "cuda"
-            else f"CPU, {torch.get_num_threads()} threads")
+            else f"{cpu_name()}, {torch.get_num_threads()} threads" if rt.device.type == "cpu"
+            else rt.device.type)
     print(f"DenseNet-121 training step, {a.crop_size}x{a.crop_size}, batch {a.batch_size}, {name}, "
           f"torch {torch.__version__}")
     variants = dict(VARIANTS)

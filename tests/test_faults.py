@@ -15,6 +15,7 @@ import torch
 
 from conftest import REPO, TINY, assert_clean_error, run_main, run_script
 from model import load_file
+from test_observe import assert_curves_continue, assert_points, event_scalars
 
 # Runs a script with os.replace patched to die like kill -9 (os._exit: no cleanup at all)
 # right after the rename that KILL_AFTER names: "<file name>:<condition>".
@@ -53,6 +54,10 @@ def assert_consistent_run(out):
     assert best["epoch"] == last["best_epoch"]
     assert best["best_auc"] == max(r["val_mean_auc"] for r in records)
     assert not list(out.glob(".*.tmp"))
+    # TensorBoard, read by its own reader: one point per epoch, at the step it ended
+    scalars = event_scalars(out)
+    assert_curves_continue(scalars)
+    assert_points(scalars["val/mean_auc"], [(r["steps"], r["val_mean_auc"]) for r in records])
 
 
 @pytest.mark.parametrize("kill_after", ["last.pt:improved", "best.pt:always"])

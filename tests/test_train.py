@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torchvision
 from PIL import Image
@@ -192,16 +193,37 @@ def test_two_nodes_survive_a_killed_worker(tmp_path):
 
 
 def test_stop_and_resume_gives_the_same_weights(tmp_path, capsys):
-    args = [*TINY, "--limit", "48", "--epochs", "2", "--seed", "5"]
+    """Stopped mid-epoch 1 (step 2 of 6), then mid-epoch 2 at step 8, but rolled back to the
+    checkpoint of step 2, as if killed before the checkpoint of step 8 was written while
+    TensorBoard had its events up to step 8; then run to the end. The weights and the
+    TensorBoard curves are the uninterrupted run's: no step twice, none missing."""
+    from test_observe import assert_curves_continue, event_scalars
+    args = [*TINY, "--limit", "48", "--epochs", "2", "--seed", "5", "--log-every", "2"]
     whole = run_main(capsys, *args, "--out-dir", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr
-    # Stopped mid-epoch 1 (step 2 of 6), then mid-epoch 2, then run to the end.
+    parts = tmp_path / "parts"
     for max_steps in ("2", "8", "0"):
-        part = run_main(capsys, *args, "--out-dir", tmp_path / "parts", "--max-steps", max_steps)
+        part = run_main(capsys, *args, "--out-dir", parts, "--max-steps", max_steps)
         assert part.returncode == 0, part.stderr
-    assert "resuming from" in part.stdout
+        if max_steps == "2":
+            at_step_2 = (parts / "last.pt").read_bytes()
+        if max_steps == "8":
+            assert max(s for s, _ in event_scalars(parts)["train/loss"]) == 8
+            (parts / "last.pt").write_bytes(at_step_2)
+            # and the kill cut TensorBoard's last record short
+            events = max((parts / "tensorboard").iterdir(), key=lambda p: p.stat().st_mtime)
+            os.truncate(events, events.stat().st_size - 7)
+    assert "resuming from" in part.stdout and "step 2" in part.stdout
     assert_same_weights(weights(tmp_path / "whole" / "last.pt"),
                         weights(tmp_path / "parts" / "last.pt"))
+    expected, got = event_scalars(tmp_path / "whole"), event_scalars(parts)
+    assert_curves_continue(got)
+    assert expected.keys() == got.keys()
+    for tag in expected:
+        assert [s for s, _ in got[tag]] == [s for s, _ in expected[tag]], tag
+        if not tag.startswith("perf/"):  # times differ; the numbers of the model do not
+            assert [v for _, v in got[tag]] == pytest.approx([v for _, v in expected[tag]],
+                                                             rel=1e-5), tag
     assert load_file(tmp_path / "parts" / "last.pt")["epoch"] == 2
     assert ((tmp_path / "whole" / "metrics.jsonl").read_text().count("epoch")
             == (tmp_path / "parts" / "metrics.jsonl").read_text().count("epoch"))

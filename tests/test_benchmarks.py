@@ -1,0 +1,24 @@
+"""The accelerator benchmark's tiny CPU run: the command that a lent GPU or Gaudi runs for
+minutes must not have rotted in between."""
+from conftest import REPO, run_script
+
+
+def test_gpu_benchmark_runs_tiny_on_a_cpu(tmp_path, shared):
+    out = tmp_path / "table.md"
+    proc = run_script("benchmarks/gpu.py", "--device", "cpu", "--n", "4",
+                      "--images", shared / "nih_sample" / "images", "--out", out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    table = out.read_text()
+    assert table in proc.stdout
+    assert "TINY run" in table and "Device: **" in table
+    rows = [ln for ln in table.splitlines() if ln.startswith("| ")][2:]
+    labels = [ln.split(" | ")[0][2:] for ln in rows]
+    assert labels == ["train, fp32", "train, AMP bf16", "train, AMP bf16 + channels_last",
+                      "train, AMP bf16 + channels_last + torch.compile",
+                      "loader, PNG (4 workers)", "loader, store 512 (4 workers)",
+                      "ten-crop eval, --mode torch --amp --channels-last (4 workers)"]
+    for row in rows[:3] + rows[4:]:
+        assert float(row.split(" | ")[2]) > 0, row
+    assert rows[3].split(" | ")[1:3] == ["-", "-"]  # compiling takes minutes: not in a tiny run
+    assert "torch.compile: left out, a tiny run" in table
+    assert (REPO / "README.md").read_text().count("| measurement | batch | images/s | peak memory GiB |") == 1
