@@ -16,6 +16,8 @@ through the same steps as baselines.
 """
 import csv
 import gzip
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,19 +55,29 @@ def resize_maps(maps, size):
         (size[1], size[0]), Image.BILINEAR)) for m in maps])
 
 
+def feather(crop):
+    """(crop, crop) weights that fall smoothly from 1 at a crop's centre to almost 0 at its
+    edges (a squared sine in each direction, never exactly 0): overlapping crops averaged with
+    them meet without the steps a plain average leaves where a crop's edge lies."""
+    w = np.sin(np.pi * (np.arange(crop) + 0.5) / crop) ** 2
+    return np.outer(w, w)
+
+
 def tencrop_heatmap(cams, resized_hw, crop, out_hw=None):
     """Ten crops' maps (10, K, h, w), in crop_gray's order, -> (K, H, W) over the image: each map
     upsampled to crop x crop, mirrored back when its crop was mirrored, put where the crop came
-    from in the resized image (resized_hw), overlaps averaged, then resized to out_hw (the
-    original image's size, so that it lines up with NIH's box coordinates)."""
+    from in the resized image (resized_hw), overlaps averaged with feather() weights (no seams
+    where a crop ends), then resized to out_hw (the original image's size, so that it lines up
+    with NIH's box coordinates)."""
     height, width = resized_hw
     total = np.zeros((cams.shape[1], height, width), np.float64)
-    count = np.zeros((height, width), np.float64)
+    weight = np.zeros((height, width), np.float64)
+    window = feather(crop)
     for (top, left, flipped), cam in zip(ten_crop_boxes(height, width, crop), cams):
         up = resize_maps(cam, (crop, crop))
-        total[:, top:top + crop, left:left + crop] += up[:, :, ::-1] if flipped else up
-        count[top:top + crop, left:left + crop] += 1
-    heat = (total / count).astype(np.float32)
+        total[:, top:top + crop, left:left + crop] += (up[:, :, ::-1] if flipped else up) * window
+        weight[top:top + crop, left:left + crop] += window
+    heat = (total / weight).astype(np.float32)
     return heat if out_hw is None or tuple(out_hw) == (height, width) else resize_maps(heat, out_hw)
 
 
@@ -253,40 +265,92 @@ class Tally:
 # ---------------------------------------------------------------------------------------------
 # Overlays
 
-def overlay(gray, heat, title):
-    """The X-ray (H, W) uint8 with the normalised heatmap in a jet colour map over it, the
-    title at the top: an (H, W, 3) uint8 image at the X-ray's own resolution."""
-    from PIL import ImageDraw
-
-    from optional import colormap
-    colour = colormap("jet", "--cam")(normalise(heat))[..., :3]
-    base = np.repeat(gray[..., None].astype(np.float32) / 255.0, 3, axis=2)
-    blend = (0.6 * base + 0.4 * colour) * 255
-    image = Image.fromarray(blend.clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    size = max(12, gray.shape[0] // 40)
-    try:
-        from PIL import ImageFont
-        font = ImageFont.load_default(size=size)
-    except (TypeError, OSError):
-        font = None
-    draw.rectangle((0, 0, gray.shape[1], int(size * 1.6)), fill=(0, 0, 0))
-    draw.text((size // 2, size // 4), title, fill=(255, 255, 255), font=font)
-    return image
+COLOURBAR_LABEL = "activation (min-max normalised per map)"
 
 
-def grid(gray, heats, titles, path):
-    """Every class's heatmap over the X-ray in one figure."""
+def _draw_boxes(ax, boxes, highlight=None, fontsize=9):
+    """Radiologist boxes [(disease, (x, y, w, h))] in the image's pixels: the disease of the
+    map (highlight) solid, the image's other findings dashed."""
+    from matplotlib.patches import Rectangle
+    for disease, (x, y, w, h) in boxes:
+        main = highlight is None or disease == highlight
+        ax.add_patch(Rectangle((x, y), w, h, fill=False, lw=2 if main else 1.2,
+                               ls="-" if main else "--", ec="white" if main else "0.8"))
+        ax.text(x, y - 4, f"{disease} (radiologist)" if main else disease, color="white",
+                fontsize=fontsize, va="bottom", clip_on=True,
+                bbox=dict(fc="black", ec="none", alpha=0.6, pad=1))
+
+
+def overlay(gray, heat, title, boxes=(), disease=None):
+    """The plain X-ray (H, W) uint8 and, beside it, the normalised heatmap over it in the jet
+    colour map, each at the X-ray's own resolution, with a colour bar, NIH's radiologist boxes
+    of the image (boxes: [(disease, (x, y, w, h))] in its pixels; the map's own disease
+    solid) and the title: an RGB PIL image."""
+    import io
+
+    from optional import pyplot
+    plt = pyplot("--cam")
+    height, width = gray.shape
+    dpi = 100
+    gap, bar, head = max(8, width // 40), max(90, width // 8), max(40, height // 14)
+    total_w, total_h = 2 * width + gap + bar, height + head
+    fig = plt.figure(figsize=(total_w / dpi, total_h / dpi), dpi=dpi, facecolor="white")
+    font = max(9, height // 60)
+    panels = []
+    for i in range(2):
+        ax = fig.add_axes([i * (width + gap) / total_w, 0, width / total_w, height / total_h])
+        ax.imshow(gray, cmap="gray", vmin=0, vmax=255, interpolation="antialiased")
+        ax.set_axis_off()
+        panels.append(ax)
+    image = panels[1].imshow(normalise(heat), cmap="jet", alpha=0.4, vmin=0, vmax=1,
+                             interpolation="antialiased")
+    _draw_boxes(panels[1], boxes, disease, font)
+    cax = fig.add_axes([(2 * width + gap + bar * 0.15) / total_w, 0.1 * height / total_h,
+                        bar * 0.18 / total_w, 0.8 * height / total_h])
+    cbar = fig.colorbar(image, cax=cax)
+    cbar.solids.set_alpha(1)
+    cbar.set_label(COLOURBAR_LABEL, fontsize=font)
+    cax.tick_params(labelsize=font)
+    fig.text(0.005, 1 - head * 0.5 / total_h, title, fontsize=font * 1.3, va="center")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+def grid(gray, heats, titles, path, title=None, boxes=None):
+    """Every class's heatmap over the X-ray in one figure, with a colour bar; title: what the
+    maps are (method, mode); boxes: {disease: [(x, y, w, h)]} in the X-ray's pixels, drawn in
+    their disease's panel (titles start with the class name)."""
     from optional import pyplot
     from report import panel_grid, save_figure
     plt = pyplot("--cam")
-    fig, axes = panel_grid(plt, Path(path).stem, len(titles))
-    for ax, heat, title in zip(axes, heats, titles):
-        ax.imshow(gray, cmap="gray")
-        ax.imshow(normalise(heat), cmap="jet", alpha=0.4)
-        ax.set_title(title, fontsize=10)
+    fig, axes = panel_grid(plt, title or Path(path).stem, len(titles) + 1)
+    for ax, heat, name in zip(axes, heats, titles):
+        ax.imshow(gray, cmap="gray", vmin=0, vmax=255)
+        image = ax.imshow(normalise(heat), cmap="jet", alpha=0.4, vmin=0, vmax=1)
+        for disease, found in (boxes or {}).items():
+            if name.split()[0] == disease:
+                _draw_boxes(ax, [(disease, b) for b in found], disease, 7)
+        ax.set_title(name, fontsize=10)
         ax.axis("off")
+    axes[-1].imshow(gray, cmap="gray", vmin=0, vmax=255)  # the plain X-ray
+    axes[-1].set_title("the X-ray", fontsize=10)
+    axes[-1].axis("off")
+    cbar = fig.colorbar(image, ax=list(axes), shrink=0.6, pad=0.01)
+    cbar.solids.set_alpha(1)
+    cbar.set_label(COLOURBAR_LABEL)
     save_figure(fig, path)
+
+
+def image_boxes(data_dir, name, shape):
+    """NIH's radiologist boxes of one image, {disease: [(x, y, w, h)]} scaled to an (H, W)
+    image of it: the box file's coordinates are in the released 1024x1024 pixels (the
+    bundled sample is reduced to 256x256). {} for an image without boxes."""
+    found = read_boxes(find_box_file(data_dir)).get(name, {})
+    sy, sx = shape[0] / 1024, shape[1] / 1024
+    return {d: [(x * sx, y * sy, w * sx, h * sy) for x, y, w, h in b] for d, b in found.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +372,7 @@ def crop_maps(backend, crops, args, method="cam"):
     return np.asarray(probs)[:10], np.asarray(maps)[:10]
 
 
-def gradcam_plus_plus(backend, crops):
+def gradcam_plus_plus(backend, crops, log=None):
     """Grad-CAM++ maps through the maintained `grad-cam` package (torch mode). Its target is
     model.WithCAM's ReLU module: torchvision's DenseNet applies F.relu in place after its last
     feature layer, which breaks the hooks grad-cam sets on that layer."""
@@ -322,6 +386,7 @@ def gradcam_plus_plus(backend, crops):
     if not hasattr(backend, "with_cams"):
         raise DataError("--cam-method gradcam++ works in --mode torch")
     wrapped = backend.with_cams
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
 
     class Logits(torch.nn.Module):
         def __init__(self):
@@ -335,10 +400,18 @@ def gradcam_plus_plus(backend, crops):
     x = torch.from_numpy(crops)
     with torch.inference_mode():
         probs = torch.sigmoid(Logits()(x)).numpy()
+    classes = wrapped.head.out_features
+    maps, start = [], time.perf_counter()
+    last = start
     with GradCAMPlusPlus(model=Logits(), target_layers=[wrapped.relu]) as explainer:
-        maps = np.stack([explainer(input_tensor=x, targets=[ClassifierOutputTarget(k)] * len(x))
-                         for k in range(wrapped.head.out_features)], 1)  # (10, K, crop, crop)
-    return probs, maps
+        for k in range(classes):  # a backward pass of the ten crops per class: minutes on a CPU
+            maps.append(explainer(input_tensor=x, targets=[ClassifierOutputTarget(k)] * len(x)))
+            now = time.perf_counter()
+            if k == 0 or now - last >= 10 or k == classes - 1:  # a line every 10 s at most
+                last = now
+                log(f"Grad-CAM++: {k + 1}/{classes} classes in {now - start:.0f} s, about "
+                    f"{(now - start) / (k + 1) * (classes - k - 1):.0f} s left")
+    return probs, np.stack(maps, 1)  # (10, K, crop, crop)
 
 
 # Overlays are drawn at the original resolution up to this longer side (NIH's 1024): a
@@ -396,15 +469,20 @@ def write_cams(backend, paths, args, out_dir, positive=None):
             chosen = np.argsort(-probs)[:3]
         stem = cam_stem(path, args.cam_method, args.mode)
         classes = backend.class_names
+        boxes = image_boxes(args.data_dir, Path(path).name, gray.shape)
         for k in chosen:
             name = "".join(c if c.isalnum() or c in "-." else "_" for c in classes[k])
             target = out_dir / f"{stem}_{name}.png"
             with atomic_path(target, "heatmap") as tmp:
-                overlay(gray, heat[k], f"{classes[k]}  p = {probs[k]:.3f}  "
-                        f"({args.cam_method}, {args.mode})").save(tmp, format="PNG")
+                overlay(gray, heat[k], f"{Path(path).name}: {classes[k]}  p = {probs[k]:.3f}  "
+                        f"({args.cam_method}, {args.mode})",
+                        [(d, b) for d, found in boxes.items() for b in found],
+                        classes[k]).save(tmp, format="PNG")
             written.append(target)
         target = out_dir / f"{stem}_all.png"
-        grid(gray, heat, [f"{n} {p:.3f}" for n, p in zip(classes, probs)], target)
+        grid(gray, heat, [f"{n} {p:.3f}" for n, p in zip(classes, probs)], target,
+             f"{Path(path).name}: {args.cam_method} heatmaps, {args.mode} model "
+             "(probability beside each finding)", boxes)
         written.append(target)
     return written
 

@@ -17,7 +17,9 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +64,7 @@ def held_out_val_crops(args):
 
 
 def export(args):
+    quiet_cuda_home()  # before anything imports torch.utils.cpp_extension
     import openvino as ov
     import torch
 
@@ -85,8 +88,9 @@ def export(args):
             t0 = time.perf_counter()
             crop = args.crop_size
             # Two outputs: the probabilities and the class activation maps (cam.py).
-            ov_model = ov.convert_model(WithCAM(model), example_input=torch.zeros(
-                1, 3, crop, crop), input=[(-1, 3, crop, crop)])  # dynamic batch
+            with quiet_tracing():
+                ov_model = ov.convert_model(WithCAM(model), example_input=torch.zeros(
+                    1, 3, crop, crop), input=[(-1, 3, crop, crop)])  # dynamic batch
             ov_model.inputs[0].get_tensor().set_names({"images"})
             ov_model.outputs[0].get_tensor().set_names({"probabilities"})
             ov_model.outputs[1].get_tensor().set_names({"cams"})
@@ -101,6 +105,8 @@ def export(args):
             meta = {"checkpoint": str(args.checkpoint),
                     "arch": trained.get("arch", "densenet121"),
                     "class_names": classes, "data_dir": str(args.data_dir),
+                    # what it was trained on (data_dir: what it was calibrated on)
+                    "trained_on": trained.get("data_dir"),
                     "split": args.split, "split_seed": args.split_seed,
                     "keep_laterals": bool(args.keep_laterals), "resize": args.resize,
                     "crop_size": crop,
@@ -141,6 +147,29 @@ def commit(staging, model_dir, meta):
                       + "\n", "model metadata")
     for name in _model_files() + [METADATA]:
         os.replace(staging / name, model_dir / name)
+
+
+@contextmanager
+def quiet_tracing():
+    """OpenVINO converts the model through torch.jit.trace, whose deprecation FutureWarning and
+    TracerWarnings (a Python bool of a traced tensor...) concern OpenVINO's code, not the
+    user: ignored during the conversion only."""
+    import torch
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is (deprecated|not "
+                                "supported)", category=FutureWarning)
+        yield
+
+
+def quiet_cuda_home():
+    """Importing NNCF imports torch.utils.cpp_extension, which logs "No CUDA runtime is found,
+    using CUDA_HOME=..." on a machine with a CUDA toolkit but no GPU: about building CUDA
+    extensions, which the export never does. That one message is dropped; the logger's other
+    messages stay."""
+    import logging
+    logging.getLogger("torch.utils.cpp_extension").addFilter(
+        lambda record: not record.getMessage().startswith("No CUDA runtime is found"))
 
 
 def quantize(ov_model, calibration, held_out, labels, args, info):

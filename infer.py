@@ -207,7 +207,8 @@ def evaluate(args, rt=None):
         if not is_main:
             return None
         result = report_evaluation(args, out_csv, list_path, images, probs, readable, model_id,
-                                   model_classes, columns, (points, why), elsewhere, timing)
+                                   model_classes, columns, (points, why), elsewhere, timing,
+                                   sample_notice(args, meta))
         chunks.remove()
         return result
 
@@ -272,10 +273,21 @@ def predict_in_chunks(predictor, n, chunk_size, chunks, rt, log):
             timing)
 
 
+def sample_notice(args, meta):
+    """{'notice': one line} when the model was trained on the bundled sample, else {}: the
+    checkpoint's data directory (--mode torch --checkpoint), else the export's record of it
+    (older exports: the directory they were exported with)."""
+    from report import SAMPLE_NOTICE, trained_on_sample
+    trained = args.trained_on if args.mode == "torch" and args.checkpoint else meta.get(
+        "trained_on", args.trained_on)
+    return {"notice": SAMPLE_NOTICE} if trained_on_sample(trained) else {}
+
+
 def report_evaluation(args, out_csv, list_path, images, probs, readable, model_id,
-                      model_classes, columns, points_why, elsewhere, timing):
+                      model_classes, columns, points_why, elsewhere, timing, notice=None):
     """Score the predictions against the list's labels: on val, choose and save the operating
-    points; write the predictions CSV and the report; print the summary."""
+    points; write the predictions CSV and the report; print the summary. notice: sample_notice's
+    dict, carried into the report."""
     from report import (
         build_report,
         calibrate,
@@ -315,7 +327,7 @@ def report_evaluation(args, out_csv, list_path, images, probs, readable, model_i
     scored = points if args.part == "test" else None
     report = build_report(names, labels, probs, classes, scored, args.n_boot, args.boot_seed,
                           args.calibrated, mode=args.mode, part=args.part, list=str(list_path),
-                          predictions=str(out_csv))
+                          predictions=str(out_csv), **(notice or {}))
     skipped = len(images) - len(names)
     print(f"mode {args.mode}: {len(names)} {args.part} images of {list_path}"
           + (f" ({skipped} unreadable skipped)" if skipped else ""))
@@ -329,7 +341,7 @@ def report_evaluation(args, out_csv, list_path, images, probs, readable, model_i
         print(note)
     print(f"predictions: {out_csv}" + (" (Platt-calibrated)" if args.calibrated else ""))
     for path in write_report(out_csv, report, labels, probs, classes, scored, args.calibrated,
-                             figures=not args.no_figures):
+                             figures=not args.no_figures, platt=scored):
         print(f"report: {path}")
     aucs = roc_aucs(labels, probs)
     return {"aucs": aucs, "mean_auc": mean_auc(aucs), "probs": written, "names": names,
@@ -359,6 +371,13 @@ def classify_images(args):
     if args.calibrated and points is None:
         raise InferError(f"--calibrated: {why}")
     width = max(20, max(map(len, classes)) + 2)
+    model = checkpoint if args.mode == "torch" else Path(args.model_dir) / MODEL_NAMES[args.mode]
+    print(f"mode {args.mode}: {model} ({len(classes)} classes, ten {args.crop_size}x"
+          f"{args.crop_size} crops of the image resized to {args.resize})")
+    notice = sample_notice(args, meta).get("notice")
+    if notice:
+        print(notice)
+    known_labels = image_labels(args, {Path(path).name for path in args.image})
     for path in args.image:
         crops = np.concatenate([eval_input(path, args.resize, args.crop_size)]
                                * args.images_per_request)
@@ -378,6 +397,8 @@ def classify_images(args):
                          f"{calibrate(np.array([[t] * len(classes)]), points)[0, k] if args.calibrated else t:.4f})"
                          if np.isfinite(t) else "  n/a (no threshold)")
             print(line)
+        if Path(path).name in known_labels:  # after the 14 lines, which scripts read
+            print(f"  labels in {known_labels[Path(path).name]}")
     if points is None:
         print(f"note: {why}")
     else:
@@ -388,6 +409,25 @@ def classify_images(args):
             lambda probs: probs >= np.nan_to_num(thresholds_of(points, args.rule), nan=2.0))
         for path in write_cams(backend, args.image, args, args.cam, positive):
             print(f"heatmap: {path}")
+
+
+def image_labels(args, wanted):
+    """{image name: "list: its findings"} for the names in `wanted` that the lists of the
+    split (--data-dir, --split) hold; {} when there is no such split here."""
+    from labels import list_header, read_list
+    found = {}
+    try:
+        lists = resolve_split(args.split, args.data_dir, args.split_seed,
+                              getattr(args, "keep_laterals", False))
+        for path in lists.values():
+            names, labels = read_list(path)
+            classes = list_header(path)[0]
+            for i in (i for i, name in enumerate(names) if name in wanted):
+                positive = [classes[k] for k in np.flatnonzero(labels[i] == 1)]
+                found[names[i]] = f"{path}: " + (", ".join(positive) or "No Finding")
+    except (DataError, OSError):
+        return {}
+    return found
 
 
 def localize(args):

@@ -335,13 +335,17 @@ def make_datasets(args, lists, log):
     pixels either way."""
     names = None if args.no_store else image_names(args.data_dir)
     stores = {}
-    for size in {args.train_size, args.resize}:
+    for size in sorted({args.train_size, args.resize}):
         stores[size] = None if args.no_store else open_store(args.data_dir, size, names)
         if stores[size] is not None:
             log(f"reading the preprocessed store {stores[size].dir}/")
-        elif not args.no_store:
-            log(f"note: no store for {size}x{size}: decoding PNGs (`python dataset.py prepare "
-                f"--data-dir {args.data_dir} --size {size}` makes loading far cheaper)")
+    missing = [size for size, store in stores.items() if store is None]
+    # One note, however many sizes lack a store; not from run.sh's --check, which runs first:
+    # the training run says it.
+    if missing and not args.no_store and not args.check:
+        log(f"note: no store for {' or '.join(f'{s}x{s}' for s in missing)}: decoding PNGs "
+            f"(`python dataset.py prepare --data-dir {args.data_dir} --size "
+            f"{' '.join(map(str, missing))}` makes loading far cheaper)")
     common = dict(crop=args.crop_size, skip_bad_images=args.skip_bad_images, limit=args.limit)
     return (XrayDataset(args.data_dir, lists["train"], "train", args.train_size, seed=args.seed,
                         crop_scale=(args.crop_scale, 1.0), crop_ratio=args.crop_ratio,

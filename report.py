@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (ArgumentParser, DataError, add_split_args, atomic_path, atomic_write_text,
-                    one_line, os_reason, seed, strict_json)
+from common import (REPO_DIR, ArgumentParser, DataError, add_split_args, atomic_path,
+                    atomic_write_text, one_line, os_reason, seed, strict_json)
 from labels import (NIH_CLASSES, evaluation_labels, list_header, patient_of, read_list,
                     shared_classes)
 from metrics import (N_BOOT, N_BOOT_RANGE, RULES, apply_platt, at_threshold, auprcs, bootstrap_aucs,
@@ -31,6 +31,32 @@ from optional import MissingPackage, pyplot
 
 OPERATING_POINTS = "operating_points.json"
 STATS = ("sensitivity", "specificity", "ppv", "npv", "f1")
+FEW_POSITIVES = 10  # fewer positives than this: intervals too wide to mean much (flagged)
+FEW_MARK = "\u2020"  # the dagger that flags them
+FEW_NOTE = (f"{FEW_MARK} fewer than {FEW_POSITIVES} positives: the interval rests on too few "
+            "cases to mean much")
+SAMPLE_NOTICE = ("note: a model trained on the bundled 200-image sample: these numbers mean "
+                 "nothing clinically")
+
+
+def trained_on_sample(data_dir):
+    """Whether `data_dir` (a model's training data, as its checkpoint or export records it) is
+    the repository's bundled sample/, wherever the clone was when it was trained."""
+    if not data_dir:
+        return False
+    path = Path(data_dir)
+    if path.name != "sample":
+        return False
+    for where in ([path] if path.is_absolute() else [path, REPO_DIR / path]):
+        try:
+            if where.resolve() == (REPO_DIR / "sample").resolve():
+                return True
+            # another clone's sample: its README says what it is
+            if (where / "README.md").read_text()[:100].startswith("# Bundled ChestX-ray14 sample"):
+                return True
+        except (OSError, UnicodeDecodeError):
+            pass
+    return not path.exists()  # the clone it was trained in is gone: trust the name
 
 
 def patient_groups(names):
@@ -192,6 +218,7 @@ def build_report(names, labels, probs, class_names, points=None, n_boot=N_BOOT, 
     for d, name in enumerate(class_names):
         y = known(labels[:, d])[0]  # without the uncertain labels
         entry = {"prevalence": float(y.mean()), "positives": int(y.sum()),
+                 "few_positives": bool(y.sum() < FEW_POSITIVES),
                  "auc": aucs[d], "auc_ci": [lo[d], hi[d]], "auprc": ap[d], "ece": ece[d]}
         if points is not None:
             entry["thresholds"] = {}
@@ -227,13 +254,22 @@ def _ci(pair, digits=3):
 
 def summary(report):
     """The short stdout table: AUC with its interval, AUPRC beside the prevalence."""
-    lines = [f"{'disease':<20}{'AUC':>8}  {'95% CI':<16}{'AUPRC':>7}{'prev':>7}"]
+    lines = [f"{'disease':<20}{'AUC':>8}  {'95% CI':<16}{'AUPRC':>7}{'prev':>7}{'pos':>6}"]
     for name, e in report["diseases"].items():
         lines.append(f"{name:<20}{_f(e['auc']):>8}  {_ci(e['auc_ci']):<16}{_f(e['auprc'], 3):>7}"
-                     f"{e['prevalence']:>7.3f}")
+                     f"{e['prevalence']:>7.3f}{e['positives']:>6}{_few(e)}")
     m = report["mean"]
     lines.append(f"{'mean':<20}{_f(m['auc']):>8}  {_ci(m['auc_ci']):<16}")
+    if any(_few(e) for e in report["diseases"].values()):
+        lines.append(FEW_NOTE)
+    if report.get("notice"):
+        lines.append(report["notice"])
     return "\n".join(lines)
+
+
+def _few(entry):
+    """The footnote mark of a class with too few positives for its intervals to mean much."""
+    return FEW_MARK if entry["positives"] < FEW_POSITIVES else ""
 
 
 def markdown(report, rule="youden"):
@@ -241,7 +277,9 @@ def markdown(report, rule="youden"):
     b = report["bootstrap"]
     head = (f"{report['images']} images, {report['patients']} patients; 95% intervals from "
             f"{b['resamples']} bootstrap resamples of patients (seed {b['seed']}).")
-    cols = ["Disease", "Prevalence", "AUROC (95% CI)", "AUPRC", "ECE"]
+    if report.get("notice"):
+        head = f"**{report['notice']}**\n\n" + head
+    cols = ["Disease", "Prevalence (positives)", "AUROC (95% CI)", "AUPRC", "ECE"]
     points = report.get("operating_points")
     if points:
         head += (f" Thresholds: {rule} rule, chosen on {points['images']} val images "
@@ -249,7 +287,8 @@ def markdown(report, rule="youden"):
         cols += ["Threshold", "Sensitivity", "Specificity", "PPV", "NPV"]
     rows = [f"| {' | '.join(cols)} |", "|" + " --- |" * len(cols)]
     for name, e in report["diseases"].items():
-        cells = [name, f"{e['prevalence']:.3f}", f"{_f(e['auc'], 3)} {_ci(e['auc_ci'])}",
+        cells = [f"{name}{_few(e)}", f"{e['prevalence']:.3f} ({e['positives']})",
+                 f"{_f(e['auc'], 3)} {_ci(e['auc_ci'])}",
                  _f(e["auprc"], 3), _f(e["ece"], 3)]
         if points:
             t = e["thresholds"][rule]
@@ -258,19 +297,21 @@ def markdown(report, rule="youden"):
         rows.append("| " + " | ".join(cells) + " |")
     m = report["mean"]
     rows.append(f"| **Mean** | | **{_f(m['auc'], 3)}** {_ci(m['auc_ci'])} |" + " |" * (len(cols) - 3))
-    return head + "\n\n" + "\n".join(rows) + "\n"
+    few = any(_few(e) for e in report["diseases"].values())
+    return head + "\n\n" + "\n".join(rows) + "\n" + (f"\n{FEW_NOTE}.\n" if few else "")
 
 
 def write_report(csv_path, report, labels, probs, class_names, points=None, calibrated=False,
-                 log=print, figures=True):
-    """<stem>_report.json, <stem>_report.md and the figures, beside the predictions."""
+                 log=print, figures=True, platt=None):
+    """<stem>_report.json, <stem>_report.md and the figures, beside the predictions. platt:
+    operating points chosen on val whose calibration the reliability diagram also draws."""
     csv_path = Path(csv_path)
     stem = csv_path.with_suffix("")
     atomic_write_text(f"{stem}_report.json",
                       json.dumps(report, indent=1, allow_nan=False) + "\n", "report")
     atomic_write_text(f"{stem}_report.md", markdown(report), "report")
-    pngs = (write_figures(stem, labels, probs, class_names, points, calibrated, log)
-            if figures else [])
+    pngs = (write_figures(stem, labels, probs, class_names, points, calibrated, log, report,
+                          platt) if figures else [])
     return [f"{stem}_report.json", f"{stem}_report.md", *pngs]
 
 
@@ -296,69 +337,157 @@ def save_figure(fig, path):
     pyplot().close(fig)
 
 
-def write_figures(stem, labels, probs, class_names, points=None, calibrated=False, log=print):
-    """ROC and precision-recall curves (14 panels each, operating points marked) and the
-    reliability diagram. Needs matplotlib; without it, a note and no figures."""
+# Markers drawn largest first, so that the smaller ones stay visible on top of them (the rules
+# often choose the same point): sensitivity under f1 under Youden.
+MARKERS = {"sensitivity": dict(marker="^", ms=12, color="tab:red", zorder=3),
+           "f1": dict(marker="s", ms=9, color="tab:green", zorder=4),
+           "youden": dict(marker="o", ms=6, color="tab:orange", zorder=5)}
+def pr_curve(y, p):
+    """(recall, precision) at each distinct threshold of the data, highest threshold first:
+    scikit-learn's curve without the point (recall 0, precision 1) it appends, which no
+    threshold gives and which draws a spike at recall 0."""
+    from sklearn.metrics import precision_recall_curve
+    precision, recall, _ = precision_recall_curve(y, p)
+    return recall[-2::-1], precision[-2::-1]
+
+
+def _figure_title(what, report):
+    """'ROC curves, int8, test: 340 images' from the report's context, when it has one."""
+    if not report:
+        return what
+    where = ", ".join(str(report[k]) for k in ("mode", "part") if report.get(k))
+    return f"{what}{', ' + where if where else ''}: {report['images']} images" + (
+        f"\n{report['notice']}" if report.get("notice") else "")
+
+
+def _panel_title(name, entry):
+    """'Cardiomegaly\\nAUC 0.88 [0.77, 0.97], 2 pos.†' (the dagger: few positives)."""
+    if entry is None:
+        return name
+    auc = "AUC n/a" if entry["auc"] is None else f"AUC {entry['auc']:.2f} {_ci(entry['auc_ci'], 2)}"
+    few = FEW_MARK if entry["positives"] < FEW_POSITIVES else ""
+    return f"{name}\n{auc}, {entry['positives']} pos.{few}"
+
+
+def write_figures(stem, labels, probs, class_names, points=None, calibrated=False, log=print,
+                  report=None, platt=None):
+    """<stem>_roc.png, _pr.png, _reliability.png: ROC and precision-recall curves (a panel per
+    class, with AUC, its interval and the positives; the operating points of `points` marked)
+    and the reliability diagram (with the Platt-calibrated curve when `platt`, operating points
+    chosen on val, is given; `calibrated` alone draws `points`' calibration). report: the
+    build_report dict of these predictions (titles). Needs matplotlib; without it, a note and
+    no figures."""
     try:
         plt = pyplot("drawing the ROC, PR and reliability figures")
     except MissingPackage as e:
         log(f"note: {e}")
         return []
-    from sklearn.metrics import precision_recall_curve, roc_curve
+    from sklearn.metrics import roc_curve
     labels, probs = np.asarray(labels), np.asarray(probs)
-    marks = {rule: thresholds_of(points, rule) for rule in RULES} if points else {}
-    style = {"youden": "o", "f1": "s", "sensitivity": "^"}
+    marks = {rule: thresholds_of(points, rule) for rule in MARKERS} if points else {}
+    entries = (report or {}).get("diseases", {})
     n = len(class_names)
-    roc, roc_axes = panel_grid(plt, "ROC curves (markers: operating points chosen on val)", n)
-    pr, pr_axes = panel_grid(plt, "Precision-recall curves (dashed: prevalence)", n)
+    few = any(e["positives"] < FEW_POSITIVES for e in entries.values())
+    roc, roc_axes = panel_grid(plt, _figure_title("ROC curves", report), n)
+    pr, pr_axes = panel_grid(plt, _figure_title("Precision-recall curves", report), n)
     for d, name in enumerate(class_names):
         y, p = known(labels[:, d], probs[:, d])
         for ax in (roc_axes[d], pr_axes[d]):
-            ax.set_title(name, fontsize=10)
+            ax.set_title(_panel_title(name, entries.get(name)), fontsize=9)
+            ax.set_xlim(-0.02, 1.02)
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_aspect("equal")
+            ax.tick_params(labelsize=7)
+        roc_axes[d].set_xlabel("1 - specificity", fontsize=8)
+        roc_axes[d].set_ylabel("sensitivity", fontsize=8)
+        pr_axes[d].set_xlabel("recall (sensitivity)", fontsize=8)
+        pr_axes[d].set_ylabel("precision (PPV)", fontsize=8)
         if not 0 < y.sum() < len(y):
             for ax in (roc_axes[d], pr_axes[d]):
                 ax.text(0.5, 0.5, "n/a: one class", ha="center", va="center")
             continue
         fpr, tpr, _ = roc_curve(y, p)
-        roc_axes[d].plot(fpr, tpr, lw=1.2)
-        roc_axes[d].plot([0, 1], [0, 1], "k:", lw=0.6)
-        roc_axes[d].set_xlabel("1 - specificity", fontsize=8)
-        roc_axes[d].set_ylabel("sensitivity", fontsize=8)
-        precision, recall, _ = precision_recall_curve(y, p)
-        pr_axes[d].plot(recall, precision, lw=1.2)
-        pr_axes[d].axhline(y.mean(), color="k", ls="--", lw=0.6)
-        pr_axes[d].set_xlabel("recall", fontsize=8)
-        pr_axes[d].set_ylabel("precision", fontsize=8)
+        roc_axes[d].plot([0, 1], [0, 1], "k:", lw=0.6, zorder=1)
+        roc_axes[d].plot(fpr, tpr, lw=1.4, color="tab:blue", zorder=2)
+        recall, precision = pr_curve(y, p)
+        pr_axes[d].axhline(y.mean(), color="k", ls="--", lw=0.6, zorder=1)
+        pr_axes[d].plot(recall, precision, lw=1.4, color="tab:blue", drawstyle="steps-post",
+                        zorder=2)
         for rule, t in marks.items():
             if np.isnan(t[d]):
                 continue
             pos = p >= t[d]
             sens, fp = pos[y == 1].mean(), pos[y == 0].mean()
-            prec = y[pos].mean() if pos.any() else 1.0
-            roc_axes[d].plot(fp, sens, style[rule], ms=6, label=rule)
-            pr_axes[d].plot(sens, prec, style[rule], ms=6, label=rule)
-    if marks:
-        roc_axes[0].legend(fontsize=7)
-        pr_axes[0].legend(fontsize=7)
+            style = dict(ls="none", mec="white", mew=0.8, **MARKERS[rule])
+            roc_axes[d].plot(fp, sens, label=rule, **style)
+            if pos.any():  # no precision where nothing is called positive
+                pr_axes[d].plot(sens, y[pos].mean(), label=rule, **style)
+    from matplotlib.lines import Line2D
+    for fig, curve in ((roc, "ROC"), (pr, "precision-recall")):
+        handles = [Line2D([], [], color="tab:blue", lw=1.4, label=f"{curve} curve")]
+        handles.append(Line2D([], [], color="k", ls=":" if fig is roc else "--", lw=0.8,
+                              label="chance" if fig is roc else "prevalence (chance)"))
+        handles += [Line2D([], [], ls="none", mec="white", label=f"{rule} threshold",
+                           **MARKERS[rule]) for rule in marks]
+        note = ("markers: operating points chosen on "
+                f"{points['images']} val images, applied here" if marks else "")
+        note += ("; " if note and few else "") + (FEW_NOTE if few else "")
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9,
+                   title=note or None, title_fontsize=9, frameon=False)
     paths = [f"{stem}_roc.png", f"{stem}_pr.png", f"{stem}_reliability.png"]
     save_figure(roc, paths[0])
     save_figure(pr, paths[1])
-    rel, rel_axes = panel_grid(plt, "Reliability (fraction positive against mean predicted "
-                               "probability, 15 bins)", n)
-    series = [("predicted", probs)]
-    if calibrated and points:
-        series.append(("Platt-calibrated", calibrate(probs, points)))
-    for d, name in enumerate(class_names):
-        ax = rel_axes[d]
-        ax.plot([0, 1], [0, 1], "k:", lw=0.6)
-        for label, values in series:
-            r = reliability(labels[:, d], values[:, d])
-            ax.plot(r["mean_predicted"], r["fraction_positive"], "o-", ms=3,
-                    label=f"{label} (ECE {r['ece']:.3f})")
-        ax.set_title(name, fontsize=10)
-        ax.legend(fontsize=6)
-    save_figure(rel, paths[2])
+    save_figure(reliability_figure(plt, labels, probs, class_names, report,
+                             platt if platt is not None else points if calibrated else None),
+          paths[2])
     return paths
+
+
+def reliability_figure(plt, labels, probs, class_names, report=None, platt=None, bins=15):
+    """Fraction positive against mean predicted probability per bin, the images per bin as
+    grey bars (right axis, log scale); the Platt-calibrated curve too when `platt` is given."""
+    series = [("as predicted", probs, "tab:blue")]
+    if platt is not None:
+        series.append(("Platt-calibrated (fitted on val)", calibrate(probs, platt), "tab:red"))
+    fig, axes = panel_grid(plt, _figure_title(f"Reliability ({bins} equal-width bins)", report),
+                      len(class_names))
+    width = 1 / bins
+    for d, name in enumerate(class_names):
+        ax = axes[d]
+        counts = ax.twinx()  # the images per bin: where the curve has data at all
+        counts.set_zorder(ax.get_zorder() - 1)
+        ax.patch.set_visible(False)
+        ax.plot([0, 1], [0, 1], "k:", lw=0.6)
+        eces = []
+        for label, values, colour in series:
+            r = reliability(labels[:, d], values[:, d], bins)
+            ax.plot(r["mean_predicted"], r["fraction_positive"], "o-", ms=3, lw=1.2,
+                    color=colour)
+            eces.append(f"{r['ece']:.3f}")
+        y, p = known(labels[:, d], probs[:, d])
+        hist = np.histogram(p, bins=bins, range=(0, 1))[0]
+        counts.bar(np.arange(bins) * width, hist, width, align="edge", color="0.85",
+                   edgecolor="0.6", lw=0.4)
+        counts.set_yscale("symlog", linthresh=1)
+        counts.set_ylim(0, (hist.max() + 1) ** 3.5)  # the bars in the lower third
+        counts.tick_params(labelsize=7, colors="0.4")
+        if d % 5 == 4 or d == len(class_names) - 1:
+            counts.set_ylabel("images per bin", fontsize=8, color="0.4")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("mean predicted probability", fontsize=8)
+        ax.set_ylabel("fraction positive", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_title(f"{name}\nECE {' / '.join(eces)}", fontsize=9)
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    handles = [Line2D([], [], color=c, marker="o", ms=4, label=label) for label, _, c in series]
+    handles += [Line2D([], [], color="k", ls=":", label="perfect calibration"),
+                Patch(color="0.85", label="images per bin (as predicted), right axis")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9,
+               frameon=False, title="ECE in the titles: " + " / ".join(s[0] for s in series),
+               title_fontsize=9)
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,8 +611,10 @@ def report_file(args):
     lists = resolve_split(args.split, args.data_dir, args.split_seed,
                           getattr(args, "keep_laterals", False))
     labels = labels_for(names, lists, args.predictions, classes)
+    notice = {"notice": SAMPLE_NOTICE} if trained_on_sample(_exported_from(
+        Path(args.predictions).parent)) else {}
     report = build_report(names, labels, probs, classes, n_boot=args.n_boot, seed=args.boot_seed,
-                          predictions=str(args.predictions))
+                          predictions=str(args.predictions), **notice)
     print(summary(report))
     for path in write_report(args.predictions, report, labels, probs, classes,
                              figures=not args.no_figures):
@@ -505,6 +636,14 @@ def n_boot(text):
             f"2.5th to 97.5th percentile of the resamples: fewer than {low} cannot place it; more "
             f"than {high} only cost memory and time)")
     return value
+def _exported_from(model_dir):
+    """The training data directory that the export in model_dir records (None: no export
+    there, or an unreadable record: the report then says nothing about it)."""
+    try:
+        meta = json.loads((Path(model_dir) / "chexnet.json").read_text())
+        return meta.get("trained_on", meta.get("data_dir")) if isinstance(meta, dict) else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
 
 
 def add_report_args(parser):

@@ -73,7 +73,7 @@ def plot(stats, lists, data_dir, out_dir):
         source = table.name
     else:  # other data sets: the positives of the split's lists
         labels = np.concatenate([read_list(p)[1] == 1 for p in lists.values()])
-        source = str(lists["train"].parent)
+        source = _shown(lists["train"].parent)
     labels = labels.astype(np.int64)
     out_dir = Path(out_dir)
     classes = next(iter(stats.values()))["classes"]
@@ -81,26 +81,50 @@ def plot(stats, lists, data_dir, out_dir):
     width = 0.8 / len(stats)
     x = np.arange(len(classes))
     for i, (split, st) in enumerate(stats.items()):
-        ax.bar(x + (i - (len(stats) - 1) / 2) * width, st["percent"], width,
-               label=f"{split} ({st['images']} images)")
+        bars = ax.bar(x + (i - (len(stats) - 1) / 2) * width, st["percent"], width,
+                      label=f"{split} ({st['images']} images)")
+        # the value on each bar: a log axis keeps Hernia's 0.2 % visible beside Infiltration's
+        # 18 %, and the numbers say what the eye cannot read off a log axis
+        ax.bar_label(bars, [f"{v:.2g}" for v in st["percent"]], fontsize=6, rotation=90,
+                     padding=2)
+    ax.set_yscale("log")
+    ax.set_ylim(max(0.01, min(v for st in stats.values() for v in st["percent"] if v > 0) / 3),
+                max(v for st in stats.values() for v in st["percent"]) * 4)
+    ax.yaxis.set_major_formatter(lambda v, _: f"{v:g}")
     ax.set_xticks(x, classes, rotation=45, ha="right")
-    ax.set_ylabel("% of images")
-    ax.set_title(f"Disease prevalence per split ({lists['train'].parent})")
-    ax.legend()
+    ax.set_ylabel("% of images (log scale)")
+    ax.set_title(f"Disease prevalence per split (split: {_shown(lists['train'].parent)})")
+    ax.legend(loc="upper right")
     paths = [out_dir / "stats_prevalence.png", out_dir / "stats_cooccurrence.png"]
     save_figure(fig, paths[0])
     both = labels.T @ labels  # (14, 14): images with both diseases; the diagonal: with each
     fig, ax = plt.subplots(figsize=(9, 8))
-    image = ax.imshow(np.log10(both + 1), cmap="viridis")
+    shade = np.log10(both + 1)
+    image = ax.imshow(shade, cmap="viridis")
     for i in range(len(classes)):
-        for j in range(len(classes)):
-            ax.text(j, i, str(both[i, j]), ha="center", va="center", fontsize=6, color="w")
+        for j in range(len(classes)):  # dark text on the bright cells (the diagonal)
+            bright = shade[i, j] > 0.6 * shade.max()
+            ax.text(j, i, str(both[i, j]), ha="center", va="center", fontsize=7,
+                    color="black" if bright else "white",
+                    fontweight="bold" if i == j else "normal")
     ax.set_xticks(x, classes, rotation=45, ha="right")
     ax.set_yticks(x, classes)
-    ax.set_title(f"Images with both findings, {source} ({len(labels)} images)")
+    ax.set_title(f"Images with both findings (diagonal: with each)\n{source}, "
+                 f"{len(labels)} images")
     fig.colorbar(image, label="log10(images + 1)")
     save_figure(fig, paths[1])
     return paths
+
+
+def _shown(path):
+    """A directory as a title shows it: relative to the current directory when inside it (the
+    repository's splits/chexnet), else its last two parts; never a machine's absolute path."""
+    from pathlib import Path
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(Path(*path.parts[-2:]))
 
 
 def main(argv=None):

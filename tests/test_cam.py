@@ -123,8 +123,8 @@ def test_heatmaps_of_an_image_in_every_mode(full_size_model, nih_dir, tmp_path):
         for path in overlays:
             with Image.open(path) as im:
                 assert im.format == "PNG"
-                if not path.name.endswith("_all.png"):
-                    assert im.size == (1024, 1024)
+                if not path.name.endswith("_all.png"):  # the X-ray and the overlay, each
+                    assert im.size[0] > 2 * 1024 and im.size[1] > 1024  # at full resolution
 
 
 def test_grad_cam_plus_plus(small_model, nih_dir, tmp_path):

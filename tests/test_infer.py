@@ -108,7 +108,7 @@ def test_int8_keeps_auc_and_reports_with_operating_points_from_val(small_model, 
         if t["sensitivity"][0] is not None:
             assert t["sensitivity"][0] == pytest.approx(positive[labels[:, d] == 1].mean(), abs=0.02)
             assert t["specificity"][0] == pytest.approx((~positive)[labels[:, d] == 0].mean(), abs=0.02)
-    assert "| Disease | Prevalence | AUROC (95% CI) |" in (models / "predictions_int8_report.md").read_text()
+    assert "| Disease | Prevalence (positives) | AUROC (95% CI) |" in (models / "predictions_int8_report.md").read_text()
     from PIL import Image
     for figure in ("roc", "pr", "reliability"):
         with Image.open(models / f"predictions_int8_{figure}.png") as im:

@@ -92,7 +92,7 @@ def test_single_class_disease_is_na_not_a_crash():
     report = build_report(names, labels, rng.random((60, 14)), NIH_CLASSES, n_boot=50)
     assert report["diseases"]["Hernia"]["auc"] is None
     assert report["diseases"]["Hernia"]["auc_ci"] == [None, None]
-    assert "| Hernia | 0.000 | n/a n/a |" in markdown(report)
+    assert "| Hernia\u2020 | 0.000 (0) | n/a n/a |" in markdown(report)
     json.dumps(report, allow_nan=False)
 
 
