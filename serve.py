@@ -169,8 +169,8 @@ class Spool:
             stem = self.quarantine / f"{name}-{n}"
             try:
                 if data is not None:
-                    durable_write(stem.with_suffix(".dcm"), data)
-                durable_write(stem.with_suffix(".txt"), (reason + "\n").encode())
+                    durable_write(Path(f"{stem}.dcm"), data)
+                durable_write(Path(f"{stem}.txt"), (reason + "\n").encode())
             except (OSError, DataError) as e:
                 log.error("cannot quarantine %s (%s): %s", uid, reason, one_line(e))
         return stem
@@ -957,6 +957,8 @@ def main(argv=None):
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("pynetdicom", "highdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # pydicom logs a traceback for every undecodable image: the quarantine line says it once
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     try:
         spool = Spool(args.spool)
     except OSError as e:
