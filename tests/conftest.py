@@ -22,6 +22,10 @@ TINY = ["--data-dir", REPO / "sample", "--pretrained", "none", "--resize", "64",
         "--train-size", "64", "--crop-size", "56", "--batch-size", "8", "--workers", "0"]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: over ~20 s (deselect with -m 'not slow')")
+
+
 def run_script(*args, env=None, timeout=600, cwd=REPO):
     """Run a repository script with this interpreter; returns the CompletedProcess."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

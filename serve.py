@@ -1,0 +1,1019 @@
+"""A DICOM node for the clinic: a Storage SCP that classifies every chest X-ray sent to it with
+the exported OpenVINO model (INT8 by default) and sends the results back by C-STORE.
+
+    python serve.py --model-dir models --ae-title CHEXNET --port 11112 \\
+        --allow-ae PACS MODALITY1 --destination PACS@10.0.0.5:104 --spool /var/lib/chexnet
+
+For each CR or DX image (for presentation or processing) it receives: the ten-crop prediction of
+`python infer.py --mode int8 --image FILE` (the same functions, the same probabilities), a
+DICOM Structured Report (highdicom) in the image's study with every finding's probability,
+threshold and decision, the model's identity and a research-use-only statement, and for each
+positive finding a secondary-capture heatmap (the exported model's class activation maps).
+
+Nothing is lost: an image is written to SPOOL/inbox/ (fsync, atomic rename) before the success
+status goes back; its results wait in SPOOL/outbox/ until the destination accepts them (retried
+with backoff); SPOOL/done/ records every finished SOP Instance UID. After a kill -9, a restart
+finishes every accepted image once: a resent image is recognised by its UID, and the results'
+UIDs derive from the source UID and the model digest, so a PACS never sees two reports.
+Refusals (caller not allowed, too many associations, queue full, image declared too large, not a
+chest X-ray SOP class, malformed object) each get their DIMSE status and a log line; malformed
+objects go to SPOOL/quarantine/ with a .txt reason. Optional HTTP: POST /predict, GET /health.
+
+Torch is never imported: an edge box needs openvino, numpy, pillow, pydicom (+ pylibjpeg
+decoders), pynetdicom, highdicom and matplotlib (heatmap colours). See docs/serve.md.
+"""
+import hashlib
+import hmac
+import io
+import json
+import logging
+import math
+import os
+import queue
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from backends import MODEL_NAMES, file_digest, load_openvino, read_metadata
+from common import (ArgumentParser, DataError, SetupError, atomic_path, atomic_write_text,
+                    exclusive_lock, one_line, os_reason, positive_float, positive_int)
+from images import eval_input
+
+VERSION = "chexnet-serve 1.0"
+log = logging.getLogger("serve")
+
+# The chest X-ray storage SOP classes this node classifies.
+CR = "1.2.840.10008.5.1.4.1.1.1"
+DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+DX_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
+XRAY_CLASSES = {CR: "CR", DX_PRESENTATION: "DX for presentation", DX_PROCESSING: "DX for processing"}
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
+
+# DIMSE C-STORE statuses (PS3.4 B.2.3, PS3.7 C)
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH = 0xA900  # data set does not match SOP class
+CANNOT_UNDERSTAND = 0xC000
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+STORED_WARNINGS = (0xB000, 0xB006, 0xB007)  # stored, with coercion or elements discarded
+
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class ServeError(DataError):
+    """A bad setting or model directory for the node; one line."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Durable files
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable_write(path, data):
+    """`data` at `path`, on disk before this returns: written aside, fsynced, renamed, the
+    directory fsynced. Never half-written, even after kill -9 or a power cut."""
+    with atomic_path(path, "spool file") as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    fsync_dir(Path(path).parent)
+
+
+class Spool:
+    """SPOOL/inbox/UID.dcm (accepted, not yet finished), outbox/UID/ (results the destination
+    has not accepted yet), done/UID.json (finished: the results, or quarantined), quarantine/
+    (malformed objects and why)."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.inbox, self.outbox = self.root / "inbox", self.root / "outbox"
+        self.done, self.quarantine = self.root / "done", self.root / "quarantine"
+        for d in (self.inbox, self.outbox, self.done, self.quarantine):
+            d.mkdir(parents=True, exist_ok=True)
+        self._quarantine_lock = threading.Lock()
+
+    def image(self, uid):
+        return self.inbox / f"{uid}.dcm"
+
+    def is_done(self, uid):
+        return (self.done / f"{uid}.json").is_file()
+
+    def finish(self, uid, record):
+        durable_write(self.done / f"{uid}.json", (json.dumps(record, indent=1) + "\n").encode())
+        try:
+            os.unlink(self.image(uid))
+            fsync_dir(self.inbox)
+        except FileNotFoundError:
+            pass
+
+    def clean_leftovers(self):
+        """Temp files of writes a kill interrupted (never renamed into place)."""
+        for d in (self.inbox, self.done, self.outbox):
+            for p in d.iterdir():
+                if p.name.startswith("."):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    def pending_images(self):
+        """UIDs in the inbox, oldest first; those already done are removed."""
+        found = []
+        for p in self.inbox.glob("*.dcm"):
+            uid = p.stem
+            if self.is_done(uid):
+                p.unlink()
+                continue
+            found.append((p.stat().st_mtime, uid))
+        return [uid for _, uid in sorted(found)]
+
+    def pending_results(self):
+        return sorted((p for p in self.outbox.iterdir() if p.is_dir()
+                       and not p.name.startswith(".")), key=lambda p: p.stat().st_mtime)
+
+    def put_results(self, uid, files):
+        """{name: bytes} -> outbox/UID/, all files or none (staged and renamed)."""
+        staging = Path(tempfile.mkdtemp(dir=self.outbox, prefix=f".{uid}."))
+        for name, data in files.items():
+            with open(staging / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        fsync_dir(staging)
+        target = self.outbox / uid
+        if target.exists():  # a kill after the rename, before done/: the same bytes again
+            shutil.rmtree(target)
+        os.rename(staging, target)
+        fsync_dir(self.outbox)
+
+    def put_quarantine(self, data, uid, reason):
+        """The object (or, when too large to keep, its first 64 KiB) and a .txt reason."""
+        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{uid if uid and UID_RE.match(uid) else 'unknown'}"
+        with self._quarantine_lock:
+            n = 0
+            while (self.quarantine / f"{name}-{n}.txt").exists():
+                n += 1
+            stem = self.quarantine / f"{name}-{n}"
+            try:
+                if data is not None:
+                    durable_write(Path(f"{stem}.dcm"), data)
+                durable_write(Path(f"{stem}.txt"), (reason + "\n").encode())
+            except (OSError, DataError) as e:
+                log.error("cannot quarantine %s (%s): %s", uid, reason, one_line(e))
+        return stem
+
+
+# ---------------------------------------------------------------------------------------------
+# The model: the exported OpenVINO model with its operating points, run in one pipeline
+
+class Model:
+    """The exported model as infer.py --image runs it (backends.load_openvino, one image of
+    ten crops per request, images.eval_input), its identity and its operating points.
+    Requests come from any thread (submit); decoded crops queue for one inference thread that
+    keeps every OpenVINO infer request busy while other threads decode."""
+
+    def __init__(self, args):
+        from infer import fill_defaults
+        from report import operating_points_for
+        meta = read_metadata(args.model_dir, required=True)
+        args.images_per_request = 1  # as infer.py --image: identical probabilities
+        fill_defaults(args, meta, Path(args.model_dir) / "chexnet.json")
+        self.resize, self.crop = args.resize, args.crop_size
+        self.backend = load_openvino(args, meta)  # checks the files against the manifest
+        self.class_names = self.backend.class_names
+        xml = Path(args.model_dir) / MODEL_NAMES[args.mode]
+        digests = {p.name: file_digest(p) for p in (xml, xml.with_suffix(".bin"))}
+        model_id = "".join(digests.values())  # infer.py's key of the operating points
+        self.points, why = operating_points_for(args.model_dir, args.mode, model_id,
+                                                self.class_names)
+        if self.points is None and not args.no_operating_points:
+            raise ServeError(f"{why} (or pass --no-operating-points to report probabilities "
+                             "without decisions)")
+        import openvino
+        self.identity = {
+            "name": f"CheXNet {meta.get('arch', 'densenet121')} OpenVINO {args.mode.upper()}",
+            "mode": args.mode, "files": digests,
+            "sha256": hashlib.sha256(model_id.encode()).hexdigest(),
+            "exported": meta.get("exported"), "version": VERSION,
+            "runtime": f"OpenVINO {openvino.get_version()}",
+            "classes": self.class_names}
+        self.rule = args.rule
+        self.thresholds = None
+        if self.points is not None:
+            from report import thresholds_of
+            self.thresholds = thresholds_of(self.points, args.rule)
+        self.ready = queue.Queue(maxsize=2 * self.backend.requests + args.workers)
+        self.thread = threading.Thread(target=self._infer_forever, name="infer", daemon=True)
+        self.thread.start()
+
+    def crops(self, path):
+        """(10, 3, crop, crop) float32: exactly what infer.py --image feeds the model."""
+        return eval_input(path, self.resize, self.crop)
+
+    def submit(self, crops, done):
+        """Queue one image's ten crops; done(probs (K,) float64, maps (10, K, h, w) or None)
+        runs on the inference thread when its request finishes (keep it short)."""
+        self.ready.put((crops, done))
+
+    def predict(self, path):
+        """Blocking: (probabilities, maps) of one file."""
+        future = Future()
+        self.submit(self.crops(path), lambda p, m: future.set_result((p, m)))
+        return future.result()
+
+    def _infer_forever(self):
+        callbacks = {}
+
+        def batches():
+            key = 0
+            item = self.ready.get()
+            while True:
+                crops, callback = item
+                callbacks[key] = callback
+                yield key, crops
+                key += 1
+                try:  # a burst keeps every request busy; alone, an image is answered at once
+                    item = self.ready.get(timeout=0.005)
+                except queue.Empty:
+                    return
+
+        def on_result(key, out):
+            probs, maps = out if self.backend.has_cams else (out, None)
+            # as infer.py classify_images: the mean of the 10 crops, then float64
+            p = np.asarray(probs[:10].mean(0), dtype=np.float64)
+            try:
+                callbacks.pop(key)(p, None if maps is None else maps[:10])
+            except Exception:  # a callback never stops the pipeline
+                log.exception("result handler failed")
+
+        while True:
+            try:
+                self.backend.run_all(batches(), on_result, cams=self.backend.has_cams)
+            except Exception:
+                log.exception("inference failed")
+                for callback in callbacks.values():
+                    try:
+                        callback(None, None)
+                    except Exception:
+                        pass
+                callbacks.clear()
+
+    def findings(self, probs):
+        """[{finding, probability, threshold, decision, calibrated_probability}]."""
+        calibrated = None
+        if self.points is not None:
+            from report import calibrate
+            calibrated = calibrate(probs[None], self.points)[0]
+        rows = []
+        for k, name in enumerate(self.class_names):
+            row = {"finding": name, "probability": float(probs[k])}
+            t = None if self.thresholds is None else float(self.thresholds[k])
+            if t is None or not math.isfinite(t):
+                row.update(threshold=None, decision=None)
+            else:
+                row.update(threshold=t, decision="positive" if probs[k] >= t else "negative")
+            if calibrated is not None:
+                row["calibrated_probability"] = float(calibrated[k])
+            rows.append(row)
+        return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Results as DICOM: a Structured Report and secondary-capture heatmaps
+
+def result_uid(source_uid, model_digest, what, root):
+    """Deterministic: the same image and model always give the same result UIDs, so a result
+    sent twice (after a kill) is one instance at the PACS."""
+    from pydicom.uid import generate_uid
+    return generate_uid(prefix=root, entropy_srcs=[source_uid, model_digest, what])
+
+
+def _code(value, meaning):
+    from pydicom.sr.coding import Code
+    return Code(value, "99CHEXNET", meaning)
+
+
+def build_sr(source, findings, identity, points_note, uid_root):
+    """A Comprehensive SR in the source's study: the findings, the model, the source image."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
+    unit = hd.sr.CodedConcept("1", "UCUM", "no units")
+    root = hd.sr.ContainerContentItem(_code("CXR-AI", "Chest X-ray AI classification"))
+    items = [
+        hd.sr.TextContentItem(_code("RUO", "Intended use"),
+                              "RESEARCH USE ONLY - NOT FOR DIAGNOSIS. Not a medical device; "
+                              "findings must not be used for clinical decisions.", contains),
+        hd.sr.TextContentItem(codes.DCM.AlgorithmName, identity["name"], contains),
+        hd.sr.TextContentItem(codes.DCM.AlgorithmVersion,
+                              f"{identity['version']}; model sha256 {identity['sha256']}; "
+                              f"exported {identity['exported']}; {identity['runtime']}", contains),
+        hd.sr.TextContentItem(_code("MODEL-FILES", "Model files SHA-256"), "; ".join(
+            f"{k} {v}" for k, v in identity["files"].items()), contains),
+        hd.sr.TextContentItem(_code("OPERATING-POINTS", "Operating points"), points_note,
+                              contains),
+        hd.sr.ImageContentItem(codes.DCM.SourceOfMeasurement, source.SOPClassUID,
+                               source.SOPInstanceUID, relationship_type=contains),
+    ]
+    for row in findings:
+        group = hd.sr.ContainerContentItem(_code("FINDING-RESULT", "Finding result"),
+                                           relationship_type=contains)
+        children = [
+            hd.sr.TextContentItem(codes.DCM.Finding, row["finding"], contains),
+            hd.sr.NumContentItem(_code("PROBABILITY", "Probability"), row["probability"], unit,
+                                 relationship_type=contains)]
+        if row.get("calibrated_probability") is not None:
+            children.append(hd.sr.NumContentItem(
+                _code("CALIBRATED", "Calibrated probability (Platt)"),
+                row["calibrated_probability"], unit, relationship_type=contains))
+        if row["decision"] is None:
+            children.append(hd.sr.TextContentItem(_code("DECISION", "Decision"),
+                                                  "not determined (no threshold)", contains))
+        else:
+            children += [
+                hd.sr.NumContentItem(_code("THRESHOLD", "Decision threshold"), row["threshold"],
+                                     unit, relationship_type=contains),
+                hd.sr.CodeContentItem(_code("DECISION", "Decision"),
+                                      codes.SCT.Present if row["decision"] == "positive"
+                                      else codes.SCT.Absent, contains)]
+        group.ContentSequence = children
+        items.append(group)
+    root.ContentSequence = items
+    digest = identity["sha256"]
+    sr = hd.sr.ComprehensiveSR(
+        evidence=[source], content=root,
+        series_instance_uid=result_uid(source.StudyInstanceUID, digest, "sr-series", uid_root),
+        series_number=9001, sop_instance_uid=result_uid(source.SOPInstanceUID, digest, "sr",
+                                                        uid_root),
+        instance_number=1, manufacturer="CheXNet toolkit", is_complete=True,
+        series_description="CheXNet AI findings - research use only", software_versions=VERSION)
+    return _encoded(sr)
+
+
+def build_heatmap(source, rgb, k, name, identity, uid_root):
+    """A secondary capture of the overlay (H, W, 3) uint8, in the source's study."""
+    import highdicom as hd
+    from pydicom.uid import ExplicitVRLittleEndian
+    digest = identity["sha256"]
+    # The overlay lies on the source's pixels: its orientation is the source's, when known
+    orientation = [str(v) for v in (source.get("PatientOrientation") or [])]
+    known = len(orientation) == 2 and all(v in ("A", "P", "L", "R", "H", "F")
+                                          for v in orientation)
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
+        coordinate_system="PATIENT", patient_orientation=orientation if known else ("L", "F"),
+        series_instance_uid=result_uid(source.StudyInstanceUID, digest, "sc-series", uid_root),
+        series_number=9002,
+        sop_instance_uid=result_uid(source.SOPInstanceUID, digest, f"sc-{name}", uid_root),
+        instance_number=k + 1, manufacturer="CheXNet toolkit",
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description="CheXNet heatmaps - research use only",
+        software_versions=VERSION)
+    if not known:
+        sc.PatientOrientation = None  # type 2: empty, unknown (never guessed)
+    sc.BurnedInAnnotation = "YES"
+    sc.ImageComments = f"{name}: class activation map; research use only, not for diagnosis"
+    return _encoded(sc)
+
+
+def _encoded(ds):
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# The node
+
+class Node:
+    def __init__(self, args, model, spool):
+        self.args, self.model, self.spool = args, model, spool
+        self.lock = threading.Lock()
+        self.queued = set()  # UIDs accepted and not finished
+        self.counters = {k: 0 for k in ("received", "duplicates", "processed", "quarantined",
+                                        "results_sent", "send_failures", "refused")}
+        self.refusals = {}
+        self.todo = queue.Queue()
+        self.results_ready = threading.Event()
+        self.stopping = threading.Event()
+        self.post = ThreadPoolExecutor(args.result_threads, thread_name_prefix="results")
+        if model.points is None:
+            self.points_note = "none: no decisions (probabilities only)"
+        else:
+            self.points_note = (f"{args.rule} rule, thresholds and Platt calibration chosen on "
+                                f"{model.points.get('images')} validation images")
+        self.ae = None
+
+    def count(self, key, n=1):
+        with self.lock:
+            self.counters[key] += n
+
+    def refuse(self, reason, status, caller, detail=""):
+        with self.lock:
+            self.counters["refused"] += 1
+            self.refusals[reason] = self.refusals.get(reason, 0) + 1
+        log.warning("refused C-STORE from %s: %s%s -> status 0x%04X", caller, reason,
+                    f" ({detail})" if detail else "", status)
+        return status
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def handle_store(self, event):
+        """C-STORE: checks from the cheapest, the image on disk before success is returned."""
+        caller = f"{event.assoc.requestor.ae_title}@{event.assoc.requestor.address}"
+        try:
+            return self._store(event, caller)
+        except Exception as e:  # the node never stops for one object
+            log.exception("C-STORE from %s failed", caller)
+            return self.refuse("internal error", OUT_OF_RESOURCES, caller, one_line(e))
+
+    def _store(self, event, caller):
+        import pydicom
+        sop_class = str(event.request.AffectedSOPClassUID)
+        if sop_class not in XRAY_CLASSES:
+            name = getattr(event.request.AffectedSOPClassUID, "name", sop_class)
+            return self.refuse("not a chest X-ray SOP class", SOP_CLASS_NOT_SUPPORTED, caller,
+                               name)
+        with self.lock:
+            depth = len(self.queued)
+        if depth >= self.args.max_queue:
+            return self.refuse("queue full", OUT_OF_RESOURCES, caller,
+                               f"{depth} images waiting, --max-queue {self.args.max_queue}")
+        data = event.encoded_dataset(include_meta=True)
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data))
+            ds.get("PixelData")  # parse up to the end: a truncated object fails here
+        except Exception as e:
+            self.spool.put_quarantine(data, None, f"unreadable DICOM from {caller}: {one_line(e)}")
+            self.count("quarantined")
+            return self.refuse("malformed object", CANNOT_UNDERSTAND, caller, one_line(e)[:200])
+        uid = str(ds.get("SOPInstanceUID", ""))
+        problem, status = self.check_header(ds, sop_class)
+        if problem:
+            keep = data if len(data) <= self.args.max_image_mb * 2 ** 20 else None
+            if keep is None:  # what a decompression bomb declares is kept, not its bytes
+                keep = _without_pixels(ds)
+            self.spool.put_quarantine(keep, uid, f"{problem} (from {caller})")
+            self.count("quarantined")
+            return self.refuse(problem, status, caller, uid)
+        with self.lock:
+            duplicate = uid in self.queued or self.spool.is_done(uid)
+            if not duplicate:
+                self.queued.add(uid)
+        if duplicate:
+            self.count("duplicates")
+            log.info("duplicate %s from %s: already accepted, answered once", uid, caller)
+            return SUCCESS
+        try:
+            durable_write(self.spool.image(uid), data)
+        except (OSError, DataError) as e:
+            with self.lock:
+                self.queued.discard(uid)
+            return self.refuse("cannot store", OUT_OF_RESOURCES, caller, one_line(e))
+        self.count("received")
+        log.info("accepted %s %s from %s", XRAY_CLASSES[sop_class], uid, caller)
+        self.todo.put(uid)
+        return SUCCESS
+
+    def check_header(self, ds, sop_class):
+        """(problem, status) from the header alone, before anything is decoded."""
+        uid = str(ds.get("SOPInstanceUID", ""))
+        if not (UID_RE.match(uid) and len(uid) <= 64):
+            return f"SOP Instance UID {uid[:70]!r} is not a UID", DOES_NOT_MATCH
+        if str(ds.get("SOPClassUID", "")) != sop_class:
+            return "SOP Class UID differs from the request's", DOES_NOT_MATCH
+        for key in ("StudyInstanceUID", "SeriesInstanceUID"):
+            if not UID_RE.match(str(ds.get(key, ""))):
+                return f"no valid {key}", DOES_NOT_MATCH
+        return image_problem(ds, self.args.max_image_mb)
+
+    # -- processing ------------------------------------------------------------------------
+
+    def decode_forever(self):
+        while not self.stopping.is_set():
+            uid = self.todo.get()
+            if uid is None:
+                return
+            try:
+                self._decode(uid)
+            except Exception as e:
+                log.exception("processing %s failed", uid)
+                self._quarantine_image(uid, f"processing failed: {one_line(e)}")
+
+    def _decode(self, uid):
+        import pydicom
+        path = self.spool.image(uid)
+        t0 = time.perf_counter()
+        try:
+            crops = self.model.crops(path)
+            source = pydicom.dcmread(path, stop_before_pixels=True)
+        except DataError as e:
+            self._quarantine_image(uid, f"cannot classify: {one_line(e)}")
+            return
+        self.model.submit(crops, lambda p, m: self.post.submit(self._finish, uid, source, p, m,
+                                                               t0))
+
+    def _finish(self, uid, source, probs, maps, t0):
+        try:
+            if probs is None:
+                raise RuntimeError("inference failed")
+            if not np.isfinite(probs).all():
+                self._quarantine_image(uid, "the model gives non-finite probabilities")
+                return
+            findings = self.model.findings(probs)
+            files = {"0-sr.dcm": build_sr(source, findings, self.model.identity,
+                                          self.points_note, self.args.uid_root)}
+            positive = [k for k, row in enumerate(findings) if row["decision"] == "positive"]
+            if positive and maps is not None and not self.args.no_heatmaps:
+                for k, rgb in self._overlays(uid, probs, maps, positive):
+                    files[f"1-sc-{k:02d}.dcm"] = build_heatmap(
+                        source, rgb, k, self.model.class_names[k], self.model.identity,
+                        self.args.uid_root)
+            self.spool.put_results(uid, files)
+            self.spool.finish(uid, {"sop_instance_uid": uid, "status": "classified",
+                                    "study_instance_uid": str(source.StudyInstanceUID),
+                                    "model": self.model.identity["sha256"],
+                                    "findings": findings, "results": sorted(files),
+                                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        except Exception as e:
+            log.exception("results for %s failed", uid)
+            self._quarantine_image(uid, f"cannot build results: {one_line(e)}")
+            return
+        with self.lock:
+            self.queued.discard(uid)
+        self.count("processed")
+        positives = ", ".join(row["finding"] for row in findings if row["decision"] == "positive")
+        log.info("classified %s in %.2f s: %s", uid, time.perf_counter() - t0,
+                 positives or "no positive finding")
+        self.results_ready.set()
+
+    def _overlays(self, uid, probs, maps, positive):
+        """(k, (H, W, 3) uint8) heatmap overlays at the image's resolution (cam.py)."""
+        from cam import overlay, tencrop_heatmap
+        from images import load_gray, resize_shorter
+        image = load_gray(self.spool.image(uid))
+        resized = np.asarray(resize_shorter(image, self.model.resize))
+        gray = np.asarray(image)
+        heat = tencrop_heatmap(maps[:, positive], resized.shape, self.model.crop, gray.shape)
+        for j, k in enumerate(positive):
+            title = (f"{self.model.class_names[k]}  p = {probs[k]:.3f}  (CAM, "
+                     f"{self.model.identity['mode']}) RESEARCH USE ONLY")
+            yield k, np.asarray(overlay(gray, heat[j], title).convert("RGB"))
+
+    def _quarantine_image(self, uid, reason):
+        path = self.spool.image(uid)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            data = None
+        self.spool.put_quarantine(data, uid, reason)
+        try:
+            self.spool.finish(uid, {"sop_instance_uid": uid, "status": "quarantined",
+                                    "reason": reason})
+        except (OSError, DataError) as e:
+            log.error("cannot record %s as quarantined: %s", uid, one_line(e))
+        with self.lock:
+            self.queued.discard(uid)
+        self.count("quarantined")
+        log.warning("quarantined %s: %s", uid, reason)
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def send_forever(self):
+        failures = 0
+        while not self.stopping.is_set():
+            pending = self.spool.pending_results()
+            if not pending:
+                self.results_ready.wait(5.0)
+                self.results_ready.clear()
+                continue
+            try:
+                self._send(pending)
+                failures = 0
+            except Exception as e:
+                failures += 1
+                self.count("send_failures")
+                delay = min(self.args.retry_max_seconds,
+                            self.args.retry_seconds * 2 ** min(failures - 1, 20))
+                log.warning("sending results to %s failed (%s): %d result sets waiting, retry in "
+                            "%.1f s", self.args.destination, one_line(e), len(pending), delay)
+                self.stopping.wait(delay)
+
+    def _send(self, pending):
+        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+        from pynetdicom import AE
+        ae_title, host, port = self.args.destination_parts
+        ae = AE(ae_title=self.args.ae_title)
+        for sop_class in (SR_CLASS, SC_CLASS):
+            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.args.timeout
+        assoc = ae.associate(host, port, ae_title=ae_title)
+        if not assoc.is_established:
+            raise ConnectionError("association not accepted (destination down, or it refuses "
+                                  f"calling AE {self.args.ae_title})")
+        try:
+            for folder in pending:
+                for path in sorted(folder.iterdir()):
+                    status = assoc.send_c_store(path)
+                    code = getattr(status, "Status", None)
+                    if code is None:
+                        raise ConnectionError("no response to C-STORE")
+                    if code != SUCCESS and code not in STORED_WARNINGS:
+                        raise ConnectionError(f"{path.name} of {folder.name} refused with "
+                                              f"status 0x{code:04X}")
+                    path.unlink()  # accepted: never sent again
+                    self.count("results_sent")
+                folder.rmdir()
+                log.info("results of %s sent to %s", folder.name, self.args.destination)
+                if self.stopping.is_set():
+                    break
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    # -- health ----------------------------------------------------------------------------
+
+    def health(self):
+        with self.lock:
+            counters, refusals, queued = dict(self.counters), dict(self.refusals), len(self.queued)
+        return {"status": "ok", "ae_title": self.args.ae_title, "model": self.model.identity,
+                "rule": self.args.rule if self.model.points is not None else None,
+                "queues": {"inbox": queued, "outbox": len(self.spool.pending_results()),
+                           "quarantine": len(list(self.spool.quarantine.glob("*.txt")))},
+                "counters": counters, "refusals": refusals}
+
+
+def image_problem(ds, max_image_mb):
+    """(problem, status) of a header's image attributes: present, their declared size (rows x
+    columns x frames x samples x bytes) within the limit, uncompressed pixel data complete.
+    Nothing is decoded: a decompression bomb is refused by what it declares."""
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames") or 1)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+        bits = int(ds.BitsAllocated)
+    except (AttributeError, TypeError, ValueError) as e:
+        return f"image attributes missing or invalid ({one_line(e)[:80]})", DOES_NOT_MATCH
+    if min(rows, columns, frames, samples, bits) <= 0 or "PixelData" not in ds:
+        return "no image (Rows/Columns/Pixel Data)", DOES_NOT_MATCH
+    declared = rows * columns * frames * samples * -(-bits // 8)
+    if declared > max_image_mb * 2 ** 20:
+        return (f"declared image {columns}x{rows}x{frames} frames x {bits} bits = "
+                f"{declared / 2 ** 20:.0f} MiB over --max-image-mb {max_image_mb:g}",
+                OUT_OF_RESOURCES)
+    syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
+    if syntax is not None and not syntax.is_compressed:
+        have = len(ds.PixelData)
+        if have < declared:
+            return f"pixel data truncated ({have} of {declared} bytes)", DOES_NOT_MATCH
+    return None, SUCCESS
+
+
+def _without_pixels(ds):
+    ds = ds.copy()
+    for key in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if key in ds:
+            del ds[key]
+    return _encoded(ds)
+
+
+# ---------------------------------------------------------------------------------------------
+# DICOM server (pynetdicom)
+
+def start_dicom(node, args):
+    from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+                             ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000,
+                             JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless,
+                             JPEGLosslessSV1, RLELossless)
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+    from pynetdicom.sop_class import Verification
+    syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
+                ExplicitVRBigEndian, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless,
+                JPEGLosslessSV1, JPEG2000Lossless, JPEG2000, RLELossless]
+    ae = AE(ae_title=args.ae_title)
+    # Every storage class is accepted at association, so that a sender learns per object
+    # (0x0122) that only CR and DX are classified, not by a failed association.
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax,
+                                 syntaxes if cx.abstract_syntax in XRAY_CLASSES
+                                 else [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    ae.add_supported_context(Verification)
+    ae.maximum_associations = args.max_associations
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
+    if args.allow_ae:
+        ae.require_calling_aet = args.allow_ae
+    ae.require_called_aet = True  # a sender must call this node by its AE title
+
+    def on_rejected(event):
+        caller = f"{event.assoc.requestor.ae_title}@{event.assoc.requestor.address}"
+        if args.allow_ae and event.assoc.requestor.ae_title not in args.allow_ae:
+            why = "calling AE title not in --allow-ae"
+        elif event.assoc.acceptor.ae_title != args.ae_title:
+            why = f"called AE title {event.assoc.acceptor.ae_title!r} is not {args.ae_title!r}"
+        else:
+            why = f"more than --max-associations {args.max_associations}"
+        log.warning("refused association from %s: %s", caller, why)
+        with node.lock:
+            node.counters["refused"] += 1
+            node.refusals[why] = node.refusals.get(why, 0) + 1
+
+    ssl_context = tls_context(args)
+    handlers = [(evt.EVT_C_STORE, node.handle_store), (evt.EVT_REJECTED, on_rejected)]
+    server = ae.start_server((args.host, args.port), block=False, evt_handlers=handlers,
+                             ssl_context=ssl_context)
+    node.ae = ae
+    return server
+
+
+def tls_context(args):
+    if not args.tls_cert:
+        return None
+    import ssl
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+        if args.tls_ca:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(cafile=args.tls_ca)
+    except (OSError, ssl.SSLError) as e:
+        raise ServeError(f"--tls-cert/--tls-key/--tls-ca: {one_line(e)}") from None
+    return context
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP: POST /predict, GET /health (standard library only)
+
+RASTER_MAGIC = {b"\x89PNG\r\n\x1a\n": ".png", b"\xff\xd8\xff": ".jpg"}
+
+
+def start_http(node, args):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    token = read_token(args.http_token_file)
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = VERSION.replace(" ", "/")
+
+        def log_message(self, fmt, *a):  # into the node's log, not stderr
+            log.info("http %s %s", self.address_string(), fmt % a)
+
+        def reply(self, code, body):
+            data = (json.dumps(body, indent=1) + "\n").encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def authorised(self):
+            if token is None:
+                return True
+            given = self.headers.get("Authorization", "")
+            if given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), token):
+                return True
+            self.reply(401, {"error": "a valid 'Authorization: Bearer TOKEN' header is needed"})
+            return False
+
+        def do_GET(self):
+            if self.path != "/health":
+                return self.reply(404, {"error": "GET /health or POST /predict"})
+            if self.authorised():
+                self.reply(200, node.health())
+
+        def do_POST(self):
+            if self.path != "/predict":
+                return self.reply(404, {"error": "GET /health or POST /predict"})
+            if not self.authorised():
+                return
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                return self.reply(411, {"error": "Content-Length needed"})
+            if length > args.max_image_mb * 2 ** 20:
+                return self.reply(413, {"error": f"body over --max-image-mb {args.max_image_mb}"})
+            body = self.rfile.read(length)
+            try:
+                result = predict_bytes(node, body)
+            except DataError as e:
+                return self.reply(400, {"error": one_line(e)})
+            self.reply(200, result)
+
+    server = ThreadingHTTPServer((args.host, args.http_port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    return server
+
+
+def predict_bytes(node, body):
+    """The probabilities and decisions of a PNG, JPEG or DICOM body, as infer.py --image."""
+    suffix = next((s for magic, s in RASTER_MAGIC.items() if body.startswith(magic)), None)
+    if suffix is None and body[128:132] == b"DICM":
+        import pydicom
+        try:
+            ds = pydicom.dcmread(io.BytesIO(body))
+            ds.get("PixelData")
+        except Exception as e:
+            raise DataError(f"unreadable DICOM ({one_line(e)[:200]})") from None
+        problem, _ = image_problem(ds, node.args.max_image_mb)
+        if problem:
+            raise DataError(problem)
+        suffix = ".dcm"
+    if suffix is None:
+        raise DataError("the body is not a PNG, JPEG or DICOM file")
+    with tempfile.NamedTemporaryFile(suffix=suffix) as f:
+        f.write(body)
+        f.flush()
+        probs, _ = node.model.predict(f.name)
+    if probs is None:
+        raise DataError("inference failed")
+    return {"model": node.model.identity, "findings": node.model.findings(probs),
+            "rule": node.args.rule if node.model.points is not None else None,
+            "notice": "research use only, not for diagnosis"}
+
+
+def read_token(path):
+    if path is None:
+        token = os.environ.get("CHEXNET_HTTP_TOKEN")
+        return token.encode() if token else None
+    try:
+        token = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ServeError(f"--http-token-file {path}: {os_reason(e)}") from None
+    if not token:
+        raise ServeError(f"--http-token-file {path}: empty")
+    return token.encode()
+
+
+# ---------------------------------------------------------------------------------------------
+
+def destination(text):
+    """'AE@HOST:PORT' -> (ae, host, port) (argparse type)."""
+    import argparse
+    match = re.fullmatch(r"([^@]{1,16})@([^:]+):(\d{1,5})", text)
+    if not match or not 0 < int(match.group(3)) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected AE@HOST:PORT, e.g. PACS@10.0.0.5:104")
+    return match.group(1), match.group(2), int(match.group(3))
+
+
+def ae_title(text):
+    import argparse
+    if not 0 < len(text) <= 16 or "\\" in text or not text.isprintable() or text.strip() != text:
+        raise argparse.ArgumentTypeError(f"{text!r}: an AE title is 1-16 printable characters, "
+                                         "no backslash")
+    return text
+
+
+def port(text):
+    import argparse
+    if not text.isdigit() or not 0 <= int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a port (0-65535)")
+    return int(text)
+
+
+def get_args(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model-dir", default="models", help="what infer.sh exported")
+    p.add_argument("--mode", default="int8", choices=["int8", "fp32"])
+    p.add_argument("--rule", default="youden", choices=["youden", "f1", "sensitivity"],
+                   help="which of the operating points chosen on val decides")
+    p.add_argument("--no-operating-points", action="store_true",
+                   help="run without operating points (probabilities only, no decisions, no "
+                        "heatmaps) where `infer.py --part val` has not chosen them")
+    p.add_argument("--spool", required=True,
+                   help="directory of the inbox, outbox, done records and quarantine")
+    p.add_argument("--ae-title", type=ae_title, default="CHEXNET", help="this node's AE title")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    p.add_argument("--port", type=port, default=11112, help="DICOM port")
+    p.add_argument("--allow-ae", type=ae_title, nargs="+", default=None,
+                   help="calling AE titles allowed to send (others refused at association)")
+    p.add_argument("--allow-any-ae", action="store_true",
+                   help="accept any calling AE title (instead of --allow-ae)")
+    p.add_argument("--destination", type=destination, default=None,
+                   help="where results go by C-STORE: AE@HOST:PORT (the PACS)")
+    p.add_argument("--max-associations", type=positive_int, default=8)
+    p.add_argument("--max-queue", type=positive_int, default=1000,
+                   help="images accepted and not yet classified; more are refused (0xA700)")
+    p.add_argument("--max-image-mb", type=positive_float, default=128.0,
+                   help="largest image by its header (rows x columns x frames x samples x "
+                        "bytes); larger ones are refused before decoding (0xA700)")
+    p.add_argument("--workers", type=positive_int, default=max(1, (os.cpu_count() or 1) // 4),
+                   help="decoding threads (default a quarter of the cores)")
+    p.add_argument("--result-threads", type=positive_int, default=1,
+                   help="threads building reports and heatmaps")
+    p.add_argument("--streams", type=positive_int, default=None,
+                   help="OpenVINO CPU streams (default: the THROUGHPUT hint chooses, as infer.py)")
+    p.add_argument("--no-heatmaps", action="store_true", help="send the report only")
+    p.add_argument("--uid-root", default="1.2.826.0.1.3680043.8.498.",
+                   help="UID prefix of the results (your organisation's root)")
+    p.add_argument("--retry-seconds", type=positive_float, default=2.0,
+                   help="first wait before resending to a destination that failed")
+    p.add_argument("--retry-max-seconds", type=positive_float, default=300.0,
+                   help="longest wait between resends (the backoff doubles up to it)")
+    p.add_argument("--timeout", type=positive_float, default=30.0,
+                   help="DICOM network timeouts, seconds")
+    p.add_argument("--tls-cert", default=None, help="TLS: this node's certificate (PEM)")
+    p.add_argument("--tls-key", default=None, help="TLS: its private key (PEM)")
+    p.add_argument("--tls-ca", default=None,
+                   help="TLS: CA certificates; senders must then present a certificate it signed")
+    p.add_argument("--http-port", type=port, default=None,
+                   help="also serve POST /predict and GET /health on this port")
+    p.add_argument("--http-token-file", default=None,
+                   help="HTTP bearer token, read from this file (or $CHEXNET_HTTP_TOKEN)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    args = p.parse_args(argv)
+    if not args.allow_ae and not args.allow_any_ae:
+        p.error("argument --allow-ae: name the AE titles allowed to send (or --allow-any-ae)")
+    if args.allow_ae and args.allow_any_ae:
+        p.error("argument --allow-any-ae: not with --allow-ae")
+    if args.destination is None:
+        p.error("argument --destination: where should the results go? AE@HOST:PORT")
+    if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_ca and not args.tls_cert):
+        p.error("argument --tls-cert: TLS needs both --tls-cert and --tls-key")
+    if not args.uid_root.endswith(".") or not UID_RE.match(args.uid_root[:-1]) \
+            or len(args.uid_root) > 32:
+        p.error(f"argument --uid-root: {args.uid_root!r} is not a UID prefix ending in '.' "
+                "(at most 32 characters)")
+    args.destination_parts = args.destination
+    args.destination = f"{args.destination[0]}@{args.destination[1]}:{args.destination[2]}"
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("pynetdicom", "highdicom"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # pydicom logs a traceback for every undecodable image: the quarantine line says it once
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    try:
+        spool = Spool(args.spool)
+    except OSError as e:
+        print(f"error: --spool {args.spool}: {os_reason(e)}", file=sys.stderr)
+        sys.exit(1)
+    try:
+        with exclusive_lock(Path(args.spool) / ".lock", "another serve.py",
+                            "give each node its own --spool"):
+            tls_context(args)
+            read_token(args.http_token_file)
+            model = Model(args)
+            spool.clean_leftovers()
+            node = Node(args, model, spool)
+            return run(node, args, spool)
+    except (DataError, SetupError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def run(node, args, spool):
+    pending = spool.pending_images()
+    with node.lock:
+        node.queued.update(pending)
+    for uid in pending:
+        node.todo.put(uid)
+    threads = [threading.Thread(target=node.decode_forever, name=f"decode-{i}", daemon=True)
+               for i in range(args.workers)]
+    threads.append(threading.Thread(target=node.send_forever, name="send", daemon=True))
+    for t in threads:
+        t.start()
+    try:
+        server = start_dicom(node, args)
+    except OSError as e:
+        raise ServeError(f"--port {args.port}: cannot listen ({os_reason(e)})") from None
+    http = start_http(node, args) if args.http_port is not None else None
+    log.info("%s listening as %s on %s:%d (%s, %d classes, model sha256 %s)%s; results to %s; "
+             "%d images to finish from before", VERSION, args.ae_title, args.host,
+             server.server_address[1], args.mode, len(node.model.class_names),
+             node.model.identity["sha256"][:16],
+             f"; HTTP on port {http.server_address[1]}" if http else "", args.destination,
+             len(pending))
+    if node.model.points is None:
+        log.warning("no operating points: probabilities only, no decisions or heatmaps")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *a: stop.set())
+    stop.wait()
+    log.info("stopping: accepted images not yet finished stay in %s and are finished at the "
+             "next start", spool.inbox)
+    node.stopping.set()
+    server.shutdown()
+    if http is not None:
+        http.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,557 @@
+"""serve.py, the DICOM node, with real parts: a real PACS (Orthanc, Debian's package) started on
+127.0.0.1 with its own configuration, a real sender (DCMTK's storescu), DX files made from the
+real NIH images, the small exported model; the node itself runs with torch (and nncf) made
+impossible to import. Results are read back through Orthanc's REST API."""
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, assert_clean_error, run_script
+
+pytestmark = pytest.mark.slow
+
+# serve.py run as a script with torch, torchvision and nncf made to fail on import.
+NO_TORCH = """
+import runpy, sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "nncf"):
+            raise ImportError(f"No module named {name!r} (blocked by the test)")
+sys.meta_path.insert(0, NoTorch())
+sys.argv = sys.argv[1:]
+runpy.run_path("serve.py", run_name="__main__")
+"""
+NODE_AE = "CHEXNET"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def need(binary):
+    found = shutil.which(binary) or shutil.which(binary, path="/usr/sbin:/usr/bin")
+    if found is None:
+        message = f"{binary} not installed (apt-get install orthanc dcmtk; .ci/run does it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+def wait_for(condition, timeout, what, every=0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The real PACS
+
+class Orthanc:
+    """Orthanc as a plain process: its own JSON configuration, storage in tmp, free ports."""
+
+    def __init__(self, root, node_port):
+        self.binary = need("Orthanc")
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.http, self.dicom = free_port(), free_port()
+        self.config = self.root / "orthanc.json"
+        self.config.write_text(json.dumps({
+            "Name": "test-pacs", "StorageDirectory": str(self.root / "db"),
+            "IndexDirectory": str(self.root / "db"), "HttpPort": self.http,
+            "DicomPort": self.dicom, "DicomAet": "PACS", "AuthenticationEnabled": False,
+            "RemoteAccessAllowed": False, "HttpServerEnabled": True, "Plugins": [],
+            "DicomModalities": {"chexnet": [NODE_AE, "127.0.0.1", node_port]},
+            "DicomAlwaysAllowStore": False}))  # only the modalities listed may store
+        self.proc = None
+        self.start()
+
+    def start(self):
+        self.proc = subprocess.Popen([self.binary, str(self.config)], stdout=subprocess.DEVNULL,
+                                     stderr=open(self.root / "orthanc.log", "ab"))
+        wait_for(self._up, 60, "Orthanc to answer")
+
+    def _up(self):
+        try:
+            return self.get("/system") is not None
+        except OSError:
+            return False
+
+    def stop(self):
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(30)
+            self.proc = None
+
+    def get(self, path):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=10) as r:
+            return r.read()
+
+    def post(self, path, body):
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http}{path}",
+                                         data=json.dumps(body).encode())
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return json.loads(r.read())
+
+    def instances(self, modality):
+        """pydicom datasets of every instance of this modality Orthanc holds."""
+        import io
+
+        import pydicom
+        ids = self.post("/tools/find", {"Level": "Instance", "Query": {"Modality": modality}})
+        return [pydicom.dcmread(io.BytesIO(self.get(f"/instances/{i}/file"))) for i in ids]
+
+
+@pytest.fixture
+def pacs(tmp_path):
+    ports = {"node": free_port()}
+    orthanc = Orthanc(tmp_path / "pacs", ports["node"])
+    orthanc.node_port = ports["node"]
+    yield orthanc
+    orthanc.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# The node
+
+class NodeProcess:
+    def __init__(self, model_dir, spool, pacs, *extra, port=None):
+        self.port = port or pacs.node_port
+        self.log = Path(spool).parent / f"{Path(spool).name}.log"
+        self.args = ["--model-dir", model_dir, "--spool", spool, "--ae-title", NODE_AE,
+                     "--host", "127.0.0.1", "--port", self.port, "--allow-ae", "STORESCU", "SENDER",
+                     "--destination", f"PACS@127.0.0.1:{pacs.dicom}", "--retry-seconds", "0.2",
+                     "--retry-max-seconds", "1", *extra]
+        self.proc = None
+        self.start()
+
+    def start(self):
+        self.offset = self.log.stat().st_size if self.log.exists() else 0
+        self.proc = subprocess.Popen([sys.executable, "-c", NO_TORCH, *map(str, self.args)],
+                                     cwd=REPO, stdout=subprocess.DEVNULL,
+                                     stderr=open(self.log, "ab"))
+        wait_for(lambda: "listening as" in self.text() or self.proc.poll() is not None, 120,
+                 "the node to listen")
+        assert self.proc.poll() is None, self.text()
+
+    def text(self, since_start=True):
+        data = self.log.read_bytes() if self.log.exists() else b""
+        return data[self.offset if since_start else 0:].decode(errors="replace")
+
+    def kill9(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+
+
+def storescu(files, port, aet="STORESCU"):
+    need("storescu")
+    return subprocess.run(["storescu", "-aet", aet, "-aec", NODE_AE, "127.0.0.1", str(port),
+                           *map(str, files)], capture_output=True, text=True, timeout=300)
+
+
+def send(datasets, port, aet="SENDER", tls=None):
+    """pynetdicom as a sender: the C-STORE status of each dataset (None: no association)."""
+    from pynetdicom import AE
+    ae = AE(ae_title=aet)
+    for sop_class, syntax in {(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+                              for ds in datasets}:
+        ae.add_requested_context(sop_class, syntax)
+    assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE, tls_args=tls)
+    if not assoc.is_established:
+        return None
+    try:
+        return [getattr(assoc.send_c_store(ds), "Status", None) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: the model with its operating points, DX files from NIH images
+
+@pytest.fixture(scope="module")
+def model_dir(request, tmp_path_factory):
+    """The small exported model, with operating points chosen on its val split (a copy: the
+    shared fixture stays as other tests expect it)."""
+    if os.environ.get("DEVMODEL"):  # DEV ONLY, remove
+        return Path(os.environ["DEVMODEL"])
+    work, _ = request.getfixturevalue("small_model")
+    nih_dir = request.getfixturevalue("nih_dir")
+    target = tmp_path_factory.mktemp("serve") / "models"
+    shutil.copytree(work / "models", target)
+    proc = run_script("infer.py", "--mode", "int8", "--part", "val", "--model-dir", target,
+                      "--data-dir", nih_dir, "--no-figures", "--n-boot", "20")
+    assert proc.returncode == 0, proc.stderr
+    return target
+
+
+def dx_file(png, path, study, series, number, sop_class="1.2.840.10008.5.1.4.1.1.1.1"):
+    """A DX (for presentation) file of the NIH PNG, 12 bits with a window, as a modality
+    writes it: patient, study, series, orientation."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from dicom_files import write_dicom
+    write_dicom(png, path)
+    ds = pydicom.dcmread(path)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^NIH", png.stem, "", "O"
+    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20260101", "120000", "A1", "1"
+    ds.ReferringPhysicianName, ds.SeriesNumber, ds.InstanceNumber = "", 1, number
+    ds.PatientOrientation, ds.ViewPosition, ds.BodyPartExamined = ["L", "F"], "PA", "CHEST"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dx_files(nih_images, tmp_path_factory):
+    """16 DX files of NIH images, two studies."""
+    from pydicom.uid import generate_uid
+    image_dir, _ = nih_images
+    out = tmp_path_factory.mktemp("dx")
+    pngs = sorted(image_dir.glob("*.png"))[:16]
+    studies = [(generate_uid(), generate_uid()) for _ in range(2)]
+    return [dx_file(png, out / f"{png.stem}.dcm", *studies[i % 2], i + 1)
+            for i, png in enumerate(pngs)]
+
+
+def uid_of(path):
+    import pydicom
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def sr_findings(sr):
+    """{finding: (probability, threshold, decision)} and the referenced image UID of an SR."""
+    out, source, texts = {}, None, {}
+    for item in sr.ContentSequence:
+        if item.ValueType == "IMAGE":
+            source = str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        elif item.ValueType == "TEXT":
+            texts[item.ConceptNameCodeSequence[0].CodeMeaning] = str(item.TextValue)
+        elif item.ValueType == "CONTAINER":
+            values = {}
+            for child in item.ContentSequence:
+                meaning = child.ConceptNameCodeSequence[0].CodeMeaning
+                if child.ValueType == "NUM":
+                    values[meaning] = float(child.MeasuredValueSequence[0].NumericValue)
+                elif child.ValueType == "CODE":
+                    values[meaning] = child.ConceptCodeSequence[0].CodeMeaning
+                else:
+                    values[meaning] = str(child.TextValue)
+            out[values["Finding"]] = (values["Probability"], values.get("Decision threshold"),
+                                      values["Decision"])
+    return out, source, texts
+
+
+def infer_image(model_dir, *files):
+    """`python infer.py --mode int8 --image FILES`: {file: {finding: (p, decision)}}."""
+    proc = run_script("infer.py", "--mode", "int8", "--model-dir", model_dir, "--image", *files)
+    assert proc.returncode == 0, proc.stderr
+    result, current = {}, None
+    for line in proc.stdout.splitlines():
+        if line.endswith(":") and not line.startswith(" "):
+            current = result.setdefault(line[:-1], {})
+        match = re.match(r"^  (\S+)\s+([0-9.]+)\s+(positive|negative)", line)
+        if match and current is not None:
+            current[match.group(1)] = (float(match.group(2)), match.group(3))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+
+def test_reports_reach_the_pacs_with_infer_probabilities(model_dir, dx_files, pacs, tmp_path,
+                                                         nih_images):
+    """storescu -> node -> Orthanc: each image's SR (same study, referencing it) holds the
+    probabilities and decisions of `infer.py --mode int8 --image` on the same file, the model's
+    SHA-256 and the research-use statement; each positive finding has its heatmap SC. HTTP
+    /predict gives the same numbers for the PNG; /health counts. The node never imports torch."""
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    http = free_port()
+    node = NodeProcess(model_dir, tmp_path / "spool", pacs, "--http-port", http,
+                       "--http-token-file", token)
+    try:
+        files = dx_files[:3]
+        sent = storescu(files, node.port)
+        assert sent.returncode == 0, sent.stderr
+        srs = wait_for(lambda: len(pacs.instances("SR")) == 3 and pacs.instances("SR"), 120,
+                       "3 reports in Orthanc")
+        expected = infer_image(model_dir, *files)
+        meta = json.loads((model_dir / "chexnet.json").read_text())
+        files_sha = meta["files"]["chexnet_int8.xml"]
+        by_source = {}
+        for sr in srs:
+            findings, source, texts = sr_findings(sr)
+            by_source[source] = (sr, findings, texts)
+        scs = pacs.instances("OT")
+        for path in files:
+            import pydicom
+            original = pydicom.dcmread(path, stop_before_pixels=True)
+            sr, findings, texts = by_source[str(original.SOPInstanceUID)]
+            assert sr.StudyInstanceUID == original.StudyInstanceUID
+            assert sr.PatientID == original.PatientID
+            assert "RESEARCH USE ONLY - NOT FOR DIAGNOSIS" in texts["Intended use"]
+            assert files_sha in texts["Model files SHA-256"]
+            want = expected[str(path)]
+            assert set(findings) == set(want)
+            for name, (p, threshold, decision) in findings.items():
+                assert round(p, 4) == pytest.approx(want[name][0], abs=1e-12), name
+                assert {"Present": "positive", "Absent": "negative"}[decision] == want[name][1]
+                assert (p >= threshold) == (decision == "Present")
+            positives = sorted(n for n, (_, _, d) in findings.items() if d == "Present")
+            mine = [sc for sc in scs if sc.StudyInstanceUID == original.StudyInstanceUID
+                    and sc.ImageComments.split(":")[0] in positives
+                    and sc.PatientID == original.PatientID]
+            assert sorted(sc.ImageComments.split(":")[0] for sc in mine) == positives
+            for sc in mine:
+                assert (sc.Rows, sc.Columns) == (original.Rows, original.Columns)
+                assert sc.PhotometricInterpretation == "RGB"
+        # Full precision: the node's record equals what infer.py's code computes, bit for bit
+        record = json.loads((tmp_path / "spool" / "done" / f"{uid_of(files[0])}.json").read_text())
+        sys.path.insert(0, str(REPO))
+        from images import eval_input
+        from infer import get_args, fill_defaults
+        from backends import load_openvino, read_metadata
+        args = get_args(["--mode", "int8", "--model-dir", str(model_dir), "--image", "x"])
+        fill_defaults(args, read_metadata(model_dir))
+        backend = load_openvino(args, read_metadata(model_dir))
+        out = {}
+        backend.run_all([(0, eval_input(files[0], args.resize, args.crop_size))],
+                        lambda k, o: out.update(p=np.asarray(o[:10].mean(0), np.float64)))
+        assert [row["probability"] for row in record["findings"]] == out["p"].tolist()
+
+        # HTTP: the PNG itself, the bearer token
+        png = nih_images[0] / (Path(files[0]).stem + ".png")
+        url = f"http://127.0.0.1:{http}"
+        request = urllib.request.Request(f"{url}/predict", data=png.read_bytes())
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        assert refused.value.code == 401
+        request.add_header("Authorization", "Bearer s3cret")
+        body = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        want = infer_image(model_dir, png)[str(png)]
+        for row in body["findings"]:
+            assert round(row["probability"], 4) == pytest.approx(want[row["finding"]][0], abs=1e-12)
+            assert row["decision"] == want[row["finding"]][1]
+        bad = urllib.request.Request(f"{url}/predict", data=b"not an image",
+                                     headers={"Authorization": "Bearer s3cret"})
+        with pytest.raises(urllib.error.HTTPError) as rejected:
+            urllib.request.urlopen(bad, timeout=60)
+        assert rejected.value.code == 400
+        health = json.loads(urllib.request.urlopen(urllib.request.Request(
+            f"{url}/health", headers={"Authorization": "Bearer s3cret"}), timeout=10).read())
+        assert health["counters"]["received"] == 3 and health["counters"]["processed"] == 3
+        assert health["queues"] == {"inbox": 0, "outbox": 0, "quarantine": 0}
+        assert health["model"]["files"]["chexnet_int8.xml"] == files_sha
+        assert "Traceback" not in node.text()
+    finally:
+        node.stop()
+
+
+def test_kill_9_during_a_burst_then_restart_answers_each_image_once(model_dir, dx_files, pacs,
+                                                                      tmp_path):
+    """kill -9 while images arrive, and again while results are being sent; each restart
+    finishes what was accepted; the sender resends everything (as it would after failures):
+    every image has exactly one report at the PACS, and the node's records one per image."""
+    spool = tmp_path / "spool"
+    node = NodeProcess(model_dir, spool, pacs)
+    try:
+        burst = subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", NODE_AE, "127.0.0.1",
+                                  str(node.port), *map(str, dx_files)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: node.text().count("accepted DX") >= 4, 120, "4 images accepted",
+                 every=0.02)
+        node.kill9()  # mid-burst: some accepted, some not yet received, none finished
+        burst.wait(60)
+        accepted_first = node.text().count("accepted DX")
+        node.start()
+        wait_for(lambda: "sent to" in node.text(), 120, "a result sent after the restart")
+        node.kill9()  # mid-processing / mid-sending
+        node.start()
+        resend = storescu(dx_files, node.port)  # the sender retries all of them
+        assert resend.returncode == 0, resend.stderr
+        uids = {uid_of(p) for p in dx_files}
+        done = spool / "done"
+        wait_for(lambda: len(list(done.glob("*.json"))) == len(uids), 240, "every image done")
+        wait_for(lambda: not any((spool / "outbox").iterdir()), 120, "the outbox to empty")
+        srs = pacs.instances("SR")
+        sources = [sr_findings(sr)[1] for sr in srs]
+        assert sorted(sources) == sorted(uids)  # one report each, none twice
+        assert len({sr.SOPInstanceUID for sr in srs}) == len(uids)
+        assert {p.stem for p in done.glob("*.json")} == uids
+        assert not list((spool / "inbox").iterdir())
+        assert accepted_first >= 4
+        assert "duplicate" in node.text()  # the resent ones already accepted
+        assert "Traceback" not in node.text(since_start=False)
+    finally:
+        node.stop()
+
+
+def test_results_wait_for_a_pacs_that_is_down(model_dir, dx_files, pacs, tmp_path):
+    """Orthanc stopped while images arrive: the results wait in the outbox, retried with
+    backoff; Orthanc back: they arrive."""
+    spool = tmp_path / "spool"
+    node = NodeProcess(model_dir, spool, pacs, "--no-heatmaps")
+    try:
+        pacs.stop()
+        assert storescu(dx_files[:3], node.port).returncode == 0
+        wait_for(lambda: len(list((spool / "done").glob("*.json"))) == 3, 120, "3 classified")
+        wait_for(lambda: "retry in" in node.text(), 30, "a failed send")
+        assert len(list((spool / "outbox").iterdir())) == 3
+        pacs.start()
+        wait_for(lambda: len(pacs.instances("SR")) == 3, 60, "the 3 reports after the restart")
+        wait_for(lambda: not any((spool / "outbox").iterdir()), 30, "the outbox to empty")
+    finally:
+        node.stop()
+
+
+def test_refusals_and_quarantine_keep_the_node_serving(model_dir, dx_files, pacs, tmp_path):
+    """A caller outside the allow-list, one association too many, a non-image SOP class, a
+    declared 65535x65535 image, a truncated object, a malformed UID, undecodable pixel data, a
+    full queue: each refused with its status (or quarantined with its reason) and a log line,
+    and the node still classifies the next image."""
+    import pydicom
+    from pydicom.uid import JPEG2000Lossless, generate_uid
+    from pynetdicom import AE
+    spool = tmp_path / "spool"
+    node = NodeProcess(model_dir, spool, pacs, "--max-associations", "2", "--max-queue", "3",
+                       "--max-image-mb", "64", "--no-heatmaps")
+    try:
+        # not on the allow-list: refused at association
+        assert storescu(dx_files[:1], node.port, aet="INTRUDER").returncode != 0
+        assert "refused association from INTRUDER" in node.text()
+        # two held associations: the third refused
+        held = []
+        for _ in range(2):
+            ae = AE(ae_title="SENDER")
+            ae.add_requested_context("1.2.840.10008.1.1")
+            held.append(ae.associate("127.0.0.1", node.port, ae_title=NODE_AE))
+        assert all(a.is_established for a in held)
+        assert send([pydicom.dcmread(dx_files[0])], node.port) is None
+        for a in held:
+            a.release()
+        assert "more than --max-associations 2" in node.text()
+
+        def variant(**changes):
+            ds = pydicom.dcmread(dx_files[1])
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            for key, value in changes.items():
+                setattr(ds, key, value)
+            return ds
+
+        text_sr = variant()
+        text_sr.SOPClassUID = text_sr.file_meta.MediaStorageSOPClassUID = \
+            "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR: not an image
+        bomb = variant(Rows=65535, Columns=65535)
+        truncated = variant()
+        truncated.PixelData = truncated.PixelData[:len(truncated.PixelData) // 3]
+        bad_uid = variant()
+        bad_uid.SOPInstanceUID = "../../etc/passwd"
+        garbage = variant()  # JPEG 2000 whose codestream is noise: decoding fails later
+        garbage.compress(JPEG2000Lossless, garbage.pixel_array)
+        garbage.PixelData = pydicom.encaps.encapsulate([os.urandom(5000)])
+        statuses = send([text_sr, bomb, truncated, bad_uid, garbage], node.port)
+        assert statuses[:4] == [0x0122, 0xA700, 0xA900, 0xA900], [hex(s) for s in statuses]
+        assert statuses[4] == 0x0000  # well-formed header: accepted, then quarantined
+        wait_for(lambda: "quarantined" in node.text(), 60, "the undecodable image quarantined")
+        reasons = [p.read_text() for p in (spool / "quarantine").glob("*.txt")]
+        assert any("declared image 65535x65535" in r for r in reasons)
+        assert any("pixel data truncated" in r for r in reasons)
+        assert any("is not a UID" in r for r in reasons)
+        assert any("cannot classify" in r and "cannot decode" in r for r in reasons)
+        bomb_kept = [p for p in (spool / "quarantine").glob("*.dcm")
+                     if p.stat().st_size < 64 * 1024]  # its header, not 8 GiB
+        assert bomb_kept
+        for line in ("not a chest X-ray SOP class", "declared image", "pixel data truncated"):
+            assert line in node.text()
+        assert not [p for p in (spool / "quarantine").iterdir()
+                    if "passwd" in p.name] and not Path("/etc/passwd.dcm").exists()
+        # a full queue: 6 at once into a queue of 3
+        burst = [variant() for _ in range(6)]
+        statuses = send(burst, node.port)
+        assert 0xA700 in statuses and 0x0000 in statuses
+        assert "queue full" in node.text()
+        # still serving
+        wait_for(lambda: not list((spool / "inbox").iterdir()), 120, "the queue to drain")
+        assert storescu(dx_files[2:3], node.port).returncode == 0
+        want = uid_of(dx_files[2])
+        wait_for(lambda: want in [sr_findings(s)[1] for s in pacs.instances("SR")], 120,
+                 "the next image's report")
+        assert node.proc.poll() is None
+        assert "Traceback" not in node.text()
+    finally:
+        node.stop()
+
+
+def test_tls(model_dir, dx_files, pacs, tmp_path):
+    """--tls-cert/--tls-key/--tls-ca: a sender with a certificate the CA signed is served; a
+    plain-TCP sender is not."""
+    import ssl
+    need("openssl")
+    ca, cert, key = tmp_path / "ca.pem", tmp_path / "node.pem", tmp_path / "node.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", key, "-out", cert], check=True, capture_output=True)
+    shutil.copy(cert, ca)  # self-signed: the node's certificate is its own CA, and the client's
+    node = NodeProcess(model_dir, tmp_path / "spool", pacs, "--tls-cert", cert, "--tls-key", key,
+                       "--tls-ca", ca, "--no-heatmaps")
+    try:
+        import pydicom
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+        context.load_cert_chain(cert, key)
+        ds = pydicom.dcmread(dx_files[3])
+        assert send([ds], node.port, tls=(context, "127.0.0.1")) == [0x0000]
+        assert send([ds], node.port) is None  # no TLS: no association
+        wait_for(lambda: len(pacs.instances("SR")) == 1, 120, "the report")
+    finally:
+        node.stop()
+
+
+def test_bad_settings_fail_with_one_line(model_dir, tmp_path):
+    """Settings a user gets wrong: one line naming the flag or file, before listening."""
+    port = str(free_port())
+    base = ["serve.py", "--spool", tmp_path / "spool", "--port", port, "--host", "127.0.0.1"]
+    ok = ["--allow-ae", "STORESCU", "--destination", "PACS@127.0.0.1:104"]
+    assert_clean_error(run_script(*base, "--destination", "PACS@127.0.0.1:104", "--model-dir",
+                                  model_dir), "--allow-ae")
+    assert_clean_error(run_script(*base, "--allow-ae", "A", "--destination", "PACS:104",
+                                  "--model-dir", model_dir), "--destination")
+    assert_clean_error(run_script(*base, *ok, "--allow-ae", "WAY_TOO_LONG_AE_TITLE_X"), "--allow-ae")
+    assert_clean_error(run_script(*base, *ok, "--model-dir", tmp_path / "none"), "chexnet.json")
+    no_points = tmp_path / "no_points"
+    shutil.copytree(model_dir, no_points)
+    (no_points / "operating_points.json").unlink()
+    assert_clean_error(run_script(*base, *ok, "--model-dir", no_points),
+                       "no operating points", "--no-operating-points")
+    assert_clean_error(run_script(*base, *ok, "--model-dir", model_dir, "--tls-cert",
+                                  tmp_path / "missing.pem", "--tls-key", tmp_path / "k.pem"),
+                       "--tls-cert")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(model_dir, damaged)
+    with open(damaged / "chexnet_int8.bin", "r+b") as f:
+        f.write(b"\0" * 64)
+    assert_clean_error(run_script(*base, *ok, "--model-dir", damaged), "chexnet_int8.bin")
