@@ -42,10 +42,10 @@ from pathlib import Path
 
 import numpy as np
 
-from backends import MODEL_NAMES, file_digest, load_openvino, read_metadata
-from common import (ArgumentParser, DataError, SetupError, atomic_path, atomic_write_text,
-                    exclusive_lock, one_line, os_reason, positive_float, positive_int)
-from images import eval_input
+from backends import (METADATA, MODEL_NAMES, file_digest, load_openvino, read_metadata,
+                      with_data_defaults)
+from common import (ArgumentParser, DataError, SetupError, atomic_path, exclusive_lock, one_line, os_reason, positive_float, positive_int)
+from images import TEN_CROPS, average_crops, eval_input
 
 VERSION = "chexnet-serve 1.0"
 log = logging.getLogger("serve")
@@ -186,13 +186,13 @@ class Model:
     keeps every OpenVINO infer request busy while other threads decode."""
 
     def __init__(self, args):
-        from infer import fill_defaults
         from report import operating_points_for
         meta = read_metadata(args.model_dir, required=True)
-        args.images_per_request = 1  # as infer.py --image: identical probabilities
-        fill_defaults(args, meta, Path(args.model_dir) / "chexnet.json")
-        self.resize, self.crop = args.resize, args.crop_size
-        self.backend = load_openvino(args, meta)  # checks the files against the manifest
+        settings = with_data_defaults(args, meta, Path(args.model_dir) / METADATA)
+        self.resize, self.crop = settings.resize, settings.crop_size
+        # One image (ten crops) per request, as infer.py --image: identical probabilities; the
+        # files are checked against the manifest.
+        self.backend = load_openvino(args.model_dir, args.mode, meta, self.crop, 1, args.streams)
         self.class_names = self.backend.class_names
         xml = Path(args.model_dir) / MODEL_NAMES[args.mode]
         digests = {p.name: file_digest(p) for p in (xml, xml.with_suffix(".bin"))}
@@ -252,10 +252,10 @@ class Model:
 
         def on_result(key, out):
             probs, maps = out if self.backend.has_cams else (out, None)
-            # as infer.py classify_images: the mean of the 10 crops, then float64
-            p = np.asarray(probs[:10].mean(0), dtype=np.float64)
+            # as infer.py classify_images: the mean of the ten crops, then float64
+            p = np.asarray(average_crops(probs[:TEN_CROPS])[0], dtype=np.float64)
             try:
-                callbacks.pop(key)(p, None if maps is None else maps[:10])
+                callbacks.pop(key)(p, None if maps is None else maps[:TEN_CROPS])
             except Exception:  # a callback never stops the pipeline
                 log.exception("result handler failed")
 
