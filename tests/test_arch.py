@@ -6,6 +6,8 @@ import torch
 
 from conftest import TINY, assert_clean_error, run_main, run_script
 
+pytestmark = pytest.mark.slow  # every test here trains or exports a model
+
 timm = pytest.importorskip("timm")
 
 

@@ -421,6 +421,7 @@ def snapshot(paths):
     return state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input(name, tmp_path, nih_dir, small_model, nih_images, capsys):
     module, fragments, build = CASES[name]

@@ -126,6 +126,7 @@ def dicom_dir(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_dicom_data_dir_gives_the_store_training_and_evaluation_the_png_pixels(
         dicom_dir, small_model, tmp_path, capsys):
     """The store prepared from DICOMs holds the very rows of the one prepared from the PNGs;

@@ -140,6 +140,7 @@ def test_full_run_then_a_second_run_downloads_nothing(tmp_path, server, nih_imag
     assert "downloading" not in again.stdout and len(RangeHandler.ranges) == requests
 
 
+@pytest.mark.slow
 def test_killed_mid_download_resumes_to_identical_files(tmp_path, server, nih_images):
     www, url = server
     listing, names, table = make_archives(www, nih_images, per_archive=(12,))

@@ -223,6 +223,7 @@ def test_the_hiding_works(hiding):
     ("openvino", ["--image", "PNG"],
      "error: --mode fp32/int8 needs the openvino package: pip install openvino"),
 ])
+@pytest.mark.slow
 def test_a_missing_package_is_one_line(hiding, small_model, images, tmp_path, hidden, command,
                                        message):
     args = [{"PNG": images["png"], "DICOM": images["j2k"], "CAMS": tmp_path}.get(a, a)
@@ -241,6 +242,7 @@ def test_stats_without_matplotlib_or_pandas(hiding, tmp_path):
     assert not list(tmp_path.glob("*.png"))  # nothing half done: not one of the two figures
 
 
+@pytest.mark.slow
 def test_openvino_numpy_pillow_scikit_learn_alone(hiding, small_model, nih_dir, images, tmp_path):
     """What the README once said an edge box needs: evaluation (its figures a one-line note)
     and --image on PNG and JPEG work; a broken matplotlib says which dependency is missing."""

@@ -17,6 +17,8 @@ from conftest import REPO, TINY, assert_clean_error, run_main, run_script
 from model import load_file
 from test_observe import assert_curves_continue, assert_points, event_scalars
 
+pytestmark = pytest.mark.slow  # every test here trains or exports a model
+
 # Runs a script with os.replace patched to die like kill -9 (os._exit: no cleanup at all)
 # right after the rename that KILL_AFTER names: "<file name>:<condition>".
 KILLER = """

@@ -19,6 +19,8 @@ from images import eval_input
 from labels import NIH_CLASSES, read_list
 from model import build_model
 
+pytestmark = pytest.mark.slow  # every test here trains or exports a model
+
 
 def read_csv(path):
     rows = list(csv.reader(open(path)))

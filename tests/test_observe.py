@@ -99,6 +99,7 @@ def test_train_loss_reaches_the_log_at_each_interval():
 # ---------------------------------------------------------------------------------------------
 # Progress lines when stderr is not a terminal (a batch job's log)
 
+@pytest.mark.slow
 def test_training_prints_progress_lines_into_a_log(tmp_path, capsys):
     out = tmp_path / "run"
     proc = run_script("main.py", *TINY, "--limit", "32", "--epochs", "1", "--out-dir", out,
@@ -121,6 +122,7 @@ def test_training_prints_progress_lines_into_a_log(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # TensorBoard and the PNG of the run
 
+@pytest.mark.slow
 def test_tensorboard_curves_and_the_figure_of_a_run(tmp_path, capsys):
     out = tmp_path / "run"
     proc = run_main(capsys, *TINY, "--limit", "24", "--epochs", "2", "--log-every", "2",
@@ -184,6 +186,7 @@ runpy.run_path("main.py", run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_without_the_tensorboard_package_training_goes_on(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(TENSORBOARD_MISSING)

@@ -56,6 +56,7 @@ def test_store_training_batches_are_ready_crops(prepared):
     assert not all(torch.equal(train[i][0], images[i]) for i in range(4))
 
 
+@pytest.mark.slow
 def test_training_runs_from_store_and_from_pngs(prepared, tmp_path, capsys):
     data_dir, _ = prepared
     args = ["--data-dir", data_dir, "--pretrained", "none", "--crop-size", "64",
