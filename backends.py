@@ -255,6 +255,13 @@ def load_openvino(model_dir, mode, meta, crop_size, images_per_request=1, stream
                          metadata_classes(meta, model_dir), streams)
 
 
+def export_id(model_dir, mode):
+    """The identity of an exported model (its .xml and .bin SHA-256 sums): what operating
+    points, saved predictions and reports are keyed by."""
+    xml = Path(model_dir) / MODEL_NAMES[mode]
+    return file_digest(xml) + file_digest(xml.with_suffix(".bin"))
+
+
 def torch_checkpoint(checkpoint, meta):
     """--mode torch's checkpoint: the one given, else the one the exported model came from."""
     checkpoint = checkpoint or meta.get("checkpoint")

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from backends import (METADATA, MODEL_NAMES, InferError, TorchModel, TorchPredictor, file_digest,
-                      import_torch, load_openvino, predict_openvino, read_metadata,
+from backends import (METADATA, MODEL_NAMES, InferError, TorchModel, TorchPredictor, export_id,
+                      file_digest, import_torch, load_openvino, predict_openvino, read_metadata,
                       torch_checkpoint, with_data_defaults)
 from common import (ArgumentParser, DataError, Progress, SetupError, add_device_args, atomic_path,
                     atomic_write_text, check_writable_file, exclusive_lock, fraction, one_line,
@@ -175,8 +175,7 @@ def evaluate(args, rt=None):
     else:
         backend = load_openvino(args.model_dir, args.mode, meta, args.crop_size,
                                 args.images_per_request, args.streams)
-        xml = Path(args.model_dir) / MODEL_NAMES[args.mode]
-        model_id = file_digest(xml) + file_digest(xml.with_suffix(".bin"))
+        model_id = export_id(args.model_dir, args.mode)
         model_classes = backend.class_names
 
         def predictor(indices):
@@ -364,8 +363,7 @@ def classify_images(args):
     else:
         backend = load_openvino(args.model_dir, args.mode, meta, args.crop_size,
                                 args.images_per_request, args.streams)
-        xml = Path(args.model_dir) / MODEL_NAMES[args.mode]
-        model_id = file_digest(xml) + file_digest(xml.with_suffix(".bin"))
+        model_id = export_id(args.model_dir, args.mode)
     classes = backend.class_names
     points, why = operating_points_for(args.model_dir, args.mode, model_id, classes)
     if args.calibrated and points is None:
