@@ -99,14 +99,14 @@ def sample_paths(images, n):
 
 def loader_rows(paths, workers, crop, passes):
     """Training-loader images/s from the PNGs and from the 512 store (prepared here)."""
-    from dataset import ChestXray14
+    from dataset import XrayDataset
     from store import open_store, prepare_store
     torch.set_num_threads(1)  # what each loader worker gets; restored by the caller
     root = data_loading.throwaway_data_dir(paths)
     prepare_store(root, (512,), progress=False)
     rates = {}
     for label, store in (("PNG", None), ("store 512", open_store(root, 512))):
-        ds = ChestXray14(root, root / "list.txt", "train", 512, crop=crop, store=store)
+        ds = XrayDataset(root, root / "list.txt", "train", 512, crop=crop, store=store)
         rates[label] = data_loading.loader_throughput(ds, workers,
                                                       passes=passes if store else 1)
     return root, rates
@@ -118,17 +118,20 @@ def eval_row(device, root, crop, resize, batch, workers, n, flags=("--amp", "--c
     probabilities go to the list `probs` if given."""
     import infer
     from dataset import ImageList
-    from labels import CLASS_NAMES
+    from labels import NIH_CLASSES
     from model import build_model
     torch.manual_seed(0)
     checkpoint = root / "random.pt"
     torch.save({"model": build_model(pretrained="none").state_dict(),
-                "class_names": list(CLASS_NAMES)}, checkpoint)
+                "class_names": list(NIH_CLASSES)}, checkpoint)
     args = infer.get_args(["--mode", "torch", "--checkpoint", str(checkpoint), "--data-dir",
                            str(root), "--batch-size", str(batch), "--workers", str(workers),
                            "--resize", str(resize), "--crop-size", str(crop), *flags])
     images = ImageList(root, root / "list.txt", resize, None, False, None)
-    predictor = infer.TorchPredictor(checkpoint, images, args, device.rt)
+    from backends import TorchPredictor
+    from runtime import autocast
+    predictor = TorchPredictor(checkpoint, images, device.rt, crop, batch, workers,
+                               args.channels_last, lambda: autocast(device.rt, args))
     indices = list(range(min(n, len(images))))
     predictor(indices[:batch])  # warm-up
     device.reset_peak()

@@ -104,7 +104,7 @@ def batch_throughput(model_dir, data_dir, n, work):
     """infer.py --mode int8 on n images of the same set: its own images/s line."""
     proc = subprocess.run([sys.executable, "infer.py", "--mode", "int8", "--model-dir",
                            str(model_dir), "--data-dir", str(data_dir), "--limit", str(n),
-                           "--no-store", "--no-figures", "--n-boot", "10",
+                           "--no-store", "--no-figures", "--n-boot", "100",
                            "--out-csv", str(work / "batch.csv")],
                           cwd=REPO, capture_output=True, text=True)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("throughput:")), None)

@@ -1,8 +1,11 @@
 """The accelerator benchmark's tiny CPU run: the command that a lent GPU or Gaudi runs for
 minutes must not have rotted in between."""
+import pytest
+
 from conftest import REPO, run_script
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_runs_tiny_on_a_cpu(tmp_path, shared):
     out = tmp_path / "table.md"
     proc = run_script("benchmarks/gpu.py", "--device", "cpu", "--n", "4",
@@ -21,4 +24,5 @@ def test_gpu_benchmark_runs_tiny_on_a_cpu(tmp_path, shared):
         assert float(row.split(" | ")[2]) > 0, row
     assert rows[3].split(" | ")[1:3] == ["-", "-"]  # compiling takes minutes: not in a tiny run
     assert "torch.compile: left out, a tiny run" in table
-    assert (REPO / "README.md").read_text().count("| measurement | batch | images/s | peak memory GiB |") == 1
+    assert (REPO / "docs" / "benchmarks.md").read_text().count(
+        "| measurement | batch | images/s | peak memory GiB |") == 1

@@ -249,7 +249,7 @@ def test_openvino_numpy_pillow_scikit_learn_alone(hiding, small_model, nih_dir, 
     models = tmp_path / "models"
     shutil.copytree(small_model[0] / "models", models)
     proc = hiding(PANDAS_ETC, "infer.py", "--mode", "int8", "--model-dir", models, "--data-dir",
-                  nih_dir, "--limit", "20", "--n-boot", "50")
+                  nih_dir, "--limit", "20", "--n-boot", "100")
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     notes = [ln for ln in proc.stdout.splitlines() if "matplotlib" in ln]
     assert notes == ["note: drawing the ROC, PR and reliability figures needs the matplotlib "

@@ -17,7 +17,7 @@ def drawn(monkeypatch):
     """The figures report.py draws, kept open: {file suffix: matplotlib figure}."""
     import report
     figures = {}
-    monkeypatch.setattr(report, "_save", lambda fig, path: figures.update(
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: figures.update(
         {str(path).rsplit("_", 1)[-1].removesuffix(".png"): fig}))
     yield figures
     import matplotlib.pyplot as plt
@@ -126,14 +126,14 @@ def test_sample_notice_in_every_report(tmp_path, nih_dir, capsys):
         n + "," + ",".join("0.5" for _ in NIH_CLASSES) + "\n" for n in test_names))
     (tmp_path / "chexnet.json").write_text(json.dumps({"data_dir": str(nih_dir),
                                                        "trained_on": str(REPO / "sample")}))
-    proc = run_main(capsys, csv, "--data-dir", nih_dir, "--n-boot", "20", "--no-figures",
+    proc = run_main(capsys, csv, "--data-dir", nih_dir, "--n-boot", "100", "--no-figures",
                     module="report")
     assert proc.returncode == 0, proc.stderr
     assert SAMPLE_NOTICE in proc.stdout
     assert json.loads((tmp_path / "predictions_fp32_report.json").read_text())["notice"] == \
         SAMPLE_NOTICE
     (tmp_path / "chexnet.json").write_text(json.dumps({"data_dir": str(nih_dir)}))
-    proc = run_main(capsys, csv, "--data-dir", nih_dir, "--n-boot", "20", "--no-figures",
+    proc = run_main(capsys, csv, "--data-dir", nih_dir, "--n-boot", "100", "--no-figures",
                     module="report")
     assert proc.returncode == 0 and SAMPLE_NOTICE not in proc.stdout
 
@@ -203,7 +203,7 @@ def test_sample_model_results_say_so_and_figures_never_collide(small_model, nih_
     runs = [("fp32", "val"), ("fp32", "test"), ("int8", "test")]
     for mode, part in runs:
         proc = run_script("infer.py", "--mode", mode, "--part", part, "--model-dir", models,
-                          "--data-dir", nih_dir, "--n-boot", "20", "--limit", "60")
+                          "--data-dir", nih_dir, "--n-boot", "100", "--limit", "60")
         assert proc.returncode == 0, proc.stderr
         assert SAMPLE_NOTICE in proc.stdout
     pngs = sorted(p.name for p in models.glob("*.png"))

@@ -201,7 +201,7 @@ def model_dir(request, tmp_path_factory):
     target = tmp_path_factory.mktemp("serve") / "models"
     shutil.copytree(work / "models", target)
     proc = run_script("infer.py", "--mode", "int8", "--part", "val", "--model-dir", target,
-                      "--data-dir", nih_dir, "--no-figures", "--n-boot", "20")
+                      "--data-dir", nih_dir, "--no-figures", "--n-boot", "100")
     assert proc.returncode == 0, proc.stderr
     return target
 
@@ -334,14 +334,15 @@ def test_reports_reach_the_pacs_with_infer_probabilities(model_dir, dx_files, pa
         record = json.loads((tmp_path / "spool" / "done" / f"{uid_of(files[0])}.json").read_text())
         sys.path.insert(0, str(REPO))
         from images import eval_input
-        from infer import get_args, fill_defaults
-        from backends import load_openvino, read_metadata
+        from backends import load_openvino, read_metadata, with_data_defaults
+        from images import average_crops
+        from infer import get_args
         args = get_args(["--mode", "int8", "--model-dir", str(model_dir), "--image", "x"])
-        fill_defaults(args, read_metadata(model_dir))
-        backend = load_openvino(args, read_metadata(model_dir))
+        args = with_data_defaults(args, read_metadata(model_dir))
+        backend = load_openvino(model_dir, "int8", read_metadata(model_dir), args.crop_size)
         out = {}
         backend.run_all([(0, eval_input(files[0], args.resize, args.crop_size))],
-                        lambda k, o: out.update(p=np.asarray(o[:10].mean(0), np.float64)))
+                        lambda k, o: out.update(p=np.asarray(average_crops(o[:10])[0], np.float64)))
         assert [row["probability"] for row in record["findings"]] == out["p"].tolist()
 
         # HTTP: the PNG itself, the bearer token
