@@ -14,6 +14,7 @@ Torch-free: matplotlib (Agg, no display) for the figures, numpy and scikit-learn
 """
 import csv
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -508,6 +509,11 @@ def read_predictions(path):
     """(names, probs [N, K], class names) from a predictions CSV, checked: the header, exactly
     one name and K numbers in [0, 1] per row. The classes are the header's columns after
     'Image Index'."""
+    if not Path(path).exists():
+        made_by = re.fullmatch(r"predictions_(torch|fp32|int8)(_val)?(_on_\w+)?\.csv", Path(path).name)
+        how = (f"; `python infer.py --mode {made_by[1]}" + (" --part val" if made_by[2] else "")
+               + "` writes it" if made_by else "")
+        raise DataError(f"{path}: no such predictions file{how}")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # a byte-order mark is no name
             reader = csv.reader(f)

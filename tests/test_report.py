@@ -156,3 +156,13 @@ def test_stats_plot_writes_the_figures(tmp_path, capsys):
     for name in ("stats_prevalence.png", "stats_cooccurrence.png"):
         with Image.open(tmp_path / name) as im:
             assert im.format == "PNG" and im.size[0] > 400
+
+
+def test_a_missing_predictions_file_says_which_command_writes_it(tmp_path, capsys):
+    missing = tmp_path / "predictions_fp32.csv"
+    proc = run_main(capsys, "compare", missing, tmp_path / "predictions_int8.csv",
+                    module="report")
+    assert_clean_error(proc, "predictions_fp32.csv: no such predictions file",
+                       "`python infer.py --mode fp32` writes it")
+    proc = run_main(capsys, tmp_path / "predictions_int8_val.csv", module="report")
+    assert_clean_error(proc, "`python infer.py --mode int8 --part val` writes it")
