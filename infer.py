@@ -35,6 +35,7 @@ from dataset import ImageList, add_data_args, check_data_dir
 from images import eval_input
 from labels import resolve_split, shared_classes
 from metrics import mean_auc, roc_aucs
+from subgroups import add_subgroup_args, demographics_for
 
 def class_map(text):
     """'A=B,C=D' -> {'A': 'B', 'C': 'D'} (argparse type)."""
@@ -165,6 +166,9 @@ def evaluate(args, rt=None):
     if is_main:
         check_writable_file(out_csv, "--out-csv")
     list_path, images = evaluation_images(args, log)
+    # read now: a bad demographics table stops here, before predicting
+    demographics = (demographics_for(args.data_dir, args.no_subgroups, args.patients_table, log)
+                    if is_main else None)
     if args.mode == "torch":
         checkpoint = torch_checkpoint(args, meta)
         predictor = TorchPredictor(checkpoint, images, args, rt)
@@ -188,7 +192,7 @@ def evaluate(args, rt=None):
             stack.enter_context(exclusive_lock(out_csv.parent / f".{out_csv.name}.lock",
                                                "another evaluation", "use another --out-csv"))
         return _predict_and_report(args, rt, is_main, log, out_csv, list_path, images,
-                                   predictor, model_id, key, model_classes)
+                                   predictor, model_id, key, model_classes, demographics)
 
 
 def evaluated_classes(model_classes, images, list_path, class_map):
@@ -208,7 +212,7 @@ def evaluated_classes(model_classes, images, list_path, class_map):
 
 
 def _predict_and_report(args, rt, is_main, log, out_csv, list_path, images, predictor, model_id,
-                        key, model_classes):
+                        key, model_classes, demographics=None):
     chunks = Chunks(out_csv, key, args.chunk_size, log) if is_main else None
     n = len(images)
     n_chunks = -(-n // args.chunk_size)
@@ -280,7 +284,8 @@ def _predict_and_report(args, rt, is_main, log, out_csv, list_path, images, pred
         "predictions")
     chunks.remove()
     report = build_report(names, labels, probs, points if args.part == "test" else None,
-                          args.n_boot, args.boot_seed, args.calibrated, classes, mode=args.mode,
+                          args.n_boot, args.boot_seed, args.calibrated, classes,
+                          demographics=demographics, mode=args.mode,
                           part=args.part, list=str(list_path), predictions=str(out_csv))
     skipped = n - len(names)
     print(f"mode {args.mode}: {len(names)} {args.part} images of {list_path}"
@@ -438,6 +443,7 @@ def get_args(argv=None):
                    help="write the report's JSON and Markdown only (no ROC/PR/reliability PNGs)")
     p.add_argument("--calibrated", action="store_true",
                    help="apply the Platt calibration fitted on val (--part val first)")
+    add_subgroup_args(p)  # --no-subgroups, --patients-table
     # Export (infer.sh)
     p.add_argument("--export", action="store_true", help="export FP32 and INT8 (infer.sh)")
     p.add_argument("--calibration-size", type=positive_int, default=300,

@@ -26,6 +26,8 @@ from labels import (CLASS_NAMES, evaluation_labels, list_header, patient_of, rea
 from metrics import (N_BOOT, RULES, apply_platt, at_threshold, auprcs, bootstrap_aucs,
                      calibration_errors, choose_thresholds, fit_platt, interval, known, mean_auc,
                      paired_auc_difference, reliability, roc_aucs)
+from subgroups import (add_subgroup_args, demographics_for, markdown_section, subgroup_section,
+                       summary_lines, write_figure)
 
 OPERATING_POINTS = "operating_points.json"
 STATS = ("sensitivity", "specificity", "ppv", "npv", "f1")
@@ -107,9 +109,10 @@ def calibrate(probs, points):
 # The report
 
 def build_report(names, labels, probs, points=None, n_boot=N_BOOT, seed=0, calibrated=False,
-                 class_names=CLASS_NAMES, **context):
+                 class_names=CLASS_NAMES, demographics=None, **context):
     """Every number of one evaluation, as a JSON-ready dict. points: operating points chosen
-    on val (None: no thresholds are reported)."""
+    on val (None: no thresholds are reported). demographics: subgroups.Demographics of the
+    images (None: no subgroup section)."""
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
     groups = patient_groups(names)
     aucs = roc_aucs(labels, probs)
@@ -143,6 +146,11 @@ def build_report(names, labels, probs, points=None, n_boot=N_BOOT, seed=0, calib
             if calibrated:
                 entry["ece_calibrated"] = ece_cal[d]
         report["diseases"][name] = entry
+    if demographics is not None:  # by sex and age band (subgroups.py)
+        report["subgroups"] = subgroup_section(
+            names, labels, probs, groups, demographics,
+            {rule: thresholds_of(points, rule) for rule in RULES} if points else None, n_boot,
+            seed, class_names, points["chosen_on"] if points else None)
     return strict_json(_floats(report))
 
 
@@ -173,6 +181,8 @@ def summary(report):
                      f"{e['prevalence']:>7.3f}")
     m = report["mean"]
     lines.append(f"{'mean':<20}{_f(m['auc']):>8}  {_ci(m['auc_ci']):<16}")
+    if report.get("subgroups"):
+        lines += summary_lines(report["subgroups"])
     return "\n".join(lines)
 
 
@@ -198,7 +208,10 @@ def markdown(report, rule="youden"):
         rows.append("| " + " | ".join(cells) + " |")
     m = report["mean"]
     rows.append(f"| **Mean** | | **{_f(m['auc'], 3)}** {_ci(m['auc_ci'])} |" + " |" * (len(cols) - 3))
-    return head + "\n\n" + "\n".join(rows) + "\n"
+    text = head + "\n\n" + "\n".join(rows) + "\n"
+    if report.get("subgroups"):
+        text += markdown_section(report["subgroups"], rule)
+    return text
 
 
 def write_report(csv_path, report, labels, probs, points=None, calibrated=False, log=print,
@@ -211,6 +224,8 @@ def write_report(csv_path, report, labels, probs, points=None, calibrated=False,
     atomic_write_text(f"{stem}_report.md", markdown(report), "report")
     pngs = (write_figures(stem, labels, probs, points, calibrated, log, class_names)
             if figures else [])
+    if figures and report.get("subgroups") and pngs:
+        pngs += [p for p in [write_figure(f"{stem}_subgroups.png", report["subgroups"])] if p]
     return [f"{stem}_report.json", f"{stem}_report.md", *pngs]
 
 
@@ -408,11 +423,27 @@ def report_file(args):
     lists = resolve_split(args.split, args.data_dir, args.split_seed,
                           getattr(args, "keep_laterals", False))
     labels = labels_for(names, lists, args.predictions, classes)
-    report = build_report(names, labels, probs, n_boot=args.n_boot, seed=args.boot_seed,
-                          class_names=classes, predictions=str(args.predictions))
+    points = None
+    if args.val_predictions is not None:  # operating points chosen on val, never on test
+        val_names, val_probs, val_classes = read_predictions(args.val_predictions)
+        if val_classes != classes:
+            raise DataError(f"--val-predictions {args.val_predictions}: predicts other classes "
+                            f"than {args.predictions}")
+        shared = set(val_names) & set(names)
+        if shared:
+            raise DataError(f"--val-predictions {args.val_predictions}: shares {len(shared)} "
+                            f"image(s) with {args.predictions} (e.g. {sorted(shared)[0]}): "
+                            "thresholds must be chosen on other images (val)")
+        val_labels = labels_for(val_names, lists, args.val_predictions, classes)
+        points = choose_operating_points(val_labels, val_probs, None, args.val_predictions,
+                                         class_names=classes)
+    demographics = demographics_for(args.data_dir, args.no_subgroups, args.patients_table)
+    report = build_report(names, labels, probs, points, n_boot=args.n_boot, seed=args.boot_seed,
+                          class_names=classes, demographics=demographics,
+                          predictions=str(args.predictions))
     print(summary(report))
-    for path in write_report(args.predictions, report, labels, probs, class_names=classes,
-                             figures=not args.no_figures):
+    for path in write_report(args.predictions, report, labels, probs, points,
+                             class_names=classes, figures=not args.no_figures):
         print(f"wrote {path}")
     return report
 
@@ -440,6 +471,10 @@ def main(argv=None):
     if argv[:1] != ["compare"]:
         parser.add_argument("--no-figures", action="store_true",
                             help="the report's JSON and Markdown only")
+        parser.add_argument("--val-predictions", default=None, metavar="CSV",
+                            help="the same model's predictions on val: operating points (and "
+                                 "the subgroups' TPR/FPR) at thresholds chosen there")
+        add_subgroup_args(parser)
     add_report_args(parser)
     args = parser.parse_args(argv)
     try:
