@@ -407,8 +407,9 @@ def markdown_section(section, rule="youden"):
     if has_rule:
         lines.append(f"TPR and FPR at the {rule} thresholds chosen on val "
                      f"({section['thresholds']}); gap: {section['gap']}, **bold** where its "
-                     f"95% interval excludes 0. n/a: fewer than {section['min_count']} positives (negatives for FPR) in the "
-                     f"subgroup or in everyone else. Age bands: [low, high) years.")
+                     f"95% interval excludes 0. n/a: fewer than {section['min_count']} "
+                     "positives (negatives for FPR) in the subgroup or in everyone else. "
+                     "Age bands: [low, high) years.")
     else:
         lines.append("No operating points: TPR and FPR need thresholds chosen on val "
                      "(`python infer.py --part val`, or `report.py --val-predictions`).")
