@@ -35,7 +35,7 @@ UNKNOWN = "unknown"
 MAX_AGE = 110  # years; above it (or below 0) an age is impossible, hence unknown
 MIN_COUNT = 10  # positives (TPR) or negatives (FPR) below which a statistic is n/a
 SEX_CODES = {"f": "female", "female": "female", "m": "male", "male": "male"}
-UNKNOWN_SEX_CODES = {"unknown", "u", "o", "other", "x"}  # recorded as not known
+UNKNOWN_SEX_CODES = {"unknown", "u"}  # recorded as not known (CheXpert's "Unknown")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +68,7 @@ class Demographics:
                 if v is None:
                     reasons[why] = reasons.get(why, 0) + 1
             n = sum(reasons.values())
-            detail = ", ".join(f"{c} {w}" for w, c in sorted(reasons.items(), key=lambda x: -x[1]))
+            detail = ", ".join(f"{c} {w}" for w, c in sorted(reasons.items(), key=lambda x: (-x[1], x[0])))
             parts.append(f"{attr} unknown for {n}" + (f" ({detail})" if n else ""))
         note = (f"demographics from {self.source}: of {len(names)} images, " + "; ".join(parts)
                 + ("; unknown values are their own row and left out of every gap"
@@ -113,7 +113,7 @@ def parse_age(text):
     if not np.isfinite(years):
         return None, "not a number"
     if years < 0 or years > MAX_AGE:
-        return None, f"impossible (below 0 or over {MAX_AGE})"
+        return None, f"outside 0-{MAX_AGE}"
     return years, None
 
 

@@ -131,7 +131,7 @@ def test_missing_partly_missing_and_impossible_demographics(tmp_path):
     assert "of 9 images" in note
     assert ("sex unknown for 3 (1 blank, 1 no row in the table, 1 unrecognised code)"
             in note), note
-    assert "age unknown for 5 (2 impossible (below 0 or over 110), 1 blank, 1 no row in the " \
+    assert "age unknown for 5 (2 outside 0-110, 1 blank, 1 no row in the " \
            "table, 1 not a number)" in note, note
     assert parse_age("110") == (110.0, None) and parse_age("111")[0] is None
     # Everyone unknown: the section still builds, every gap n/a.
