@@ -499,7 +499,7 @@ def write_figure(path, section, rule="youden"):
         groups = [g for g in a["groups"] if g != UNKNOWN]
         width = 0.8 / len(groups)
         ax.axhline(0, color="0.3", lw=1, ls="--", zorder=1)
-        na = False
+        na = plotted = False
         for j, group in enumerate(groups):
             for d, disease in enumerate(diseases):
                 x = d - 0.4 + width * (j + 0.5)
@@ -510,11 +510,17 @@ def write_figure(path, section, rule="youden"):
                             zorder=3)
                     na = True
                     continue
+                plotted = True
                 lo, hi = g["ci"]
                 if lo is not None:
                     ax.plot([x, x], [lo, hi], color=color, lw=1.4, zorder=2)
                 ax.plot(x, g["value"], MARKERS.get(group, "o"), ms=6, color=color,
                         mfc=color if g.get("flagged") else "white", zorder=3)
+        if not plotted:
+            ax.set_ylim(-0.5, 0.5)
+            ax.text(0.5, 0.6, f"every gap n/a: fewer than {section['min_count']} positives in "
+                    "the subgroup or in everyone else", transform=ax.transAxes, ha="center",
+                    color="0.3")
         ax.set_xticks(range(len(diseases)))
         ax.set_xticklabels([d.replace("_", " ") for d in diseases], rotation=35, ha="right")
         ax.set_xlim(-0.6, len(diseases) - 0.4)
