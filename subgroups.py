@@ -405,7 +405,7 @@ def markdown_section(section, rule="youden"):
     lines = ["", "## Subgroups", "", section["note"] + ".", ""]
     has_rule = rule in section["rules"]
     if has_rule:
-        lines.append(f"TPR and FPR at the {rule} thresholds chosen on val "
+        lines.append(f"TPR and FPR at the {RULE_NAMES.get(rule, rule)} thresholds chosen on val "
                      f"({section['thresholds']}); gap: {section['gap']}, **bold** where its "
                      f"95% interval excludes 0. n/a: fewer than {section['min_count']} "
                      "positives (negatives for FPR) in the subgroup or in everyone else. "
@@ -455,7 +455,8 @@ def summary_lines(section, rule="youden", most=8):
         return lines + ["subgroups: AUROC only; the TPR/FPR gaps need thresholds chosen on val "
                         "(the test report applies them)"]
     found = flagged(section, rule)
-    lines.append(f"subgroup gaps whose 95% interval excludes 0 ({rule} thresholds): {len(found)}"
+    lines.append(f"subgroup gaps whose 95% interval excludes 0 ({RULE_NAMES.get(rule, rule)} "
+                 f"thresholds): {len(found)}"
                  + (":" if found else ""))
     for attr, disease, group, stat, g in sorted(found, key=lambda x: -abs(x[4]["value"]))[:most]:
         text = _fmt(g).replace("**", "")
