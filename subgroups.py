@@ -68,7 +68,8 @@ class Demographics:
                 if v is None:
                     reasons[why] = reasons.get(why, 0) + 1
             n = sum(reasons.values())
-            detail = ", ".join(f"{c} {w}" for w, c in sorted(reasons.items(), key=lambda x: (-x[1], x[0])))
+            ordered = sorted(reasons.items(), key=lambda x: (-x[1], x[0]))  # most first
+            detail = ", ".join(f"{c} {w}" for w, c in ordered)
             parts.append(f"{attr} unknown for {n}" + (f" ({detail})" if n else ""))
         note = (f"demographics from {self.source}: of {len(names)} images, " + "; ".join(parts)
                 + ("; unknown values are their own row and left out of every gap"
