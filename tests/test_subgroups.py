@@ -175,6 +175,17 @@ def test_chexpert_and_mimic_demographics(tmp_path):
                                  "files/p10/p10002000/s50000200/c.jpg"])
     assert list(groups["sex"]) == ["female", "male", UNKNOWN]
     assert list(groups["age"]) == ["40-60", "80+", UNKNOWN]
+    # A bad patients table is one line naming it: absent, truncated, a subject twice.
+    from common import DataError
+    with pytest.raises(DataError, match="not found"):
+        load_demographics(mimic, tmp_path / "absent.csv.gz")
+    whole = table.read_bytes()
+    table.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(DataError, match="patients.csv.gz: cannot read"):
+        load_demographics(mimic, table)
+    table.write_bytes(gzip.compress(b"subject_id,gender,anchor_age\n1,F,5\n1,M,6\n"))
+    with pytest.raises(DataError, match=r"patients.csv.gz:3: subject_id 1 is listed twice"):
+        load_demographics(mimic, table)
 
 
 def _predictions(path, names, probs):
