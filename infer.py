@@ -38,6 +38,7 @@ from metrics import mean_auc, roc_aucs
 from report import add_report_args
 from splitting import resolve_split
 from tables import detect_dataset
+from subgroups import add_subgroup_args, demographics_for
 
 
 def class_map(text):
@@ -165,6 +166,9 @@ def evaluate(args, rt=None):
     list_path, images = split_images(args.data_dir, args.split, args.split_seed,
                                      args.keep_laterals, args.part, args.resize,
                                      not args.no_store, args.skip_bad_images, args.limit, log)
+    # read now: a bad demographics table stops here, before predicting
+    demographics = (demographics_for(args.data_dir, args.no_subgroups, args.patients_table, log)
+                    if is_main else None)
     if args.mode == "torch":
         from runtime import autocast
         checkpoint = torch_checkpoint(args.checkpoint, meta)
@@ -207,7 +211,7 @@ def evaluate(args, rt=None):
             return None
         result = report_evaluation(args, out_csv, list_path, images, probs, readable, model_id,
                                    model_classes, columns, (points, why), elsewhere, timing,
-                                   sample_notice(args, meta))
+                                   sample_notice(args, meta), demographics)
         chunks.remove()
         return result
 
@@ -283,7 +287,8 @@ def sample_notice(args, meta):
 
 
 def report_evaluation(args, out_csv, list_path, images, probs, readable, model_id,
-                      model_classes, columns, points_why, elsewhere, timing, notice=None):
+                      model_classes, columns, points_why, elsewhere, timing, notice=None,
+                      demographics=None):
     """Score the predictions against the list's labels: on val, choose and save the operating
     points; write the predictions CSV and the report; print the summary. notice: sample_notice's
     dict, carried into the report."""
@@ -326,7 +331,8 @@ def report_evaluation(args, out_csv, list_path, images, probs, readable, model_i
     scored = points if args.part == "test" else None
     report = build_report(names, labels, probs, classes, scored, args.n_boot, args.boot_seed,
                           args.calibrated, mode=args.mode, part=args.part, list=str(list_path),
-                          predictions=str(out_csv), **(notice or {}))
+                          predictions=str(out_csv), demographics=demographics,
+                          **(notice or {}))
     skipped = len(images) - len(names)
     print(f"mode {args.mode}: {len(names)} {args.part} images of {list_path}"
           + (f" ({skipped} unreadable skipped)" if skipped else ""))
@@ -514,6 +520,7 @@ def get_args(argv=None):
                    help="write the report's JSON and Markdown only (no ROC/PR/reliability PNGs)")
     p.add_argument("--calibrated", action="store_true",
                    help="apply the Platt calibration fitted on val (--part val first)")
+    add_subgroup_args(p)  # --no-subgroups, --patients-table
     # Export (infer.sh)
     p.add_argument("--export", action="store_true", help="export FP32 and INT8 (infer.sh)")
     p.add_argument("--calibration-size", type=positive_int, default=300,

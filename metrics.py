@@ -66,7 +66,7 @@ def auprcs(labels, probs):
 
 
 @contextmanager
-def _quiet():
+def quiet():
     """All-NaN slices (a resample without positives) are expected: no warnings for them."""
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -98,23 +98,33 @@ def weighted_aucs(y, scores, counts, inverse=None):
     (b, G) weights of the groups, inverse (N,) the group of each image (None: one image per
     group, counts are then per-image weights). NaN where a resample lacks a class.
 
-    Only the negatives' cumulative weight is built (b x negatives); each positive then looks up
-    the weight of the negatives below it and tied with it."""
+    Sorted once, weighted by patients as one sparse product: the negatives fall into buckets
+    between the positives' distinct scores (or tie with one), the positives onto their score;
+    a (buckets x groups) table of image counts times the (groups x b) weights gives every
+    bucket's weight in every resample, and a cumulative sum over the buckets the weight of
+    the negatives below each positive score. O(N b) multiply-adds, no (b x N) intermediate."""
+    from scipy.sparse import csr_matrix  # scipy is a dependency of scikit-learn
     inverse = np.arange(len(y)) if inverse is None else inverse
     y, scores, inverse = known(y, scores, inverse)
     y = y.astype(bool)
-    neg_order = np.argsort(scores[~y], kind="mergesort")
-    neg_scores = scores[~y][neg_order]
-    neg_w = counts[:, inverse[~y][neg_order]]  # (b, negatives), sorted by score
-    cum = np.zeros((len(counts), neg_w.shape[1] + 1))
-    np.cumsum(neg_w, axis=1, out=cum[:, 1:])
-    below = np.searchsorted(neg_scores, scores[y], "left")
-    upto = np.searchsorted(neg_scores, scores[y], "right")
-    pos_w = counts[:, inverse[y]]  # (b, positives)
-    wins = cum[:, below] + 0.5 * (cum[:, upto] - cum[:, below])
-    total_pos, total_neg = pos_w.sum(1), cum[:, -1]
+    distinct, pos_at = np.unique(scores[y], return_inverse=True)  # the positives' scores
+    m = len(distinct)
+    neg_scores, neg_groups = scores[~y], inverse[~y]
+    below = np.searchsorted(distinct, neg_scores, "left")  # distinct scores under each negative
+    tied = np.zeros(len(neg_scores), bool)
+    if m:
+        tied = (below < m) & (distinct[np.minimum(below, m - 1)] == neg_scores)
+    # Rows 0..m: a negative counts below every positive score from row (below + tied) on;
+    # rows m+1..2m: negatives tied with positive score k; rows 2m+1..3m: positives at score k.
+    rows = np.concatenate([below + tied, m + 1 + below[tied], 2 * m + 1 + pos_at.ravel()])
+    cols = np.concatenate([neg_groups, neg_groups[tied], inverse[y]])
+    table = csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(3 * m + 1, counts.shape[1]))
+    sums = table @ np.ascontiguousarray(np.asarray(counts, dtype=np.float64).T)  # (rows, b)
+    wins = np.cumsum(sums[:m], axis=0) + 0.5 * sums[m + 1:2 * m + 1]
+    positives = sums[2 * m + 1:]
+    total_pos, total_neg = positives.sum(0), sums[:m + 1].sum(0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        auc = (pos_w * wins).sum(1) / (total_pos * total_neg)
+        auc = (positives * wins).sum(0) / (total_pos * total_neg)
     return np.where((total_pos > 0) & (total_neg > 0), auc, np.nan)
 
 
@@ -123,7 +133,7 @@ def interval(samples, alpha=0.05):
     resamples); NaN where fewer than half the resamples are defined."""
     samples = np.asarray(samples, dtype=np.float64)
     defined = np.isfinite(samples).mean(0)
-    with _quiet():
+    with quiet():
         lo = np.nanpercentile(samples, 100 * alpha / 2, axis=0)
         hi = np.nanpercentile(samples, 100 * (1 - alpha / 2), axis=0)
     bad = defined < 0.5
@@ -144,7 +154,7 @@ def bootstrap_aucs(labels, probs, groups, n_boot=N_BOOT, seed=0):
             block[:, d] = weighted_aucs(labels[:, d], probs[:, d], counts, inverse)
         blocks.append(block)
     aucs = np.concatenate(blocks)
-    with _quiet():
+    with quiet():
         means = np.nanmean(aucs[:, defined], axis=1) if defined.any() else np.full(n_boot, np.nan)
     return aucs, means
 
@@ -297,7 +307,7 @@ def paired_auc_difference(labels, probs_a, probs_b, groups, n_boot=N_BOOT, seed=
             block[:, d] = (weighted_aucs(labels[:, d], probs_b[:, d], w, inverse)
                            - weighted_aucs(labels[:, d], probs_a[:, d], w, inverse))
         diffs.append(block)
-        with _quiet():
+        with quiet():
             means.append(np.nanmean(block[:, defined], axis=1) if defined.any()
                          else np.full(len(w), np.nan))
     diffs, means = np.concatenate(diffs), np.concatenate(means)

@@ -29,6 +29,8 @@ from metrics import (N_BOOT, N_BOOT_RANGE, RULES, apply_platt, at_threshold, aup
                      paired_auc_difference, reliability, roc_aucs)
 from splitting import resolve_split
 from optional import MissingPackage, pyplot
+from subgroups import (add_subgroup_args, demographics_for, markdown_section, subgroup_section,
+                       summary_lines, write_figure)
 
 OPERATING_POINTS = "operating_points.json"
 STATS = ("sensitivity", "specificity", "ppv", "npv", "f1")
@@ -194,9 +196,10 @@ def calibrate(probs, points):
 # The report
 
 def build_report(names, labels, probs, class_names, points=None, n_boot=N_BOOT, seed=0,
-                 calibrated=False, **context):
+                 calibrated=False, demographics=None, **context):
     """Every number of one evaluation, as a JSON-ready dict. points: operating points chosen
-    on val (None: no thresholds are reported)."""
+    on val (None: no thresholds are reported). demographics: subgroups.Demographics of the
+    images (None: no subgroup section)."""
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
     groups = patient_groups(names)
     aucs = roc_aucs(labels, probs)
@@ -231,6 +234,11 @@ def build_report(names, labels, probs, class_names, points=None, n_boot=N_BOOT, 
             if calibrated:
                 entry["ece_calibrated"] = ece_cal[d]
         report["diseases"][name] = entry
+    if demographics is not None:  # by sex and age band (subgroups.py)
+        report["subgroups"] = subgroup_section(
+            names, labels, probs, groups, demographics,
+            {rule: thresholds_of(points, rule) for rule in RULES} if points else None, n_boot,
+            seed, class_names, points["chosen_on"] if points else None)
     return strict_json(_floats(report))
 
 
@@ -265,6 +273,8 @@ def summary(report):
         lines.append(FEW_NOTE)
     if report.get("notice"):
         lines.append(report["notice"])
+    if report.get("subgroups"):
+        lines += summary_lines(report["subgroups"])
     return "\n".join(lines)
 
 
@@ -299,7 +309,10 @@ def markdown(report, rule="youden"):
     m = report["mean"]
     rows.append(f"| **Mean** | | **{_f(m['auc'], 3)}** {_ci(m['auc_ci'])} |" + " |" * (len(cols) - 3))
     few = any(_few(e) for e in report["diseases"].values())
-    return head + "\n\n" + "\n".join(rows) + "\n" + (f"\n{FEW_NOTE}.\n" if few else "")
+    text = head + "\n\n" + "\n".join(rows) + "\n" + (f"\n{FEW_NOTE}.\n" if few else "")
+    if report.get("subgroups"):
+        text += markdown_section(report["subgroups"], rule)
+    return text
 
 
 def write_report(csv_path, report, labels, probs, class_names, points=None, calibrated=False,
@@ -313,6 +326,8 @@ def write_report(csv_path, report, labels, probs, class_names, points=None, cali
     atomic_write_text(f"{stem}_report.md", markdown(report), "report")
     pngs = (write_figures(stem, labels, probs, class_names, points, calibrated, log, report,
                           platt) if figures else [])
+    if figures and report.get("subgroups") and pngs:
+        pngs += [p for p in [write_figure(f"{stem}_subgroups.png", report["subgroups"])] if p]
     return [f"{stem}_report.json", f"{stem}_report.md", *pngs]
 
 
@@ -617,12 +632,28 @@ def report_file(args):
     lists = resolve_split(args.split, args.data_dir, args.split_seed,
                           getattr(args, "keep_laterals", False))
     labels = labels_for(names, lists, args.predictions, classes)
+    points = None
+    if args.val_predictions is not None:  # operating points chosen on val, never on test
+        val_names, val_probs, val_classes = read_predictions(args.val_predictions)
+        if val_classes != classes:
+            raise DataError(f"--val-predictions {args.val_predictions}: predicts other classes "
+                            f"than {args.predictions}")
+        shared = set(val_names) & set(names)
+        if shared:
+            raise DataError(f"--val-predictions {args.val_predictions}: shares {len(shared)} "
+                            f"image(s) with {args.predictions} (e.g. {sorted(shared)[0]}): "
+                            "thresholds must be chosen on other images (val)")
+        val_labels = labels_for(val_names, lists, args.val_predictions, classes)
+        points = choose_operating_points(val_labels, val_probs, None, args.val_predictions,
+                                         classes)
+    demographics = demographics_for(args.data_dir, args.no_subgroups, args.patients_table)
     notice = {"notice": SAMPLE_NOTICE} if trained_on_sample(_exported_from(
         Path(args.predictions).parent)) else {}
-    report = build_report(names, labels, probs, classes, n_boot=args.n_boot, seed=args.boot_seed,
+    report = build_report(names, labels, probs, classes, points, n_boot=args.n_boot,
+                          seed=args.boot_seed, demographics=demographics,
                           predictions=str(args.predictions), **notice)
     print(summary(report))
-    for path in write_report(args.predictions, report, labels, probs, classes,
+    for path in write_report(args.predictions, report, labels, probs, classes, points,
                              figures=not args.no_figures):
         print(f"wrote {path}")
     return report
@@ -673,6 +704,10 @@ def main(argv=None):
     if argv[:1] != ["compare"]:
         parser.add_argument("--no-figures", action="store_true",
                             help="the report's JSON and Markdown only")
+        parser.add_argument("--val-predictions", default=None, metavar="CSV",
+                            help="the same model's predictions on val: operating points (and "
+                                 "the subgroups' TPR/FPR) at thresholds chosen there")
+        add_subgroup_args(parser)
     add_report_args(parser)
     args = parser.parse_args(argv)
     try:
