@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common import DataError, one_line
+from common import DataError, atomic_path, one_line
 from labels import patient_of
 from metrics import bootstrap_counts, interval, quiet, roc_aucs, weighted_aucs
-from tables import find_label_table, read_chexpert, read_table
+from tables import detect_dataset, find_label_table, read_chexpert, read_table
 
 SEXES = ("female", "male")
 AGE_BANDS = ((0, 20, "0-20"), (20, 40, "20-40"), (40, 60, "40-60"), (60, 80, "60-80"),
@@ -186,7 +186,6 @@ def mimic_demographics(path):
 def load_demographics(data_dir, patients_table=None):
     """(Demographics or None, why none). Bad tables are a DataError; a data set without
     demographics is None with the reason."""
-    from datasets import detect_dataset
     dataset = detect_dataset(data_dir) if data_dir and Path(data_dir).is_dir() else "nih"
     if patients_table is not None and dataset != "mimic":
         raise DataError(f"--patients-table: MIMIC-IV's patients table is for MIMIC-CXR; "
@@ -480,14 +479,12 @@ def write_figure(path, section, rule="youden"):
     n/a. Returns the path, or None without matplotlib or thresholds."""
     if rule not in section["rules"]:
         return None
+    from optional import MissingPackage, pyplot
     try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only: no display needed
-        import matplotlib.pyplot as plt
-        from matplotlib.lines import Line2D
-    except ImportError:
+        plt = pyplot("the subgroup figure")
+    except MissingPackage:
         return None
-    from common import atomic_path
+    from matplotlib.lines import Line2D
     attrs = list(section["attributes"])
     diseases = list(next(iter(section["attributes"].values()))["diseases"]) if attrs else []
     fig, axes = plt.subplots(len(attrs), 1, figsize=(max(8, 0.75 * len(diseases) + 2),
