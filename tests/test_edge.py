@@ -152,7 +152,10 @@ def test_images_heatmaps_and_localization(edge_python, edge_model, nih_dir, imag
                   "--image", *paths, "--cam", tmp_path / "cams"))
     probs = {path: probabilities(proc.stdout, path) for path in paths}
     assert probs[images["j2k"]] == probs[images["png"]]  # lossless: the PNG's pixels
-    assert probs[images["jpeg_dicom"]] == probs[images["jpeg"]]  # the same JPEG bytes
+    # The same JPEG bytes, through pydicom's JPEG decoder and through Pillow's: two decoders
+    # may round the inverse DCT differently, by a grey level here and there.
+    a, b = probs[images["jpeg_dicom"]], probs[images["jpeg"]]
+    assert a.keys() == b.keys() and max(abs(a[k] - b[k]) for k in a) < 0.01, (a, b)
     for path in paths:
         assert (tmp_path / "cams" / f"{Path(path).stem}_all.png").is_file(), proc.stdout
         overlays = [p for p in (tmp_path / "cams").glob(f"{Path(path).stem}_*.png")
