@@ -64,8 +64,8 @@ def load_dicom(path):
     (a VOI LUT, else Window Center/Width with its VOI LUT Function) -> 0..255, and MONOCHROME1
     (white = low) inverted. Without any VOI the modality values' own range is stretched to
     0..255. Compressed transfer syntaxes decode through pydicom's plugins (pylibjpeg)."""
-    from optional import pydicom
-    pydicom = pydicom(f"{path}: reading DICOM")
+    import optional
+    pydicom = optional.pydicom(f"{path}: reading DICOM")
     try:
         ds = pydicom.dcmread(path)
     except pydicom.errors.InvalidDicomError:
@@ -108,7 +108,8 @@ def _voi(values, ds, pydicom):
         item = ds.VOILUTSequence[0]
         bits = int(item.LUTDescriptor[2])
         # A LUT is indexed by integer values (the modality output of an integer image)
-        out = pydicom.pixels.apply_voi_lut(np.round(values).astype(np.int64), ds, index=0, prefer_lut=True)
+        out = pydicom.pixels.apply_voi_lut(np.round(values).astype(np.int64), ds, index=0,
+                                           prefer_lut=True)
         return np.asarray(out, dtype=np.float64) / (2 ** bits - 1)
     if "WindowCenter" in ds and "WindowWidth" in ds:
         def first(v):  # a multi-valued element lists several windows: the first is default
