@@ -139,8 +139,8 @@ def check_boxes_inside(boxes, name, size, path):
 
 def heatmap_boxes(heat, tau):
     """Boxes around the connected regions where the normalised heatmap is >= tau."""
-    from optional import ndimage
-    ndimage = ndimage("--localize")
+    import optional
+    ndimage = optional.ndimage("--localize")
     regions, _ = ndimage.label(normalise(heat) >= tau)
     return [(s[1].start, s[0].start, s[1].stop - s[1].start, s[0].stop - s[0].start)
             for s in ndimage.find_objects(regions) if s is not None]
@@ -195,8 +195,8 @@ def pointing_hit(heat, truth, scale=1.0):
 def random_heatmap(shape, seed):
     """Smooth random blobs (Gaussian-filtered noise), a fair rival: pure noise would break into
     thousands of single-pixel regions."""
-    from optional import ndimage
-    ndimage = ndimage("--localize")
+    import optional
+    ndimage = optional.ndimage("--localize")
     rng = np.random.default_rng(seed)
     noise = ndimage.gaussian_filter(rng.random((64, 64)), 4)
     return resize_maps(noise[None], shape)[0]

@@ -90,8 +90,8 @@ def load_dicom(path):
     (a VOI LUT, else Window Center/Width with its VOI LUT Function) -> 0..255, and MONOCHROME1
     (white = low) inverted. Without any VOI the modality values' own range is stretched to
     0..255. Compressed transfer syntaxes decode through pydicom's plugins (pylibjpeg)."""
-    from optional import pydicom
-    pydicom = pydicom(f"{path}: reading DICOM")
+    import optional
+    pydicom = optional.pydicom(f"{path}: reading DICOM")
     try:
         ds = pydicom.dcmread(path)
     except pydicom.errors.InvalidDicomError:

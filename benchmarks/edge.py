@@ -36,7 +36,8 @@ def timed(cmd, log):
 
 
 def du(path):
-    return subprocess.run(["du", "-sh", str(path)], capture_output=True, text=True).stdout.split()[0]
+    out = subprocess.run(["du", "-sh", str(path)], capture_output=True, text=True).stdout
+    return out.split()[0]
 
 
 def main():
@@ -126,7 +127,8 @@ def main():
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
                 if ln.startswith("model name")), "CPU")
-    print(f"\n{os.cpu_count()} cores ({cpu}); edge environment {python} ({du(Path(python).parents[1])}); "
+    print(f"\n{os.cpu_count()} cores ({cpu}); edge environment {python} "
+          f"({du(Path(python).parents[1])}); "
           f"DenseNet-121 at 224, ten-crop, 1024x1024 NIH PNGs; outputs and log in {work}")
     print(f"| {'command':<62} | seconds |")
     print(f"| {'-' * 62} | ------- |")

@@ -85,7 +85,8 @@ def jpeg_dicom(jpeg, path):
     meta.TransferSyntaxUID = JPEGBaseline8Bit
     ds = pydicom.Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.Modality, ds.PatientID = "DX", "test"
     ds.Rows, ds.Columns = height, width
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
@@ -134,7 +135,8 @@ def test_evaluation_report_and_compare(edge_python, edge_model, nih_dir, tmp_pat
     calibrated = ok(run(edge_python, "infer.py", "--mode", "int8", "--calibrated",
                         "--out-csv", tmp_path / "calibrated.csv", *common))
     assert "mean" in calibrated.stdout
-    assert (tmp_path / "calibrated.csv").read_text() != (edge_model / "predictions_int8.csv").read_text()
+    plain = (edge_model / "predictions_int8.csv").read_text()
+    assert (tmp_path / "calibrated.csv").read_text() != plain
     again = ok(run(edge_python, "report.py", edge_model / "predictions_int8.csv", "--data-dir",
                    nih_dir, "--n-boot", "200"))
     assert "Atelectasis" in again.stdout
@@ -151,7 +153,10 @@ def test_images_heatmaps_and_localization(edge_python, edge_model, nih_dir, imag
                   "--image", *paths, "--cam", tmp_path / "cams"))
     probs = {path: probabilities(proc.stdout, path) for path in paths}
     assert probs[images["j2k"]] == probs[images["png"]]  # lossless: the PNG's pixels
-    assert probs[images["jpeg_dicom"]] == probs[images["jpeg"]]  # the same JPEG bytes
+    # The same JPEG bytes, through pydicom's JPEG decoder and through Pillow's: two decoders
+    # may round the inverse DCT differently, by a grey level here and there.
+    a, b = probs[images["jpeg_dicom"]], probs[images["jpeg"]]
+    assert a.keys() == b.keys() and max(abs(a[k] - b[k]) for k in a) < 0.01, (a, b)
     for path in paths:
         assert (tmp_path / "cams" / f"{Path(path).stem}_all.png").is_file(), proc.stdout
         overlays = [p for p in (tmp_path / "cams").glob(f"{Path(path).stem}_*.png")
@@ -271,7 +276,8 @@ def test_a_broken_package_says_why(tmp_path):
     fake = tmp_path / "site" / "matplotlib"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text(
-        'raise ImportError("libGL.so.1: cannot open shared object file: No such file or directory")')
+        'raise ImportError("libGL.so.1: cannot open shared object file: '
+        'No such file or directory")')
     proc = run(EDGE or sys.executable, "stats.py", "--plot", tmp_path / "plots",
                env={"PYTHONPATH": tmp_path / "site"})
     assert ("--plot needs the matplotlib package (libGL.so.1: cannot open shared object file: No "
