@@ -98,27 +98,39 @@ def find_box_file(data_dir):
 
 
 def read_boxes(path):
-    """{image name: {disease: [(x, y, w, h), ...]}} from BBox_List_2017.csv."""
+    """{image name: {disease: [(x, y, w, h), ...]}} from BBox_List_2017.csv: read as the
+    predictions CSV is (report.read_predictions): a byte-order mark is no part of the header,
+    quoted names are read whole, and a row has exactly an image, a disease and 4 numbers (NIH's
+    header ends with empty columns; cells past the 6th must be empty), else the line is named."""
     path = Path(path)
     try:
         opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", newline="") as f:
-            rows = list(csv.reader(f))
+        with opener(path, "rt", newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            rows = []
+            for row in reader:
+                rows.append((reader.line_num, row))
     except (OSError, UnicodeDecodeError, EOFError) as e:
         raise DataError(f"{path}: cannot read the box file ({os_reason(e)})") from None
-    if not rows or rows[0][:2] != ["Image Index", "Finding Label"] or len(rows[0]) < 6 or \
-            not rows[0][2].startswith("Bbox"):
+    except csv.Error as e:
+        raise DataError(f"{path}:{len(rows) + 1}: not CSV ({e})") from None
+    header = rows[0][1] if rows else []
+    if header[:2] != ["Image Index", "Finding Label"] or len(header) < 6 or \
+            not header[2].startswith("Bbox"):
         raise DataError(f"{path}: not a box file (expected the columns Image Index, Finding "
                         "Label, Bbox [x, y, w, h])")
     boxes = {}
-    for line, row in enumerate(rows[1:], 2):
+    for line, row in rows[1:]:
         if not any(cell.strip() for cell in row):
             continue
         try:
+            if len(row) < 6 or any(cell.strip() for cell in row[6:]):
+                raise ValueError(len(row))
             name, disease = row[0], BOX_ALIASES.get(row[1], row[1])
             x, y, w, h = (float(v) for v in row[2:6])
         except (ValueError, IndexError):
-            raise DataError(f"{path}:{line}: expected an image, a disease and 4 numbers") from None
+            raise DataError(f"{path}:{line}: expected an image, a disease and 4 numbers, got "
+                            f"{len(row)} fields") from None
         if disease not in NIH_CLASSES:  # the box file is NIH's
             raise DataError(f"{path}:{line}: unknown disease {row[1]!r}")
         if not (w > 0 and h > 0 and x >= 0 and y >= 0 and np.isfinite([x, y, w, h]).all()):

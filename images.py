@@ -53,9 +53,9 @@ def load_gray(path):
     try:
         with Image.open(path) as im:
             w, h = im.size
-            bands = len(im.getbands())
-            check_declared_size(path, w * h * bands * (2 if im.mode.startswith("I") else 1),
-                                f"a {w}x{h} {im.mode} image")
+            per_pixel = {"I": 4, "F": 4}.get(im.mode, 2 if im.mode.startswith("I;16")
+                                              else len(im.getbands()))
+            check_declared_size(path, w * h * per_pixel, f"a {w}x{h} {im.mode} image")
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 pixels = np.asarray(im, dtype=np.float64)
                 return Image.fromarray(np.round(pixels.clip(0, 65535) / 257.0).astype(np.uint8))

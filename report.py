@@ -533,9 +533,11 @@ def read_predictions(path):
         with open(path, newline="", encoding="utf-8-sig") as f:  # a byte-order mark is no name
             reader = csv.reader(f)
             rows, lines = [], []
-            for row in reader:
+            start = 1
+            for row in reader:  # a row's line: where it starts (a quoted field may span lines)
                 rows.append(row)
-                lines.append(reader.line_num)
+                lines.append(start)
+                start = reader.line_num + 1
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read predictions ({os_reason(e)})") from None
     except csv.Error as e:

@@ -41,8 +41,9 @@ def _bad(tmp_path, kind):
     import pydicom
     path = write_dicom(PNG, tmp_path / f"{kind}.dcm", "window")
     ds = pydicom.dcmread(path)
-    if kind == "no_image":  # e.g. a structured report beside the images
-        del ds.PixelData
+    if kind == "no_image":  # e.g. a structured report beside the images: no image attributes
+        for keyword in ("PixelData", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit"):
+            delattr(ds, keyword)
     elif kind == "rgb":
         ds.PhotometricInterpretation, ds.SamplesPerPixel, ds.PlanarConfiguration = "RGB", 3, 0
         ds.BitsAllocated = ds.BitsStored = 8
