@@ -161,6 +161,10 @@ def test_curves_of_damaged_metrics_are_one_line_errors(tmp_path):
     assert_clean_error(run_script("curves.py", tmp_path), "metrics.jsonl:2: not a metrics.jsonl")
     (tmp_path / "metrics.jsonl").write_text("[1, 2]\n")
     assert_clean_error(run_script("curves.py", tmp_path), "metrics.jsonl:1:", "not a JSON object")
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "train_loss": "low", "val_loss": 0.4, '
+                                            '"val_mean_auc": 0.5}\n')
+    assert_clean_error(run_script("curves.py", tmp_path), "metrics.jsonl:1:",
+                       "train_loss is 'low', not a number")
     (tmp_path / "metrics.jsonl").write_bytes(b"\xff\xfe\n")
     assert_clean_error(run_script("curves.py", tmp_path), "metrics.jsonl: cannot read")
     # An epoch whose AUC is undefined (null) is drawn as a gap, not an error
