@@ -194,7 +194,8 @@ def test_without_the_tensorboard_package_training_goes_on(tmp_path):
     out = tmp_path / "run"
     proc = run_script(probe, *TINY, "--limit", "16", "--epochs", "1", "--out-dir", out)
     assert proc.returncode == 0, proc.stderr
-    notes = [ln for ln in proc.stdout.splitlines() if "tensorboard" in ln.lower()]
+    notes = [ln for ln in proc.stdout.splitlines() if ln.startswith("note:")
+             and "tensorboard" in ln.lower()]
     assert len(notes) == 1 and notes[0].startswith("note: the tensorboard package is not"), notes
     assert (out / "metrics.jsonl").is_file() and not (out / "tensorboard").exists()
 
