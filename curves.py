@@ -118,6 +118,10 @@ def read_metrics(path):
             for key in ("epoch", "train_loss", "val_loss", "val_mean_auc"):
                 if key not in record:
                     raise ValueError(f"no {key!r}")
+                value = record[key]
+                number = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if not (number or (value is None and key != "epoch")):
+                    raise ValueError(f"{key} is {value!r}, not a number")
         except ValueError as e:
             raise DataError(f"{path}:{i}: not a metrics.jsonl record of main.py ({one_line(e)})") from None
         records.append(record)

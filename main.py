@@ -4,7 +4,8 @@
     torchrun --standalone --nproc_per_node=8 main.py --amp            # one node, 8 GPUs
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d \\
         --rdzv-endpoint=HOST:29400 --rdzv-id=chexnet main.py --hpu    # several nodes
-Rank and device come from torchrun's environment; rank 0 prints and writes. Starting again
+Rank and device come from torchrun's environment; rank 0 prints and writes (checkpoints,
+metrics.jsonl, TensorBoard curves under OUT_DIR/tensorboard/: see curves.py). Starting again
 with the same --out-dir resumes from its last.pt; torchrun --max-restarts=K does that for you
 after a worker dies (export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 first: pytorch#135712).
 """

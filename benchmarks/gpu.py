@@ -30,6 +30,8 @@ import training  # noqa: E402
 from common import atomic_write_text  # noqa: E402
 from runtime import setup  # noqa: E402
 
+# torch.OutOfMemoryError from torch 2.5; torch.cuda's before (a Gaudi container may be older)
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
 BUDGET_S = 480  # the whole command, the 8 minutes
 TRAIN = {"fp32": ["--no-amp", "--no-channels-last"],
          "AMP bf16": ["--amp", "--no-channels-last"],
@@ -50,7 +52,10 @@ class Device:
         if self.type == "cuda":
             return torch.cuda.get_device_name(self.rt.device)
         if self.type == "hpu":
-            return f"Intel Gaudi ({torch.hpu.get_device_name()})"
+            try:
+                return f"Intel Gaudi ({torch.hpu.get_device_name()})"
+            except (AttributeError, RuntimeError):
+                return "Intel Gaudi"
         return f"{data_loading.cpu_name()}, {torch.get_num_threads()} threads"
 
     def reset_peak(self):
@@ -69,7 +74,7 @@ class Device:
             torch.cuda.empty_cache()
 
     def out_of_memory(self, exc):
-        return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+        return isinstance(exc, OUT_OF_MEMORY) or "out of memory" in str(exc).lower()
 
 
 def train_row(device, flags, batch_sizes, steps, crop):
@@ -81,7 +86,7 @@ def train_row(device, flags, batch_sizes, steps, crop):
             rate = training.throughput(flags, device.rt, steps, batch, crop,
                                        warmup=2 if device.type == "cpu" else 5)
             return batch, rate, device.peak_gib()
-        except (RuntimeError, torch.OutOfMemoryError) as e:
+        except (RuntimeError, OUT_OF_MEMORY) as e:
             if not device.out_of_memory(e):
                 raise
     return None, None, None

@@ -38,7 +38,8 @@ def throughput(flags, rt, steps, batch_size, crop, warmup=None):
     model = build_model(pretrained="none").to(rt.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    net = torch.compile(model) if args.compile else model
+    net = (torch.compile(model, backend="hpu_backend" if rt.device.type == "hpu" else "inductor")
+           if args.compile else model)  # as main.py compiles
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(enabled=False)
     criterion = torch.nn.BCEWithLogitsLoss()
