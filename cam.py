@@ -263,6 +263,7 @@ class Tally:
 # Overlays
 
 COLOURBAR_LABEL = "activation (min-max normalised per map)"
+OVERLAY_MAX = 2048  # pixels a side of each panel of an overlay, at most
 
 
 def _draw_boxes(ax, boxes, highlight=None, fontsize=9):
@@ -278,6 +279,11 @@ def _draw_boxes(ax, boxes, highlight=None, fontsize=9):
                 bbox=dict(fc="black", ec="none", alpha=0.6, pad=1))
 
 
+def _extent(gray):
+    """imshow's extent of the X-ray's pixels: a heatmap of any resolution drawn over them."""
+    return (-0.5, gray.shape[1] - 0.5, gray.shape[0] - 0.5, -0.5)
+
+
 def overlay(gray, heat, title, boxes=(), disease=None):
     """The plain X-ray (H, W) uint8 and, beside it, the normalised heatmap over it in the jet
     colour map, each at the X-ray's own resolution, with a colour bar, NIH's radiologist boxes
@@ -287,7 +293,10 @@ def overlay(gray, heat, title, boxes=(), disease=None):
 
     from report import _pyplot
     plt = _pyplot()
-    height, width = gray.shape
+    # Each panel at the X-ray's own resolution, up to OVERLAY_MAX pixels a side (a huge
+    # scan would otherwise make a figure of gigabytes).
+    scale = min(1.0, OVERLAY_MAX / max(gray.shape))
+    height, width = (max(1, round(n * scale)) for n in gray.shape)
     dpi = 100
     gap, bar, head = max(8, width // 40), max(90, width // 8), max(40, height // 14)
     total_w, total_h = 2 * width + gap + bar, height + head
@@ -300,8 +309,11 @@ def overlay(gray, heat, title, boxes=(), disease=None):
         ax.set_axis_off()
         panels.append(ax)
     image = panels[1].imshow(normalise(heat), cmap="jet", alpha=0.4, vmin=0, vmax=1,
-                             interpolation="antialiased")
+                             interpolation="antialiased", extent=_extent(gray))
     _draw_boxes(panels[1], boxes, disease, font)
+    for ax in panels:  # a box reaching outside the image does not move the view
+        ax.set_xlim(-0.5, gray.shape[1] - 0.5)
+        ax.set_ylim(gray.shape[0] - 0.5, -0.5)
     cax = fig.add_axes([(2 * width + gap + bar * 0.15) / total_w, 0.1 * height / total_h,
                         bar * 0.18 / total_w, 0.8 * height / total_h])
     cbar = fig.colorbar(image, cax=cax)
@@ -325,7 +337,8 @@ def grid(gray, heats, titles, path, title=None, boxes=None):
     fig, axes = _grid(plt, title or Path(path).stem, len(titles) + 1)
     for ax, heat, name in zip(axes, heats, titles):
         ax.imshow(gray, cmap="gray", vmin=0, vmax=255)
-        image = ax.imshow(normalise(heat), cmap="jet", alpha=0.4, vmin=0, vmax=1)
+        image = ax.imshow(normalise(heat), cmap="jet", alpha=0.4, vmin=0, vmax=1,
+                          extent=_extent(gray))
         for disease, found in (boxes or {}).items():
             if name.split()[0] == disease:
                 _draw_boxes(ax, [(disease, b) for b in found], disease, 7)
@@ -397,6 +410,8 @@ def gradcam_plus_plus(backend, crops, log=None):
     with torch.inference_mode():
         probs = torch.sigmoid(Logits()(x)).numpy()
     classes = wrapped.head.out_features
+    log(f"Grad-CAM++: a backward pass of the {len(x)} crops for each of {classes} classes "
+        "(minutes on a CPU at 224x224)")
     maps, start = [], time.perf_counter()
     last = start
     with GradCAMPlusPlus(model=Logits(), target_layers=[wrapped.relu]) as explainer:
