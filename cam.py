@@ -264,6 +264,7 @@ class Tally:
 
 COLOURBAR_LABEL = "activation (min-max normalised per map)"
 OVERLAY_MAX = 2048  # pixels a side of each panel of an overlay, at most
+OVERLAY_MIN = 512  # and at least (the bundled sample's 256x256 images, enlarged)
 
 
 def _draw_boxes(ax, boxes, highlight=None, fontsize=9):
@@ -274,9 +275,10 @@ def _draw_boxes(ax, boxes, highlight=None, fontsize=9):
         main = highlight is None or disease == highlight
         ax.add_patch(Rectangle((x, y), w, h, fill=False, lw=2 if main else 1.2,
                                ls="-" if main else "--", ec="white" if main else "0.8"))
-        ax.text(x, y - 4, f"{disease} (radiologist)" if main else disease, color="white",
-                fontsize=fontsize, va="bottom", clip_on=True,
-                bbox=dict(fc="black", ec="none", alpha=0.6, pad=1))
+        right = x + w / 2 > ax.get_xlim()[1] / 2  # the label inside the image
+        ax.text(x + w if right else x, y, f"{disease} (radiologist)" if main else disease,
+                color="white", fontsize=fontsize, va="bottom", ha="right" if right else "left",
+                clip_on=True, bbox=dict(fc="black", ec="none", alpha=0.6, pad=1))
 
 
 def _extent(gray):
@@ -293,12 +295,12 @@ def overlay(gray, heat, title, boxes=(), disease=None):
 
     from report import _pyplot
     plt = _pyplot()
-    # Each panel at the X-ray's own resolution, up to OVERLAY_MAX pixels a side (a huge
-    # scan would otherwise make a figure of gigabytes).
-    scale = min(1.0, OVERLAY_MAX / max(gray.shape))
+    # Each panel at the X-ray's own resolution, within OVERLAY_MIN to OVERLAY_MAX pixels a
+    # side: a small image enlarged to be read, a huge scan not a figure of gigabytes.
+    scale = min(OVERLAY_MAX / max(gray.shape), max(1.0, OVERLAY_MIN / max(gray.shape)))
     height, width = (max(1, round(n * scale)) for n in gray.shape)
     dpi = 100
-    gap, bar, head = max(8, width // 40), max(90, width // 8), max(40, height // 14)
+    gap, bar, head = max(8, width // 40), max(120, width // 7), max(40, height // 14)
     total_w, total_h = 2 * width + gap + bar, height + head
     fig = plt.figure(figsize=(total_w / dpi, total_h / dpi), dpi=dpi, facecolor="white")
     font = max(9, height // 60)
