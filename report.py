@@ -295,12 +295,16 @@ MARKERS = {"sensitivity": dict(marker="^", ms=12, color="tab:red", zorder=3),
            "f1": dict(marker="s", ms=9, color="tab:green", zorder=4),
            "youden": dict(marker="o", ms=6, color="tab:orange", zorder=5)}
 def pr_curve(y, p):
-    """(recall, precision) at each distinct threshold of the data, highest threshold first:
-    scikit-learn's curve without the point (recall 0, precision 1) it appends, which no
-    threshold gives and which draws a spike at recall 0."""
+    """(recall, precision), recall increasing, at each threshold of the data that reaches a new
+    recall (where a positive comes in: the precision there, before the negatives below it lower
+    it), so that steps through these points enclose the average precision. Not scikit-learn's
+    appended point (recall 0, precision 1), which no threshold gives and which drew a spike at
+    recall 0."""
     from sklearn.metrics import precision_recall_curve
     precision, recall, _ = precision_recall_curve(y, p)
-    return recall[-2::-1], precision[-2::-1]
+    recall, precision = recall[-2::-1], precision[-2::-1]  # without the appended point
+    new = (recall > 0) & np.r_[True, np.diff(recall) > 0]
+    return recall[new], precision[new]
 
 
 def _figure_title(what, report):
@@ -362,7 +366,7 @@ def write_figures(stem, labels, probs, class_names, points=None, calibrated=Fals
         roc_axes[d].plot(fpr, tpr, lw=1.4, color="tab:blue", zorder=2)
         recall, precision = pr_curve(y, p)
         pr_axes[d].axhline(y.mean(), color="k", ls="--", lw=0.6, zorder=1)
-        # steps-pre: each threshold's precision over the recall it adds, so the area under the
+        # steps-pre: each threshold's precision over the recall it adds; the area under the
         # steps is the average precision (the AUPRC of the report)
         pr_axes[d].plot(recall, precision, lw=1.4, color="tab:blue", drawstyle="steps-pre",
                         zorder=2)
