@@ -26,6 +26,8 @@ from PIL import Image
 from common import REPO_DIR, DataError, os_reason
 from images import average_crops, ten_crop_boxes
 from labels import NIH_CLASSES, shared_classes
+import optional
+from report import panel_grid, save_figure
 
 BOX_FILE_NAMES = ("BBox_List_2017.csv", "BBox_List_2017.csv.gz")
 SHIPPED_BOXES = REPO_DIR / "nih" / "BBox_List_2017.csv.gz"
@@ -151,7 +153,6 @@ def check_boxes_inside(boxes, name, size, path):
 
 def heatmap_boxes(heat, tau):
     """Boxes around the connected regions where the normalised heatmap is >= tau."""
-    import optional
     ndimage = optional.ndimage("--localize")
     regions, _ = ndimage.label(normalise(heat) >= tau)
     return [(s[1].start, s[0].start, s[1].stop - s[1].start, s[0].stop - s[0].start)
@@ -207,7 +208,6 @@ def pointing_hit(heat, truth, scale=1.0):
 def random_heatmap(shape, seed):
     """Smooth random blobs (Gaussian-filtered noise), a fair rival: pure noise would break into
     thousands of single-pixel regions."""
-    import optional
     ndimage = optional.ndimage("--localize")
     rng = np.random.default_rng(seed)
     noise = ndimage.gaussian_filter(rng.random((64, 64)), 4)
@@ -278,6 +278,8 @@ class Tally:
 # Overlays
 
 COLOURBAR_LABEL = "activation (min-max normalised per map)"
+OVERLAY_MAX = 2048  # pixels a side of each panel of an overlay, at most
+OVERLAY_MIN = 512  # and at least (the bundled sample's 256x256 images, enlarged)
 
 
 def _draw_boxes(ax, boxes, highlight=None, fontsize=9):
@@ -288,9 +290,15 @@ def _draw_boxes(ax, boxes, highlight=None, fontsize=9):
         main = highlight is None or disease == highlight
         ax.add_patch(Rectangle((x, y), w, h, fill=False, lw=2 if main else 1.2,
                                ls="-" if main else "--", ec="white" if main else "0.8"))
-        ax.text(x, y - 4, f"{disease} (radiologist)" if main else disease, color="white",
-                fontsize=fontsize, va="bottom", clip_on=True,
-                bbox=dict(fc="black", ec="none", alpha=0.6, pad=1))
+        right = x + w / 2 > ax.get_xlim()[1] / 2  # the label inside the image
+        ax.text(x + w if right else x, y, f"{disease} (radiologist)" if main else disease,
+                color="white", fontsize=fontsize, va="bottom", ha="right" if right else "left",
+                clip_on=True, bbox=dict(fc="black", ec="none", alpha=0.6, pad=1))
+
+
+def _extent(gray):
+    """imshow's extent of the X-ray's pixels: a heatmap of any resolution drawn over them."""
+    return (-0.5, gray.shape[1] - 0.5, gray.shape[0] - 0.5, -0.5)
 
 
 def overlay(gray, heat, title, boxes=(), disease=None):
@@ -300,11 +308,13 @@ def overlay(gray, heat, title, boxes=(), disease=None):
     solid) and the title: an RGB PIL image."""
     import io
 
-    from optional import pyplot
-    plt = pyplot("--cam")
-    height, width = gray.shape
+    plt = optional.pyplot("--cam")
+    # Each panel at the X-ray's own resolution, within OVERLAY_MIN to OVERLAY_MAX pixels a
+    # side: a small image enlarged to be read, a huge scan not a figure of gigabytes.
+    scale = min(OVERLAY_MAX / max(gray.shape), max(1.0, OVERLAY_MIN / max(gray.shape)))
+    height, width = (max(1, round(n * scale)) for n in gray.shape)
     dpi = 100
-    gap, bar, head = max(8, width // 40), max(90, width // 8), max(40, height // 14)
+    gap, bar, head = max(8, width // 40), max(120, width // 7), max(40, height // 14)
     total_w, total_h = 2 * width + gap + bar, height + head
     fig = plt.figure(figsize=(total_w / dpi, total_h / dpi), dpi=dpi, facecolor="white")
     font = max(9, height // 60)
@@ -315,8 +325,11 @@ def overlay(gray, heat, title, boxes=(), disease=None):
         ax.set_axis_off()
         panels.append(ax)
     image = panels[1].imshow(normalise(heat), cmap="jet", alpha=0.4, vmin=0, vmax=1,
-                             interpolation="antialiased")
+                             interpolation="antialiased", extent=_extent(gray))
     _draw_boxes(panels[1], boxes, disease, font)
+    for ax in panels:  # a box reaching outside the image does not move the view
+        ax.set_xlim(-0.5, gray.shape[1] - 0.5)
+        ax.set_ylim(gray.shape[0] - 0.5, -0.5)
     cax = fig.add_axes([(2 * width + gap + bar * 0.15) / total_w, 0.1 * height / total_h,
                         bar * 0.18 / total_w, 0.8 * height / total_h])
     cbar = fig.colorbar(image, cax=cax)
@@ -335,13 +348,12 @@ def grid(gray, heats, titles, path, title=None, boxes=None):
     """Every class's heatmap over the X-ray in one figure, with a colour bar; title: what the
     maps are (method, mode); boxes: {disease: [(x, y, w, h)]} in the X-ray's pixels, drawn in
     their disease's panel (titles start with the class name)."""
-    from optional import pyplot
-    from report import panel_grid, save_figure
-    plt = pyplot("--cam")
+    plt = optional.pyplot("--cam")
     fig, axes = panel_grid(plt, title or Path(path).stem, len(titles) + 1)
     for ax, heat, name in zip(axes, heats, titles):
         ax.imshow(gray, cmap="gray", vmin=0, vmax=255)
-        image = ax.imshow(normalise(heat), cmap="jet", alpha=0.4, vmin=0, vmax=1)
+        image = ax.imshow(normalise(heat), cmap="jet", alpha=0.4, vmin=0, vmax=1,
+                          extent=_extent(gray))
         for disease, found in (boxes or {}).items():
             if name.split()[0] == disease:
                 _draw_boxes(ax, [(disease, b) for b in found], disease, 7)
@@ -413,6 +425,8 @@ def gradcam_plus_plus(backend, crops, log=None):
     with torch.inference_mode():
         probs = torch.sigmoid(Logits()(x)).numpy()
     classes = wrapped.head.out_features
+    log(f"Grad-CAM++: a backward pass of the {len(x)} crops for each of {classes} classes "
+        "(minutes on a CPU at 224x224)")
     maps, start = [], time.perf_counter()
     last = start
     with GradCAMPlusPlus(model=Logits(), target_layers=[wrapped.relu]) as explainer:

@@ -45,7 +45,7 @@ SAMPLE_NOTICE = ("note: a model trained on the bundled 200-image sample: these n
 def trained_on_sample(data_dir):
     """Whether `data_dir` (a model's training data, as its checkpoint or export records it) is
     the repository's bundled sample/, wherever the clone was when it was trained."""
-    if not data_dir:
+    if not data_dir or not isinstance(data_dir, (str, Path)):  # a damaged record: no claim
         return False
     path = Path(data_dir)
     if path.name != "sample":
@@ -55,8 +55,9 @@ def trained_on_sample(data_dir):
             if where.resolve() == (REPO_DIR / "sample").resolve():
                 return True
             # another clone's sample: its README says what it is
-            if (where / "README.md").read_text()[:100].startswith("# Bundled ChestX-ray14 sample"):
-                return True
+            with open(where / "README.md", encoding="utf-8") as f:
+                if f.read(100).startswith("# Bundled ChestX-ray14 sample"):
+                    return True
         except (OSError, UnicodeDecodeError):
             pass
     return not path.exists()  # the clone it was trained in is gone: trust the name
@@ -359,12 +360,16 @@ MARKERS = {"sensitivity": dict(marker="^", ms=12, color="tab:red", zorder=3),
            "f1": dict(marker="s", ms=9, color="tab:green", zorder=4),
            "youden": dict(marker="o", ms=6, color="tab:orange", zorder=5)}
 def pr_curve(y, p):
-    """(recall, precision) at each distinct threshold of the data, highest threshold first:
-    scikit-learn's curve without the point (recall 0, precision 1) it appends, which no
-    threshold gives and which draws a spike at recall 0."""
+    """(recall, precision), recall increasing, at each threshold of the data that reaches a new
+    recall (where a positive comes in: the precision there, before the negatives below it lower
+    it), so that steps through these points enclose the average precision. Not scikit-learn's
+    appended point (recall 0, precision 1), which no threshold gives and which drew a spike at
+    recall 0."""
     from sklearn.metrics import precision_recall_curve
     precision, recall, _ = precision_recall_curve(y, p)
-    return recall[-2::-1], precision[-2::-1]
+    recall, precision = recall[-2::-1], precision[-2::-1]  # without the appended point
+    new = (recall > 0) & np.r_[True, np.diff(recall) > 0]
+    return recall[new], precision[new]
 
 
 def _figure_title(what, report):
@@ -427,7 +432,9 @@ def write_figures(stem, labels, probs, class_names, points=None, calibrated=Fals
         roc_axes[d].plot(fpr, tpr, lw=1.4, color="tab:blue", zorder=2)
         recall, precision = pr_curve(y, p)
         pr_axes[d].axhline(y.mean(), color="k", ls="--", lw=0.6, zorder=1)
-        pr_axes[d].plot(recall, precision, lw=1.4, color="tab:blue", drawstyle="steps-post",
+        # steps-pre: each threshold's precision over the recall it adds; the area under the
+        # steps is the average precision (the AUPRC of the report)
+        pr_axes[d].plot(recall, precision, lw=1.4, color="tab:blue", drawstyle="steps-pre",
                         zorder=2)
         for rule, t in marks.items():
             if np.isnan(t[d]):
@@ -486,6 +493,9 @@ def reliability_figure(plt, labels, probs, class_names, report=None, platt=None,
                    edgecolor="0.6", lw=0.4)
         counts.set_yscale("symlog", linthresh=1)
         counts.set_ylim(0, (hist.max() + 1) ** 3.5)  # the bars in the lower third
+        counts.set_yticks([t for t in 10 ** np.arange(7) if t <= max(1, hist.max())])
+        counts.yaxis.set_major_formatter(lambda v, _: f"{v:g}")
+        counts.yaxis.set_minor_locator(plt.NullLocator())
         counts.tick_params(labelsize=7, colors="0.4")
         if d % 5 == 4 or d == len(class_names) - 1:
             counts.set_ylabel("images per bin", fontsize=8, color="0.4")

@@ -170,7 +170,3 @@ def pre_041_state(model, prefix=""):
                 key = key.replace(f".{layer}{i}.", f".{layer}.{i}.")
         old[prefix + key] = value
     return old
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than ~20 s (pytest -m 'not slow' skips)")
