@@ -41,6 +41,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+# Imported here, once, before any thread: a first import racing in several threads fails
+import highdicom  # noqa: F401
+import pydicom
+import pydicom.pixels  # noqa: F401
+import pydicom.sr.codedict  # noqa: F401
+import pynetdicom  # noqa: F401
 
 from backends import MODEL_NAMES, file_digest, load_openvino, read_metadata
 from common import (ArgumentParser, DataError, SetupError, atomic_path, atomic_write_text,
@@ -466,7 +472,6 @@ class Node:
             return self.refuse("internal error", OUT_OF_RESOURCES, caller, one_line(e))
 
     def _store(self, event, caller):
-        import pydicom
         sop_class = str(event.request.AffectedSOPClassUID)
         if sop_class not in XRAY_CLASSES:
             name = getattr(event.request.AffectedSOPClassUID, "name", sop_class)
@@ -539,7 +544,6 @@ class Node:
                 self._quarantine_image(uid, f"processing failed: {one_line(e)}")
 
     def _decode(self, uid):
-        import pydicom
         path = self.spool.image(uid)
         t0 = time.perf_counter()
         tries = self.spool.attempt(uid)
@@ -887,7 +891,6 @@ def predict_bytes(node, body):
     """The probabilities and decisions of a PNG, JPEG or DICOM body, as infer.py --image."""
     suffix = next((s for magic, s in RASTER_MAGIC.items() if body.startswith(magic)), None)
     if suffix is None and body[128:132] == b"DICM":
-        import pydicom
         try:
             ds = pydicom.dcmread(io.BytesIO(body))
             ds.get("PixelData")
@@ -1045,6 +1048,9 @@ def main(argv=None):
 
 
 def run(node, args, spool):
+    if not args.no_heatmaps:  # before the threads (see the imports at the top)
+        import cam  # noqa: F401
+        from matplotlib import colormaps  # noqa: F401
     pending = spool.pending_images()
     with node.lock:
         node.queued.update(pending)

@@ -194,8 +194,6 @@ def send(datasets, port, aet="SENDER", tls=None):
 def model_dir(request, tmp_path_factory):
     """The small exported model, with operating points chosen on its val split (a copy: the
     shared fixture stays as other tests expect it)."""
-    if os.environ.get("DEVMODEL"):  # DEV ONLY, remove
-        return Path(os.environ["DEVMODEL"])
     work, _ = request.getfixturevalue("small_model")
     nih_dir = request.getfixturevalue("nih_dir")
     target = tmp_path_factory.mktemp("serve") / "models"
