@@ -568,3 +568,16 @@ def test_results_the_destination_refuses_go_to_failed(model_dir, dx_files, tmp_p
     finally:
         node.stop()
         refusing.shutdown()
+
+
+def test_two_nodes_on_one_spool_refused(model_dir, tmp_path):
+    """A second node on the same spool would process the same inbox twice: refused."""
+    import fcntl
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    with open(spool / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = run_script("serve.py", "--spool", spool, "--allow-ae", "A", "--destination",
+                          "PACS@127.0.0.1:104", "--model-dir", model_dir, "--port",
+                          str(free_port()), "--host", "127.0.0.1")
+    assert_clean_error(proc, "in use by another serve.py", "--spool")
