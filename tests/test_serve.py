@@ -426,7 +426,7 @@ def test_refusals_and_quarantine_keep_the_node_serving(model_dir, dx_files, pacs
     (spool / "attempts").mkdir()
     poison.save_as(spool / "inbox" / f"{poison.SOPInstanceUID}.dcm", enforce_file_format=True)
     (spool / "attempts" / str(poison.SOPInstanceUID)).write_text("3")
-    node = NodeProcess(model_dir, spool, pacs, "--max-associations", "2", "--max-queue", "3",
+    node = NodeProcess(model_dir, spool, pacs, "--max-associations", "2", "--max-queue", "1",
                        "--max-image-mb", "64", "--no-heatmaps")
     try:
         # not on the allow-list: refused at association
@@ -480,8 +480,8 @@ def test_refusals_and_quarantine_keep_the_node_serving(model_dir, dx_files, pacs
             assert line in node.text()
         assert not [p for p in (spool / "quarantine").iterdir()
                     if "passwd" in p.name] and not Path("/etc/passwd.dcm").exists()
-        # a full queue: 6 at once into a queue of 3
-        burst = [variant() for _ in range(6)]
+        # a full queue: 8 at once into a queue of 1 (each takes longer to classify than to send)
+        burst = [variant() for _ in range(8)]
         statuses = send(burst, node.port)
         assert 0xA700 in statuses and 0x0000 in statuses
         assert "queue full" in node.text()
