@@ -60,7 +60,8 @@ log = logging.getLogger("serve")
 CR = "1.2.840.10008.5.1.4.1.1.1"
 DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 DX_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
-XRAY_CLASSES = {CR: "CR", DX_PRESENTATION: "DX for presentation", DX_PROCESSING: "DX for processing"}
+XRAY_CLASSES = {CR: "CR", DX_PRESENTATION: "DX for presentation",
+                DX_PROCESSING: "DX for processing"}
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
 
