@@ -41,6 +41,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+# Imported here, once, before any thread: a first import racing in several threads fails
+import highdicom  # noqa: F401
+import pydicom
+import pydicom.pixels  # noqa: F401
+import pydicom.sr.codedict  # noqa: F401
+import pynetdicom  # noqa: F401
 
 from backends import (METADATA, MODEL_NAMES, file_digest, load_openvino, read_metadata,
                       with_data_defaults)
@@ -54,7 +60,8 @@ log = logging.getLogger("serve")
 CR = "1.2.840.10008.5.1.4.1.1.1"
 DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 DX_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
-XRAY_CLASSES = {CR: "CR", DX_PRESENTATION: "DX for presentation", DX_PROCESSING: "DX for processing"}
+XRAY_CLASSES = {CR: "CR", DX_PRESENTATION: "DX for presentation",
+                DX_PROCESSING: "DX for processing"}
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
 
@@ -66,7 +73,13 @@ CANNOT_UNDERSTAND = 0xC000
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 STORED_WARNINGS = (0xB000, 0xB006, 0xB007)  # stored, with coercion or elements discarded
 
+MAX_REFUSALS = 5  # a result the destination refuses this often goes to SPOOL/failed/
+MAX_ATTEMPTS = 3  # classifications begun before an image is taken for what kills the node
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class Refused(Exception):
+    """The destination answered, and refused this object."""
 
 
 class ServeError(DataError):
@@ -104,7 +117,8 @@ class Spool:
         self.root = Path(root)
         self.inbox, self.outbox = self.root / "inbox", self.root / "outbox"
         self.done, self.quarantine = self.root / "done", self.root / "quarantine"
-        for d in (self.inbox, self.outbox, self.done, self.quarantine):
+        self.attempts = self.root / "attempts"
+        for d in (self.inbox, self.outbox, self.done, self.quarantine, self.attempts):
             d.mkdir(parents=True, exist_ok=True)
         self._quarantine_lock = threading.Lock()
 
@@ -114,17 +128,34 @@ class Spool:
     def is_done(self, uid):
         return (self.done / f"{uid}.json").is_file()
 
-    def finish(self, uid, record):
-        durable_write(self.done / f"{uid}.json", (json.dumps(record, indent=1) + "\n").encode())
+    def finish(self, uid, record=None):
+        """Done: recorded (record) or quarantined (None: a resend is tried again), and out of
+        the inbox."""
+        if record is not None:
+            durable_write(self.done / f"{uid}.json",
+                          (json.dumps(record, indent=1) + "\n").encode())
+        for path in (self.image(uid), self.attempts / uid):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        fsync_dir(self.inbox)
+
+    def attempt(self, uid):
+        """How many times classifying this image began (this one included): an image that
+        kills the node (a decoder crash) is quarantined after a few restarts, not retried
+        forever. Not fsynced: a crash of the process, not of the machine, is what it counts."""
+        path = self.attempts / uid
         try:
-            os.unlink(self.image(uid))
-            fsync_dir(self.inbox)
-        except FileNotFoundError:
-            pass
+            n = int(path.read_text() or 0) + 1
+        except (OSError, ValueError):
+            n = 1
+        path.write_text(str(n))
+        return n
 
     def clean_leftovers(self):
         """Temp files of writes a kill interrupted (never renamed into place)."""
-        for d in (self.inbox, self.done, self.outbox):
+        for d in (self.inbox, self.done, self.outbox, self.quarantine):
             for p in d.iterdir():
                 if p.name.startswith("."):
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -245,8 +276,8 @@ class Model:
                 callbacks[key] = callback
                 yield key, crops
                 key += 1
-                try:  # a burst keeps every request busy; alone, an image is answered at once
-                    item = self.ready.get(timeout=0.005)
+                try:  # a burst keeps every request busy; alone, an image waits 50 ms more
+                    item = self.ready.get(timeout=0.05)
                 except queue.Empty:
                     return
 
@@ -406,6 +437,7 @@ class Node:
         self.counters = {k: 0 for k in ("received", "duplicates", "processed", "quarantined",
                                         "results_sent", "send_failures", "refused")}
         self.refusals = {}
+        self.refused = {}  # result folder -> times the destination refused it
         self.todo = queue.Queue()
         self.results_ready = threading.Event()
         self.stopping = threading.Event()
@@ -441,7 +473,6 @@ class Node:
             return self.refuse("internal error", OUT_OF_RESOURCES, caller, one_line(e))
 
     def _store(self, event, caller):
-        import pydicom
         sop_class = str(event.request.AffectedSOPClassUID)
         if sop_class not in XRAY_CLASSES:
             name = getattr(event.request.AffectedSOPClassUID, "name", sop_class)
@@ -463,9 +494,9 @@ class Node:
         uid = str(ds.get("SOPInstanceUID", ""))
         problem, status = self.check_header(ds, sop_class)
         if problem:
-            keep = data if len(data) <= self.args.max_image_mb * 2 ** 20 else None
-            if keep is None:  # what a decompression bomb declares is kept, not its bytes
-                keep = _without_pixels(ds)
+            # a decompression bomb (or anything large) is kept by what it declares
+            large = status == OUT_OF_RESOURCES or len(data) > self.args.max_image_mb * 2 ** 20
+            keep = _without_pixels(ds) if large else data
             self.spool.put_quarantine(keep, uid, f"{problem} (from {caller})")
             self.count("quarantined")
             return self.refuse(problem, status, caller, uid)
@@ -514,9 +545,13 @@ class Node:
                 self._quarantine_image(uid, f"processing failed: {one_line(e)}")
 
     def _decode(self, uid):
-        import pydicom
         path = self.spool.image(uid)
         t0 = time.perf_counter()
+        tries = self.spool.attempt(uid)
+        if tries > MAX_ATTEMPTS:
+            self._quarantine_image(uid, f"the node stopped {tries - 1} times while classifying "
+                                        "it (a decoder crash?)")
+            return
         try:
             crops = self.model.crops(path)
             source = pydicom.dcmread(path, stop_before_pixels=True)
@@ -581,8 +616,7 @@ class Node:
             data = None
         self.spool.put_quarantine(data, uid, reason)
         try:
-            self.spool.finish(uid, {"sop_instance_uid": uid, "status": "quarantined",
-                                    "reason": reason})
+            self.spool.finish(uid)  # no record: the same UID sent again is tried again
         except (OSError, DataError) as e:
             log.error("cannot record %s as quarantined: %s", uid, one_line(e))
         with self.lock:
@@ -626,23 +660,50 @@ class Node:
                                   f"calling AE {self.args.ae_title})")
         try:
             for folder in pending:
-                for path in sorted(folder.iterdir()):
-                    status = assoc.send_c_store(path)
-                    code = getattr(status, "Status", None)
-                    if code is None:
-                        raise ConnectionError("no response to C-STORE")
-                    if code != SUCCESS and code not in STORED_WARNINGS:
-                        raise ConnectionError(f"{path.name} of {folder.name} refused with "
-                                              f"status 0x{code:04X}")
-                    path.unlink()  # accepted: never sent again
-                    self.count("results_sent")
-                folder.rmdir()
-                log.info("results of %s sent to %s", folder.name, self.args.destination)
+                try:
+                    self._send_folder(assoc, folder)
+                except Refused as e:
+                    tries = self.refused.get(folder.name, 0) + 1
+                    self.refused[folder.name] = tries
+                    if tries < MAX_REFUSALS:
+                        raise ConnectionError(str(e)) from None
+                    self._give_up(folder, str(e))
                 if self.stopping.is_set():
                     break
         finally:
             if assoc.is_established:
                 assoc.release()
+
+    def _send_folder(self, assoc, folder):
+        for path in sorted(folder.iterdir()):
+            try:
+                status = assoc.send_c_store(path)
+            except ValueError as e:  # the destination accepted no context for this class
+                raise Refused(f"{path.name} of {folder.name}: {one_line(e)[:160]}") from None
+            code = getattr(status, "Status", None)
+            if code is None:
+                raise ConnectionError("no response to C-STORE")
+            if code != SUCCESS and code not in STORED_WARNINGS:
+                raise Refused(f"{path.name} of {folder.name} refused with status 0x{code:04X}")
+            path.unlink()  # accepted: never sent again
+            self.count("results_sent")
+        folder.rmdir()
+        self.refused.pop(folder.name, None)
+        log.info("results of %s sent to %s", folder.name, self.args.destination)
+
+    def _give_up(self, folder, reason):
+        """A result the destination refuses every time (not a network failure) is moved to
+        SPOOL/failed/ with its reason, so that it does not hold up the others."""
+        target = self.spool.root / "failed" / folder.name
+        target.parent.mkdir(exist_ok=True)
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(folder, target)
+        (Path(f"{target}.txt")).write_text(reason + "\n")
+        self.refused.pop(folder.name, None)
+        self.count("send_failures")
+        log.error("results of %s refused %d times by %s (%s): moved to %s", folder.name,
+                  MAX_REFUSALS, self.args.destination, reason, target)
 
     # -- health ----------------------------------------------------------------------------
 
@@ -764,8 +825,11 @@ def start_http(node, args):
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     token = read_token(args.http_token_file)
 
+    busy = threading.BoundedSemaphore(args.max_associations)
+
     class Handler(BaseHTTPRequestHandler):
         server_version = VERSION.replace(" ", "/")
+        timeout = args.timeout  # a client that stops sending does not hold a thread forever
 
         def log_message(self, fmt, *a):  # into the node's log, not stderr
             log.info("http %s %s", self.address_string(), fmt % a)
@@ -804,11 +868,18 @@ def start_http(node, args):
                 return self.reply(411, {"error": "Content-Length needed"})
             if length > args.max_image_mb * 2 ** 20:
                 return self.reply(413, {"error": f"body over --max-image-mb {args.max_image_mb}"})
-            body = self.rfile.read(length)
+            if not busy.acquire(blocking=False):
+                return self.reply(503, {"error": f"more than --max-associations "
+                                                 f"{args.max_associations} requests at once"})
             try:
+                body = self.rfile.read(length)
+                if len(body) < length:
+                    return self.reply(400, {"error": "body shorter than its Content-Length"})
                 result = predict_bytes(node, body)
             except DataError as e:
                 return self.reply(400, {"error": one_line(e)})
+            finally:
+                busy.release()
             self.reply(200, result)
 
     server = ThreadingHTTPServer((args.host, args.http_port), Handler)
@@ -821,7 +892,6 @@ def predict_bytes(node, body):
     """The probabilities and decisions of a PNG, JPEG or DICOM body, as infer.py --image."""
     suffix = next((s for magic, s in RASTER_MAGIC.items() if body.startswith(magic)), None)
     if suffix is None and body[128:132] == b"DICM":
-        import pydicom
         try:
             ds = pydicom.dcmread(io.BytesIO(body))
             ds.get("PixelData")
@@ -979,6 +1049,9 @@ def main(argv=None):
 
 
 def run(node, args, spool):
+    if not args.no_heatmaps:  # before the threads (see the imports at the top)
+        import cam  # noqa: F401
+        from matplotlib import colormaps  # noqa: F401
     pending = spool.pending_images()
     with node.lock:
         node.queued.update(pending)

@@ -40,7 +40,7 @@ def make_files(pngs, n, out):
     import pydicom
     from pydicom.uid import generate_uid
 
-    from test_serve import dx_file
+    from dicom_files import dx_file
     templates, files = {}, []
     study = series = None
     for i in range(n):

@@ -48,3 +48,22 @@ def write_dicom(png, path, kind="window"):
         ds.compress(JPEG2000Lossless, stored.astype(np.uint16))
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def dx_file(png, path, study, series, number, sop_class="1.2.840.10008.5.1.4.1.1.1.1"):
+    """A DX (for presentation) file of the NIH PNG, 12 bits with a window, as a modality
+    writes it: patient, study, series, orientation."""
+    import pydicom
+    from pydicom.uid import generate_uid
+    write_dicom(png, path)
+    ds = pydicom.dcmread(path)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^NIH", png.stem, "", "O"
+    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20260101", "120000", "A1", "1"
+    ds.ReferringPhysicianName, ds.SeriesNumber, ds.InstanceNumber = "", 1, number
+    ds.PatientOrientation, ds.ViewPosition, ds.BodyPartExamined = ["L", "F"], "PA", "CHEST"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.save_as(path, enforce_file_format=True)
+    return path

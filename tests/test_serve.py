@@ -144,8 +144,8 @@ class NodeProcess:
 
     def start(self):
         self.offset = self.log.stat().st_size if self.log.exists() else 0
-        self.proc = subprocess.Popen([sys.executable, "-c", NO_TORCH, *map(str, self.args)],
-                                     cwd=REPO, stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen([sys.executable, "-c", NO_TORCH, "serve.py",
+                                      *map(str, self.args)], cwd=REPO, stdout=subprocess.DEVNULL,
                                      stderr=open(self.log, "ab"))
         wait_for(lambda: "listening as" in self.text() or self.proc.poll() is not None, 120,
                  "the node to listen")
@@ -194,8 +194,6 @@ def send(datasets, port, aet="SENDER", tls=None):
 def model_dir(request, tmp_path_factory):
     """The small exported model, with operating points chosen on its val split (a copy: the
     shared fixture stays as other tests expect it)."""
-    if os.environ.get("DEVMODEL"):  # DEV ONLY, remove
-        return Path(os.environ["DEVMODEL"])
     work, _ = request.getfixturevalue("small_model")
     nih_dir = request.getfixturevalue("nih_dir")
     target = tmp_path_factory.mktemp("serve") / "models"
@@ -206,31 +204,12 @@ def model_dir(request, tmp_path_factory):
     return target
 
 
-def dx_file(png, path, study, series, number, sop_class="1.2.840.10008.5.1.4.1.1.1.1"):
-    """A DX (for presentation) file of the NIH PNG, 12 bits with a window, as a modality
-    writes it: patient, study, series, orientation."""
-    import pydicom
-    from pydicom.uid import generate_uid
-
-    from dicom_files import write_dicom
-    write_dicom(png, path)
-    ds = pydicom.dcmread(path)
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^NIH", png.stem, "", "O"
-    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20260101", "120000", "A1", "1"
-    ds.ReferringPhysicianName, ds.SeriesNumber, ds.InstanceNumber = "", 1, number
-    ds.PatientOrientation, ds.ViewPosition, ds.BodyPartExamined = ["L", "F"], "PA", "CHEST"
-    ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
 @pytest.fixture(scope="module")
 def dx_files(nih_images, tmp_path_factory):
     """16 DX files of NIH images, two studies."""
     from pydicom.uid import generate_uid
+
+    from dicom_files import dx_file
     image_dir, _ = nih_images
     out = tmp_path_factory.mktemp("dx")
     pngs = sorted(image_dir.glob("*.png"))[:16]
@@ -300,6 +279,8 @@ def test_reports_reach_the_pacs_with_infer_probabilities(model_dir, dx_files, pa
         assert sent.returncode == 0, sent.stderr
         srs = wait_for(lambda: len(pacs.instances("SR")) == 3 and pacs.instances("SR"), 120,
                        "3 reports in Orthanc")
+        wait_for(lambda: not any((tmp_path / "spool" / "outbox").iterdir()), 120,
+                 "every heatmap sent")
         expected = infer_image(model_dir, *files)
         meta = json.loads((model_dir / "chexnet.json").read_text())
         files_sha = meta["files"]["chexnet_int8.xml"]
@@ -439,7 +420,14 @@ def test_refusals_and_quarantine_keep_the_node_serving(model_dir, dx_files, pacs
     from pydicom.uid import JPEG2000Lossless, generate_uid
     from pynetdicom import AE
     spool = tmp_path / "spool"
-    node = NodeProcess(model_dir, spool, pacs, "--max-associations", "2", "--max-queue", "3",
+    # an image that stopped the node 3 times while it was being classified (a decoder crash)
+    poison = pydicom.dcmread(dx_files[4])
+    poison.SOPInstanceUID = poison.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    (spool / "inbox").mkdir(parents=True)
+    (spool / "attempts").mkdir()
+    poison.save_as(spool / "inbox" / f"{poison.SOPInstanceUID}.dcm", enforce_file_format=True)
+    (spool / "attempts" / str(poison.SOPInstanceUID)).write_text("3")
+    node = NodeProcess(model_dir, spool, pacs, "--max-associations", "2", "--max-queue", "1",
                        "--max-image-mb", "64", "--no-heatmaps")
     try:
         # not on the allow-list: refused at association
@@ -478,12 +466,14 @@ def test_refusals_and_quarantine_keep_the_node_serving(model_dir, dx_files, pacs
         statuses = send([text_sr, bomb, truncated, bad_uid, garbage], node.port)
         assert statuses[:4] == [0x0122, 0xA700, 0xA900, 0xA900], [hex(s) for s in statuses]
         assert statuses[4] == 0x0000  # well-formed header: accepted, then quarantined
-        wait_for(lambda: "quarantined" in node.text(), 60, "the undecodable image quarantined")
+        wait_for(lambda: node.text().count("serve: quarantined") >= 2, 60,
+                 "the undecodable image and the poison one quarantined")
         reasons = [p.read_text() for p in (spool / "quarantine").glob("*.txt")]
         assert any("declared image 65535x65535" in r for r in reasons)
         assert any("pixel data truncated" in r for r in reasons)
         assert any("is not a UID" in r for r in reasons)
         assert any("cannot classify" in r and "cannot decode" in r for r in reasons)
+        assert any("stopped 3 times" in r for r in reasons)
         bomb_kept = [p for p in (spool / "quarantine").glob("*.dcm")
                      if p.stat().st_size < 64 * 1024]  # its header, not 8 GiB
         assert bomb_kept
@@ -491,8 +481,8 @@ def test_refusals_and_quarantine_keep_the_node_serving(model_dir, dx_files, pacs
             assert line in node.text()
         assert not [p for p in (spool / "quarantine").iterdir()
                     if "passwd" in p.name] and not Path("/etc/passwd.dcm").exists()
-        # a full queue: 6 at once into a queue of 3
-        burst = [variant() for _ in range(6)]
+        # a full queue: 8 at once into a queue of 1 (each takes longer to classify than to send)
+        burst = [variant() for _ in range(8)]
         statuses = send(burst, node.port)
         assert 0xA700 in statuses and 0x0000 in statuses
         assert "queue full" in node.text()
@@ -556,3 +546,39 @@ def test_bad_settings_fail_with_one_line(model_dir, tmp_path):
     with open(damaged / "chexnet_int8.bin", "r+b") as f:
         f.write(b"\0" * 64)
     assert_clean_error(run_script(*base, *ok, "--model-dir", damaged), "chexnet_int8.bin")
+
+
+def test_results_the_destination_refuses_go_to_failed(model_dir, dx_files, tmp_path):
+    """A destination that answers but refuses a result (here every C-STORE, 0xA700): after 5
+    refusals the result moves to SPOOL/failed/ with its reason instead of blocking the outbox."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+    ae = AE(ae_title="PACS")
+    ae.supported_contexts = AllStoragePresentationContexts
+    refusing = ae.start_server(("127.0.0.1", 0), block=False,
+                               evt_handlers=[(evt.EVT_C_STORE, lambda event: 0xA700)])
+    fake = type("Pacs", (), {"node_port": free_port(), "dicom": refusing.server_address[1]})
+    spool = tmp_path / "spool"
+    node = NodeProcess(model_dir, spool, fake, "--no-heatmaps")
+    try:
+        assert storescu(dx_files[5:6], node.port).returncode == 0
+        uid = uid_of(dx_files[5])
+        wait_for(lambda: (spool / "failed" / uid).is_dir(), 60, "the refused result in failed/")
+        assert "0xA700" in (spool / "failed" / f"{uid}.txt").read_text()
+        assert not any((spool / "outbox").iterdir())
+        assert "refused 5 times" in node.text() and node.proc.poll() is None
+    finally:
+        node.stop()
+        refusing.shutdown()
+
+
+def test_two_nodes_on_one_spool_refused(model_dir, tmp_path):
+    """A second node on the same spool would process the same inbox twice: refused."""
+    import fcntl
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    with open(spool / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = run_script("serve.py", "--spool", spool, "--allow-ae", "A", "--destination",
+                          "PACS@127.0.0.1:104", "--model-dir", model_dir, "--port",
+                          str(free_port()), "--host", "127.0.0.1")
+    assert_clean_error(proc, "in use by another serve.py", "--spool")
