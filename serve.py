@@ -50,7 +50,8 @@ import pynetdicom  # noqa: F401
 
 from backends import (METADATA, MODEL_NAMES, file_digest, load_openvino, read_metadata,
                       with_data_defaults)
-from common import (ArgumentParser, DataError, SetupError, atomic_path, exclusive_lock, one_line, os_reason, positive_float, positive_int)
+from common import (ArgumentParser, DataError, SetupError, atomic_path, exclusive_lock, one_line,
+                    os_reason, positive_float, positive_int)
 from images import TEN_CROPS, average_crops, eval_input
 
 VERSION = "chexnet-serve 1.0"
