@@ -282,3 +282,50 @@ def test_a_broken_package_says_why(tmp_path):
                env={"PYTHONPATH": tmp_path / "site"})
     assert ("--plot needs the matplotlib package (libGL.so.1: cannot open shared object file: No "
             "such file or directory): pip install matplotlib") in assert_clean_error(proc)
+
+
+@pytest.mark.slow
+def test_the_dicom_node_runs_in_the_edge_environment(edge_python, edge_model, images, tmp_path):
+    """serve.py in the edge environment (no torch): it starts, answers GET /health and POST
+    /predict with the probabilities infer.py --image gives there for the same PNG."""
+    import json
+    import socket
+    import time
+    import urllib.request
+
+    def free_port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    http = free_port()
+    node = subprocess.Popen(
+        [str(edge_python), "serve.py", "--model-dir", edge_model, "--spool", tmp_path / "spool",
+         "--allow-any-ae", "--port", str(free_port()), "--http-port", str(http),
+         "--no-operating-points"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    try:
+        url = f"http://127.0.0.1:{http}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                    health = json.loads(r.read())
+                break
+            except OSError:
+                assert node.poll() is None, node.stdout.read()
+                assert time.monotonic() < deadline, "the node did not answer /health in 120 s"
+                time.sleep(0.5)
+        assert health["model"]["classes"]
+        request = urllib.request.Request(f"{url}/predict", data=images["png"].read_bytes())
+        with urllib.request.urlopen(request, timeout=120) as r:
+            answer = json.loads(r.read())
+    finally:
+        node.terminate()
+        node.wait(timeout=30)
+    shown = ok(run(edge_python, "infer.py", "--mode", "int8", "--model-dir", edge_model,
+                   "--image", images["png"])).stdout
+    printed = {ln.split()[0]: ln.split()[1] for ln in shown.splitlines() if ln.startswith("  ")}
+    assert len(answer["findings"]) == len(health["model"]["classes"])
+    for row in answer["findings"]:
+        assert printed[row["finding"]] == f"{row['probability']:.4f}", (row, shown)
