@@ -9,6 +9,7 @@ metrics.jsonl, TensorBoard curves under OUT_DIR/tensorboard/: see curves.py). St
 with the same --out-dir resumes from its last.pt; torchrun --max-restarts=K does that for you
 after a worker dies (export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 first: pytorch#135712).
 """
+import argparse
 import math
 import sys
 import time
@@ -24,11 +25,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (NonFiniteLoss, data_identity, load_checkpoint, repair_outputs,
-                        save_checkpoint, uses_scaler, write_metrics)
-from common import (ArgumentParser, DataError, Progress, add_device_args, atomic_copy, check_writable_dir,
-                    exclusive_lock, fraction, nonnegative_float, nonnegative_int, one_line,
-                    positive_float, positive_int, seed)
+from checkpoint import (NonFiniteLoss, data_identity, load_checkpoint, read_training_flags,
+                        repair_outputs, save_checkpoint, uses_scaler, write_metrics)
+from common import (ArgumentParser, DataError, Progress, add_device_args, atomic_copy,
+                    check_writable_dir, exclusive_lock, fraction, nonnegative_float,
+                    nonnegative_int, one_line, positive_float, positive_int, seed)
 from curves import TENSORBOARD_DIR, Board, write_figure
 from dataset import TRAIN_SIZE, XrayDataset, add_data_args, check_data_dir, collate, to_model_input
 from labels import UNCERTAIN_POLICIES
@@ -123,6 +124,8 @@ def get_args(argv=None):
         args.device = "hpu"
     fast = cpu_fast_path(device_type(args.device))  # bf16 + NHWC where the CPU has AMX
     args.precision_note = None
+    # Flags left to their default: a resumed run takes them from its checkpoint instead.
+    args.precision_defaults = [k for k in ("amp", "channels_last") if getattr(args, k) is None]
     if fast and (args.amp is None or args.channels_last is None):
         args.precision_note = ("this CPU has AMX: bf16 autocast and channels_last are on by "
                                "default (--no-amp --no-channels-last: fp32)")
@@ -393,6 +396,7 @@ def run(args, rt):
         raise SetupError("--amp-dtype fp16: Gaudi trains in bf16 (no fp16 gradient scaler); "
                          "use --amp alone")
     check_data_dir(args.data_dir)
+    args = keep_trained_precision(args, log)
     lists = resolve_split(args.split, args.data_dir, args.split_seed,
                           getattr(args, "keep_laterals", False))
     train_set, val_set = make_datasets(args, lists, log)
@@ -411,6 +415,25 @@ def run(args, rt):
             for stale in out_dir.glob(".*.tmp"):  # temp files of a writer killed mid-write
                 stale.unlink(missing_ok=True)
         return _train(args, rt, lists, train_set, val_set, global_batch, out_dir, log)
+
+
+def keep_trained_precision(args, log):
+    """A copy of args in which a resumed run keeps the precision (autocast, channels_last) its
+    checkpoint was trained in, unless a flag says otherwise: the defaults follow the CPU, and a
+    run resumed on another machine (or node) would otherwise change precision half-way."""
+    last = Path(args.out_dir) / "last.pt"
+    resume = args.resume or (last if last.is_file() else None)
+    if not resume or not args.precision_defaults:
+        return args
+    trained = read_training_flags(resume)
+    kept = {k: bool(trained[k]) for k in args.precision_defaults
+            if k in trained and bool(trained[k]) != getattr(args, k)}
+    if not kept:
+        return args
+    log(f"note: {resume} was trained with " + ", ".join(
+        f"--{'' if v else 'no-'}{k.replace('_', '-')}" for k, v in kept.items())
+        + ": resuming the same way (pass the flag to change it)")
+    return argparse.Namespace(**{**vars(args), **kept, "precision_note": None})
 
 
 @dataclass

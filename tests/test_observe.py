@@ -223,3 +223,24 @@ def test_precision_defaults_follow_the_cpu(capsys, monkeypatch):
     assert not args.amp and not args.channels_last and args.precision_note is None
     args = main.get_args(["--device", "cpu", "--amp", "--channels-last"])  # old command lines
     assert args.amp and args.channels_last
+
+
+def test_a_resumed_run_keeps_the_precision_it_was_trained_in(tmp_path, capsys, monkeypatch):
+    """Trained in fp32, resumed on a CPU whose default is bf16 + channels_last: it goes on in
+    fp32 and says so; a flag given on resume still wins."""
+    import main
+    out = tmp_path / "run"
+    common = [*TINY, "--limit", "16", "--out-dir", out, "--no-tensorboard"]
+    monkeypatch.setattr(main, "cpu_fast_path", lambda device: False)
+    first = run_main(capsys, *common, "--epochs", "1")
+    assert first.returncode == 0, first.stderr
+    monkeypatch.setattr(main, "cpu_fast_path", lambda device: device == "cpu")  # now "AMX"
+    resumed = run_main(capsys, *common, "--epochs", "2")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "was trained with --no-amp, --no-channels-last: resuming the same way" in resumed.stdout
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and not ckpt["args"]["amp"] and not ckpt["args"]["channels_last"]
+    again = run_main(capsys, *common, "--epochs", "3", "--channels-last")
+    assert again.returncode == 0, again.stderr
+    assert "--no-amp: resuming the same way" in again.stdout
+    assert torch.load(out / "last.pt", weights_only=True)["args"]["channels_last"]
