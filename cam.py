@@ -380,16 +380,16 @@ def image_boxes(data_dir, name, shape):
 # ---------------------------------------------------------------------------------------------
 # Running a model: heatmaps of one image, overlays, the localization benchmark
 
-def crop_maps(backend, crops, args, method="cam"):
-    """(probabilities (10, 14), maps (10, 14, h, w)) of one image's ten crops (float32
-    (10, 3, crop, crop)). backend: infer.py's TorchModel or OpenVINOModel."""
+def crop_maps(backend, crops, method="cam", per_request=1):
+    """(probabilities (10, K), maps (10, K, h, w)) of one image's ten crops (float32
+    (10, 3, crop, crop)). backend: a TorchModel or an OpenVINOModel compiled for requests of
+    `per_request` images."""
     if method == "gradcam++":
         return gradcam_plus_plus(backend, crops)
     if not backend.has_cams:
         raise DataError("this exported model has no class activation maps (exported before "
                         "they existed); run `bash infer.sh` to export it again")
-    crops = np.concatenate([crops] * args.images_per_request) if hasattr(backend, "compiled") \
-        else crops
+    crops = np.concatenate([crops] * per_request) if hasattr(backend, "compiled") else crops
     result = {}
     backend.run_all([(0, crops)], lambda key, out: result.update(out=out), cams=True)
     probs, maps = result["out"]
@@ -452,22 +452,21 @@ def overlay_size(width, height, limit=MAX_OVERLAY_SIDE):
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def image_heatmaps(backend, path, args, method="cam"):
+def image_heatmaps(backend, path, resize, crop, method="cam", per_request=1):
     """(probabilities (14,), heatmaps (14, H, W), the X-ray (H, W) uint8) of one image file, at
     the original resolution capped to MAX_OVERLAY_SIDE: the evaluation's ten crops, their maps
     put back where each crop came from. Memory follows the crop size and the cap, never the
     original's size."""
     from images import crop_gray, load_gray, normalize_gray, resize_shorter
     image = load_gray(path)
-    resized = np.asarray(resize_shorter(image, args.resize))
+    resized = np.asarray(resize_shorter(image, resize))
     width, height = overlay_size(*image.size)
     gray = np.asarray(image if image.size == (width, height)
                       else image.resize((width, height), Image.BILINEAR))
     del image
-    probs, maps = crop_maps(backend, normalize_gray(crop_gray(resized, args.crop_size)), args,
-                            method)
-    return (average_crops(probs)[0],
-            tencrop_heatmap(maps, resized.shape, args.crop_size, gray.shape), gray)
+    probs, maps = crop_maps(backend, normalize_gray(crop_gray(resized, crop)), method,
+                            per_request)
+    return average_crops(probs)[0], tencrop_heatmap(maps, resized.shape, crop, gray.shape), gray
 
 
 def cam_stem(path, method, mode):
@@ -480,54 +479,57 @@ def cam_stem(path, method, mode):
     return f"{Path(path).stem}_{digest}_{method.replace('+', 'p')}_{mode}"
 
 
-def write_cams(backend, paths, args, out_dir, positive=None):
-    """For each image: an overlay for every disease called positive (positive(probs) -> bool
-    [14]; None or no positive: the 3 most probable) and a grid of all 14, named by cam_stem.
-    Returns the files written."""
+def write_cams(backend, paths, out_dir, resize, crop, mode, method="cam", data_dir=None,
+               per_request=1, positive=None):
+    """For each image: an overlay for every class called positive (positive(probs) -> bool
+    [K]; None or no positive: the 3 most probable) and a grid of all K, named by cam_stem;
+    NIH's boxes of the image drawn when data_dir (or the shipped file) has some. Returns the
+    files written."""
     from common import atomic_path, check_writable_dir
     out_dir = Path(out_dir)
     check_writable_dir(out_dir, "--cam")  # before any image: a file there is one line
     written = []
     for path in paths:
-        probs, heat, gray = image_heatmaps(backend, path, args, args.cam_method)
+        probs, heat, gray = image_heatmaps(backend, path, resize, crop, method, per_request)
         chosen = np.flatnonzero(positive(probs)) if positive is not None else []
         if not len(chosen):
             chosen = np.argsort(-probs)[:3]
-        stem = cam_stem(path, args.cam_method, args.mode)
+        stem = cam_stem(path, method, mode)
         classes = backend.class_names
-        boxes = image_boxes(args.data_dir, Path(path).name, gray.shape)
+        boxes = image_boxes(data_dir, Path(path).name, gray.shape)
         for k in chosen:
             name = "".join(c if c.isalnum() or c in "-." else "_" for c in classes[k])
             target = out_dir / f"{stem}_{name}.png"
             with atomic_path(target, "heatmap") as tmp:
                 overlay(gray, heat[k], f"{Path(path).name}: {classes[k]}  p = {probs[k]:.3f}  "
-                        f"({args.cam_method}, {args.mode})",
+                        f"({method}, {mode})",
                         [(d, b) for d, found in boxes.items() for b in found],
                         classes[k]).save(tmp, format="PNG")
             written.append(target)
         target = out_dir / f"{stem}_all.png"
         grid(gray, heat, [f"{n} {p:.3f}" for n, p in zip(classes, probs)], target,
-             f"{Path(path).name}: {args.cam_method} heatmaps, {args.mode} model "
+             f"{Path(path).name}: {method} heatmaps, {mode} model "
              "(probability beside each finding)", boxes)
         written.append(target)
     return written
 
 
-def localize(backend, args, lists, log=print):
+def localize(backend, data_dir, lists, resize, crop, method="cam", tau=None, per_request=1,
+             skip_bad_images=False, limit=None, log=print):
     """The localization benchmark over the boxed images of val (to choose each method's heatmap
-    threshold) and test (to score it): {method: {"tau", "val", "test"}}."""
+    threshold) and test (to score it): {method: {"tau", "val", "test"}}. `method` makes the
+    model's heatmaps (cam, gradcam++); tau: a fixed heatmap threshold instead."""
     from dataset import ImageList, SkippedImage
     from images import crop_gray, normalize_gray, resize_shorter
     classes = backend.class_names
-    box_file = find_box_file(args.data_dir)
+    box_file = find_box_file(data_dir)
     boxes = read_boxes(box_file)
-    fixed = getattr(args, "localize_tau", None)  # any value in (0, 1]: scored exactly as given
+    fixed = tau  # any value in (0, 1]: scored exactly as given
     taus = TAUS if fixed is None else (float(fixed),)
     tallies = {part: {m: Tally(taus) for m in ("model", "random", "centre")}
                for part in ("val", "test")}
     for part in ("val", "test") if fixed is None else ("test",):
-        images = ImageList(args.data_dir, lists[part], args.resize, None, args.skip_bad_images,
-                           args.limit)
+        images = ImageList(data_dir, lists[part], resize, None, skip_bad_images, limit)
         boxed = [i for i, n in enumerate(images.names) if n in boxes]
         if not boxed:
             raise DataError(f"{lists[part]}: none of its images has a box in {box_file}; " + (
@@ -544,11 +546,11 @@ def localize(backend, args, lists, log=print):
                 continue
             size = original.size
             check_boxes_inside(boxes[name], name, size, box_file)
-            image = np.asarray(resize_shorter(original, args.resize))
+            image = np.asarray(resize_shorter(original, resize))
             del original
-            _, maps = crop_maps(backend, normalize_gray(crop_gray(image, args.crop_size)), args,
-                                args.cam_method)
-            heat = tencrop_heatmap(maps, image.shape, args.crop_size)  # at the resized size
+            _, maps = crop_maps(backend, normalize_gray(crop_gray(image, crop)), method,
+                                per_request)
+            heat = tencrop_heatmap(maps, image.shape, crop)  # at the resized size
             scale = size[0] / image.shape[1]
             seed = int.from_bytes(name.encode()[-8:].rjust(8, b"\0"), "little") % 2 ** 32
             for disease, truth in boxes[name].items():

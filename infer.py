@@ -411,7 +411,9 @@ def classify_images(args):
         from cam import write_cams
         positive = None if points is None else (
             lambda probs: probs >= np.nan_to_num(thresholds_of(points, args.rule), nan=2.0))
-        for path in write_cams(backend, args.image, args, args.cam, positive):
+        for path in write_cams(backend, args.image, args.cam, args.resize, args.crop_size,
+                               args.mode, args.cam_method, args.data_dir, args.images_per_request,
+                               positive):
             print(f"heatmap: {path}")
 
 
@@ -448,7 +450,8 @@ def localize(args):
     out = Path(args.out_csv).parent if args.out_csv else Path(args.model_dir)
     target = out / f"localization_{args.mode}.json"
     check_writable_file(target, "--out-csv")
-    result = run(backend, args, lists)
+    result = run(backend, args.data_dir, lists, args.resize, args.crop_size, args.cam_method,
+                 args.localize_tau, args.images_per_request, args.skip_bad_images, args.limit)
     result.update(mode=args.mode, cam_method=args.cam_method, split=str(lists["test"].parent))
     atomic_write_text(target, json.dumps(strict_json(result), indent=1, allow_nan=False) + "\n",
                       "localization")
