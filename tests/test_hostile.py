@@ -635,6 +635,22 @@ def test_store_with_a_space_in_a_file_name(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # torchrun: kill -9 of every rank, then the same command resumes
 
+def _descendants(pid):
+    """Every process below pid (children, their children...), from `ps`."""
+    rows = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
+    children = {}
+    for row in rows.split("\n"):
+        if row.strip():
+            child, parent = map(int, row.split())
+            children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 @pytest.mark.slow
 def test_torchrun_evaluation_resumes_after_kill_9_of_all_ranks(small_model, nih_dir, tmp_path):
     work, _ = small_model
@@ -654,7 +670,13 @@ def test_torchrun_evaluation_resumes_after_kill_9_of_all_ranks(small_model, nih_
             assert job.poll() is None and time.time() < deadline, "no chunks appeared"
             time.sleep(0.05)
     finally:
-        os.killpg(job.pid, signal.SIGKILL)  # torchrun and every rank, at once
+        # torchrun starts each rank in a session of its own (killpg of torchrun's group would
+        # leave them running): kill -9 the whole tree, torchrun and every rank, at once.
+        for pid in [job.pid, *_descendants(job.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         job.wait()
     done = len(list(partial.glob("chunk-*.npz")))
     assert 2 <= done < 12 and not out.exists()
@@ -662,7 +684,8 @@ def test_torchrun_evaluation_resumes_after_kill_9_of_all_ranks(small_model, nih_
                            text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "Traceback" not in again.stderr
-    assert again.stdout.count("continuing after") == 1 and "48 test images" in again.stdout
+    assert again.stdout.count("continuing after") == 1 and "48 test images" in again.stdout, \
+        again.stdout + again.stderr
     single = run_script("infer.py", *map(str, cmd[cmd.index("--mode"):-1]), tmp_path / "one.csv",
                         env={"OMP_NUM_THREADS": "1"})
     assert single.returncode == 0, single.stderr
