@@ -169,7 +169,13 @@ def is_disk_full(exc):
 # Command lines: every bad flag is one line, before any work
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors: `error: argument --batch-size: ...`, no usage block."""
+    """argparse with one-line errors: `error: argument --batch-size: ...`, no usage block; the
+    description given as a module docstring is its first paragraph, whole."""
+
+    def __init__(self, *args, description=None, **kwargs):
+        if description:
+            description = " ".join(description.split("\n\n")[0].split())
+        super().__init__(*args, description=description, **kwargs)
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")

@@ -172,7 +172,7 @@ def write_figure(out_dir, path=None):
 
 
 def main(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__)
     p.add_argument("out_dir", help="a training's --out-dir (holding metrics.jsonl)")
     p.add_argument("--out", default=None, help="the PNG to write (default: OUT_DIR/curves.png)")
     args = p.parse_args(argv)

@@ -275,7 +275,7 @@ def _decode_error(path):
 
 
 def main(argv=None):
-    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     split = sub.add_parser("split", help="write a split's list files and print where they are")
     add_data_args(split)

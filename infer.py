@@ -463,7 +463,7 @@ def localize(args):
 # ---------------------------------------------------------------------------------------------
 
 def get_args(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__)
     add_data_args(p)
     p.add_argument("--mode", default="fp32", choices=["torch", "fp32", "int8"])
     p.add_argument("--part", default="test", choices=["test", "val"],

@@ -59,7 +59,7 @@ WARMUP_STEPS = 500  # at most, and never more than one epoch
 
 
 def get_args(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__)
     add_data_args(p)
     p.add_argument("--out-dir", default="runs/chexnet", help="checkpoints and metrics")
     p.add_argument("--no-store", action="store_true",

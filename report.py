@@ -705,7 +705,7 @@ def add_report_args(parser):
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__)
     if argv[:1] == ["compare"]:
         parser.add_argument("command")
         parser.add_argument("a", help="predictions CSV of model A (the reference)")

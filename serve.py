@@ -955,7 +955,7 @@ def port(text):
 
 
 def get_args(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--model-dir", default="models", help="what infer.sh exported")
     p.add_argument("--mode", default="int8", choices=["int8", "fp32"])
     p.add_argument("--rule", default="youden", choices=["youden", "f1", "sensitivity"],

@@ -128,7 +128,7 @@ def _shown(path):
 
 
 def main(argv=None):
-    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__)
     add_split_args(parser, "CheXpert, MIMIC-CXR: count lateral views too")
     parser.add_argument("--plot", nargs="?", const="plots", default=None, metavar="DIR",
                         help="also write the prevalence and co-occurrence figures (to plots/)")
