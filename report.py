@@ -381,11 +381,17 @@ def _figure_title(what, report):
         f"\n{report['notice']}" if report.get("notice") else "")
 
 
-def _panel_title(name, entry):
-    """'Cardiomegaly\\nAUC 0.88 [0.77, 0.97], 2 pos.†' (the dagger: few positives)."""
+def _panel_title(name, entry, curve="roc"):
+    """'Cardiomegaly\\nAUC 0.88 [0.77, 0.97], 2 pos.†' (the dagger: few positives) on a ROC
+    panel; 'AUPRC 0.30 (prevalence 0.05), 2 pos.' on a precision-recall one."""
     if entry is None:
         return name
-    auc = "AUC n/a" if entry["auc"] is None else f"AUC {entry['auc']:.2f} {_ci(entry['auc_ci'], 2)}"
+    if curve == "pr":
+        auc = ("AUPRC n/a" if entry["auprc"] is None else
+               f"AUPRC {entry['auprc']:.2f} (prevalence {entry['prevalence']:.2f})")
+    else:
+        auc = ("AUC n/a" if entry["auc"] is None else
+               f"AUC {entry['auc']:.2f} {_ci(entry['auc_ci'], 2)}")
     few = FEW_MARK if entry["positives"] < FEW_POSITIVES else ""
     return f"{name}\n{auc}, {entry['positives']} pos.{few}"
 
@@ -413,8 +419,8 @@ def write_figures(stem, labels, probs, class_names, points=None, calibrated=Fals
     pr, pr_axes = panel_grid(plt, _figure_title("Precision-recall curves", report), n)
     for d, name in enumerate(class_names):
         y, p = known(labels[:, d], probs[:, d])
-        for ax in (roc_axes[d], pr_axes[d]):
-            ax.set_title(_panel_title(name, entries.get(name)), fontsize=9)
+        for ax, curve in ((roc_axes[d], "roc"), (pr_axes[d], "pr")):
+            ax.set_title(_panel_title(name, entries.get(name), curve), fontsize=9)
             ax.set_xlim(-0.02, 1.02)
             ax.set_ylim(-0.02, 1.02)
             ax.set_aspect("equal")

@@ -517,8 +517,13 @@ def write_figure(path, section, rule="youden"):
             ax.text(0.5, 0.6, f"every gap n/a: fewer than {section['min_count']} positives in "
                     "the subgroup or in everyone else", transform=ax.transAxes, ha="center",
                     color="0.3")
+        if na:  # a strip of its own at the foot of the panel: an n/a is no value on the y axis
+            strip = ax.get_xaxis_transform()
+            ax.fill_between([-0.6, len(diseases) - 0.4], 0, 0.07, transform=strip, color="0.92",
+                            zorder=0, lw=0)
+            ax.text(-0.58, 0.035, "n/a", transform=strip, fontsize=7, va="center", color="0.35")
         ax.set_xticks(range(len(diseases)))
-        ax.set_xticklabels([d.replace("_", " ") for d in diseases], rotation=35, ha="right")
+        ax.set_xticklabels(diseases, rotation=35, ha="right")
         ax.set_xlim(-0.6, len(diseases) - 0.4)
         for d in range(1, len(diseases)):
             ax.axvline(d - 0.5, color="0.9", lw=0.6, zorder=0)
