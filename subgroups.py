@@ -564,8 +564,11 @@ def demographics_for(data_dir, no_subgroups=False, patients_table=None, log=prin
         if patients_table is not None:
             raise DataError("--patients-table: not used with --no-subgroups")
         return None
+    from optional import MissingPackage
     try:
         found, why = load_demographics(data_dir, patients_table)
+    except MissingPackage as e:  # a box that installed less: the report without the section
+        found, why = None, one_line(e)
     except DataError as e:
         raise DataError(f"subgroups: {one_line(e)} (or pass --no-subgroups)") from None
     if found is None:
