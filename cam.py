@@ -344,6 +344,26 @@ def overlay(gray, heat, title, boxes=(), disease=None):
     return Image.open(buffer).convert("RGB")
 
 
+def registered_overlay(gray, heat, title):
+    """The X-ray (H, W) uint8 with the normalised heatmap in the jet colour map blended over
+    it, the title in a band at the top: an (H, W, 3) uint8 image on the X-ray's own pixel grid,
+    so that a viewer can lay it over or beside the source image (serve.py's secondary
+    capture; overlay() is the figure for people, with the plain X-ray and a colour bar)."""
+    from PIL import ImageDraw, ImageFont
+    colour = optional.colormap("jet", "the node's heatmaps")(normalise(heat))[..., :3]
+    base = np.repeat(gray[..., None].astype(np.float32) / 255.0, 3, axis=2)
+    image = Image.fromarray(((0.6 * base + 0.4 * colour) * 255).clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    size = max(12, gray.shape[0] // 40)
+    try:
+        font = ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow < 10.1 has one bitmap size
+        font = None
+    draw.rectangle((0, 0, gray.shape[1], int(size * 1.6)), fill=(0, 0, 0))
+    draw.text((size // 2, size // 4), title, fill=(255, 255, 255), font=font)
+    return np.asarray(image)
+
+
 def grid(gray, heats, titles, path, title=None, boxes=None):
     """Every class's heatmap over the X-ray in one figure, with a colour bar; title: what the
     maps are (method, mode); boxes: {disease: [(x, y, w, h)]} in the X-ray's pixels, drawn in

@@ -598,7 +598,7 @@ class Node:
 
     def _overlays(self, uid, probs, maps, positive):
         """(k, (H, W, 3) uint8) heatmap overlays at the image's resolution (cam.py)."""
-        from cam import overlay, tencrop_heatmap
+        from cam import registered_overlay, tencrop_heatmap
         from images import load_gray, resize_shorter
         image = load_gray(self.spool.image(uid))
         resized = np.asarray(resize_shorter(image, self.model.resize))
@@ -606,8 +606,8 @@ class Node:
         heat = tencrop_heatmap(maps[:, positive], resized.shape, self.model.crop, gray.shape)
         for j, k in enumerate(positive):
             title = (f"{self.model.class_names[k]}  p = {probs[k]:.3f}  (CAM, "
-                     f"{self.model.identity['mode']}) RESEARCH USE ONLY")
-            yield k, np.asarray(overlay(gray, heat[j], title).convert("RGB"))
+                     f"{self.model.identity['mode']}; red = most weight) RESEARCH USE ONLY")
+            yield k, registered_overlay(gray, heat[j], title)
 
     def _quarantine_image(self, uid, reason):
         path = self.spool.image(uid)

@@ -230,13 +230,13 @@ def test_accuracy_controlled_quantization_validates_on_other_images(small_model,
     proc = subprocess.run(
         ["bash", "infer.sh", work / "run" / "best.pt", "--model-dir", tmp_path / "models",
          "--data-dir", nih_dir, "--calibration-size", "30", "--validation-size", "30",
-         "--max-auc-drop", "0.01"],
+         "--max-auc-drop", "0.5"],  # validated once: no layer reverted
         cwd=REPO, capture_output=True, text=True, env={**os.environ, "VENV": sys.prefix})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Accuracy drop" in proc.stdout + proc.stderr  # NNCF validated the quantized model
     meta = json.loads((tmp_path / "models" / "chexnet.json").read_text())
     assert meta["calibration"]["images"] == 30 and meta["calibration"]["held_out_images"] == 30
-    assert meta["calibration"]["max_auc_drop"] == 0.01
+    assert meta["calibration"]["max_auc_drop"] == 0.5
 
 
 def test_device_errors(small_model, nih_dir, capsys):
