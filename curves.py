@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from common import ArgumentParser, DataError, atomic_path, one_line, os_reason
+from report import SAMPLE_NOTICE, trained_on_sample
 
 TENSORBOARD_DIR = "tensorboard"
 
@@ -164,7 +165,10 @@ def write_figure(out_dir, path=None):
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.margins(x=0.05, y=0.1)
     batch = records[-1].get("global_batch")
-    fig.suptitle(f"{out_dir}: {len(records)} epochs" + (f", global batch {batch}" if batch else ""))
+    title = f"{out_dir}: {len(records)} epochs" + (f", global batch {batch}" if batch else "")
+    if trained_on_sample(records[-1].get("data_dir")):  # older runs do not record it
+        title += f"\n{SAMPLE_NOTICE}"
+    fig.suptitle(title)
     with atomic_path(path, "figure") as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)

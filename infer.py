@@ -356,7 +356,7 @@ def report_evaluation(args, out_csv, list_path, images, probs, readable, model_i
 def classify_images(args):
     """Each image's 14 probabilities (ten-crop), most likely first; positive / negative by the
     operating points chosen on val when there are some for this model and mode."""
-    from report import calibrate, operating_points_for, thresholds_of
+    from report import calibrate, operating_points_for, thresholds_note, thresholds_of
     if args.cam:  # before any work: no matplotlib, or a file where the folder should be
         from optional import pyplot
         pyplot("--cam")
@@ -406,7 +406,8 @@ def classify_images(args):
     if points is None:
         print(f"note: {why}")
     else:
-        print(f"thresholds: {args.rule} rule, chosen on {points['images']} val images")
+        for line in thresholds_note(points, args.rule):
+            print(line)
     if args.cam:
         from cam import write_cams
         positive = None if points is None else (

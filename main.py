@@ -598,7 +598,7 @@ def epoch_record(t, args, rt, state, epoch, stats, val, seconds, global_batch):
               "val_auc": dict(zip(state["class_names"], val["auc"].tolist())),
               "lr": t.optimizer.param_groups[0]["lr"], "seconds": seconds,
               "images_per_s": stats["images"] * rt.world_size / stats["seconds"],
-              "loader_wait_share": wait}
+              "loader_wait_share": wait, "data_dir": str(args.data_dir)}
     if rt.device.type == "cuda":
         record["peak_memory_gib"] = torch.cuda.max_memory_allocated(rt.device) / 2 ** 30
     return record

@@ -163,6 +163,10 @@ def bootstrap_aucs(labels, probs, groups, n_boot=N_BOOT, seed=0):
 # Operating points
 
 RULES = ("youden", "f1", "sensitivity")
+# What each rule chooses, for the lines that print a decision
+RULE_MEANING = {"youden": "the threshold with the largest sensitivity + specificity",
+                "f1": "the threshold with the largest F1",
+                "sensitivity": "the highest threshold reaching the target sensitivity"}
 
 
 def choose_thresholds(labels, probs, target_sensitivity=0.9):

@@ -24,9 +24,9 @@ from common import (REPO_DIR, ArgumentParser, DataError, add_split_args, atomic_
                     atomic_write_text, one_line, os_reason, seed, strict_json)
 from labels import (NIH_CLASSES, evaluation_labels, list_header, patient_of, read_list,
                     shared_classes)
-from metrics import (N_BOOT, N_BOOT_RANGE, RULES, apply_platt, at_threshold, auprcs, bootstrap_aucs,
-                     calibration_errors, choose_thresholds, fit_platt_monotone, interval, known, mean_auc,
-                     paired_auc_difference, reliability, roc_aucs)
+from metrics import (N_BOOT, N_BOOT_RANGE, RULE_MEANING, RULES, apply_platt, at_threshold, auprcs,
+                     bootstrap_aucs, calibration_errors, choose_thresholds, fit_platt_monotone,
+                     interval, known, mean_auc, paired_auc_difference, reliability, roc_aucs)
 from splitting import resolve_split
 from optional import MissingPackage, pyplot
 from subgroups import (add_subgroup_args, demographics_for, markdown_section, subgroup_section,
@@ -77,7 +77,10 @@ def choose_operating_points(labels, probs, model_id, source, class_names,
     """Thresholds by each rule and Platt parameters, from validation predictions."""
     thresholds = choose_thresholds(labels, probs, target_sensitivity)
     a, b, refused = fit_platt_monotone(labels, probs)
+    positives = [int(np.nansum(np.asarray(labels, float)[:, d] == 1))
+                 for d in range(len(class_names))]
     return {"model": model_id, "chosen_on": str(source), "images": int(len(labels)),
+            "positives": positives,  # per class: how much each threshold rests on
             "target_sensitivity": target_sensitivity, "class_names": list(class_names),
             "thresholds": {rule: thresholds[rule].tolist() for rule in RULES},
             "platt": {"a": a.tolist(), "b": b.tolist(),
@@ -145,6 +148,10 @@ def check_operating_points(points, mode, path):
         bad("images", "is not a positive whole number")
     if not isinstance(points.get("chosen_on", ""), str):
         bad("chosen_on", "is not a string")
+    positives = points.get("positives", [0] * k)  # absent in files written before 2026-12
+    if not (isinstance(positives, list) and len(positives) == k and all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in positives)):
+        bad("positives", f"is not a list of {k} counts (one per class)")
     thresholds = points.get("thresholds")
     if not isinstance(thresholds, dict):
         bad("thresholds", "is missing or not an object")
@@ -183,6 +190,22 @@ def operating_points_for(model_dir, mode, model_id, class_names):
         return None, (f"the operating points in {model_dir}/ are for other classes "
                       f"(chosen on another data set); {how}")
     return points, None
+
+
+def thresholds_note(points, rule):
+    """The lines that say where the decisions come from: the rule, what it chooses, the val
+    images it was chosen on, and the classes whose threshold rests on few positives."""
+    lines = [f"thresholds: {rule} rule ({RULE_MEANING[rule]}; --rule chooses another), chosen "
+             f"on {points['images']} val images"
+             + (f" ({points['chosen_on']})" if points.get("chosen_on") else "")]
+    if "positives" in points:
+        few = sorted((n, name) for n, name in zip(points["positives"], points["class_names"])
+                     if n < FEW_POSITIVES)
+        if few:
+            lines.append(f"note: fewer than {FEW_POSITIVES} val positives behind the threshold "
+                         "of " + ", ".join(f"{name} ({n})" for n, name in few)
+                         + ": those decisions are rough")
+    return lines
 
 
 def thresholds_of(points, rule):
@@ -473,19 +496,24 @@ def write_figures(stem, labels, probs, class_names, points=None, calibrated=Fals
 
 
 def reliability_figure(plt, labels, probs, class_names, report=None, platt=None, bins=15):
-    """Fraction positive against mean predicted probability per bin, the images per bin as
-    grey bars (right axis, log scale); the Platt-calibrated curve too when `platt` is given."""
+    """Per class, fraction positive against mean predicted probability per bin, and under it a
+    strip of the images per bin (log scale: where the curve rests on data at all); the
+    Platt-calibrated curve too when `platt` is given."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
     series = [("as predicted", probs, "tab:blue")]
     if platt is not None:
         series.append(("Platt-calibrated (fitted on val)", calibrate(probs, platt), "tab:red"))
-    fig, axes = panel_grid(plt, _figure_title(f"Reliability ({bins} equal-width bins)", report),
-                      len(class_names))
+    n, columns = len(class_names), 5
+    rows = max(1, -(-n // columns))
+    fig = plt.figure(figsize=(17, 4.4 * rows), layout="constrained")
+    fig.suptitle(_figure_title(f"Reliability ({bins} equal-width bins)", report))
+    grid = fig.add_gridspec(2 * rows, columns, height_ratios=[3, 1] * rows)
     width = 1 / bins
     for d, name in enumerate(class_names):
-        ax = axes[d]
-        counts = ax.twinx()  # the images per bin: where the curve has data at all
-        counts.set_zorder(ax.get_zorder() - 1)
-        ax.patch.set_visible(False)
+        row, column = divmod(d, columns)
+        ax = fig.add_subplot(grid[2 * row, column])
+        strip = fig.add_subplot(grid[2 * row + 1, column], sharex=ax)
         ax.plot([0, 1], [0, 1], "k:", lw=0.6)
         eces = []
         for label, values, colour in series:
@@ -495,30 +523,29 @@ def reliability_figure(plt, labels, probs, class_names, report=None, platt=None,
             eces.append(f"{r['ece']:.3f}")
         y, p = known(labels[:, d], probs[:, d])
         hist = np.histogram(p, bins=bins, range=(0, 1))[0]
-        counts.bar(np.arange(bins) * width, hist, width, align="edge", color="0.85",
-                   edgecolor="0.6", lw=0.4)
-        counts.set_yscale("symlog", linthresh=1)
-        counts.set_ylim(0, (hist.max() + 1) ** 3.5)  # the bars in the lower third
-        counts.set_yticks([t for t in 10 ** np.arange(7) if t <= max(1, hist.max())])
-        counts.yaxis.set_major_formatter(lambda v, _: f"{v:g}")
-        counts.yaxis.set_minor_locator(plt.NullLocator())
-        counts.tick_params(labelsize=7, colors="0.4")
-        if d % 5 == 4 or d == len(class_names) - 1:
-            counts.set_ylabel("images per bin", fontsize=8, color="0.4")
+        strip.bar(np.arange(bins) * width, hist, width, align="edge", color="0.75",
+                  edgecolor="0.45", lw=0.4)
+        strip.set_yscale("symlog", linthresh=1)
+        top = max(1, hist.max())
+        strip.set_ylim(0, 10 ** np.ceil(np.log10(top + 1)))
+        strip.set_yticks([t for t in (1, 10, 100, 1000, 10 ** 4, 10 ** 5) if t <= top] or [1])
+        strip.yaxis.set_major_formatter(lambda v, _: f"{v:g}")
+        strip.yaxis.set_minor_locator(plt.NullLocator())
+        strip.set_ylabel("images", fontsize=8)
+        strip.set_xlabel("mean predicted probability", fontsize=8)
+        strip.tick_params(labelsize=7)
+        ax.tick_params(labelsize=7, labelbottom=False)
         ax.set_xlim(0, 1)
         ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("mean predicted probability", fontsize=8)
         ax.set_ylabel("fraction positive", fontsize=8)
-        ax.tick_params(labelsize=7)
         ax.set_title(f"{name}\nECE {' / '.join(eces)}", fontsize=9)
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
     handles = [Line2D([], [], color=c, marker="o", ms=4, label=label) for label, _, c in series]
     handles += [Line2D([], [], color="k", ls=":", label="perfect calibration"),
-                Patch(color="0.85", label="images per bin (as predicted), right axis")]
-    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9,
+                Patch(facecolor="0.75", edgecolor="0.45",
+                      label="images per bin (as predicted, log scale)")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=10,
                frameon=False, title="ECE in the titles: " + " / ".join(s[0] for s in series),
-               title_fontsize=9)
+               title_fontsize=10)
     return fig
 
 
@@ -672,7 +699,7 @@ def report_file(args):
                           predictions=str(args.predictions), **notice)
     print(summary(report))
     for path in write_report(args.predictions, report, labels, probs, classes, points,
-                             figures=not args.no_figures):
+                             figures=not args.no_figures, platt=points):
         print(f"wrote {path}")
     return report
 

@@ -39,6 +39,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 # Imported here, once, before any thread: a first import racing in several threads fails
@@ -161,6 +162,19 @@ class Spool:
                 if p.name.startswith("."):
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
 
+    def prune_done(self, days):
+        """Delete the done/ records older than `days` (an image sent again after that is
+        classified again, under the same result UIDs): how many went."""
+        cutoff, pruned = time.time() - days * 86400, 0
+        for p in self.done.glob("*.json"):
+            try:
+                if p.stat().st_mtime < cutoff:
+                    p.unlink()
+                    pruned += 1
+            except FileNotFoundError:
+                pass
+        return pruned
+
     def pending_images(self):
         """UIDs in the inbox, oldest first; those already done are removed."""
         found = []
@@ -211,6 +225,41 @@ class Spool:
 # ---------------------------------------------------------------------------------------------
 # The model: the exported OpenVINO model with its operating points, run in one pipeline
 
+class Stages:
+    """Seconds spent in each stage of the pipeline, per image (the last WINDOW of each):
+    what GET /health reports, so that where the time goes is visible on a live node."""
+    WINDOW = 1000
+    NAMES = ("receive", "decode", "wait", "infer", "results", "send", "total")
+    MEANING = {"receive": "C-STORE handler: parse, checks, durable write",
+               "decode": "decode and ten crops", "wait": "queued before inference",
+               "infer": "inference (ten crops)", "results": "report and heatmaps built, written",
+               "send": "C-STORE of the results to the destination, per image",
+               "total": "accepted -> results accepted by the destination"}
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.samples = {name: [] for name in self.NAMES}
+
+    def add(self, name, seconds):
+        with self.lock:
+            kept = self.samples[name]
+            kept.append(seconds)
+            if len(kept) > 2 * self.WINDOW:
+                del kept[:-self.WINDOW]
+
+    def summary(self):
+        with self.lock:
+            samples = {k: v[-self.WINDOW:] for k, v in self.samples.items()}
+        out = {}
+        for name, values in samples.items():
+            if values:
+                v = np.asarray(values)
+                out[name] = {"images": len(v), "mean": round(float(v.mean()), 4),
+                             "p50": round(float(np.percentile(v, 50)), 4),
+                             "p95": round(float(np.percentile(v, 95)), 4)}
+        return out
+
+
 class Model:
     """The exported model as infer.py --image runs it (backends.load_openvino, one image of
     ten crops per request, images.eval_input), its identity and its operating points.
@@ -247,6 +296,7 @@ class Model:
         if self.points is not None:
             from report import thresholds_of
             self.thresholds = thresholds_of(self.points, args.rule)
+        self.stages = Stages()
         self.ready = queue.Queue(maxsize=2 * self.backend.requests + args.workers)
         self.thread = threading.Thread(target=self._infer_forever, name="infer", daemon=True)
         self.thread.start()
@@ -258,7 +308,7 @@ class Model:
     def submit(self, crops, done):
         """Queue one image's ten crops; done(probs (K,) float64, maps (10, K, h, w) or None)
         runs on the inference thread when its request finishes (keep it short)."""
-        self.ready.put((crops, done))
+        self.ready.put((crops, done, time.perf_counter()))
 
     def predict(self, path):
         """Blocking: (probabilities, maps) of one file."""
@@ -273,8 +323,10 @@ class Model:
             key = 0
             item = self.ready.get()
             while True:
-                crops, callback = item
-                callbacks[key] = callback
+                crops, callback, queued = item
+                started = time.perf_counter()
+                self.stages.add("wait", started - queued)
+                callbacks[key] = callback, started
                 yield key, crops
                 key += 1
                 try:  # a burst keeps every request busy; alone, an image waits 50 ms more
@@ -286,8 +338,10 @@ class Model:
             probs, maps = out if self.backend.has_cams else (out, None)
             # as infer.py classify_images: the mean of the ten crops, then float64
             p = np.asarray(average_crops(probs[:TEN_CROPS])[0], dtype=np.float64)
+            callback, started = callbacks.pop(key)
+            self.stages.add("infer", time.perf_counter() - started)
             try:
-                callbacks.pop(key)(p, None if maps is None else maps[:TEN_CROPS])
+                callback(p, None if maps is None else maps[:TEN_CROPS])
             except Exception:  # a callback never stops the pipeline
                 log.exception("result handler failed")
 
@@ -296,7 +350,7 @@ class Model:
                 self.backend.run_all(batches(), on_result, cams=self.backend.has_cams)
             except Exception:
                 log.exception("inference failed")
-                for callback in callbacks.values():
+                for callback, _ in callbacks.values():
                     try:
                         callback(None, None)
                     except Exception:
@@ -439,6 +493,9 @@ class Node:
                                         "results_sent", "send_failures", "refused")}
         self.refusals = {}
         self.refused = {}  # result folder -> times the destination refused it
+        self.stages = model.stages
+        self.destination_tls = destination_tls(args)
+        self.accepted_at = {}  # UID -> when it was accepted (this run), for the total
         self.todo = queue.Queue()
         self.results_ready = threading.Event()
         self.stopping = threading.Event()
@@ -474,6 +531,7 @@ class Node:
             return self.refuse("internal error", OUT_OF_RESOURCES, caller, one_line(e))
 
     def _store(self, event, caller):
+        t0 = time.perf_counter()
         sop_class = str(event.request.AffectedSOPClassUID)
         if sop_class not in XRAY_CLASSES:
             name = getattr(event.request.AffectedSOPClassUID, "name", sop_class)
@@ -517,6 +575,10 @@ class Node:
             return self.refuse("cannot store", OUT_OF_RESOURCES, caller, one_line(e))
         self.count("received")
         log.info("accepted %s %s from %s", XRAY_CLASSES[sop_class], uid, caller)
+        now = time.perf_counter()
+        self.stages.add("receive", now - t0)
+        with self.lock:
+            self.accepted_at[uid] = now
         self.todo.put(uid)
         return SUCCESS
 
@@ -559,10 +621,14 @@ class Node:
         except DataError as e:
             self._quarantine_image(uid, f"cannot classify: {one_line(e)}")
             return
+        decoded = time.perf_counter()
+        self.stages.add("decode", decoded - t0)
+
         self.model.submit(crops, lambda p, m: self.post.submit(self._finish, uid, source, p, m,
                                                                t0))
 
     def _finish(self, uid, source, probs, maps, t0):
+        started = time.perf_counter()
         try:
             if probs is None:
                 raise RuntimeError("inference failed")
@@ -591,6 +657,7 @@ class Node:
         with self.lock:
             self.queued.discard(uid)
         self.count("processed")
+        self.stages.add("results", time.perf_counter() - started)
         positives = ", ".join(row["finding"] for row in findings if row["decision"] == "positive")
         log.info("classified %s in %.2f s: %s", uid, time.perf_counter() - t0,
                  positives or "no positive finding")
@@ -622,10 +689,20 @@ class Node:
             log.error("cannot record %s as quarantined: %s", uid, one_line(e))
         with self.lock:
             self.queued.discard(uid)
+            self.accepted_at.pop(uid, None)
         self.count("quarantined")
         log.warning("quarantined %s: %s", uid, reason)
 
     # -- sending ---------------------------------------------------------------------------
+
+    def prune_forever(self, days):
+        """--keep-done-days: prune done/ at the start and then every hour."""
+        while True:
+            pruned = self.spool.prune_done(days)
+            if pruned:
+                log.info("pruned %d done/ records older than %g days", pruned, days)
+            if self.stopping.wait(3600):
+                return
 
     def send_forever(self):
         failures = 0
@@ -650,12 +727,12 @@ class Node:
     def _send(self, pending):
         from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
         from pynetdicom import AE
-        ae_title, host, port = self.args.destination_parts
+        ae_title, host, port = self.args.destination
         ae = AE(ae_title=self.args.ae_title)
         for sop_class in (SR_CLASS, SC_CLASS):
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.args.timeout
-        assoc = ae.associate(host, port, ae_title=ae_title)
+        assoc = ae.associate(host, port, ae_title=ae_title, tls_args=self.destination_tls)
         if not assoc.is_established:
             raise ConnectionError("association not accepted (destination down, or it refuses "
                                   f"calling AE {self.args.ae_title})")
@@ -676,6 +753,7 @@ class Node:
                 assoc.release()
 
     def _send_folder(self, assoc, folder):
+        t0 = time.perf_counter()
         for path in sorted(folder.iterdir()):
             try:
                 status = assoc.send_c_store(path)
@@ -690,6 +768,12 @@ class Node:
             self.count("results_sent")
         folder.rmdir()
         self.refused.pop(folder.name, None)
+        now = time.perf_counter()
+        self.stages.add("send", now - t0)
+        with self.lock:
+            accepted = self.accepted_at.pop(folder.name, None)
+        if accepted is not None:  # accepted in this run (not one finished from before)
+            self.stages.add("total", now - accepted)
         log.info("results of %s sent to %s", folder.name, self.args.destination)
 
     def _give_up(self, folder, reason):
@@ -702,6 +786,8 @@ class Node:
         os.rename(folder, target)
         (Path(f"{target}.txt")).write_text(reason + "\n")
         self.refused.pop(folder.name, None)
+        with self.lock:
+            self.accepted_at.pop(folder.name, None)
         self.count("send_failures")
         log.error("results of %s refused %d times by %s (%s): moved to %s", folder.name,
                   MAX_REFUSALS, self.args.destination, reason, target)
@@ -715,7 +801,8 @@ class Node:
                 "rule": self.args.rule if self.model.points is not None else None,
                 "queues": {"inbox": queued, "outbox": len(self.spool.pending_results()),
                            "quarantine": len(list(self.spool.quarantine.glob("*.txt")))},
-                "counters": counters, "refusals": refusals}
+                "counters": counters, "refusals": refusals,
+                "seconds": {"per_image": self.stages.summary(), "stages": Stages.MEANING}}
 
 
 def image_problem(ds, max_image_mb):
@@ -801,18 +888,35 @@ def start_dicom(node, args):
 
 
 def tls_context(args):
+    """The listening side's SSL context (None: plain TCP); with --tls-ca, callers must present
+    a certificate those CAs signed."""
     if not args.tls_cert:
         return None
+    return _ssl_context(True, args.tls_cert, args.tls_key, args.tls_ca,
+                        "--tls-cert/--tls-key/--tls-ca")
+
+
+def destination_tls(args):
+    """pynetdicom's tls_args for the association to the destination, or None (plain TCP): its
+    certificate must be signed by --destination-tls-ca (only those CAs, not the system's)."""
+    if not args.destination_tls_ca:
+        return None
+    return (_ssl_context(False, args.tls_cert, args.tls_key, args.destination_tls_ca,
+                         "--destination-tls-ca/--tls-cert/--tls-key"), args.destination.host)
+
+
+def _ssl_context(server_side, cert, key, ca, flags):
     import ssl
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        context.load_cert_chain(args.tls_cert, args.tls_key)
-        if args.tls_ca:
+        context = ssl.create_default_context(
+            ssl.Purpose.CLIENT_AUTH if server_side else ssl.Purpose.SERVER_AUTH, cafile=ca)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if cert:
+            context.load_cert_chain(cert, key)
+        if ca and server_side:
             context.verify_mode = ssl.CERT_REQUIRED
-            context.load_verify_locations(cafile=args.tls_ca)
     except (OSError, ssl.SSLError) as e:
-        raise ServeError(f"--tls-cert/--tls-key/--tls-ca: {one_line(e)}") from None
+        raise ServeError(f"{flags}: {one_line(e)}") from None
     return context
 
 
@@ -930,13 +1034,22 @@ def read_token(path):
 
 # ---------------------------------------------------------------------------------------------
 
+class Destination(NamedTuple):
+    ae_title: str
+    host: str
+    port: int
+
+    def __str__(self):
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
 def destination(text):
-    """'AE@HOST:PORT' -> (ae, host, port) (argparse type)."""
+    """'AE@HOST:PORT' -> Destination (argparse type)."""
     import argparse
     match = re.fullmatch(r"([^@]{1,16})@([^:]+):(\d{1,5})", text)
     if not match or not 0 < int(match.group(3)) < 65536:
         raise argparse.ArgumentTypeError(f"{text!r}: expected AE@HOST:PORT, e.g. PACS@10.0.0.5:104")
-    return match.group(1), match.group(2), int(match.group(3))
+    return Destination(match.group(1), match.group(2), int(match.group(3)))
 
 
 def ae_title(text):
@@ -989,6 +1102,9 @@ def get_args(argv=None):
     p.add_argument("--no-heatmaps", action="store_true", help="send the report only")
     p.add_argument("--uid-root", default="1.2.826.0.1.3680043.8.498.",
                    help="UID prefix of the results (your organisation's root)")
+    p.add_argument("--keep-done-days", type=positive_float, default=None,
+                   help="delete done/ records (one small JSON per image: its findings) older "
+                        "than this, hourly; default: keep them all")
     p.add_argument("--retry-seconds", type=positive_float, default=2.0,
                    help="first wait before resending to a destination that failed")
     p.add_argument("--retry-max-seconds", type=positive_float, default=300.0,
@@ -999,6 +1115,9 @@ def get_args(argv=None):
     p.add_argument("--tls-key", default=None, help="TLS: its private key (PEM)")
     p.add_argument("--tls-ca", default=None,
                    help="TLS: CA certificates; senders must then present a certificate it signed")
+    p.add_argument("--destination-tls-ca", default=None,
+                   help="TLS to the destination: the CA certificates its certificate must be "
+                        "signed by (the node presents --tls-cert/--tls-key when given)")
     p.add_argument("--http-port", type=port, default=None,
                    help="also serve POST /predict and GET /health on this port")
     p.add_argument("--http-token-file", default=None,
@@ -1017,8 +1136,6 @@ def get_args(argv=None):
             or len(args.uid_root) > 32:
         p.error(f"argument --uid-root: {args.uid_root!r} is not a UID prefix ending in '.' "
                 "(at most 32 characters)")
-    args.destination_parts = args.destination
-    args.destination = f"{args.destination[0]}@{args.destination[1]}:{args.destination[2]}"
     return args
 
 
@@ -1039,6 +1156,7 @@ def main(argv=None):
         with exclusive_lock(Path(args.spool) / ".lock", "another serve.py",
                             "give each node its own --spool"):
             tls_context(args)
+            destination_tls(args)
             read_token(args.http_token_file)
             model = Model(args)
             spool.clean_leftovers()
@@ -1061,6 +1179,9 @@ def run(node, args, spool):
     threads = [threading.Thread(target=node.decode_forever, name=f"decode-{i}", daemon=True)
                for i in range(args.workers)]
     threads.append(threading.Thread(target=node.send_forever, name="send", daemon=True))
+    if args.keep_done_days is not None:
+        threads.append(threading.Thread(target=node.prune_forever, args=(args.keep_done_days,),
+                                        name="prune", daemon=True))
     for t in threads:
         t.start()
     try:

@@ -33,7 +33,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=1, help="infer.py's default on a CPU")
     p.add_argument("--workers", type=int, default=1, help="infer.py's default on a CPU")
     a = p.parse_args()
-    from labels import read_label_table
+    from tables import read_label_table
     names, _, labels = read_label_table(Path(a.images) / "Data_Entry_2017_v2020_sample.csv")
     paths = [Path(a.images) / "images" / nm for nm in names[:a.n]]
     root = data_loading.throwaway_data_dir(paths)

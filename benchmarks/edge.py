@@ -21,7 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
-from labels import read_label_table, write_list  # noqa: E402
+from labels import write_list  # noqa: E402
+from tables import read_label_table  # noqa: E402
 
 
 def timed(cmd, log):

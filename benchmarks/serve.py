@@ -12,6 +12,7 @@ NIH sample's 1024x1024 PNGs, each with its own SOP Instance UID. Nothing may be 
 benchmark fails unless every image's report arrives once.
 """
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +102,12 @@ def sender(files, port, sent, errors):
         assoc.release()
 
 
+def cpu_seconds(pid):
+    """User + system CPU seconds of a process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def batch_throughput(model_dir, data_dir, n, work):
     """infer.py --mode int8 on n images of the same set: its own images/s line."""
     proc = subprocess.run([sys.executable, "infer.py", "--mode", "int8", "--model-dir",
@@ -124,7 +132,8 @@ def main():
     p.add_argument("--workers", type=int, default=None, help="the node's decoding threads")
     a = p.parse_args()
 
-    from labels import read_label_table, write_list
+    from labels import write_list
+    from tables import read_label_table
     work = Path(tempfile.mkdtemp(prefix="chexnet-serve-bench-"))
     image_dir = Path(a.images) / "images"
     table = Path(a.images) / "Data_Entry_2017_v2020_sample.csv"
@@ -153,13 +162,13 @@ def main():
     files = make_files(pngs, a.n, work)
     batch = batch_throughput(model_dir, data, min(a.n, len(names) - 8), work)
 
-    sink_port, node_port = free_port(), free_port()
+    sink_port, node_port, http_port = free_port(), free_port(), free_port()
     arrivals = {}
     sink = start_sink(sink_port, arrivals)
     cmd = [sys.executable, "serve.py", "--model-dir", str(model_dir), "--spool", str(work / "spool"),
            "--host", "127.0.0.1", "--port", str(node_port), "--allow-ae", "BENCH",
            "--destination", f"SINK@127.0.0.1:{sink_port}", "--max-queue", str(a.n + 10),
-           "--log-level", "warning"]
+           "--log-level", "warning", "--http-port", str(http_port)]
     cmd += [] if has_points else ["--no-operating-points"]
     cmd += ["--no-heatmaps"] if a.no_heatmaps else []
     cmd += ["--workers", str(a.workers)] if a.workers else []
@@ -173,6 +182,7 @@ def main():
             except OSError:
                 time.sleep(0.2)
         sent, errors = {}, []
+        node_cpu_start, own_cpu_start = cpu_seconds(node.pid), sum(os.times()[:2])
         shares = [files[i::a.senders] for i in range(a.senders)]
         start = time.perf_counter()
         threads = [threading.Thread(target=sender, args=(s, node_port, sent, errors))
@@ -186,6 +196,11 @@ def main():
                 sys.exit(f"the node stopped: {(work / 'node.log').read_text()[-2000:]}")
             time.sleep(0.1)
         end = max(max(v) for v in arrivals.values())
+        time.sleep(0.5)  # the node records the last send after the destination answered
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=30) as r:
+            stages = json.load(r)["seconds"]
+        node_cpu = cpu_seconds(node.pid) - node_cpu_start
+        own_cpu = sum(os.times()[:2]) - own_cpu_start
     finally:
         node.terminate()
         node.wait(60)
@@ -210,6 +225,15 @@ def main():
     print(f"| infer.py --mode int8 (batch evaluation, PNGs) | {batch:.2f} | | | |")
     print(f"serve.py reaches {rate / batch:.0%} of batch evaluation; nothing lost, no duplicate "
           f"report ({a.n} sent, {len(arrivals)} reports)")
+    print(f"CPU per image: the node {node_cpu / a.n:.3f} s, the senders and the destination "
+          f"(this process) {own_cpu / a.n:.3f} s; {os.cpu_count()} cores x "
+          f"{end - start:.1f} s = {os.cpu_count() * (end - start) / a.n:.3f} s per image")
+    print("\nWhere the node's time goes, per image (its GET /health):")
+    print("| stage | mean | p50 | p95 | what |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, row in stages["per_image"].items():
+        print(f"| {name} | {row['mean']:.3f} s | {row['p50']:.3f} s | {row['p95']:.3f} s | "
+              f"{stages['stages'][name]} |")
     shutil.rmtree(work, ignore_errors=True)
 
 

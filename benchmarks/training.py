@@ -97,7 +97,7 @@ class GpuUtilisation:
 
 def end_to_end(a):
     """main.py for --steps steps from PNGs, then from the store; images/s of the training loop."""
-    from dataset import open_store, prepare_store
+    from store import open_store, prepare_store
     if open_store(a.data_dir, 256) is None:
         prepare_store(a.data_dir, 256)
     results = {}

@@ -26,3 +26,24 @@ def test_gpu_benchmark_runs_tiny_on_a_cpu(tmp_path, shared):
     assert "torch.compile: left out, a tiny run" in table
     assert (REPO / "docs" / "benchmarks.md").read_text().count(
         "| measurement | batch | images/s | peak memory GiB |") == 1
+
+
+def test_every_benchmark_imports_names_that_exist():
+    """A benchmark is run by hand, months apart: the project names it imports (at the top or
+    inside functions) must still exist after the code moved."""
+    import ast
+    import importlib
+    import importlib.util
+    project = {p.stem for p in REPO.glob("*.py")}
+    missing = []
+    for path in sorted((REPO / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in project and not node.level:
+                module = importlib.import_module(node.module)
+                missing += [f"{path.name}: {node.module}.{a.name}" for a in node.names
+                            if not hasattr(module, a.name)]
+            elif isinstance(node, ast.Import):
+                missing += [f"{path.name}: import {a.name}" for a in node.names
+                            if a.name.split(".")[0] in project
+                            and importlib.util.find_spec(a.name) is None]
+    assert not missing, missing

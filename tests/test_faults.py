@@ -211,7 +211,10 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
     out = tmp_path / "run"
     job = subprocess.Popen([sys.executable, "main.py", *map(str, TINY), "--epochs", "50",
                             "--save-every", "1", "--out-dir", str(out)], cwd=REPO,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           # as from a terminal: a suite started in the background (`&`)
+                           # passes SIGINT on ignored, and Python then never raises Ctrl-C
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (out / "last.pt").is_file():
         assert job.poll() is None and time.time() < deadline

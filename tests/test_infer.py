@@ -222,7 +222,11 @@ def test_image_mode_prints_sorted_probabilities_and_decisions(small_model, nih_d
     proc = _run_infer("fp32", small_model, nih_dir, "--image", *images, "--rule", "f1")
     lines = proc.stdout.split(":\n")[1].splitlines()[:14]
     assert all(("positive (threshold" in ln) != ("negative (threshold" in ln) for ln in lines)
-    assert "thresholds: f1 rule, chosen on 60 val images" in proc.stdout
+    assert ("thresholds: f1 rule (the threshold with the largest F1; --rule chooses another), "
+            "chosen on 60 val images") in proc.stdout
+    # 60 val images of the sample: every class has fewer than 10 positives, and it says so
+    note = next(ln for ln in proc.stdout.splitlines() if ln.startswith("note: fewer than 10"))
+    assert note.endswith(": those decisions are rough") and "Hernia (" in note
 
 
 def test_accuracy_controlled_quantization_validates_on_other_images(small_model, nih_dir, tmp_path):

@@ -67,13 +67,13 @@ def wait_for(condition, timeout, what, every=0.2):
 class Orthanc:
     """Orthanc as a plain process: its own JSON configuration, storage in tmp, free ports."""
 
-    def __init__(self, root, node_port):
+    def __init__(self, root, node_port, **settings):
         self.binary = need("Orthanc")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.http, self.dicom = free_port(), free_port()
         self.config = self.root / "orthanc.json"
-        self.config.write_text(json.dumps({
+        self.config.write_text(json.dumps({**settings,
             "Name": "test-pacs", "StorageDirectory": str(self.root / "db"),
             "IndexDirectory": str(self.root / "db"), "HttpPort": self.http,
             "DicomPort": self.dicom, "DicomAet": "PACS", "AuthenticationEnabled": False,
@@ -348,6 +348,13 @@ def test_reports_reach_the_pacs_with_infer_probabilities(model_dir, dx_files, pa
             f"{url}/health", headers={"Authorization": "Bearer s3cret"}), timeout=10).read())
         assert health["counters"]["received"] == 3 and health["counters"]["processed"] == 3
         assert health["queues"] == {"inbox": 0, "outbox": 0, "quarantine": 0}
+        # where the time went, per stage: each of the 3 DICOM images passed every stage once,
+        # the PNG of /predict the model's two
+        per_image = health["seconds"]["per_image"]
+        assert set(per_image) == set(health["seconds"]["stages"])
+        assert {k: v["images"] for k, v in per_image.items()} == {
+            "receive": 3, "decode": 3, "wait": 4, "infer": 4, "results": 3, "send": 3, "total": 3}
+        assert all(0 <= v["p50"] <= v["p95"] for v in per_image.values())
         assert health["model"]["files"]["chexnet_int8.xml"] == files_sha
         assert "Traceback" not in node.text()
     finally:
@@ -500,7 +507,8 @@ def test_refusals_and_quarantine_keep_the_node_serving(model_dir, dx_files, pacs
 
 def test_tls(model_dir, dx_files, pacs, tmp_path):
     """--tls-cert/--tls-key/--tls-ca: a sender with a certificate the CA signed is served; a
-    plain-TCP sender is not."""
+    plain-TCP sender is not. --destination-tls-ca: the results reach a PACS that speaks DICOM
+    TLS only (Orthanc with DicomTlsEnabled, checking the node's certificate)."""
     import ssl
     need("openssl")
     ca, cert, key = tmp_path / "ca.pem", tmp_path / "node.pem", tmp_path / "node.key"
@@ -508,8 +516,13 @@ def test_tls(model_dir, dx_files, pacs, tmp_path):
                     "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
                     "-keyout", key, "-out", cert], check=True, capture_output=True)
     shutil.copy(cert, ca)  # self-signed: the node's certificate is its own CA, and the client's
+    # one certificate for all three parties (its CN and SAN are 127.0.0.1)
+    tls_pacs = Orthanc(tmp_path / "tls-pacs", pacs.node_port, DicomTlsEnabled=True,
+                       DicomTlsCertificate=str(cert), DicomTlsPrivateKey=str(key),
+                       DicomTlsTrustedCertificates=str(ca), DicomTlsRemoteCertificateRequired=True)
     node = NodeProcess(model_dir, tmp_path / "spool", pacs, "--tls-cert", cert, "--tls-key", key,
-                       "--tls-ca", ca, "--no-heatmaps")
+                       "--tls-ca", ca, "--no-heatmaps", "--destination",
+                       f"PACS@127.0.0.1:{tls_pacs.dicom}", "--destination-tls-ca", ca)
     try:
         import pydicom
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
@@ -517,9 +530,12 @@ def test_tls(model_dir, dx_files, pacs, tmp_path):
         ds = pydicom.dcmread(dx_files[3])
         assert send([ds], node.port, tls=(context, "127.0.0.1")) == [0x0000]
         assert send([ds], node.port) is None  # no TLS: no association
-        wait_for(lambda: len(pacs.instances("SR")) == 1, 120, "the report")
+        wait_for(lambda: len(tls_pacs.instances("SR")) == 1, 120, "the report over TLS")
+        assert send([ds], tls_pacs.dicom) is None  # the PACS itself takes no plain TCP
+        assert not pacs.instances("SR")
     finally:
         node.stop()
+        tls_pacs.stop()
 
 
 def test_bad_settings_fail_with_one_line(model_dir, tmp_path):
@@ -581,3 +597,16 @@ def test_two_nodes_on_one_spool_refused(model_dir, tmp_path):
                           "PACS@127.0.0.1:104", "--model-dir", model_dir, "--port",
                           str(free_port()), "--host", "127.0.0.1", timeout=120)
     assert_clean_error(proc, "in use by another serve.py", "--spool")
+
+
+def test_done_records_pruned_by_age(tmp_path):
+    """--keep-done-days: records older than that go, younger ones stay."""
+    from serve import Spool
+    spool = Spool(tmp_path / "spool")
+    old, young = spool.done / "1.2.3.json", spool.done / "1.2.4.json"
+    for path in (old, young):
+        path.write_text("{}\n")
+    then = time.time() - 3 * 86400
+    os.utime(old, (then, then))
+    assert spool.prune_done(2) == 1
+    assert not old.exists() and young.exists() and not spool.is_done("1.2.3")
