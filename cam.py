@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from common import REPO_DIR, DataError, os_reason
 from images import average_crops, ten_crop_boxes
@@ -349,17 +349,22 @@ def registered_overlay(gray, heat, title):
     it, the title in a band at the top: an (H, W, 3) uint8 image on the X-ray's own pixel grid,
     so that a viewer can lay it over or beside the source image (serve.py's secondary
     capture; overlay() is the figure for people, with the plain X-ray and a colour bar)."""
-    from PIL import ImageDraw, ImageFont
     colour = optional.colormap("jet", "the node's heatmaps")(normalise(heat))[..., :3]
     base = np.repeat(gray[..., None].astype(np.float32) / 255.0, 3, axis=2)
     image = Image.fromarray(((0.6 * base + 0.4 * colour) * 255).clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
-    size = max(12, gray.shape[0] // 40)
-    try:
-        font = ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow < 10.1 has one bitmap size
-        font = None
-    draw.rectangle((0, 0, gray.shape[1], int(size * 1.6)), fill=(0, 0, 0))
+    height, width = gray.shape
+    # The title's end is the research-use notice: the font shrinks until all of it fits
+    size = max(12, height // 40)
+    while True:
+        try:
+            font = ImageFont.load_default(size=size)
+        except (TypeError, OSError):  # Pillow < 10.1 has one bitmap size
+            font = ImageFont.load_default()
+        if draw.textlength(title, font=font) <= width - size or size <= 6:
+            break
+        size -= 1
+    draw.rectangle((0, 0, width, int(size * 1.6)), fill=(0, 0, 0))
     draw.text((size // 2, size // 4), title, fill=(255, 255, 255), font=font)
     return np.asarray(image)
 

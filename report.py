@@ -199,7 +199,8 @@ def thresholds_note(points, rule):
              f"on {points['images']} val images"
              + (f" ({points['chosen_on']})" if points.get("chosen_on") else "")]
     if "positives" in points:
-        few = sorted((n, name) for n, name in zip(points["positives"], points["class_names"])
+        names = points.get("class_names", NIH_CLASSES)  # absent: an NIH model's old file
+        few = sorted((n, name) for n, name in zip(points["positives"], names)
                      if n < FEW_POSITIVES)
         if few:
             lines.append(f"note: fewer than {FEW_POSITIVES} val positives behind the threshold "

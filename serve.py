@@ -164,11 +164,12 @@ class Spool:
 
     def prune_done(self, days):
         """Delete the done/ records older than `days` (an image sent again after that is
-        classified again, under the same result UIDs): how many went."""
+        classified again, under the same result UIDs): how many went. A record whose results
+        still wait in the outbox stays (a resend would rewrite what is being sent)."""
         cutoff, pruned = time.time() - days * 86400, 0
         for p in self.done.glob("*.json"):
             try:
-                if p.stat().st_mtime < cutoff:
+                if p.stat().st_mtime < cutoff and not (self.outbox / p.stem).exists():
                     p.unlink()
                     pruned += 1
             except FileNotFoundError:
@@ -698,9 +699,12 @@ class Node:
     def prune_forever(self, days):
         """--keep-done-days: prune done/ at the start and then every hour."""
         while True:
-            pruned = self.spool.prune_done(days)
-            if pruned:
-                log.info("pruned %d done/ records older than %g days", pruned, days)
+            try:
+                pruned = self.spool.prune_done(days)
+                if pruned:
+                    log.info("pruned %d done/ records older than %g days", pruned, days)
+            except OSError as e:  # tried again in an hour; the node goes on
+                log.warning("cannot prune %s: %s", self.spool.done, os_reason(e))
             if self.stopping.wait(3600):
                 return
 
@@ -735,7 +739,10 @@ class Node:
         assoc = ae.associate(host, port, ae_title=ae_title, tls_args=self.destination_tls)
         if not assoc.is_established:
             raise ConnectionError("association not accepted (destination down, or it refuses "
-                                  f"calling AE {self.args.ae_title})")
+                                  f"calling AE {self.args.ae_title}"
+                                  + (", or the TLS handshake failed: its certificate and "
+                                     "--destination-tls-ca, or --tls-cert"
+                                     if self.destination_tls else "") + ")")
         try:
             for folder in pending:
                 try:
@@ -901,8 +908,11 @@ def destination_tls(args):
     certificate must be signed by --destination-tls-ca (only those CAs, not the system's)."""
     if not args.destination_tls_ca:
         return None
-    return (_ssl_context(False, args.tls_cert, args.tls_key, args.destination_tls_ca,
-                         "--destination-tls-ca/--tls-cert/--tls-key"), args.destination.host)
+    cert, key = ((args.destination_tls_cert, args.destination_tls_key)
+                 if args.destination_tls_cert else (args.tls_cert, args.tls_key))
+    return (_ssl_context(False, cert, key, args.destination_tls_ca,
+                         "--destination-tls-ca/--destination-tls-cert/--destination-tls-key"),
+            args.destination.host)
 
 
 def _ssl_context(server_side, cert, key, ca, flags):
@@ -1117,7 +1127,11 @@ def get_args(argv=None):
                    help="TLS: CA certificates; senders must then present a certificate it signed")
     p.add_argument("--destination-tls-ca", default=None,
                    help="TLS to the destination: the CA certificates its certificate must be "
-                        "signed by (the node presents --tls-cert/--tls-key when given)")
+                        "signed by")
+    p.add_argument("--destination-tls-cert", default=None,
+                   help="the certificate the node presents to the destination (default "
+                        "--tls-cert; a client certificate may differ from the server's)")
+    p.add_argument("--destination-tls-key", default=None, help="its private key (PEM)")
     p.add_argument("--http-port", type=port, default=None,
                    help="also serve POST /predict and GET /health on this port")
     p.add_argument("--http-token-file", default=None,
@@ -1132,6 +1146,10 @@ def get_args(argv=None):
         p.error("argument --destination: where should the results go? AE@HOST:PORT")
     if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_ca and not args.tls_cert):
         p.error("argument --tls-cert: TLS needs both --tls-cert and --tls-key")
+    if bool(args.destination_tls_cert) != bool(args.destination_tls_key) or (
+            args.destination_tls_cert and not args.destination_tls_ca):
+        p.error("argument --destination-tls-cert: needs --destination-tls-key and "
+                "--destination-tls-ca")
     if not args.uid_root.endswith(".") or not UID_RE.match(args.uid_root[:-1]) \
             or len(args.uid_root) > 32:
         p.error(f"argument --uid-root: {args.uid_root!r} is not a UID prefix ending in '.' "

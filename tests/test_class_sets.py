@@ -77,43 +77,43 @@ def test_a_model_of_any_class_count_goes_through_every_path(classes, tmp_path, s
     # export: FP32, INT8 (accuracy-controlled for the 5 classes), the INT8-vs-FP32 check
     extra = ["--max-auc-drop", "0.5"] if len(classes) == 5 else []
     exported = _ok(script("infer", "--export", "--checkpoint", run / "best.pt",
-                              "--model-dir", models, "--calibration-size", "20",
-                              "--validation-size", "20", *extra))
+                          "--model-dir", models, "--calibration-size", "20",
+                          "--validation-size", "20", *extra))
     assert "INT8 vs FP32 on" in exported.stdout
     meta = json.loads((models / "chexnet.json").read_text())
     assert meta["class_names"] == classes
     # the three evaluation modes; val first (operating points), then test, then calibrated
     for mode in ("fp32", "int8"):
         _ok(script("infer", "--mode", mode, "--part", "val", "--model-dir", models,
-                       "--n-boot", "100", "--no-figures"))
+                   "--n-boot", "100", "--no-figures"))
     for mode in ("fp32", "int8", "torch"):
         evaluated = _ok(script("infer", "--mode", mode, "--model-dir", models,
-                                   "--n-boot", "100", *(["--no-figures"] if mode != "fp32" else [])))
+                               "--n-boot", "100", *(["--no-figures"] if mode != "fp32" else [])))
         assert _header(models / f"predictions_{mode}.csv") == classes
         report = json.loads((models / f"predictions_{mode}_report.json").read_text())
         assert list(report["diseases"]) == classes, evaluated.stdout
     assert (models / "predictions_fp32_roc.png").is_file()
     calibrated = _ok(script("infer", "--mode", "int8", "--calibrated", "--model-dir",
-                                models, "--out-csv", tmp_path / "calibrated.csv", "--n-boot",
-                                "100", "--no-figures"))
+                            models, "--out-csv", tmp_path / "calibrated.csv", "--n-boot",
+                            "100", "--no-figures"))
     assert _header(tmp_path / "calibrated.csv") == classes, calibrated.stdout
     # --image with heatmaps, in an OpenVINO mode and in torch
     image = data / "images" / (data / "test_list.txt").read_text().splitlines()[3].split()[0]
     for mode in ("int8", "torch"):
         shown = _ok(script("infer", "--mode", mode, "--model-dir", models, "--image",
-                               image, "--cam", tmp_path / f"cams-{mode}"))
+                           image, "--cam", tmp_path / f"cams-{mode}"))
         assert all(c in shown.stdout for c in classes)
         assert len(list((tmp_path / f"cams-{mode}").glob("*.png"))) >= 2
     # the report of a predictions file, and the paired comparison
     _ok(script("report", models / "predictions_fp32.csv", "--data-dir", data,
-                   "--n-boot", "100", "--no-figures"))
+               "--n-boot", "100", "--no-figures"))
     compared = _ok(script("report", "compare", models / "predictions_fp32.csv",
-                              models / "predictions_int8.csv", "--data-dir", data,
-                              "--n-boot", "100"))
+                          models / "predictions_int8.csv", "--data-dir", data,
+                          "--n-boot", "100"))
     assert all(c in compared.stdout for c in classes)
     # localization over the box findings the model shares with NIH
     _ok(script("infer", "--mode", "fp32", "--model-dir", models, "--localize",
-                   "--localize-tau", "0.5"))
+               "--localize-tau", "0.5"))
     result = json.loads((models / "localization_fp32.json").read_text())
     scored = set(result["methods"]["model"]["test"]) - {"overall"}
     assert scored and scored <= set(classes), result["methods"]["model"]["test"]

@@ -514,16 +514,20 @@ def test_tls(model_dir, dx_files, pacs, tmp_path):
     ca, cert, key = tmp_path / "ca.pem", tmp_path / "node.pem", tmp_path / "node.key"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
                     "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    # a CA and a TLS peer at once (Python >= 3.13 checks X.509 strictly)
+                    "-addext", "keyUsage=critical,digitalSignature,keyEncipherment,keyCertSign",
                     "-keyout", key, "-out", cert], check=True, capture_output=True)
     shutil.copy(cert, ca)  # self-signed: the node's certificate is its own CA, and the client's
     # one certificate for all three parties (its CN and SAN are 127.0.0.1)
-    tls_pacs = Orthanc(tmp_path / "tls-pacs", pacs.node_port, DicomTlsEnabled=True,
-                       DicomTlsCertificate=str(cert), DicomTlsPrivateKey=str(key),
-                       DicomTlsTrustedCertificates=str(ca), DicomTlsRemoteCertificateRequired=True)
-    node = NodeProcess(model_dir, tmp_path / "spool", pacs, "--tls-cert", cert, "--tls-key", key,
-                       "--tls-ca", ca, "--no-heatmaps", "--destination",
-                       f"PACS@127.0.0.1:{tls_pacs.dicom}", "--destination-tls-ca", ca)
+    tls_pacs = node = None
     try:
+        tls_pacs = Orthanc(tmp_path / "tls-pacs", pacs.node_port, DicomTlsEnabled=True,
+                           DicomTlsCertificate=str(cert), DicomTlsPrivateKey=str(key),
+                           DicomTlsTrustedCertificates=str(ca),
+                           DicomTlsRemoteCertificateRequired=True)
+        node = NodeProcess(model_dir, tmp_path / "spool", pacs, "--tls-cert", cert, "--tls-key",
+                           key, "--tls-ca", ca, "--no-heatmaps", "--destination",
+                           f"PACS@127.0.0.1:{tls_pacs.dicom}", "--destination-tls-ca", ca)
         import pydicom
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
         context.load_cert_chain(cert, key)
@@ -531,11 +535,13 @@ def test_tls(model_dir, dx_files, pacs, tmp_path):
         assert send([ds], node.port, tls=(context, "127.0.0.1")) == [0x0000]
         assert send([ds], node.port) is None  # no TLS: no association
         wait_for(lambda: len(tls_pacs.instances("SR")) == 1, 120, "the report over TLS")
-        assert send([ds], tls_pacs.dicom) is None  # the PACS itself takes no plain TCP
+        # the PACS itself takes no plain TCP, even from the AE title it knows
+        assert send([ds], tls_pacs.dicom, aet=NODE_AE) is None
         assert not pacs.instances("SR")
     finally:
-        node.stop()
-        tls_pacs.stop()
+        for process in (node, tls_pacs):
+            if process is not None:
+                process.stop()
 
 
 def test_bad_settings_fail_with_one_line(model_dir, tmp_path):
