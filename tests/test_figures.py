@@ -85,11 +85,13 @@ def test_operating_points_are_announced_only_where_drawn(drawn):
     assert [ln.get_zorder() for ln in by_size] == sorted((ln.get_zorder() for ln in by_size),
                                                          reverse=True)
     # the reliability diagram: as predicted and Platt-calibrated, with the images per bin
-    ax = drawn["reliability"].axes[0]
+    # (under each panel a strip of its own: the counts, with the x axis's label)
+    ax, counts = drawn["reliability"].axes[:2]
     curves = [ln for ln in ax.get_lines() if ln.get_marker() == "o"]
     assert [ln.get_color() for ln in curves] == ["tab:blue", "tab:red"]
-    assert ax.get_xlabel() and ax.get_ylabel()
-    counts = [a for a in drawn["reliability"].axes if a.patches][0]  # the first panel's twin
+    assert ax.get_ylabel() == "fraction positive" and not ax.patches
+    assert counts.get_xlabel() == "mean predicted probability" and counts.get_ylabel() == "images"
+    assert counts.get_shared_x_axes().joined(ax, counts)
     assert sum(patch.get_height() for patch in counts.patches) == 300
 
 
