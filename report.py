@@ -77,8 +77,7 @@ def choose_operating_points(labels, probs, model_id, source, class_names,
     """Thresholds by each rule and Platt parameters, from validation predictions."""
     thresholds = choose_thresholds(labels, probs, target_sensitivity)
     a, b, refused = fit_platt_monotone(labels, probs)
-    positives = [int(np.nansum(np.asarray(labels, float)[:, d] == 1))
-                 for d in range(len(class_names))]
+    positives = (np.asarray(labels, float) == 1).sum(axis=0).tolist()  # NaN (uncertain): no
     return {"model": model_id, "chosen_on": str(source), "images": int(len(labels)),
             "positives": positives,  # per class: how much each threshold rests on
             "target_sensitivity": target_sensitivity, "class_names": list(class_names),
@@ -359,9 +358,20 @@ def write_report(csv_path, report, labels, probs, class_names, points=None, cali
 # ---------------------------------------------------------------------------------------------
 # Figures
 
-def panel_grid(plt, title, n):
-    """A figure of n panels, 5 a row, titled; returns (figure, the n axes)."""
+def panel_grid(plt, title, n, strips=False):
+    """A figure of n panels, 5 a row, titled; returns (figure, the n axes). strips: under
+    each panel a strip a third of its height sharing its x axis; returns (figure, the n
+    panels, their n strips)."""
     rows = max(1, -(-n // 5))
+    if strips:
+        fig = plt.figure(figsize=(17, 4.4 * rows), layout="constrained")
+        grid = fig.add_gridspec(2 * rows, 5, height_ratios=[3, 1] * rows)
+        axes, below = [], []
+        for d in range(n):  # each strip right after its panel, in fig.axes too
+            axes.append(fig.add_subplot(grid[2 * (d // 5), d % 5]))
+            below.append(fig.add_subplot(grid[2 * (d // 5) + 1, d % 5], sharex=axes[-1]))
+        fig.suptitle(title)
+        return fig, axes, below
     fig, axes = plt.subplots(rows, 5, figsize=(17, 3.5 * rows), layout="constrained",
                              squeeze=False)
     fig.suptitle(title)
@@ -505,16 +515,12 @@ def reliability_figure(plt, labels, probs, class_names, report=None, platt=None,
     series = [("as predicted", probs, "tab:blue")]
     if platt is not None:
         series.append(("Platt-calibrated (fitted on val)", calibrate(probs, platt), "tab:red"))
-    n, columns = len(class_names), 5
-    rows = max(1, -(-n // columns))
-    fig = plt.figure(figsize=(17, 4.4 * rows), layout="constrained")
-    fig.suptitle(_figure_title(f"Reliability ({bins} equal-width bins)", report))
-    grid = fig.add_gridspec(2 * rows, columns, height_ratios=[3, 1] * rows)
+    fig, axes, strips = panel_grid(
+        plt, _figure_title(f"Reliability ({bins} equal-width bins)", report), len(class_names),
+        strips=True)
     width = 1 / bins
     for d, name in enumerate(class_names):
-        row, column = divmod(d, columns)
-        ax = fig.add_subplot(grid[2 * row, column])
-        strip = fig.add_subplot(grid[2 * row + 1, column], sharex=ax)
+        ax, strip = axes[d], strips[d]
         ax.plot([0, 1], [0, 1], "k:", lw=0.6)
         eces = []
         for label, values, colour in series:

@@ -27,6 +27,7 @@ import numpy as np
 from common import DataError, atomic_path, one_line
 from labels import patient_of
 from metrics import bootstrap_counts, interval, quiet, roc_aucs, weighted_aucs
+from optional import MissingPackage, pyplot
 from tables import detect_dataset, find_label_table, read_chexpert, read_table
 
 SEXES = ("female", "male")
@@ -479,7 +480,6 @@ def write_figure(path, section, rule="youden"):
     n/a. Returns the path, or None without matplotlib or thresholds."""
     if rule not in section["rules"]:
         return None
-    from optional import MissingPackage, pyplot
     try:
         plt = pyplot("the subgroup figure")
     except MissingPackage:
@@ -564,7 +564,6 @@ def demographics_for(data_dir, no_subgroups=False, patients_table=None, log=prin
         if patients_table is not None:
             raise DataError("--patients-table: not used with --no-subgroups")
         return None
-    from optional import MissingPackage
     try:
         found, why = load_demographics(data_dir, patients_table)
     except MissingPackage as e:  # a box that installed less: the report without the section

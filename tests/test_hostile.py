@@ -213,6 +213,11 @@ def test_dicom_transform_not_well_defined_is_an_error_naming_file_and_attribute(
     assert message.startswith(f"{path}: ") and fragment in message and "\n" not in message, message
 
 
+# A child program's own peak memory in kB, printed on a line of its own: VmHWM, not
+# ru_maxrss, which Linux carries over exec from the forked pytest process (2 GB late in a run)
+PRINT_PEAK_KB = "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])"
+
+
 def test_dicom_bomb_is_refused_before_decoding(tmp_path):
     """A compressed file of a few KB declaring 65535x65535: refused from its header, in well
     under the memory its pixels would take (the decoder is never called)."""
@@ -224,9 +229,7 @@ def test_dicom_bomb_is_refused_before_decoding(tmp_path):
     ds.save_as(path)
     code = ("import sys; sys.path.insert(0, '.')\nfrom images import load_gray\n"
             "try:\n    load_gray(sys.argv[1])\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
-            # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forked pytest
-            # process (2 GB late in a full run), VmHWM belongs to this program's memory alone
-            "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])")
+            f"{PRINT_PEAK_KB}\n")
     proc = subprocess.run([sys.executable, "-c", code, str(path)], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     error, peak_kb = proc.stdout.strip().splitlines()
@@ -458,11 +461,9 @@ def test_heatmaps_of_a_huge_image_take_the_memory_of_a_small_one(full_size_model
     peaks = {}
     for name in ("big", "small"):
         path = big if name == "big" else PNG
-        # VmHWM: this program's own peak (ru_maxrss would carry pytest's over exec)
         code = (BLOCK_TORCH.replace('runpy.run_path("infer.py", run_name="__main__")',
                                     'try:\n    runpy.run_path("infer.py", run_name="__main__")\n'
-                                    'finally:\n    print("peak", open("/proc/self/status").read()'
-                                    '.split("VmHWM:")[1].split()[0])'))
+                                    f'finally:\n    print("peak", end=" ")\n    {PRINT_PEAK_KB}'))
         proc = run_script("-c", code, "infer.py", "--mode", "fp32", "--model-dir",
                           full_size_model / "models", "--image", path, "--cam", tmp_path / name)
         assert proc.returncode == 0, proc.stderr
