@@ -1,6 +1,10 @@
 """DICOM test files written with pydicom from real NIH PNGs, the ways hospitals store them:
 MONOCHROME2 and MONOCHROME1, 12 bits stored in 16, a modality rescale, a window or a VOI LUT,
 JPEG 2000 compressed. Each decodes, by the DICOM standard, to the PNG's own pixels."""
+import os
+import shutil
+import subprocess
+
 import numpy as np
 from PIL import Image
 
@@ -67,3 +71,16 @@ def dx_file(png, path, study, series, number, sop_class="1.2.840.10008.5.1.4.1.1
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def dcmtk(binary):
+    """The path of DCMTK's program (storescu, storescp), or None: not pynetdicom's programs of
+    the same names, which a virtual environment puts first on the PATH."""
+    folders = os.environ.get("PATH", "").split(os.pathsep) + ["/usr/bin", "/bin"]
+    for folder in dict.fromkeys(folders):
+        found = shutil.which(binary, path=folder)
+        if found and "$dcmtk:" in subprocess.run([found, "--version"], capture_output=True,
+                                                 text=True).stdout:
+            return found
+    return None
+

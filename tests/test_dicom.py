@@ -173,3 +173,58 @@ def test_dicoms_without_a_suffix_go_into_the_store(tmp_path):
     assert image_names(data) == [f"IM{i:06d}" for i in range(4)]
     prepare_store(data, (32,), workers=1, progress=False)
     assert open_store(data, 32).count == 4
+
+
+def test_the_node_s_fast_report_is_highdicom_s_report(tmp_path):
+    """serve.ReportWriter (a template of the content tree, this image's values spliced in)
+    gives the report build_sr builds with highdicom, element for element: across sources
+    (DX and CR, another character set, a name that needs it), findings with and without
+    thresholds and calibration, and values at the edges of their range."""
+    import io
+
+    from pydicom.uid import generate_uid
+
+    import serve
+    from dicom_files import dx_file
+    pngs = sorted((REPO / "sample" / "images").glob("*.png"))
+    plain = pydicom.dcmread(dx_file(pngs[0], tmp_path / "a.dcm", generate_uid(), generate_uid(),
+                                    1), stop_before_pixels=True)
+    other = pydicom.dcmread(dx_file(pngs[1], tmp_path / "b.dcm", generate_uid(), generate_uid(),
+                                    7, sop_class=serve.CR), stop_before_pixels=True)
+    other.SpecificCharacterSet, other.PatientName = "ISO_IR 192", "Müller^Jürgen"
+    other.PatientAge, other.OtherPatientIDs = "045Y", ["X1", "X2"]
+    identity = {"name": "CheXNet densenet121 OpenVINO INT8", "mode": "int8", "version": "v",
+                "sha256": "ab" * 32, "exported": "2026-12-02", "runtime": "OpenVINO x",
+                "files": {"chexnet_int8.xml": "cd" * 32, "chexnet_int8.bin": "ef" * 32}}
+    rng = np.random.default_rng(0)
+
+    def findings(names, thresholds=True, calibrated=True, values=None):
+        rows = []
+        for k, name in enumerate(names):
+            p = float(values[k % len(values)]) if values is not None else float(rng.random())
+            row = {"finding": name, "probability": p}
+            t = 0.1 * (k % 9 + 1)
+            row.update(threshold=t, decision="positive" if p >= t else "negative") \
+                if thresholds else row.update(threshold=None, decision=None)
+            if calibrated:
+                row["calibrated_probability"] = float(rng.random())
+            rows.append(row)
+        return rows
+
+    def content(data):
+        ds = pydicom.dcmread(io.BytesIO(data))
+        ds.InstanceCreationTime = ds.ContentTime = "000000"
+        ds.ContributingEquipmentSequence[0].ContributionDateTime = "20000101"
+        return ds.to_json_dict()
+
+    nih = [f"Finding {k}" for k in range(14)]
+    writer = serve.ReportWriter(identity, "youden rule, 100 validation images", "1.2.826.1.")
+    cases = [(plain, findings(nih)), (plain, findings(nih)), (other, findings(nih)),
+             (plain, findings(nih, values=[0.0, 1.0, 1e-12, 1 / 3, 0.5, 1 - 1e-9])),
+             (other, findings(["Épanchement", "Nodule"], thresholds=False, calibrated=False)),
+             (plain, findings(["Effusion"], calibrated=False))]
+    for source, rows in cases:
+        fast = writer(source, rows)
+        reference = serve.build_sr(source, rows, identity, writer.points_note, writer.uid_root)
+        assert content(fast) == content(reference)
+    assert len(writer.templates) == 4 and all(writer.templates.values())  # none fell back

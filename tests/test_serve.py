@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, assert_clean_error, run_script
+from dicom_files import dcmtk
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +43,9 @@ def free_port():
 
 
 def need(binary):
-    found = shutil.which(binary) or shutil.which(binary, path="/usr/sbin:/usr/bin")
+    """The path of a program of the real parts (Orthanc; DCMTK's, not pynetdicom's apps)."""
+    found = dcmtk(binary) if binary in ("storescu", "storescp") else (
+        shutil.which(binary) or shutil.which(binary, path="/usr/sbin:/usr/bin"))
     if found is None:
         message = f"{binary} not installed (apt-get install orthanc dcmtk; .ci/run does it)"
         if os.environ.get("CI"):
@@ -166,8 +169,8 @@ class NodeProcess:
 
 
 def storescu(files, port, aet="STORESCU"):
-    need("storescu")
-    return subprocess.run(["storescu", "-aet", aet, "-aec", NODE_AE, "127.0.0.1", str(port),
+    return subprocess.run([need("storescu"), "-aet", aet, "-aec", NODE_AE, "127.0.0.1",
+                           str(port),
                            *map(str, files)], capture_output=True, text=True, timeout=300)
 
 
@@ -369,8 +372,8 @@ def test_kill_9_during_a_burst_then_restart_answers_each_image_once(model_dir, d
     spool = tmp_path / "spool"
     node = NodeProcess(model_dir, spool, pacs)
     try:
-        burst = subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", NODE_AE, "127.0.0.1",
-                                  str(node.port), *map(str, dx_files)],
+        burst = subprocess.Popen([need("storescu"), "-aet", "STORESCU", "-aec", NODE_AE,
+                                  "127.0.0.1", str(node.port), *map(str, dx_files)],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: node.text().count("accepted DX") >= 4, 120, "4 images accepted",
                  every=0.02)
@@ -591,6 +594,45 @@ def test_results_the_destination_refuses_go_to_failed(model_dir, dx_files, tmp_p
     finally:
         node.stop()
         refusing.shutdown()
+
+
+def test_results_reach_a_destination_that_takes_implicit_vr_only(model_dir, dx_files,
+                                                                  tmp_path):
+    """The node sends its result files as written (Explicit VR Little Endian) where the
+    destination accepts that; one that accepts Implicit VR Little Endian only still gets the
+    report (decoded, encoded again by pynetdicom), with its values."""
+    import io
+
+    import pydicom
+    from pydicom.uid import ImplicitVRLittleEndian
+    from pynetdicom import AE, evt
+    stored = []
+
+    def on_store(event):
+        stored.append((event.context.transfer_syntax, event.encoded_dataset()))
+        return 0x0000
+
+    ae = AE(ae_title="PACS")
+    for sop_class in ("1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.7"):
+        ae.add_supported_context(sop_class, ImplicitVRLittleEndian)
+    implicit = ae.start_server(("127.0.0.1", 0), block=False,
+                               evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    fake = type("Pacs", (), {"node_port": free_port(), "dicom": implicit.server_address[1]})
+    spool = tmp_path / "spool"
+    node = NodeProcess(model_dir, spool, fake, "--no-heatmaps")
+    try:
+        assert storescu(dx_files[6:7], node.port).returncode == 0
+        wait_for(lambda: stored, 60, "the report at the destination")
+        syntax, data = stored[0]
+        assert syntax == ImplicitVRLittleEndian
+        findings, source, _ = sr_findings(pydicom.dcmread(io.BytesIO(data), force=True))
+        assert source == uid_of(dx_files[6])
+        record = json.loads((spool / "done" / f"{source}.json").read_text())
+        assert {row["finding"]: pytest.approx(row["probability"], abs=1e-12)
+                for row in record["findings"]} == {n: p for n, (p, _, _) in findings.items()}
+    finally:
+        node.stop()
+        implicit.shutdown()
 
 
 def test_two_nodes_on_one_spool_refused(model_dir, tmp_path):
