@@ -467,12 +467,26 @@ def _root(items):
     return root
 
 
+def result_charset(source):
+    """The results' Specific Character Set: the source's where highdicom takes it, else UTF-8.
+    highdicom refuses some the standard allows (a first value left empty, as Japanese sources
+    write ['', 'ISO 2022 IR 87']), and pydicom has decoded the source's names already."""
+    value = source.get("SpecificCharacterSet")
+    values = [] if value is None else [value] if isinstance(value, str) else list(value)
+    try:
+        for v in values:
+            highdicom.SpecificCharacterSetValues(v)
+    except ValueError:
+        return "ISO_IR 192"
+    return value
+
+
 def _sr_document(source, content, identity, uid_root):
     """A Comprehensive SR in the source's study (patient and study copied by highdicom)."""
     import highdicom as hd
     digest = identity["sha256"]
     return hd.sr.ComprehensiveSR(
-        evidence=[source], content=content,
+        evidence=[source], content=content, specific_character_set=result_charset(source),
         series_instance_uid=result_uid(source.StudyInstanceUID, digest, "sr-series", uid_root),
         series_number=9001, sop_instance_uid=result_uid(source.SOPInstanceUID, digest, "sr",
                                                         uid_root),
@@ -627,7 +641,7 @@ def build_heatmap(source, rgb, k, name, identity, uid_root):
         series_number=9002,
         sop_instance_uid=result_uid(source.SOPInstanceUID, digest, f"sc-{name}", uid_root),
         instance_number=k + 1, manufacturer="CheXNet toolkit",
-        transfer_syntax_uid=ExplicitVRLittleEndian,
+        transfer_syntax_uid=ExplicitVRLittleEndian, specific_character_set=result_charset(source),
         series_description="CheXNet heatmaps - research use only",
         software_versions=VERSION)
     if not known:

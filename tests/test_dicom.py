@@ -178,7 +178,7 @@ def test_dicoms_without_a_suffix_go_into_the_store(tmp_path):
 def test_the_node_s_fast_report_is_highdicom_s_report(tmp_path):
     """serve.ReportWriter (a template of the content tree, this image's values spliced in)
     gives the report build_sr builds with highdicom, element for element: across sources
-    (DX and CR, another character set, a name that needs it), findings with and without
+    (DX and CR, other character sets, names that need them), findings with and without
     thresholds and calibration, and values at the edges of their range."""
     import io
 
@@ -193,6 +193,10 @@ def test_the_node_s_fast_report_is_highdicom_s_report(tmp_path):
                                     7, sop_class=serve.CR), stop_before_pixels=True)
     other.SpecificCharacterSet, other.PatientName = "ISO_IR 192", "Müller^Jürgen"
     other.PatientAge, other.OtherPatientIDs = "045Y", ["X1", "X2"]
+    # a character set the standard allows and highdicom refuses: the results are in UTF-8
+    japanese = pydicom.dcmread(tmp_path / "a.dcm", stop_before_pixels=True)
+    japanese.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+    japanese.PatientName = "Yamada^Tarou=山田^太郎"
     identity = {"name": "CheXNet densenet121 OpenVINO INT8", "mode": "int8", "version": "v",
                 "sha256": "ab" * 32, "exported": "2026-12-02", "runtime": "OpenVINO x",
                 "files": {"chexnet_int8.xml": "cd" * 32, "chexnet_int8.bin": "ef" * 32}}
@@ -222,9 +226,15 @@ def test_the_node_s_fast_report_is_highdicom_s_report(tmp_path):
     cases = [(plain, findings(nih)), (plain, findings(nih)), (other, findings(nih)),
              (plain, findings(nih, values=[0.0, 1.0, 1e-12, 1 / 3, 0.5, 1 - 1e-9])),
              (other, findings(["Épanchement", "Nodule"], thresholds=False, calibrated=False)),
-             (plain, findings(["Effusion"], calibrated=False))]
+             (plain, findings(["Effusion"], calibrated=False)), (japanese, findings(nih))]
     for source, rows in cases:
         fast = writer(source, rows)
         reference = serve.build_sr(source, rows, identity, writer.points_note, writer.uid_root)
         assert content(fast) == content(reference)
-    assert len(writer.templates) == 4 and all(writer.templates.values())  # none fell back
+    assert len(writer.templates) == 5 and all(writer.templates.values())  # none fell back
+    report = pydicom.dcmread(io.BytesIO(fast))
+    assert report.SpecificCharacterSet == "ISO_IR 192"
+    assert report.PatientName == "Yamada^Tarou=山田^太郎"
+    heatmap = pydicom.dcmread(io.BytesIO(serve.build_heatmap(
+        japanese, np.zeros((16, 16, 3), np.uint8), 0, "Finding 0", identity, "1.2.826.1.")))
+    assert heatmap.PatientName == "Yamada^Tarou=山田^太郎"
