@@ -44,13 +44,13 @@ from typing import NamedTuple
 
 import numpy as np
 # Imported here, once, before any thread: a first import racing in several threads fails
-import highdicom
+import highdicom as hd
 import pydicom
 import pydicom.pixels  # noqa: F401
-import pydicom.sr.codedict
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import write_dataset
+from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pydicom.valuerep import DS
 from pynetdicom import _config as pynetdicom_config
@@ -403,14 +403,11 @@ def _code(value, meaning):
     return Code(value, "99CHEXNET", meaning)
 
 
-DECISION_CODES = {"positive": pydicom.sr.codedict.codes.SCT.Present,
-                  "negative": pydicom.sr.codedict.codes.SCT.Absent}
+DECISION_CODES = {"positive": codes.SCT.Present, "negative": codes.SCT.Absent}
 
 
 def sr_content(source, findings, identity, points_note):
     """The report's content tree (highdicom): the findings, the model, the source image."""
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
     contains = hd.sr.RelationshipTypeValues.CONTAINS
     unit = hd.sr.CodedConcept("1", "UCUM", "no units")
     items = [
@@ -453,37 +450,33 @@ def sr_content(source, findings, identity, points_note):
 
 
 def _source_item(source):
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
     return hd.sr.ImageContentItem(codes.DCM.SourceOfMeasurement, source.SOPClassUID,
                                   source.SOPInstanceUID,
                                   relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
 
 
 def _root(items):
-    import highdicom as hd
     root = hd.sr.ContainerContentItem(_code("CXR-AI", "Chest X-ray AI classification"))
     root.ContentSequence = items
     return root
 
 
 def result_charset(source):
-    """The results' Specific Character Set: the source's where highdicom takes it, else UTF-8.
-    highdicom refuses some the standard allows (a first value left empty, as Japanese sources
-    write ['', 'ISO 2022 IR 87']), and pydicom has decoded the source's names already."""
+    """The results' Specific Character Set: the source's where it is one character set
+    without code extensions that highdicom knows, else UTF-8 (pydicom has decoded the source's
+    names already). highdicom refuses some sets the standard allows, such as the Japanese
+    images' ['', 'ISO 2022 IR 87'], and would fail the results."""
     value = source.get("SpecificCharacterSet")
-    values = [] if value is None else [value] if isinstance(value, str) else list(value)
-    try:
-        for v in values:
-            highdicom.SpecificCharacterSetValues(v)
-    except ValueError:
-        return "ISO_IR 192"
-    return value
+    if value is None:
+        return None
+    known = {v.value for v in hd.SpecificCharacterSetValues}
+    if isinstance(value, str) and value in known and not value.startswith("ISO 2022"):
+        return value
+    return "ISO_IR 192"
 
 
 def _sr_document(source, content, identity, uid_root):
     """A Comprehensive SR in the source's study (patient and study copied by highdicom)."""
-    import highdicom as hd
     digest = identity["sha256"]
     return hd.sr.ComprehensiveSR(
         evidence=[source], content=content, specific_character_set=result_charset(source),
@@ -498,6 +491,16 @@ def build_sr(source, findings, identity, points_note, uid_root):
     """The report, every part of it built by highdicom (ReportWriter's reference)."""
     return _encoded(_sr_document(source, sr_content(source, findings, identity, points_note),
                                  identity, uid_root))
+
+
+CONTENT_SEQUENCE = 0x0040A730  # (0040,A730): the report's content tree
+
+
+def _head(document):
+    """The document's encoding without its content tree, None where an element follows the
+    tree (then the tree's bytes cannot simply follow the rest)."""
+    del document.ContentSequence
+    return None if max(document.keys()) > CONTENT_SEQUENCE else _encoded(document)
 
 
 class ReportWriter:
@@ -525,7 +528,7 @@ class ReportWriter:
         self.decisions = {}
         for decision, code in DECISION_CODES.items():
             ds = pydicom.Dataset()
-            ds.ConceptCodeSequence = [highdicom.sr.CodedConcept.from_code(code)]
+            ds.ConceptCodeSequence = [hd.sr.CodedConcept.from_code(code)]
             _undefined_lengths(ds["ConceptCodeSequence"])
             self.decisions[decision] = _elements(ds)
 
@@ -541,12 +544,12 @@ class ReportWriter:
                 if len(self.templates) >= self.MAX_TEMPLATES:
                     self.templates.clear()
                 self.templates[key] = template
-        document = _sr_document(source, _root([_source_item(source)]), self.identity,
-                                self.uid_root)
-        del document.ContentSequence
-        if not template or max(document.keys()) > CONTENT_SEQUENCE:
+        if template:
+            head = _head(_sr_document(source, _root([_source_item(source)]), self.identity,
+                                      self.uid_root))
+        if not template or head is None:
             return build_sr(source, findings, self.identity, self.points_note, self.uid_root)
-        parts = [_encoded(document)]
+        parts = [head]
         for chunk, slot in template:
             parts.append(chunk)
             if slot is not None:
@@ -567,8 +570,8 @@ class ReportWriter:
         return _elements(ds)
 
     def _template(self, source, findings):
-        """[(bytes, slot or None)] of the encoded content tree; None where it cannot be."""
-        stand_in = iter(range(2, 10 ** 6))
+        """[(bytes, slot or None)] of the encoded content tree; [] where it cannot be."""
+        stand_in = iter(range(7, 10 ** 6))  # n / 3 > 2: never a probability or threshold
         rows = []
         for row in findings:
             row = dict(row, probability=next(stand_in) / 3)
@@ -582,8 +585,12 @@ class ReportWriter:
                                 self.uid_root)
         _undefined_lengths(document["ContentSequence"])
         whole = _encoded(document)
-        del document.ContentSequence
-        content = whole[len(_encoded(document)):]
+        head = _head(document)
+        content = whole[len(head or b""):]
+        if head is None or not content.startswith(b"\x40\x00\x30\xa7SQ"):
+            log.warning("report template not usable (the content tree is not the document's "
+                        "last element): every report is built by highdicom")
+            return []
         slots = [("image", None)]
         for k, row in enumerate(rows):
             slots.append(("probability", k))
@@ -592,13 +599,12 @@ class ReportWriter:
             if row["decision"] is not None:
                 slots.append(("decision", k))
         template, at = [], 0
-        for what, k in slots:
-            slot = ("image", None) if what == "image" else (what, k)
+        for slot in slots:
             encoded = self._slot(slot, source, rows)
             found = content.find(encoded, at)
-            if found < 0 or (what != "decision" and content.count(encoded) != 1):
+            if found < 0 or (slot[0] != "decision" and content.count(encoded) != 1):
                 log.warning("report template not usable (%s of finding %s): every report is "
-                            "built by highdicom", what, k)
+                            "built by highdicom", *slot)
                 return []
             template.append((content[at:found], slot))
             at = found + len(encoded)
@@ -615,9 +621,6 @@ def _undefined_lengths(sequence):
                 _undefined_lengths(element)
 
 
-CONTENT_SEQUENCE = 0x0040A730  # (0040,A730): the report's content tree, its last element
-
-
 def _elements(ds):
     """The encoding of ds's elements, as in the reports (Explicit VR Little Endian)."""
     fp = DicomBytesIO()
@@ -628,7 +631,6 @@ def _elements(ds):
 
 def build_heatmap(source, rgb, k, name, identity, uid_root):
     """A secondary capture of the overlay (H, W, 3) uint8, in the source's study."""
-    import highdicom as hd
     digest = identity["sha256"]
     # The overlay lies on the source's pixels: its orientation is the source's, when known
     orientation = [str(v) for v in (source.get("PatientOrientation") or [])]
@@ -911,15 +913,14 @@ class Node:
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.args.timeout
         assoc = ae.associate(host, port, ae_title=ae_title, tls_args=self.destination_tls)
-        if assoc.is_established:
-            tuned(assoc)
-        else:
+        if not assoc.is_established:
             raise ConnectionError("association not accepted (destination down, or it refuses "
                                   f"calling AE {self.args.ae_title}"
                                   + (", or the TLS handshake failed: its certificate and "
                                      "--destination-tls-ca, or --tls-cert"
                                      if self.destination_tls else "") + ")")
         try:
+            tuned(assoc)
             for folder in pending:
                 try:
                     self._send_folder(assoc, folder)
@@ -939,11 +940,12 @@ class Node:
         t0 = time.perf_counter()
         # Results go as written (from the file, not decoded and encoded again: that cost as
         # much as building the report) where the destination accepted their transfer syntax
-        as_written = {cx.abstract_syntax for cx in assoc.accepted_contexts
-                      if cx.transfer_syntax[0] == ExplicitVRLittleEndian}
+        accepted = {(cx.abstract_syntax, cx.transfer_syntax[0])
+                    for cx in assoc.accepted_contexts}
         for path in sorted(folder.iterdir()):
             try:
-                if read_file_meta_info(path).MediaStorageSOPClassUID in as_written:
+                meta = read_file_meta_info(path)
+                if (meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID) in accepted:
                     status = assoc.send_c_store(path)
                 else:
                     status = assoc.send_c_store(pydicom.dcmread(path))

@@ -144,6 +144,8 @@ def main():
                    help="with the random-weights model: choose its operating points on 100 val "
                         "images first, so that the node decides and draws a heatmap per "
                         "positive finding (with --model-dir: whatever it holds)")
+    p.add_argument("--no-heatmaps", action="store_true",
+                   help="the node sends the report only (serve.py --no-heatmaps)")
     p.add_argument("--workers", type=int, default=None, help="the node's decoding threads")
     a = p.parse_args()
 
@@ -192,6 +194,7 @@ def main():
            "--destination", f"SINK@127.0.0.1:{sink_port}", "--max-queue", str(a.n + 10),
            "--log-level", "warning", "--http-port", str(http_port)]
     cmd += [] if has_points else ["--no-operating-points"]
+    cmd += ["--no-heatmaps"] if a.no_heatmaps else []
     cmd += ["--workers", str(a.workers)] if a.workers else []
     log = open(work / "node.log", "w")
     node = subprocess.Popen(cmd, cwd=REPO, stderr=log, stdout=log)
@@ -238,7 +241,8 @@ def main():
                 if ln.startswith("model name")), "CPU")
     print(f"\n{a.n} DX images (1024x1024, 12 bit) from {a.senders} concurrent senders "
           f"(storescu) to a destination (storescp); {os.cpu_count()} cores ({cpu}); OpenVINO "
-          f"INT8, ten-crop; {'decisions by the operating points' if has_points else 'no operating points'}; "
+          f"INT8, ten-crop; "
+          f"{'decisions by the operating points' if has_points else 'no operating points'}; "
           f"{heatmaps} heatmaps")
     print("| | images/s | latency p50 | latency p95 | max |")
     print("| --- | --- | --- | --- | --- |")

@@ -79,8 +79,10 @@ def dcmtk(binary):
     folders = os.environ.get("PATH", "").split(os.pathsep) + ["/usr/bin", "/bin"]
     for folder in dict.fromkeys(folders):
         found = shutil.which(binary, path=folder)
-        if found and "$dcmtk:" in subprocess.run([found, "--version"], capture_output=True,
-                                                 text=True).stdout:
-            return found
+        try:
+            if found and "$dcmtk:" in subprocess.run([found, "--version"], capture_output=True,
+                                                     text=True, timeout=30).stdout:
+                return found
+        except (OSError, subprocess.SubprocessError):
+            continue
     return None
-

@@ -222,19 +222,30 @@ def test_the_node_s_fast_report_is_highdicom_s_report(tmp_path):
         return ds.to_json_dict()
 
     nih = [f"Finding {k}" for k in range(14)]
+    edges = findings(nih)  # thresholds a saturated model or a hand-written file may hold
+    edges[0].update(threshold=1.0, decision="negative")
+    edges[1].update(threshold=0.0, decision="positive")
     writer = serve.ReportWriter(identity, "youden rule, 100 validation images", "1.2.826.1.")
     cases = [(plain, findings(nih)), (plain, findings(nih)), (other, findings(nih)),
              (plain, findings(nih, values=[0.0, 1.0, 1e-12, 1 / 3, 0.5, 1 - 1e-9])),
              (other, findings(["Épanchement", "Nodule"], thresholds=False, calibrated=False)),
-             (plain, findings(["Effusion"], calibrated=False)), (japanese, findings(nih))]
+             (plain, findings(["Effusion"], calibrated=False)), (japanese, findings(nih)),
+             (plain, edges)]
     for source, rows in cases:
         fast = writer(source, rows)
         reference = serve.build_sr(source, rows, identity, writer.points_note, writer.uid_root)
         assert content(fast) == content(reference)
-    assert len(writer.templates) == 5 and all(writer.templates.values())  # none fell back
-    report = pydicom.dcmread(io.BytesIO(fast))
+    assert len(writer.templates) == 6 and all(writer.templates.values())  # none fell back
+    report = pydicom.dcmread(io.BytesIO(writer(japanese, findings(nih))))
     assert report.SpecificCharacterSet == "ISO_IR 192"
     assert report.PatientName == "Yamada^Tarou=山田^太郎"
     heatmap = pydicom.dcmread(io.BytesIO(serve.build_heatmap(
         japanese, np.zeros((16, 16, 3), np.uint8), 0, "Finding 0", identity, "1.2.826.1.")))
     assert heatmap.PatientName == "Yamada^Tarou=山田^太郎"
+    for value, charset in ((None, None), ("ISO_IR 100", "ISO_IR 100"), ("GB18030", "GB18030"),
+                           ("ISO 2022 IR 100", "ISO_IR 192"), ("ISO_IR 999", "ISO_IR 192"),
+                           (["ISO_IR 100", "ISO 2022 IR 87"], "ISO_IR 192")):
+        source = pydicom.Dataset()
+        if value is not None:
+            source.SpecificCharacterSet = value
+        assert serve.result_charset(source) == charset, value
