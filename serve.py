@@ -47,13 +47,13 @@ import numpy as np
 import highdicom as hd
 import pydicom
 import pydicom.pixels  # noqa: F401
+import pynetdicom
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import write_dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pydicom.valuerep import DS
-from pynetdicom import _config as pynetdicom_config
 
 from backends import (METADATA, MODEL_NAMES, file_digest, load_openvino, read_metadata,
                       with_data_defaults)
@@ -61,8 +61,9 @@ from common import (ArgumentParser, DataError, SetupError, atomic_path, exclusiv
                     os_reason, positive_float, positive_int)
 from images import TEN_CROPS, average_crops, eval_input
 
-# A file path given to send_c_store is sent as it is on disk (Node._send_folder)
-pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+# A file path given to send_c_store is sent as it is on disk (Node._send_folder); _config is
+# pynetdicom's documented settings module, its name notwithstanding
+pynetdicom._config.STORE_SEND_CHUNKED_DATASET = True
 
 VERSION = "chexnet-serve 1.0"
 log = logging.getLogger("serve")
