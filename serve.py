@@ -38,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -199,8 +200,16 @@ class Spool:
         return [uid for _, uid in sorted(found)]
 
     def pending_results(self):
-        return sorted((p for p in self.outbox.iterdir() if p.is_dir()
-                       and not p.name.startswith(".")), key=lambda p: p.stat().st_mtime)
+        """Result folders waiting, oldest first. Other threads send and remove folders while
+        this lists them (the sending associations, GET /health): one gone is not waiting."""
+        found = []
+        for p in self.outbox.iterdir():
+            try:
+                if p.is_dir() and not p.name.startswith("."):
+                    found.append((p.stat().st_mtime, p))
+            except FileNotFoundError:
+                continue
+        return [p for _, p in sorted(found)]
 
     def put_results(self, uid, files):
         """{name: bytes} -> outbox/UID/, all files or none (staged and renamed)."""
@@ -676,7 +685,9 @@ class Node:
         self.destination_tls = destination_tls(args)
         self.accepted_at = {}  # UID -> when it was accepted (this run), for the total
         self.todo = queue.Queue()
-        self.results_ready = threading.Event()
+        # one per sending association: each waits on its own (a shared event, cleared by one,
+        # would leave the others asleep)
+        self.results_ready = [threading.Event() for _ in range(args.send_associations)]
         self.stopping = threading.Event()
         self.post = ThreadPoolExecutor(args.result_threads, thread_name_prefix="results")
         if model.points is None:
@@ -840,7 +851,8 @@ class Node:
         positives = ", ".join(row["finding"] for row in findings if row["decision"] == "positive")
         log.info("classified %s in %.2f s: %s", uid, time.perf_counter() - t0,
                  positives or "no positive finding")
-        self.results_ready.set()
+        for ready in self.results_ready:
+            ready.set()
 
     def _overlays(self, uid, probs, maps, positive):
         """(k, (H, W, 3) uint8) heatmap overlays at the image's resolution (cam.py)."""
@@ -886,15 +898,19 @@ class Node:
             if self.stopping.wait(3600):
                 return
 
-    def send_forever(self):
-        failures = 0
+    def send_forever(self, i):
+        """The results of sending association i of --send-associations: those whose folder name
+        (the source UID) hashes to i, so that no two associations send one result."""
+        failures, ready, share = 0, self.results_ready[i], len(self.results_ready)
         while not self.stopping.is_set():
-            pending = self.spool.pending_results()
-            if not pending:
-                self.results_ready.wait(5.0)
-                self.results_ready.clear()
-                continue
+            pending = []
             try:
+                pending = [f for f in self.spool.pending_results()
+                           if zlib.crc32(f.name.encode()) % share == i]
+                if not pending:
+                    ready.wait(5.0)
+                    ready.clear()
+                    continue
                 self._send(pending)
                 failures = 0
             except Exception as e:
@@ -1303,6 +1319,9 @@ def get_args(argv=None):
                    help="decoding threads (default a quarter of the cores)")
     p.add_argument("--result-threads", type=positive_int, default=1,
                    help="threads building reports and heatmaps")
+    p.add_argument("--send-associations", type=positive_int, default=2,
+                   help="associations sending results to the destination at once (each sends "
+                        "its share of the images, one result after another)")
     p.add_argument("--streams", type=positive_int, default=None,
                    help="OpenVINO CPU streams (default: the THROUGHPUT hint chooses, as infer.py)")
     p.add_argument("--no-heatmaps", action="store_true", help="send the report only")
@@ -1392,7 +1411,8 @@ def run(node, args, spool):
         node.todo.put(uid)
     threads = [threading.Thread(target=node.decode_forever, name=f"decode-{i}", daemon=True)
                for i in range(args.workers)]
-    threads.append(threading.Thread(target=node.send_forever, name="send", daemon=True))
+    threads += [threading.Thread(target=node.send_forever, args=(i,), name=f"send-{i}",
+                                 daemon=True) for i in range(args.send_associations)]
     if args.keep_done_days is not None:
         threads.append(threading.Thread(target=node.prune_forever, args=(args.keep_done_days,),
                                         name="prune", daemon=True))

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cam import (SHIPPED_BOXES, Tally, heatmap_boxes, iobb, iou, read_boxes, score_boxes,
-                 tencrop_heatmap)
+from cam import (SHIPPED_BOXES, Tally, blend_jet, heatmap_boxes, iobb, iou, normalise,
+                 read_boxes, score_boxes, tencrop_heatmap)
 from conftest import BLOCK_TORCH, REPO, assert_clean_error, run_main, run_script
 from images import crop_gray, eval_input
 from labels import NIH_CLASSES, write_list
@@ -66,6 +66,22 @@ def test_ten_crop_maps_go_back_where_the_crops_came_from():
     assert abs(peak[0] - 60) < 16 and abs(peak[1] - 220) < 16
     big = tencrop_heatmap(pooled, (256, 300), 224, (1024, 1200))
     assert big.shape == (2, 1024, 1200)
+
+
+def test_the_node_s_overlay_lookup_is_the_colour_map_blend():
+    """blend_jet (a table per grey level and colour-map entry) gives the bytes of blending
+    matplotlib's jet colours of the normalised map over the X-ray, for float32 and float64
+    maps, a constant map and one of tiny range."""
+    from matplotlib import colormaps
+    rng = np.random.default_rng(0)
+    for shape in ((600, 900), (7, 5), (1, 1)):
+        gray = rng.integers(0, 256, shape, dtype=np.uint8)
+        for heat in (rng.random(shape).astype(np.float32), rng.random(shape),
+                     np.zeros(shape, np.float32), (rng.random(shape) * 1e-4).astype(np.float32)):
+            colour = colormaps["jet"](normalise(heat))[..., :3]
+            base = np.repeat(gray[..., None].astype(np.float32) / 255.0, 3, axis=2)
+            blend = ((0.6 * base + 0.4 * colour) * 255).clip(0, 255).astype(np.uint8)
+            assert np.array_equal(blend_jet(gray, heat), blend)
 
 
 def test_boxes_from_heatmaps_and_their_scores():

@@ -658,3 +658,22 @@ def test_done_records_pruned_by_age(tmp_path):
     os.utime(old, (then, then))
     assert spool.prune_done(2) == 1
     assert not old.exists() and young.exists() and not spool.is_done("1.2.3")
+
+
+def test_outbox_listing_skips_a_result_sent_meanwhile(tmp_path, monkeypatch):
+    """The sending associations and GET /health list the outbox while another association
+    removes a folder it sent: the listing skips it, it never fails (a sending thread died of
+    that once, and its share of the results waited forever)."""
+    from serve import Spool
+    spool = Spool(tmp_path / "spool")
+    for uid in ("1.2.3", "1.2.4", "1.2.5"):
+        (spool.outbox / uid).mkdir()
+    real_stat = Path.stat
+
+    def stat(self, *a, **k):
+        if self.name == "1.2.4":  # listed, then sent and removed before its time is read
+            raise FileNotFoundError(2, "No such file or directory", str(self))
+        return real_stat(self, *a, **k)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    assert [p.name for p in spool.pending_results()] == ["1.2.3", "1.2.5"]
