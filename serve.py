@@ -507,8 +507,8 @@ CONTENT_SEQUENCE = 0x0040A730  # (0040,A730): the report's content tree
 
 
 def _head(document):
-    """The document's encoding without its content tree, None where an element follows the
-    tree (then the tree's bytes cannot simply follow the rest)."""
+    """The document's encoding without its content tree (removed from it), None where an
+    element follows the tree (then the tree's bytes cannot simply follow the rest)."""
     del document.ContentSequence
     return None if max(document.keys()) > CONTENT_SEQUENCE else _encoded(document)
 
@@ -554,10 +554,9 @@ class ReportWriter:
                 if len(self.templates) >= self.MAX_TEMPLATES:
                     self.templates.clear()
                 self.templates[key] = template
-        if template:
-            head = _head(_sr_document(source, _root([_source_item(source)]), self.identity,
-                                      self.uid_root))
-        if not template or head is None:
+        head = template and _head(_sr_document(source, _root([_source_item(source)]),
+                                               self.identity, self.uid_root))
+        if not head:
             return build_sr(source, findings, self.identity, self.points_note, self.uid_root)
         parts = [head]
         for chunk, slot in template:

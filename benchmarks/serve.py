@@ -30,7 +30,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
-from dicom_files import dcmtk, dx_file  # noqa: E402
+from dicom_files import dcmtk, dx_file, sr_findings  # noqa: E402
 
 
 def free_port():
@@ -82,8 +82,8 @@ def wait_listening(proc, port, log):
 def start_sink(port, folder, log):
     """The destination: DCMTK's storescp (one process per association, a unique file per
     object received, so that a report sent twice is seen twice)."""
-    return subprocess.Popen([dcmtk_program("storescp"), "--fork", "+uf", "-od", str(folder), "-aet",
-                             "SINK", str(port)], stdout=log, stderr=log)
+    return subprocess.Popen([dcmtk_program("storescp"), "--fork", "+uf", "-od", str(folder),
+                             "-aet", "SINK", str(port)], stdout=log, stderr=log)
 
 
 def arrivals(folder):
@@ -93,17 +93,14 @@ def arrivals(folder):
     for path in folder.iterdir():
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         if ds.Modality == "SR":
-            for item in ds.ContentSequence:
-                if item.ValueType == "IMAGE":
-                    uid = str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
-                    out.setdefault(uid, []).append(path.stat().st_mtime)
+            out.setdefault(sr_findings(ds)[1], []).append(path.stat().st_mtime)
     return out
 
 
 def sender(files, uids, port, sent, errors):
     """DCMTK's storescu sending its share in one association: when each file started."""
-    proc = subprocess.Popen([dcmtk_program("storescu"), "-v", "-aet", "BENCH", "-aec", "CHEXNET",
-                             "127.0.0.1", str(port), *map(str, files)],
+    proc = subprocess.Popen([dcmtk_program("storescu"), "-v", "-aet", "BENCH", "-aec",
+                             "CHEXNET", "127.0.0.1", str(port), *map(str, files)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     successes = 0
     for line in proc.stdout:

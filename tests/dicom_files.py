@@ -1,6 +1,7 @@
 """DICOM test files written with pydicom from real NIH PNGs, the ways hospitals store them:
 MONOCHROME2 and MONOCHROME1, 12 bits stored in 16, a modality rescale, a window or a VOI LUT,
-JPEG 2000 compressed. Each decodes, by the DICOM standard, to the PNG's own pixels."""
+JPEG 2000 compressed. Each decodes, by the DICOM standard, to the PNG's own pixels. Also, for
+the DICOM node's tests and benchmark: where DCMTK's programs are, and a report read back."""
 import os
 import shutil
 import subprocess
@@ -86,3 +87,26 @@ def dcmtk(binary):
         except (OSError, subprocess.SubprocessError):
             continue
     return None
+
+
+def sr_findings(sr):
+    """{finding: (probability, threshold, decision)} and the referenced image UID of an SR."""
+    out, source, texts = {}, None, {}
+    for item in sr.ContentSequence:
+        if item.ValueType == "IMAGE":
+            source = str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        elif item.ValueType == "TEXT":
+            texts[item.ConceptNameCodeSequence[0].CodeMeaning] = str(item.TextValue)
+        elif item.ValueType == "CONTAINER":
+            values = {}
+            for child in item.ContentSequence:
+                meaning = child.ConceptNameCodeSequence[0].CodeMeaning
+                if child.ValueType == "NUM":
+                    values[meaning] = float(child.MeasuredValueSequence[0].NumericValue)
+                elif child.ValueType == "CODE":
+                    values[meaning] = child.ConceptCodeSequence[0].CodeMeaning
+                else:
+                    values[meaning] = str(child.TextValue)
+            out[values["Finding"]] = (values["Probability"], values.get("Decision threshold"),
+                                      values["Decision"])
+    return out, source, texts

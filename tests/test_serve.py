@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, assert_clean_error, run_script
-from dicom_files import dcmtk
+from dicom_files import dcmtk, sr_findings
 
 pytestmark = pytest.mark.slow
 
@@ -224,29 +224,6 @@ def dx_files(nih_images, tmp_path_factory):
 def uid_of(path):
     import pydicom
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-
-
-def sr_findings(sr):
-    """{finding: (probability, threshold, decision)} and the referenced image UID of an SR."""
-    out, source, texts = {}, None, {}
-    for item in sr.ContentSequence:
-        if item.ValueType == "IMAGE":
-            source = str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
-        elif item.ValueType == "TEXT":
-            texts[item.ConceptNameCodeSequence[0].CodeMeaning] = str(item.TextValue)
-        elif item.ValueType == "CONTAINER":
-            values = {}
-            for child in item.ContentSequence:
-                meaning = child.ConceptNameCodeSequence[0].CodeMeaning
-                if child.ValueType == "NUM":
-                    values[meaning] = float(child.MeasuredValueSequence[0].NumericValue)
-                elif child.ValueType == "CODE":
-                    values[meaning] = child.ConceptCodeSequence[0].CodeMeaning
-                else:
-                    values[meaning] = str(child.TextValue)
-            out[values["Finding"]] = (values["Probability"], values.get("Decision threshold"),
-                                      values["Decision"])
-    return out, source, texts
 
 
 def infer_image(model_dir, *files):
