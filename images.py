@@ -4,6 +4,8 @@ edge path shares the exact evaluation protocol.
 Every image is handled as one 8-bit grayscale channel (H, W) until the very end, where it is
 normalised and replicated to the 3 channels of the ImageNet-initialised model.
 """
+import functools
+
 import numpy as np
 from PIL import Image
 
@@ -112,7 +114,6 @@ def load_dicom(path):
 
 def _dicom_pixels(path, ds):
     """The displayed 8-bit image of a read DICOM dataset; DataError naming the attribute."""
-    from pydicom.pixels import apply_modality_lut
     image_attributes = [k for k in ("Rows", "Columns", "BitsAllocated") if k in ds]
     if "PixelData" not in ds:
         if image_attributes or _cut_short(path, ds):  # the file was cut before or inside its pixels
@@ -161,20 +162,45 @@ def _dicom_pixels(path, ds):
             _finite(path, ds, key)
     if "RescaleSlope" in ds and _finite(path, ds, "RescaleSlope") == 0:
         raise DataError(f"{path}: corrupt DICOM (RescaleSlope is 0: every pixel the same)")
+    if stored.dtype.kind in "iu" and stored.dtype.itemsize <= 2:
+        # Every step from here is a function of the stored value alone: an integer image goes
+        # through them once per value it can hold (a lookup table, at most 65536 entries), not
+        # once per pixel: the same numbers, in a quarter of the time.
+        base = 0 if stored.dtype.kind == "u" else int(stored.min())
+        index = stored if base == 0 else stored.astype(np.int32) - base
+        domain = (np.arange(int(index.max()) + 1) + base).astype(stored.dtype)
+
+        @functools.cache
+        def held():  # the values the image holds, counted where they matter only (4 ms)
+            return np.bincount(index.ravel(), minlength=len(domain)) > 0
+
+        return Image.fromarray(np.take(_displayed(path, ds, domain, photometric, held), index))
+    return Image.fromarray(_displayed(path, ds, stored, photometric))
+
+
+def _displayed(path, ds, stored, photometric, held=None):
+    """Stored values -> displayed 0..255 (uint8), each value on its own; the checks and the
+    image's own range (without a VOI) count only the values the image holds (held(): a mask
+    of `stored`; all of them without it)."""
+    from pydicom.pixels import apply_modality_lut
+
+    def of_image(values):
+        return values if held is None else values[held()]
+
     values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
-    if not np.isfinite(values).all():
+    if not (np.isfinite(values).all() or np.isfinite(of_image(values)).all()):
         raise DataError(f"{path}: corrupt DICOM (its modality transform, RescaleSlope/"
                         "RescaleIntercept or Modality LUT, gives values that are not finite)")
     shown = _voi(path, values, ds)
     if shown is None:  # no VOI: the image's own range
-        low, high = values.min(), values.max()
+        low, high = of_image(values).min(), of_image(values).max()
         shown = (values - low) / (high - low) if high > low else np.zeros_like(values)
-    if not np.isfinite(shown).all():
+    if not (np.isfinite(shown).all() or np.isfinite(of_image(shown)).all()):
         raise DataError(f"{path}: corrupt DICOM (its VOI transform gives values that are not "
                         "finite)")
     if photometric == "MONOCHROME1":
         shown = 1.0 - shown
-    return Image.fromarray(np.round(shown.clip(0, 1) * 255).astype(np.uint8))
+    return np.round(shown.clip(0, 1) * 255).astype(np.uint8)
 
 
 def _cut_short(path, ds):

@@ -60,7 +60,7 @@ from backends import (METADATA, MODEL_NAMES, file_digest, load_openvino, read_me
                       with_data_defaults)
 from common import (ArgumentParser, DataError, SetupError, atomic_path, exclusive_lock, one_line,
                     os_reason, positive_float, positive_int)
-from images import TEN_CROPS, average_crops, eval_input
+from images import TEN_CROPS, average_crops, eval_input, normalize_gray
 
 # A file path given to send_c_store is sent as it is on disk (Node._send_folder); _config is
 # pynetdicom's documented settings module, its name notwithstanding
@@ -87,6 +87,7 @@ SOP_CLASS_NOT_SUPPORTED = 0x0122
 STORED_WARNINGS = (0xB000, 0xB006, 0xB007)  # stored, with coercion or elements discarded
 
 DUL_IDLE_SECONDS = 0.005
+MAX_PDU_BYTES = 4 * 2 ** 20  # the largest PDU the node accepts (A-ASSOCIATE: Maximum Length)
 MAX_REFUSALS = 5  # a result the destination refuses this often goes to SPOOL/failed/
 MAX_ATTEMPTS = 3  # classifications begun before an image is taken for what kills the node
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -688,13 +689,16 @@ class Node:
         # would leave the others asleep)
         self.results_ready = [threading.Event() for _ in range(args.send_associations)]
         self.stopping = threading.Event()
-        self.post = ThreadPoolExecutor(args.result_threads, thread_name_prefix="results")
+        self.post = ThreadPoolExecutor(args.result_workers, thread_name_prefix="results")
         if model.points is None:
             self.points_note = "none: no decisions (probabilities only)"
         else:
             self.points_note = (f"{args.rule} rule, thresholds and Platt calibration chosen on "
                                 f"{model.points.get('images')} validation images")
-        self.report = ReportWriter(model.identity, self.points_note, args.uid_root)
+        self.workers = Workers(args.workers + args.result_workers, {
+            "spool": str(spool.root), "identity": model.identity, "points_note": self.points_note,
+            "uid_root": args.uid_root, "resize": model.resize, "crop": model.crop,
+            "heatmaps": not args.no_heatmaps})
         self.ae = None
 
     def count(self, key, n=1):
@@ -803,14 +807,18 @@ class Node:
         tries = self.spool.attempt(uid)
         if tries > MAX_ATTEMPTS:
             self._quarantine_image(uid, f"the node stopped {tries - 1} times while classifying "
-                                        "it (a decoder crash?)")
+                                        "it")
             return
         try:
-            crops = self.model.crops(path)
-            source = pydicom.dcmread(path, stop_before_pixels=True)
+            gray, source = self.workers.run(decode_in_worker, str(path))
         except DataError as e:
             self._quarantine_image(uid, f"cannot classify: {one_line(e)}")
             return
+        except WorkerDied:
+            self._quarantine_image(uid, "decoding it stopped the worker process (a crash in "
+                                        "the decoder, or killed)")
+            return
+        crops = normalize_gray(gray)  # as eval_input: (10, 3, crop, crop), what infer.py feeds
         decoded = time.perf_counter()
         self.stages.add("decode", decoded - t0)
 
@@ -826,18 +834,19 @@ class Node:
                 self._quarantine_image(uid, "the model gives non-finite probabilities")
                 return
             findings = self.model.findings(probs)
-            files = {"0-sr.dcm": self.report(source, findings)}
             positive = [k for k, row in enumerate(findings) if row["decision"] == "positive"]
-            if positive and maps is not None and not self.args.no_heatmaps:
-                for k, rgb in self._overlays(uid, probs, maps, positive):
-                    files[f"1-sc-{k:02d}.dcm"] = build_heatmap(
-                        source, rgb, k, self.model.class_names[k], self.model.identity,
-                        self.args.uid_root)
-            self.spool.put_results(uid, files)
+            if not positive or self.args.no_heatmaps:
+                maps = None
+            try:
+                names = self.workers.run(results_in_worker, uid, source, findings,
+                                         None if maps is None else maps[:, positive], positive,
+                                         probs)
+            except WorkerDied:
+                raise RuntimeError("building them stopped the worker process") from None
             self.spool.finish(uid, {"sop_instance_uid": uid, "status": "classified",
                                     "study_instance_uid": str(source.StudyInstanceUID),
                                     "model": self.model.identity["sha256"],
-                                    "findings": findings, "results": sorted(files),
+                                    "findings": findings, "results": names,
                                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         except Exception as e:
             log.exception("results for %s failed", uid)
@@ -852,19 +861,6 @@ class Node:
                  positives or "no positive finding")
         for ready in self.results_ready:
             ready.set()
-
-    def _overlays(self, uid, probs, maps, positive):
-        """(k, (H, W, 3) uint8) heatmap overlays at the image's resolution (cam.py)."""
-        from cam import registered_overlay, tencrop_heatmap
-        from images import load_gray, resize_shorter
-        image = load_gray(self.spool.image(uid))
-        resized = np.asarray(resize_shorter(image, self.model.resize))
-        gray = np.asarray(image)
-        heat = tencrop_heatmap(maps[:, positive], resized.shape, self.model.crop, gray.shape)
-        for j, k in enumerate(positive):
-            title = (f"{self.model.class_names[k]}  p = {probs[k]:.3f}  (CAM, "
-                     f"{self.model.identity['mode']}; red = most weight) RESEARCH USE ONLY")
-            yield k, registered_overlay(gray, heat[j], title)
 
     def _quarantine_image(self, uid, reason):
         path = self.spool.image(uid)
@@ -1013,6 +1009,119 @@ class Node:
                 "seconds": {"per_image": self.stages.summary(), "stages": Stages.MEANING}}
 
 
+# ---------------------------------------------------------------------------------------------
+# Worker processes: decoding and results out of the node's interpreter lock. In one process
+# their Python work (pydicom, highdicom, Pillow) held the lock ~0.05 s per image, a ceiling of
+# ~20 images/s whatever the cores, and with heatmaps one results thread bound the node with
+# CPU idle. The node's process keeps the network, the spool's bookkeeping and inference
+# (OpenVINO runs without the lock).
+
+class WorkerDied(Exception):
+    """A task stopped its worker process twice: in the pool, then alone in a new one."""
+
+
+class Workers:
+    """A pool of `n` worker processes (spawned: nothing of the node's state, its open files or
+    the spool's lock, goes with them), each set up once with `settings` (worker_setup)."""
+
+    def __init__(self, n, settings):
+        import multiprocessing
+        self.n, self.settings = n, settings
+        self.context = multiprocessing.get_context("spawn")
+        self.lock = threading.Lock()
+        self.pool = self._start(n)
+        # every worker started now, and ready (imports done) before the first image
+        for ready in [self.pool.submit(time.sleep, 0.2) for _ in range(n)]:
+            try:
+                ready.result()
+            except Exception as e:
+                raise ServeError(f"the worker processes cannot start ({one_line(e)})") from None
+
+    def _start(self, n):
+        from concurrent.futures import ProcessPoolExecutor
+        return ProcessPoolExecutor(n, mp_context=self.context, initializer=worker_setup,
+                                   initargs=(os.getpid(), self.settings))
+
+    def run(self, function, *args):
+        """function(*args) in a worker process. A process that stops (a crash in a decoder,
+        the kernel's OOM killer) takes every task of the pool with it: the pool is replaced
+        and the task tried again alone in a process of its own; WorkerDied if it stops that
+        one too (then the task is the cause, not another's)."""
+        from concurrent.futures.process import BrokenProcessPool
+        pool = self.pool
+        try:
+            return pool.submit(function, *args).result()
+        except BrokenProcessPool:
+            with self.lock:
+                if self.pool is pool:  # the first task to notice replaces it
+                    log.warning("a worker process stopped: %d new ones", self.n)
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    self.pool = self._start(self.n)
+        alone = self._start(1)
+        try:
+            return alone.submit(function, *args).result()
+        except BrokenProcessPool:
+            raise WorkerDied() from None
+        finally:
+            alone.shutdown(wait=False)
+
+    def shutdown(self):
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+_work = {}  # in a worker process: its settings, spool and report writer (worker_setup)
+
+
+def worker_setup(node_pid, settings):
+    _work.update(settings, spool=Spool(settings["spool"]), report=ReportWriter(
+        settings["identity"], settings["points_note"], settings["uid_root"]))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the node, which stops these
+
+    def watch():  # a worker outlives no node (kill -9): it would write into the next one's spool
+        while os.getppid() == node_pid:
+            time.sleep(0.2)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+    if settings["heatmaps"]:
+        import cam  # noqa: F401
+        from matplotlib import colormaps  # noqa: F401
+
+
+def decode_in_worker(path):
+    """(ten crops (10, crop, crop) uint8, as images.eval_gray; the header) of an inbox image."""
+    from images import eval_gray
+    gray = eval_gray(path, _work["resize"], _work["crop"])
+    return gray, pydicom.dcmread(path, stop_before_pixels=True)
+
+
+def results_in_worker(uid, source, findings, maps, positive, probs):
+    """The report, and a heatmap per positive finding where `maps` (10, len(positive), h, w)
+    are given, written to the outbox: their file names."""
+    identity = _work["identity"]
+    files = {"0-sr.dcm": _work["report"](source, findings)}
+    if maps is not None:
+        for k, rgb in _overlays(_work["spool"].image(uid), probs, maps, positive,
+                                identity, _work["resize"], _work["crop"]):
+            files[f"1-sc-{k:02d}.dcm"] = build_heatmap(
+                source, rgb, k, identity["classes"][k], identity, _work["uid_root"])
+    _work["spool"].put_results(uid, files)
+    return sorted(files)
+
+
+def _overlays(path, probs, maps, positive, identity, resize, crop):
+    """(k, (H, W, 3) uint8) heatmap overlays at the image's resolution (cam.py)."""
+    from cam import registered_overlay, tencrop_heatmap
+    from images import load_gray, resize_shorter
+    image = load_gray(path)
+    resized = np.asarray(resize_shorter(image, resize))
+    gray = np.asarray(image)
+    heat = tencrop_heatmap(maps, resized.shape, crop, gray.shape)
+    for j, k in enumerate(positive):
+        title = (f"{identity['classes'][k]}  p = {probs[k]:.3f}  (CAM, "
+                 f"{identity['mode']}; red = most weight) RESEARCH USE ONLY")
+        yield k, registered_overlay(gray, heat[j], title)
+
+
 def image_problem(ds, max_image_mb):
     """(problem, status) of a header's image attributes: present, their declared size (rows x
     columns x frames x samples x bytes) within the limit, uncompressed pixel data complete.
@@ -1068,6 +1177,9 @@ def start_dicom(node, args):
                                  else [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     ae.add_supported_context(Verification)
     ae.maximum_associations = args.max_associations
+    # Senders may send an image in a few large PDUs, not pynetdicom's default 16 KB ones: each
+    # PDU costs Python work in the receiving thread (a 2 MB image: 15 ms of CPU -> 12.5)
+    ae.maximum_pdu_size = MAX_PDU_BYTES
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
     if args.allow_ae:
         ae.require_calling_aet = args.allow_ae
@@ -1315,9 +1427,10 @@ def get_args(argv=None):
                    help="largest image by its header (rows x columns x frames x samples x "
                         "bytes); larger ones are refused before decoding (0xA700)")
     p.add_argument("--workers", type=positive_int, default=max(1, (os.cpu_count() or 1) // 4),
-                   help="decoding threads (default a quarter of the cores)")
-    p.add_argument("--result-threads", type=positive_int, default=1,
-                   help="threads building reports and heatmaps")
+                   help="decoding processes (default a quarter of the cores)")
+    p.add_argument("--result-workers", "--result-threads", type=positive_int, default=2,
+                   help="processes building reports and heatmaps (--result-threads: its old "
+                        "name)")
     p.add_argument("--send-associations", type=positive_int, default=2,
                    help="associations sending results to the destination at once (each sends "
                         "its share of the images, one result after another)")
@@ -1400,9 +1513,6 @@ def main(argv=None):
 
 
 def run(node, args, spool):
-    if not args.no_heatmaps:  # before the threads (see the imports at the top)
-        import cam  # noqa: F401
-        from matplotlib import colormaps  # noqa: F401
     pending = spool.pending_images()
     with node.lock:
         node.queued.update(pending)
@@ -1438,6 +1548,7 @@ def run(node, args, spool):
              "next start", spool.inbox)
     node.stopping.set()
     server.shutdown()
+    node.workers.shutdown()
     if http is not None:
         http.shutdown()
     return 0

@@ -32,6 +32,64 @@ def test_a_dicom_decodes_to_the_pixels_of_its_png(kind, tmp_path):
     assert decoded.shape == png.shape and np.abs(decoded - png).max() == 0
 
 
+
+def _variant(tmp_path, kind):
+    """A 12-bit (or 8-bit) image of random values with gaps, in one of the ways a value can
+    be displayed: each step and each stored type the lookup table must agree on."""
+    rng = np.random.default_rng(0)
+    signed = kind in ("signed_own_range", "signed_sigmoid", "signed_voi_lut")
+    values = rng.choice(np.arange(-2048, 2048, 7) if signed else np.arange(0, 4096, 5),
+                        size=(64, 48))
+    ds = pydicom.dcmread(write_dicom(PNG, tmp_path / "base.dcm"))
+    for keyword in ("WindowCenter", "WindowWidth"):
+        delattr(ds, keyword)
+    ds.Rows, ds.Columns = values.shape
+    ds.PixelRepresentation = int(signed)
+    dtype = np.int16 if signed else np.uint16
+    if kind == "signed_own_range":  # no VOI: the range of the values the image holds
+        ds.RescaleSlope, ds.RescaleIntercept = 0.5, -100
+    elif kind == "signed_sigmoid":
+        ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = -300, 900, "SIGMOID"
+    elif kind == "linear_exact_monochrome1":
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = 1800.5, 1500.25, "LINEAR_EXACT"
+    elif kind == "eight_bits":
+        values = values % 256
+        dtype = np.uint8
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+        ds.WindowCenter, ds.WindowWidth = 100, 120
+    elif kind == "modality_lut":  # values from 1000 up mapped by a table, below clipped;
+        # the table's extremes at values the image does not hold (it holds multiples of 5)
+        lut = 5000 + np.arange(2048) * 13 % 30000
+        lut[1], lut[2] = 65535, 0
+        item = pydicom.Dataset()
+        item.LUTDescriptor = [2048, 1000, 16]
+        item.ModalityLUTType = "US"
+        item.add_new(0x00283006, "US", [int(v) for v in lut])
+        ds.ModalityLUTSequence = [item]
+    elif kind == "signed_voi_lut":
+        item = pydicom.Dataset()
+        item.LUTDescriptor = [1024, -512, 12]
+        item.add_new(0x00283006, "OW", (np.arange(1024) * 4).astype(np.uint16).tobytes())
+        ds.VOILUTSequence = [item]
+    ds.PixelData = values.astype(dtype).tobytes()
+    ds.save_as(tmp_path / f"{kind}.dcm", enforce_file_format=True)
+    return tmp_path / f"{kind}.dcm"
+
+
+@pytest.mark.parametrize("kind", ["signed_own_range", "signed_sigmoid", "signed_voi_lut",
+                                  "linear_exact_monochrome1", "eight_bits", "modality_lut"])
+def test_the_lookup_table_gives_every_pixel_what_the_standard_s_steps_give(kind, tmp_path):
+    """An integer image is displayed through a table of its values (images._dicom_pixels);
+    here each pixel goes through the steps on its own, as before the table."""
+    from images import _displayed
+    path = _variant(tmp_path, kind)
+    ds = pydicom.dcmread(path)
+    per_pixel = _displayed(path, ds, ds.pixel_array, ds.PhotometricInterpretation)
+    table = np.asarray(load_gray(path))
+    assert per_pixel.std() > 20  # a real spread of grays, not all black or white
+    assert table.dtype == per_pixel.dtype and np.array_equal(table, per_pixel)
+
 def test_dicoms_are_found_by_content_whatever_their_name(tmp_path):
     path = write_dicom(PNG, tmp_path / "IM000001", "monochrome1")  # hospital exports: no suffix
     assert np.array_equal(np.asarray(load_gray(path)), np.asarray(Image.open(PNG).convert("L")))

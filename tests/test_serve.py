@@ -654,3 +654,87 @@ def test_outbox_listing_skips_a_result_sent_meanwhile(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Path, "stat", stat)
     assert [p.name for p in spool.pending_results()] == ["1.2.3", "1.2.5"]
+
+
+def stop_own_process(crash, seconds=0.0):
+    """A task for serve.Workers: sleeps, then kills its own process (as a decoder's crash
+    would) or returns its process id."""
+    time.sleep(seconds)
+    if crash:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return os.getpid()
+
+
+def test_a_task_that_kills_its_worker_is_singled_out_the_others_finish(tmp_path):
+    """A worker process that dies (a crash in a decoder) takes every running task of the pool
+    with it: each is tried again alone; the one that kills its process again is reported
+    (WorkerDied: the node quarantines its image), the others' results come back, and the
+    pool works on."""
+    import threading
+
+    from serve import VERSION, WorkerDied, Workers
+    identity = {"name": "test", "mode": "int8", "files": {}, "sha256": "0" * 64,
+                "exported": None, "version": VERSION, "runtime": "none", "classes": ["A"]}
+    workers = Workers(2, {"spool": str(tmp_path / "spool"), "identity": identity,
+                          "points_note": "none", "uid_root": "1.2.3.", "resize": 256,
+                          "crop": 224, "heatmaps": False})
+    try:
+        first = set()
+        for _ in range(4):
+            first.add(workers.run(stop_own_process, False))
+        bystander = {}
+        thread = threading.Thread(target=lambda: bystander.update(
+            pid=workers.run(stop_own_process, False, 2.0)))
+        thread.start()
+        time.sleep(0.5)  # the bystander is running in the other process
+        with pytest.raises(WorkerDied):
+            workers.run(stop_own_process, True)
+        thread.join(60)
+        assert bystander["pid"] not in first  # tried again in a new process, and finished
+        assert workers.run(stop_own_process, False) not in first  # a new pool
+    finally:
+        workers.shutdown()
+
+
+def worker_processes(node):
+    """The node's worker processes (multiprocessing's spawned children, not its tracker)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes().decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == node.proc.pid and "spawn_main" in command:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_worker_killed_during_a_burst_loses_nothing(model_dir, dx_files, pacs, tmp_path):
+    """kill -9 of a worker process (decoding, building results) while a burst is processed:
+    its tasks are done again in new processes; every image has one report at the PACS,
+    nothing is quarantined, and the node serves on."""
+    spool = tmp_path / "spool"
+    node = NodeProcess(model_dir, spool, pacs, "--no-heatmaps", "--workers", "1",
+                       "--result-workers", "2")
+    try:
+        workers = worker_processes(node)
+        assert len(workers) == 3
+        burst = subprocess.Popen([need("storescu"), "-aet", "STORESCU", "-aec", NODE_AE,
+                                  "127.0.0.1", str(node.port), *map(str, dx_files)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: "classified" in node.text(), 120, "a first image classified",
+                 every=0.02)
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        assert burst.wait(120) == 0
+        wait_for(lambda: len(pacs.instances("SR")) == len(dx_files), 180,
+                 "every image's report at the PACS")
+        reports = [sr_findings(sr)[1] for sr in pacs.instances("SR")]
+        assert sorted(reports) == sorted(uid_of(f) for f in dx_files)
+        assert "a worker process stopped" in node.text()
+        assert not list((spool / "quarantine").iterdir())
+        assert node.proc.poll() is None and "Traceback" not in node.text()
+        assert set(worker_processes(node)).isdisjoint(workers)
+    finally:
+        node.stop()
