@@ -22,6 +22,7 @@ objects go to SPOOL/quarantine/ with a .txt reason. Optional HTTP: POST /predict
 Torch is never imported: an edge box needs openvino, numpy, pillow, pydicom (+ pylibjpeg
 decoders), pynetdicom, highdicom and matplotlib (heatmap colours). See docs/serve.md.
 """
+import functools
 import hashlib
 import hmac
 import io
@@ -60,7 +61,7 @@ from backends import (METADATA, MODEL_NAMES, file_digest, load_openvino, read_me
                       with_data_defaults)
 from common import (ArgumentParser, DataError, SetupError, atomic_path, exclusive_lock, one_line,
                     os_reason, positive_float, positive_int)
-from images import TEN_CROPS, average_crops, eval_input, normalize_gray
+from images import TEN_CROPS, average_crops, normalize_gray
 
 # A file path given to send_c_store is sent as it is on disk (Node._send_folder); _config is
 # pynetdicom's documented settings module, its name notwithstanding
@@ -68,6 +69,7 @@ pynetdicom._config.STORE_SEND_CHUNKED_DATASET = True
 
 VERSION = "chexnet-serve 1.0"
 log = logging.getLogger("serve")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # The chest X-ray storage SOP classes this node classifies.
 CR = "1.2.840.10008.5.1.4.1.1.1"
@@ -89,7 +91,6 @@ STORED_WARNINGS = (0xB000, 0xB006, 0xB007)  # stored, with coercion or elements 
 DUL_IDLE_SECONDS = 0.005
 MAX_PDU_BYTES = 4 * 2 ** 20  # the largest PDU the node accepts (A-ASSOCIATE: Maximum Length)
 MAX_REFUSALS = 5  # a result the destination refuses this often goes to SPOOL/failed/
-MAX_ATTEMPTS = 3  # classifications begun before an image is taken for what kills the node
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
@@ -132,8 +133,7 @@ class Spool:
         self.root = Path(root)
         self.inbox, self.outbox = self.root / "inbox", self.root / "outbox"
         self.done, self.quarantine = self.root / "done", self.root / "quarantine"
-        self.attempts = self.root / "attempts"
-        for d in (self.inbox, self.outbox, self.done, self.quarantine, self.attempts):
+        for d in (self.inbox, self.outbox, self.done, self.quarantine):
             d.mkdir(parents=True, exist_ok=True)
         self._quarantine_lock = threading.Lock()
 
@@ -149,24 +149,11 @@ class Spool:
         if record is not None:
             durable_write(self.done / f"{uid}.json",
                           (json.dumps(record, indent=1) + "\n").encode())
-        for path in (self.image(uid), self.attempts / uid):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-        fsync_dir(self.inbox)
-
-    def attempt(self, uid):
-        """How many times classifying this image began (this one included): an image that
-        kills the node (a decoder crash) is quarantined after a few restarts, not retried
-        forever. Not fsynced: a crash of the process, not of the machine, is what it counts."""
-        path = self.attempts / uid
         try:
-            n = int(path.read_text() or 0) + 1
-        except (OSError, ValueError):
-            n = 1
-        path.write_text(str(n))
-        return n
+            os.unlink(self.image(uid))
+        except FileNotFoundError:
+            pass
+        fsync_dir(self.inbox)
 
     def clean_leftovers(self):
         """Temp files of writes a kill interrupted (never renamed into place)."""
@@ -284,9 +271,9 @@ class Stages:
 
 class Model:
     """The exported model as infer.py --image runs it (backends.load_openvino, one image of
-    ten crops per request, images.eval_input), its identity and its operating points.
+    ten crops per request, images.eval_input's crops), its identity and its operating points.
     Requests come from any thread (submit); decoded crops queue for one inference thread that
-    keeps every OpenVINO infer request busy while other threads decode."""
+    keeps every OpenVINO infer request busy while worker processes decode."""
 
     def __init__(self, args):
         from report import operating_points_for
@@ -323,19 +310,15 @@ class Model:
         self.thread = threading.Thread(target=self._infer_forever, name="infer", daemon=True)
         self.thread.start()
 
-    def crops(self, path):
-        """(10, 3, crop, crop) float32: exactly what infer.py --image feeds the model."""
-        return eval_input(path, self.resize, self.crop)
-
     def submit(self, crops, done):
         """Queue one image's ten crops; done(probs (K,) float64, maps (10, K, h, w) or None)
         runs on the inference thread when its request finishes (keep it short)."""
         self.ready.put((crops, done, time.perf_counter()))
 
-    def predict(self, path):
-        """Blocking: (probabilities, maps) of one file."""
+    def predict(self, crops):
+        """Blocking: (probabilities, maps) of one image's ten crops."""
         future = Future()
-        self.submit(self.crops(path), lambda p, m: future.set_result((p, m)))
+        self.submit(crops, lambda p, m: future.set_result((p, m)))
         return future.result()
 
     def _infer_forever(self):
@@ -698,7 +681,7 @@ class Node:
         self.workers = Workers(args.workers + args.result_workers, {
             "spool": str(spool.root), "identity": model.identity, "points_note": self.points_note,
             "uid_root": args.uid_root, "resize": model.resize, "crop": model.crop,
-            "heatmaps": not args.no_heatmaps})
+            "heatmaps": not args.no_heatmaps, "log_level": args.log_level.upper()})
         self.ae = None
 
     def count(self, key, n=1):
@@ -804,11 +787,6 @@ class Node:
     def _decode(self, uid):
         path = self.spool.image(uid)
         t0 = time.perf_counter()
-        tries = self.spool.attempt(uid)
-        if tries > MAX_ATTEMPTS:
-            self._quarantine_image(uid, f"the node stopped {tries - 1} times while classifying "
-                                        "it")
-            return
         try:
             gray, source = self.workers.run(decode_in_worker, str(path))
         except DataError as e:
@@ -817,6 +795,8 @@ class Node:
         except WorkerDied:
             self._quarantine_image(uid, "decoding it stopped the worker process (a crash in "
                                         "the decoder, or killed)")
+            return
+        except Stopping:  # left in the inbox: finished at the next start
             return
         crops = normalize_gray(gray)  # as eval_input: (10, 3, crop, crop), what infer.py feeds
         decoded = time.perf_counter()
@@ -843,6 +823,8 @@ class Node:
                                          probs)
             except WorkerDied:
                 raise RuntimeError("building them stopped the worker process") from None
+            except Stopping:  # left in the inbox: finished at the next start
+                return
             self.spool.finish(uid, {"sop_instance_uid": uid, "status": "classified",
                                     "study_instance_uid": str(source.StudyInstanceUID),
                                     "model": self.model.identity["sha256"],
@@ -1020,15 +1002,21 @@ class WorkerDied(Exception):
     """A task stopped its worker process twice: in the pool, then alone in a new one."""
 
 
+class Stopping(Exception):
+    """The node is stopping: the task was not run (its image stays in the inbox)."""
+
+
 class Workers:
     """A pool of `n` worker processes (spawned: nothing of the node's state, its open files or
     the spool's lock, goes with them), each set up once with `settings` (worker_setup)."""
+    WATCH_SECONDS = 2.0
 
     def __init__(self, n, settings):
         import multiprocessing
         self.n, self.settings = n, settings
         self.context = multiprocessing.get_context("spawn")
-        self.lock = threading.Lock()
+        self.lock, self.alone = threading.Lock(), threading.Lock()
+        self.stopped = False
         self.pool = self._start(n)
         # every worker started now, and ready (imports done) before the first image
         for ready in [self.pool.submit(time.sleep, 0.2) for _ in range(n)]:
@@ -1045,34 +1033,68 @@ class Workers:
     def run(self, function, *args):
         """function(*args) in a worker process. A process that stops (a crash in a decoder,
         the kernel's OOM killer) takes every task of the pool with it: the pool is replaced
-        and the task tried again alone in a process of its own; WorkerDied if it stops that
-        one too (then the task is the cause, not another's)."""
+        and the task tried again alone in a process of its own, one such task at a time;
+        WorkerDied if it stops that one too (then the task is the cause, not another's).
+        Stopping once shutdown() has begun."""
+        from concurrent.futures import CancelledError
         from concurrent.futures.process import BrokenProcessPool
-        pool = self.pool
-        try:
-            return pool.submit(function, *args).result()
-        except BrokenProcessPool:
+        while True:
             with self.lock:
-                if self.pool is pool:  # the first task to notice replaces it
-                    log.warning("a worker process stopped: %d new ones", self.n)
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    self.pool = self._start(self.n)
-        alone = self._start(1)
-        try:
-            return alone.submit(function, *args).result()
-        except BrokenProcessPool:
-            raise WorkerDied() from None
-        finally:
-            alone.shutdown(wait=False)
+                if self.stopped:
+                    raise Stopping()
+                pool = self.pool
+            try:
+                future = pool.submit(function, *args)
+            except BrokenProcessPool:
+                break
+            except RuntimeError:  # shut down meanwhile: replaced by another task, or stopping
+                continue
+            try:
+                return self._wait(pool, future)
+            except (BrokenProcessPool, CancelledError):  # cancelled: by shutdown()
+                break
+        with self.lock:
+            if self.stopped:
+                raise Stopping()
+            if self.pool is pool:  # the first task to notice replaces it
+                log.warning("a worker process stopped: %d new ones", self.n)
+                pool.shutdown(wait=False, cancel_futures=True)
+                self.pool = self._start(self.n)
+        with self.alone:
+            alone = self._start(1)
+            try:
+                return self._wait(alone, alone.submit(function, *args))
+            except BrokenProcessPool:
+                raise (Stopping() if self.stopped else WorkerDied()) from None
+            finally:
+                alone.shutdown(wait=False)
+
+    def _wait(self, pool, future):
+        from concurrent.futures import TimeoutError
+        from concurrent.futures.process import BrokenProcessPool
+        while True:
+            try:
+                return future.result(timeout=self.WATCH_SECONDS)
+            except TimeoutError:
+                # CPython 3.11 can lose a future submitted just as a broken pool is torn down
+                # (terminate_broken clears the work items without the submit lock): once the
+                # pool is broken (its own flag), every task it had has failed but a lost one
+                if getattr(pool, "_broken", False):
+                    raise BrokenProcessPool("the task's pool broke") from None
 
     def shutdown(self):
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        """No task starts after this; running ones are left (the node exits without them:
+        their images stay in the inbox)."""
+        with self.lock:
+            self.stopped = True
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 _work = {}  # in a worker process: its settings, spool and report writer (worker_setup)
 
 
 def worker_setup(node_pid, settings):
+    setup_logging(settings["log_level"])
     _work.update(settings, spool=Spool(settings["spool"]), report=ReportWriter(
         settings["identity"], settings["points_note"], settings["uid_root"]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the node, which stops these
@@ -1087,13 +1109,31 @@ def worker_setup(node_pid, settings):
         from matplotlib import colormaps  # noqa: F401
 
 
-def decode_in_worker(path):
-    """(ten crops (10, crop, crop) uint8, as images.eval_gray; the header) of an inbox image."""
+def in_worker(function):
+    """A worker's task: its errors come back to the node as DataError (the input's fault) or
+    RuntimeError with the message (never an exception the node cannot unpickle, which would
+    break the pool)."""
+    @functools.wraps(function)
+    def task(*args):
+        try:
+            return function(*args)
+        except DataError:
+            raise
+        except Exception as e:
+            raise RuntimeError(f"{type(e).__name__}: {one_line(e)}") from None
+    return task
+
+
+@in_worker
+def decode_in_worker(path, header=True):
+    """(ten crops (10, crop, crop) uint8, as images.eval_gray; the DICOM header, or None
+    without `header`) of an image file."""
     from images import eval_gray
     gray = eval_gray(path, _work["resize"], _work["crop"])
-    return gray, pydicom.dcmread(path, stop_before_pixels=True)
+    return gray, pydicom.dcmread(path, stop_before_pixels=True) if header else None
 
 
+@in_worker
 def results_in_worker(uid, source, findings, maps, positive, probs):
     """The report, and a heatmap per positive finding where `maps` (10, len(positive), h, w)
     are given, written to the outbox: their file names."""
@@ -1316,6 +1356,8 @@ def start_http(node, args):
                 result = predict_bytes(node, body)
             except DataError as e:
                 return self.reply(400, {"error": one_line(e)})
+            except Stopping:
+                return self.reply(503, {"error": "the node is stopping"})
             finally:
                 busy.release()
             self.reply(200, result)
@@ -1344,7 +1386,12 @@ def predict_bytes(node, body):
     with tempfile.NamedTemporaryFile(suffix=suffix) as f:
         f.write(body)
         f.flush()
-        probs, _ = node.model.predict(f.name)
+        try:
+            gray, _ = node.workers.run(decode_in_worker, f.name, False)
+        except WorkerDied:
+            raise DataError("decoding it stopped the worker process (a crash in the "
+                            "decoder)") from None
+        probs, _ = node.model.predict(normalize_gray(gray))  # as infer.py --image: eval_input
     if probs is None:
         raise DataError("inference failed")
     return {"model": node.model.identity, "findings": node.model.findings(probs),
@@ -1484,14 +1531,18 @@ def get_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = get_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def setup_logging(level):
+    """The node's log (stderr), in its process and in each worker process."""
+    logging.basicConfig(level=level, stream=sys.stderr, format=LOG_FORMAT)
     for noisy in ("pynetdicom", "highdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # pydicom logs a traceback for every undecodable image: the quarantine line says it once
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    setup_logging(args.log_level.upper())
     try:
         spool = Spool(args.spool)
     except OSError as e:
@@ -1555,4 +1606,11 @@ def run(node, args, spool):
 
 
 if __name__ == "__main__":
-    main()
+    code = main()
+    # Out at once, as after kill -9 (which loses nothing): images being decoded or their
+    # results built stay in the inbox for the next start; waiting for them (the interpreter
+    # joins the worker pool at exit) could take as long as a decoder that hangs.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
