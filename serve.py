@@ -39,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -91,6 +92,7 @@ STORED_WARNINGS = (0xB000, 0xB006, 0xB007)  # stored, with coercion or elements 
 DUL_IDLE_SECONDS = 0.005
 MAX_PDU_BYTES = 4 * 2 ** 20  # the largest PDU the node accepts (A-ASSOCIATE: Maximum Length)
 MAX_REFUSALS = 5  # a result the destination refuses this often goes to SPOOL/failed/
+MAX_WORKER_DEATHS = 3  # times an image's task stops its worker, alone, before quarantine
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
@@ -667,6 +669,7 @@ class Node:
         self.stages = model.stages
         self.destination_tls = destination_tls(args)
         self.accepted_at = {}  # UID -> when it was accepted (this run), for the total
+        self.worker_deaths = {}  # UID -> times its task stopped its worker process, alone
         self.todo = queue.Queue()
         # one per sending association: each waits on its own (a shared event, cleared by one,
         # would leave the others asleep)
@@ -793,8 +796,7 @@ class Node:
             self._quarantine_image(uid, f"cannot classify: {one_line(e)}")
             return
         except WorkerDied:
-            self._quarantine_image(uid, "decoding it stopped the worker process (a crash in "
-                                        "the decoder, or killed)")
+            self._worker_died(uid, "decoding")
             return
         except Stopping:  # left in the inbox: finished at the next start
             return
@@ -822,7 +824,8 @@ class Node:
                                          None if maps is None else maps[:, positive], positive,
                                          probs)
             except WorkerDied:
-                raise RuntimeError("building them stopped the worker process") from None
+                self._worker_died(uid, "building the results of")
+                return
             except Stopping:  # left in the inbox: finished at the next start
                 return
             self.spool.finish(uid, {"sop_instance_uid": uid, "status": "classified",
@@ -836,6 +839,7 @@ class Node:
             return
         with self.lock:
             self.queued.discard(uid)
+            self.worker_deaths.pop(uid, None)
         self.count("processed")
         self.stages.add("results", time.perf_counter() - started)
         positives = ", ".join(row["finding"] for row in findings if row["decision"] == "positive")
@@ -843,6 +847,20 @@ class Node:
                  positives or "no positive finding")
         for ready in self.results_ready:
             ready.set()
+
+    def _worker_died(self, uid, what):
+        """A task of this image stopped or hung its worker process, alone: the image is tried
+        again from the start (something else may have killed it: the OOM killer, an operator)
+        and quarantined the MAX_WORKER_DEATHS-th time."""
+        with self.lock:
+            deaths = self.worker_deaths[uid] = self.worker_deaths.get(uid, 0) + 1
+        if deaths < MAX_WORKER_DEATHS:
+            log.warning("%s %s stopped or hung its worker process: tried again (%d of %d)",
+                        what, uid, deaths, MAX_WORKER_DEATHS)
+            self.todo.put(uid)
+            return
+        self._quarantine_image(uid, f"{what} it stopped or hung its worker process "
+                                    f"{deaths} times (a crash in a decoder?)")
 
     def _quarantine_image(self, uid, reason):
         path = self.spool.image(uid)
@@ -858,6 +876,7 @@ class Node:
         with self.lock:
             self.queued.discard(uid)
             self.accepted_at.pop(uid, None)
+            self.worker_deaths.pop(uid, None)
         self.count("quarantined")
         log.warning("quarantined %s: %s", uid, reason)
 
@@ -999,7 +1018,8 @@ class Node:
 # (OpenVINO runs without the lock).
 
 class WorkerDied(Exception):
-    """A task stopped its worker process twice: in the pool, then alone in a new one."""
+    """A task stopped or hung its worker process twice: in the pool, then alone in a new
+    one."""
 
 
 class Stopping(Exception):
@@ -1010,6 +1030,9 @@ class Workers:
     """A pool of `n` worker processes (spawned: nothing of the node's state, its open files or
     the spool's lock, goes with them), each set up once with `settings` (worker_setup)."""
     WATCH_SECONDS = 2.0
+    # No task takes this long (the largest image, 8192x8192, decodes in 1.5 s; 14 heatmaps of
+    # a 4k image take about 10): one that does hangs, or its pool does (below)
+    TASK_SECONDS = 120.0
 
     def __init__(self, n, settings):
         import multiprocessing
@@ -1017,6 +1040,11 @@ class Workers:
         self.context = multiprocessing.get_context("spawn")
         self.lock, self.alone = threading.Lock(), threading.Lock()
         self.stopped = False
+        self.gone = weakref.WeakSet()  # pools abandoned (_abandon)
+        # multiprocessing's resource tracker, a helper process started with this process's -W
+        # options, would warn of "leaked semaphore objects" at every stop: the node exits
+        # without waiting for its pool (see __main__), and the tracker frees them
+        sys.warnoptions.append("ignore:resource_tracker:UserWarning")
         self.pool = self._start(n)
         # every worker started now, and ready (imports done) before the first image
         for ready in [self.pool.submit(time.sleep, 0.2) for _ in range(n)]:
@@ -1032,9 +1060,10 @@ class Workers:
 
     def run(self, function, *args):
         """function(*args) in a worker process. A process that stops (a crash in a decoder,
-        the kernel's OOM killer) takes every task of the pool with it: the pool is replaced
-        and the task tried again alone in a process of its own, one such task at a time;
-        WorkerDied if it stops that one too (then the task is the cause, not another's).
+        the kernel's OOM killer) takes every task of the pool with it, and one that hangs
+        (a task over TASK_SECONDS) holds it: the pool is replaced and the task tried again
+        alone in a process of its own, one such task at a time; WorkerDied if it stops or
+        hangs that one too (then most likely the task is the cause, not another's).
         Stopping once shutdown() has begun."""
         from concurrent.futures import CancelledError
         from concurrent.futures.process import BrokenProcessPool
@@ -1048,18 +1077,14 @@ class Workers:
             except BrokenProcessPool:
                 break
             except RuntimeError:  # shut down meanwhile: replaced by another task, or stopping
+                if self.pool is pool and not self.stopped:
+                    raise  # the interpreter is exiting
                 continue
             try:
                 return self._wait(pool, future)
             except (BrokenProcessPool, CancelledError):  # cancelled: by shutdown()
                 break
-        with self.lock:
-            if self.stopped:
-                raise Stopping()
-            if self.pool is pool:  # the first task to notice replaces it
-                log.warning("a worker process stopped: %d new ones", self.n)
-                pool.shutdown(wait=False, cancel_futures=True)
-                self.pool = self._start(self.n)
+        self._replace(pool)
         with self.alone:
             alone = self._start(1)
             try:
@@ -1069,25 +1094,58 @@ class Workers:
             finally:
                 alone.shutdown(wait=False)
 
+    def _replace(self, pool):
+        """A new pool for one that broke or hangs (by the first task to notice)."""
+        with self.lock:
+            if self.stopped:
+                raise Stopping()
+            if self.pool is pool:
+                log.warning("a worker process stopped or hangs: %d new ones", self.n)
+                self._abandon(pool)
+                self.pool = self._start(self.n)
+
+    def _abandon(self, pool):
+        """Stop a pool's processes, waiting for nothing: a worker killed while it wrote its
+        result to the pool's pipe leaves the pool's reader waiting for the rest forever, and
+        the other workers waiting for the pipe's lock (CPython's ProcessPoolExecutor never
+        learns that it broke); a hung task holds its process."""
+        self.gone.add(pool)
+        # the pool's processes: CPython keeps them in _processes (no public handle), which
+        # shutdown() empties
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            try:
+                process.kill()
+            except Exception:  # gone already
+                pass
+
     def _wait(self, pool, future):
+        """The future's result; BrokenProcessPool if its pool broke or was abandoned, or the
+        task ran over TASK_SECONDS (then its pool is abandoned: it or the task hangs)."""
         from concurrent.futures import TimeoutError
         from concurrent.futures.process import BrokenProcessPool
+        deadline = time.monotonic() + self.TASK_SECONDS
         while True:
             try:
                 return future.result(timeout=self.WATCH_SECONDS)
             except TimeoutError:
-                # CPython 3.11 can lose a future submitted just as a broken pool is torn down
-                # (terminate_broken clears the work items without the submit lock): once the
-                # pool is broken (its own flag), every task it had has failed but a lost one
-                if getattr(pool, "_broken", False):
+                # CPython 3.11 can also lose a future submitted just as a broken pool is torn
+                # down (terminate_broken clears the work items without the submit lock)
+                if getattr(pool, "_broken", False) or pool in self.gone:
                     raise BrokenProcessPool("the task's pool broke") from None
+                if time.monotonic() > deadline:
+                    log.warning("a task ran over %.0f s: its worker processes are stopped",
+                                self.TASK_SECONDS)
+                    self._abandon(pool)
+                    raise BrokenProcessPool("the task ran over its time") from None
 
     def shutdown(self):
-        """No task starts after this; running ones are left (the node exits without them:
-        their images stay in the inbox)."""
+        """No task starts after this; the workers are stopped (the node exits without their
+        tasks: those images stay in the inbox)."""
         with self.lock:
             self.stopped = True
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            self._abandon(self.pool)
 
 
 _work = {}  # in a worker process: its settings, spool and report writer (worker_setup)

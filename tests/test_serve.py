@@ -699,6 +699,12 @@ def test_a_task_that_kills_its_worker_is_singled_out_the_others_finish(tmp_path)
         with pytest.raises(RuntimeError, match="ZeroDivisionError: division by zero"):
             workers.run(divide, 1, 0)  # a task's own error comes back, the pool stays
         assert workers.run(divide, 6, 3) == 2
+        workers.TASK_SECONDS = 3  # a task that hangs: stopped, tried alone, hangs again
+        started = time.monotonic()
+        with pytest.raises(WorkerDied):
+            workers.run(stop_own_process, False, 60)
+        assert time.monotonic() - started < 30
+        assert workers.run(divide, 6, 3) == 2  # and the pool works on
     finally:
         workers.shutdown()
     with pytest.raises(Stopping):  # the node is stopping: nothing starts (its image waits)
