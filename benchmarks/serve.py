@@ -121,14 +121,13 @@ def cpu_seconds(pid):
         except OSError:  # ended meanwhile
             continue
         stats[int(path.parent.name)] = (int(fields[1]), sum(int(f) for f in fields[11:15]))
-    tree, total = {pid}, 0
+    tree = {pid}
     while True:
         more = {p for p, (parent, _) in stats.items() if parent in tree} - tree
         if not more:
             break
         tree |= more
-    total = sum(stats[p][1] for p in tree if p in stats)
-    return total / os.sysconf("SC_CLK_TCK")
+    return sum(stats[p][1] for p in tree if p in stats) / os.sysconf("SC_CLK_TCK")
 
 
 def batch_throughput(model_dir, data_dir, n, work):
