@@ -81,8 +81,9 @@ def wait_listening(proc, port, log):
 
 def start_sink(port, folder, log):
     """The destination: DCMTK's storescp (one process per association, a unique file per
-    object received, so that a report sent twice is seen twice)."""
-    return subprocess.Popen([dcmtk_program("storescp"), "--fork", "+uf", "-od", str(folder),
+    object received, so that a report sent twice is seen twice), accepting JPEG heatmaps as a
+    PACS does (+xa)."""
+    return subprocess.Popen([dcmtk_program("storescp"), "--fork", "+uf", "+xa", "-od", str(folder),
                              "-aet", "SINK", str(port)], stdout=log, stderr=log)
 
 

@@ -288,9 +288,14 @@ def test_reports_reach_the_pacs_with_infer_probabilities(model_dir, dx_files, pa
                     and sc.ImageComments.split(":")[0] in positives
                     and sc.PatientID == original.PatientID]
             assert sorted(sc.ImageComments.split(":")[0] for sc in mine) == positives
-            for sc in mine:
+            for sc in mine:  # JPEG Baseline, marked lossy, on the source's pixel grid
                 assert (sc.Rows, sc.Columns) == (original.Rows, original.Columns)
-                assert sc.PhotometricInterpretation == "RGB"
+                assert sc.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
+                assert (sc.LossyImageCompression, sc.LossyImageCompressionMethod) == \
+                    ("01", "ISO_10918_1")
+                rgb = sc.pixel_array.astype(int)  # in colour: the jet map over the X-ray
+                assert rgb.shape == (sc.Rows, sc.Columns, 3)
+                assert np.abs(rgb[..., 0] - rgb[..., 2]).mean() > 20
         # Full precision: the node's record equals what infer.py's code computes, bit for bit
         record = json.loads((tmp_path / "spool" / "done" / f"{uid_of(files[0])}.json").read_text())
         sys.path.insert(0, str(REPO))
@@ -532,6 +537,8 @@ def test_bad_settings_fail_with_one_line(model_dir, tmp_path):
     assert_clean_error(run_script(*base, "--allow-ae", "A", "--destination", "PACS:104",
                                   "--model-dir", model_dir), "--destination")
     assert_clean_error(run_script(*base, *ok, "--allow-ae", "WAY_TOO_LONG_AE_TITLE_X"), "--allow-ae")
+    assert_clean_error(run_script(*base, *ok, "--model-dir", model_dir, "--no-heatmaps",
+                                  "--uncompressed-heatmaps"), "--uncompressed-heatmaps")
     assert_clean_error(run_script(*base, *ok, "--model-dir", tmp_path / "none"), "chexnet.json")
     no_points = tmp_path / "no_points"
     shutil.copytree(model_dir, no_points)
@@ -573,9 +580,10 @@ def test_results_the_destination_refuses_go_to_failed(model_dir, dx_files, tmp_p
 
 def test_results_reach_a_destination_that_takes_implicit_vr_only(model_dir, dx_files,
                                                                   tmp_path):
-    """The node sends its result files as written (Explicit VR Little Endian) where the
-    destination accepts that; one that accepts Implicit VR Little Endian only still gets the
-    report (decoded, encoded again by pynetdicom), with its values."""
+    """The node sends its result files as written (Explicit VR Little Endian, heatmaps JPEG
+    Baseline) where the destination accepts that; one that accepts Implicit VR Little Endian
+    only still gets the report (decoded, encoded again by pynetdicom), with its values, and each
+    heatmap decompressed to RGB, still marked lossy, under the UID it was written with."""
     import io
 
     import pydicom
@@ -594,17 +602,35 @@ def test_results_reach_a_destination_that_takes_implicit_vr_only(model_dir, dx_f
                                evt_handlers=[(evt.EVT_C_STORE, on_store)])
     fake = type("Pacs", (), {"node_port": free_port(), "dicom": implicit.server_address[1]})
     spool = tmp_path / "spool"
-    node = NodeProcess(model_dir, spool, fake, "--no-heatmaps")
+    node = NodeProcess(model_dir, spool, fake)
     try:
-        assert storescu(dx_files[6:7], node.port).returncode == 0
-        wait_for(lambda: stored, 60, "the report at the destination")
-        syntax, data = stored[0]
-        assert syntax == ImplicitVRLittleEndian
-        findings, source, _ = sr_findings(pydicom.dcmread(io.BytesIO(data), force=True))
-        assert source == uid_of(dx_files[6])
-        record = json.loads((spool / "done" / f"{source}.json").read_text())
-        assert {row["finding"]: pytest.approx(row["probability"], abs=1e-12)
-                for row in record["findings"]} == {n: p for n, (p, _, _) in findings.items()}
+        assert storescu(dx_files[6:9], node.port).returncode == 0
+        wait_for(lambda: len(list((spool / "done").glob("*.json"))) == 3
+                 and not any((spool / "outbox").iterdir()), 120, "every result sent")
+        received = [(syntax, pydicom.dcmread(io.BytesIO(data), force=True))
+                    for syntax, data in stored]
+        assert {syntax for syntax, _ in received} == {ImplicitVRLittleEndian}
+        reports = [ds for _, ds in received if ds.Modality == "SR"]
+        heatmaps = [ds for _, ds in received if ds.Modality != "SR"]
+        assert len(reports) == 3
+        expected = set()  # each positive finding's heatmap, under the UID the node derives
+        sys.path.insert(0, str(REPO))
+        from serve import result_uid
+        for sr in reports:
+            findings, source, _ = sr_findings(sr)
+            record = json.loads((spool / "done" / f"{source}.json").read_text())
+            assert {row["finding"]: pytest.approx(row["probability"], abs=1e-12)
+                    for row in record["findings"]} == {n: p for n, (p, _, _) in findings.items()}
+            expected |= {result_uid(source, record["model"], f"sc-{row['finding']}",
+                                    "1.2.826.0.1.3680043.8.498.")
+                         for row in record["findings"] if row["decision"] == "positive"}
+        # (not a new UID made while decompressing: a resend must replace, not add)
+        assert expected and {str(sc.SOPInstanceUID) for sc in heatmaps} == expected
+        for sc in heatmaps:
+            assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3
+            assert sc.LossyImageCompression == "01"
+            assert sc.pixel_array.shape == (sc.Rows, sc.Columns, 3)
+        assert "does not accept JPEG Baseline" in node.text()  # the cost, said once
     finally:
         node.stop()
         implicit.shutdown()
