@@ -653,7 +653,7 @@ def build_heatmap(source, rgb, k, name, identity, uid_root, syntax=JPEGBaseline8
     sc.BurnedInAnnotation = "YES"
     if jpeg:  # PS3.3 C.7.6.1.1.5: a lossy image says so, for good (also once decompressed)
         sc.LossyImageCompression = "01"
-        sc.LossyImageCompressionRatio = f"{rgb.nbytes / len(sc.PixelData):.2f}"
+        sc.LossyImageCompressionRatio = f"{rgb.nbytes / len(sc.PixelData):.4g}"
         sc.LossyImageCompressionMethod = "ISO_10918_1"
     sc.ImageComments = f"{name}: class activation map; research use only, not for diagnosis"
     return _encoded(sc)
