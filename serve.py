@@ -51,6 +51,7 @@ import highdicom as hd
 import pydicom
 import pydicom.pixels  # noqa: F401
 import pynetdicom
+import pynetdicom.transport
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import write_dataset
@@ -67,6 +68,23 @@ from images import TEN_CROPS, average_crops, normalize_gray
 # A file path given to send_c_store is sent as it is on disk (Node._send_folder); _config is
 # pynetdicom's documented settings module, its name notwithstanding
 pynetdicom._config.STORE_SEND_CHUNKED_DATASET = True
+
+
+def _recv(self, nr_bytes):
+    """pynetdicom's AssociationSocket.recv (nr_bytes, fewer where the peer closed), reading up
+    to 1 MiB per call instead of 4 KB: a 2 MB image took 512 calls, each giving up and taking
+    back the interpreter lock, 6.3 ms of CPU per image idle and more under load (3.9 now).
+    Memory grows with the bytes that arrive, not with the length a peer declares."""
+    data = bytearray()
+    while len(data) < nr_bytes:
+        chunk = self.socket.recv(min(nr_bytes - len(data), RECV_BYTES))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+pynetdicom.transport.AssociationSocket.recv = _recv
 
 
 VERSION = "chexnet-serve 1.0"
@@ -92,6 +110,7 @@ STORED_WARNINGS = (0xB000, 0xB006, 0xB007)  # stored, with coercion or elements 
 
 DUL_IDLE_SECONDS = 0.005
 QUICK_ACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+RECV_BYTES = 2 ** 20  # _recv
 MAX_PDU_BYTES = 4 * 2 ** 20  # the largest PDU the node accepts (A-ASSOCIATE: Maximum Length)
 MAX_REFUSALS = 5  # a result the destination refuses this often goes to SPOOL/failed/
 MAX_WORKER_DEATHS = 3  # times an image's task stops its worker, alone, before quarantine

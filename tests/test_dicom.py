@@ -233,6 +233,32 @@ def test_dicoms_without_a_suffix_go_into_the_store(tmp_path):
     assert open_store(data, 32).count == 4
 
 
+def test_the_node_s_socket_reads_what_arrives_and_stops_where_the_peer_closes():
+    """serve._recv, pynetdicom's AssociationSocket.recv in larger reads: every byte of a 3 MB
+    PDU sent in pieces, in order; where the peer closes early, what arrived (pynetdicom then
+    reports a PDU shorter than declared), with no memory taken for a length merely declared."""
+    import socket
+    import threading
+
+    import pynetdicom.transport
+
+    import serve
+    assert pynetdicom.transport.AssociationSocket.recv is serve._recv
+    data = np.random.default_rng(0).integers(0, 256, 3 * 2 ** 20 + 17, np.uint8).tobytes()
+    for declared, sent in ((len(data), data), (2 ** 40, data[:1000]), (10, b"")):
+        ours, peer = socket.socketpair()
+
+        def send(sent=sent, peer=peer):
+            for at in range(0, len(sent), 100_000):
+                peer.sendall(sent[at:at + 100_000])
+            peer.close()
+        sender = threading.Thread(target=send)
+        sender.start()
+        assert bytes(serve._recv(type("Socket", (), {"socket": ours})(), declared)) == sent
+        sender.join()
+        ours.close()
+
+
 def test_the_node_s_fast_report_is_highdicom_s_report(tmp_path):
     """serve.ReportWriter (a template of the content tree, this image's values spliced in)
     gives the report build_sr builds with highdicom, element for element: across sources
