@@ -74,7 +74,15 @@ def _recv(self, nr_bytes):
     """pynetdicom's AssociationSocket.recv (nr_bytes, fewer where the peer closed), reading up
     to 1 MiB per call instead of 4 KB: a 2 MB image took 512 calls, each giving up and taking
     back the interpreter lock, 6.3 ms of CPU per image idle and more under load (3.9 now).
-    Memory grows with the bytes that arrive, not with the length a peer declares."""
+    Memory grows with the bytes that arrive, not with the length a peer declares; a PDU over
+    MAX_PDU_BYTES (which no peer may send: PS3.8 9.3.1, the node declares it) is not read at
+    all: pynetdicom sees a connection closed early and ends the association. pynetdicom itself
+    would hold any length that arrives, an A-ASSOCIATE request included, before its caller is
+    checked against --allow-ae."""
+    if nr_bytes > MAX_PDU_BYTES:
+        log.warning("a peer sends a PDU of %d bytes, over the %d the node accepts: connection "
+                    "closed", nr_bytes, MAX_PDU_BYTES)
+        return bytearray()
     data = bytearray()
     while len(data) < nr_bytes:
         chunk = self.socket.recv(min(nr_bytes - len(data), RECV_BYTES))

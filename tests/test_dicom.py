@@ -236,7 +236,8 @@ def test_dicoms_without_a_suffix_go_into_the_store(tmp_path):
 def test_the_node_s_socket_reads_what_arrives_and_stops_where_the_peer_closes():
     """serve._recv, pynetdicom's AssociationSocket.recv in larger reads: every byte of a 3 MB
     PDU sent in pieces, in order; where the peer closes early, what arrived (pynetdicom then
-    reports a PDU shorter than declared), with no memory taken for a length merely declared."""
+    reports a PDU shorter than declared), with no memory taken for a length merely declared;
+    a PDU over the node's maximum is not read at all (pynetdicom ends the association)."""
     import socket
     import threading
 
@@ -245,7 +246,7 @@ def test_the_node_s_socket_reads_what_arrives_and_stops_where_the_peer_closes():
     import serve
     assert pynetdicom.transport.AssociationSocket.recv is serve._recv
     data = np.random.default_rng(0).integers(0, 256, 3 * 2 ** 20 + 17, np.uint8).tobytes()
-    for declared, sent in ((len(data), data), (2 ** 40, data[:1000]), (10, b"")):
+    for declared, sent in ((len(data), data), (serve.MAX_PDU_BYTES, data[:1000]), (10, b"")):
         ours, peer = socket.socketpair()
 
         def send(sent=sent, peer=peer):
@@ -257,6 +258,13 @@ def test_the_node_s_socket_reads_what_arrives_and_stops_where_the_peer_closes():
         assert bytes(serve._recv(type("Socket", (), {"socket": ours})(), declared)) == sent
         sender.join()
         ours.close()
+    # a PDU longer than the node accepts (a peer may declare 4 GB, then send it): not read
+    ours, peer = socket.socketpair()
+    peer.sendall(b"x" * 1000)
+    assert serve._recv(type("Socket", (), {"socket": ours})(), serve.MAX_PDU_BYTES + 1) == b""
+    assert len(ours.recv(2000)) == 1000  # untouched
+    ours.close()
+    peer.close()
 
 
 def test_the_node_s_fast_report_is_highdicom_s_report(tmp_path):

@@ -410,9 +410,9 @@ def test_results_wait_for_a_pacs_that_is_down(model_dir, dx_files, pacs, tmp_pat
 
 
 def test_refusals_and_quarantine_keep_the_node_serving(model_dir, dx_files, pacs, tmp_path):
-    """A caller outside the allow-list, one association too many, a non-image SOP class, a
-    declared 65535x65535 image, a truncated object, a malformed UID, undecodable pixel data, a
-    full queue: each refused with its status (or quarantined with its reason) and a log line,
+    """A caller outside the allow-list, one association too many, a PDU longer than the node
+    accepts, a non-image SOP class, a declared 65535x65535 image, a truncated object, a
+    malformed UID, undecodable pixel data, a full queue: each refused with its status (or quarantined with its reason) and a log line,
     and the node still classifies the next image."""
     import pydicom
     from pydicom.uid import JPEG2000Lossless, generate_uid
@@ -435,6 +435,12 @@ def test_refusals_and_quarantine_keep_the_node_serving(model_dir, dx_files, pacs
         for a in held:
             a.release()
         assert "more than --max-associations 2" in node.text()
+        # a PDU declared (and begun) longer than the node accepts, before any AE check: the
+        # connection is closed, nothing of that length is held
+        with socket.create_connection(("127.0.0.1", node.port), timeout=30) as raw:
+            raw.sendall(b"\x01\x00\xff\xff\xff\xf0" + b"\0" * 65536)
+            assert raw.recv(100) == b""  # closed by the node
+        assert "over the 4194304 the node accepts: connection closed" in node.text()
 
         def variant(**changes):
             ds = pydicom.dcmread(dx_files[1])
