@@ -737,6 +737,7 @@ class Node:
             "stand_in_findings": model.findings(np.full(len(model.class_names), 0.5))})
         self.ae = None
         self.told_no_jpeg = False
+        self.jpeg_fails = False  # the destination accepts JPEG but fails on it (_send_folder)
 
     def count(self, key, n=1):
         with self.lock:
@@ -1024,16 +1025,31 @@ class Node:
         for path in sorted(folder.iterdir()):
             try:
                 meta = read_file_meta_info(path)
-                if (meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID) in accepted:
+                jpeg = meta.TransferSyntaxUID == JPEGBaseline8Bit
+                as_written = (meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID) in accepted \
+                    and not (jpeg and self.jpeg_fails)
+                if as_written:
                     status = assoc.send_c_store(path)
                 else:
                     status = assoc.send_c_store(uncompressed(pydicom.dcmread(path)))
             except ValueError as e:  # the destination accepted no context for this class
                 raise Refused(f"{path.name} of {folder.name}: {one_line(e)[:160]}") from None
             code = getattr(status, "Status", None)
+            failed = code is None or (code != SUCCESS and code not in STORED_WARNINGS)
+            if failed and jpeg and as_written and not self.jpeg_fails and any(
+                    (SC_CLASS, syntax) in accepted
+                    for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)):
+                # It accepted JPEG at association, then refused or aborted on a JPEG object:
+                # from now on heatmaps go as it takes them otherwise (else none would arrive,
+                # nor the reports queued behind them)
+                self.jpeg_fails = True
+                log.warning("%s failed a JPEG heatmap (%s): heatmaps are sent decompressed from "
+                            "now on", self.args.destination,
+                            "no response" if code is None else f"status 0x{code:04X}")
+                raise ConnectionError("JPEG heatmap failed: sent again decompressed")
             if code is None:
                 raise ConnectionError("no response to C-STORE")
-            if code != SUCCESS and code not in STORED_WARNINGS:
+            if failed:
                 raise Refused(f"{path.name} of {folder.name} refused with status 0x{code:04X}")
             path.unlink()  # accepted: never sent again
             self.count("results_sent")

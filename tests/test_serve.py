@@ -642,6 +642,53 @@ def test_results_reach_a_destination_that_takes_implicit_vr_only(model_dir, dx_f
         implicit.shutdown()
 
 
+@pytest.mark.parametrize("failure", ["abort", "status"])
+def test_a_destination_that_fails_on_jpeg_gets_the_heatmaps_decompressed(model_dir, dx_files,
+                                                                         tmp_path, failure):
+    """A destination that accepts JPEG Baseline at association but aborts (or answers 0xC000)
+    on a JPEG object, and also accepts uncompressed: the node says so once and sends every
+    heatmap decompressed; every report and heatmap arrives, none in failed/."""
+    import io
+
+    import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
+    from pynetdicom import AE, evt
+    stored = []
+
+    def on_store(event):
+        if event.context.transfer_syntax == JPEGBaseline8Bit:
+            if failure == "abort":
+                event.assoc.abort()
+            return 0xC000
+        stored.append(pydicom.dcmread(io.BytesIO(event.encoded_dataset()), force=True))
+        return 0x0000
+
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context("1.2.840.10008.5.1.4.1.1.88.33", ExplicitVRLittleEndian)
+    ae.add_supported_context("1.2.840.10008.5.1.4.1.1.7", [JPEGBaseline8Bit,
+                                                           ExplicitVRLittleEndian])
+    picky = ae.start_server(("127.0.0.1", 0), block=False,
+                            evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    fake = type("Pacs", (), {"node_port": free_port(), "dicom": picky.server_address[1]})
+    spool = tmp_path / "spool"
+    node = NodeProcess(model_dir, spool, fake)
+    try:
+        assert storescu(dx_files[9:12], node.port).returncode == 0
+        wait_for(lambda: len(list((spool / "done").glob("*.json"))) == 3
+                 and not any((spool / "outbox").iterdir()), 120, "every result sent")
+        positives = sum(row["decision"] == "positive"
+                        for record in (spool / "done").glob("*.json")
+                        for row in json.loads(record.read_text())["findings"])
+        heatmaps = [ds for ds in stored if ds.Modality != "SR"]
+        assert len(stored) - len(heatmaps) == 3 and len(heatmaps) == positives > 0
+        assert all(ds.PhotometricInterpretation == "RGB" for ds in heatmaps)
+        assert not (spool / "failed").exists() or not any((spool / "failed").iterdir())
+        assert node.text().count("failed a JPEG heatmap") == 1
+    finally:
+        node.stop()
+        picky.shutdown()
+
+
 def test_two_nodes_on_one_spool_refused(model_dir, tmp_path):
     """A second node on the same spool would process the same inbox twice: refused."""
     from common import exclusive_lock  # the lock a running node holds (POSIX, not flock)
