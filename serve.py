@@ -1398,6 +1398,16 @@ def start_dicom(node, args):
                 (evt.EVT_PDU_SENT, quick_ack)]
     server = ae.start_server((args.host, args.port), block=False, evt_handlers=handlers,
                              ssl_context=ssl_context)
+    if ssl_context is not None:
+        # pynetdicom does each TLS handshake in its one accepting thread, with no timeout: a
+        # connection that never says hello held up every other sender. The handshake is left
+        # to the connection's own thread (OpenSSL does it at the first read), under its
+        # association's timeouts.
+        def get_request():
+            client, address = server.socket.accept()
+            return ssl_context.wrap_socket(client, server_side=True,
+                                           do_handshake_on_connect=False), address
+        server.get_request = get_request
     node.ae = ae
     return server
 

@@ -178,6 +178,7 @@ def send(datasets, port, aet="SENDER", tls=None):
     """pynetdicom as a sender: the C-STORE status of each dataset (None: no association)."""
     from pynetdicom import AE
     ae = AE(ae_title=aet)
+    ae.connection_timeout = 30  # connecting, and the TLS handshake
     for sop_class, syntax in {(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
                               for ds in datasets}:
         ae.add_requested_context(sop_class, syntax)
@@ -521,7 +522,9 @@ def test_tls(model_dir, dx_files, pacs, tmp_path):
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
         context.load_cert_chain(cert, key)
         ds = pydicom.dcmread(dx_files[3])
-        assert send([ds], node.port, tls=(context, "127.0.0.1")) == [0x0000]
+        # a connection that never begins its handshake holds up nobody else
+        with socket.create_connection(("127.0.0.1", node.port), timeout=30):
+            assert send([ds], node.port, tls=(context, "127.0.0.1")) == [0x0000]
         assert send([ds], node.port) is None  # no TLS: no association
         wait_for(lambda: len(tls_pacs.instances("SR")) == 1, 120, "the report over TLS")
         # the PACS itself takes no plain TCP, even from the AE title it knows
