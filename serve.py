@@ -83,12 +83,22 @@ def _recv(self, nr_bytes):
         log.warning("a peer sends a PDU of %d bytes, over the %d the node accepts: connection "
                     "closed", nr_bytes, MAX_PDU_BYTES)
         return bytearray()
+    # A peer that sends a byte now and then never meets the socket's timeout: each PDU gets
+    # --timeout seconds plus its length at MIN_RECV_RATE (else a few such connections, before
+    # any AE check, held every association --max-associations allows)
+    timeout = getattr(getattr(self, "assoc", None), "network_timeout", None)
+    deadline = None if timeout is None else time.monotonic() + timeout + nr_bytes / MIN_RECV_RATE
     data = bytearray()
     while len(data) < nr_bytes:
         chunk = self.socket.recv(min(nr_bytes - len(data), RECV_BYTES))
         if not chunk:
             break
         data += chunk
+        if deadline is not None and len(data) < nr_bytes and time.monotonic() > deadline:
+            log.warning("a peer sends a PDU of %d bytes slower than %d KB/s (%d bytes in %.0f s): "
+                        "connection closed", nr_bytes, MIN_RECV_RATE // 1024, len(data),
+                        timeout + nr_bytes / MIN_RECV_RATE)
+            break
     return data
 
 
@@ -119,6 +129,7 @@ STORED_WARNINGS = (0xB000, 0xB006, 0xB007)  # stored, with coercion or elements 
 DUL_IDLE_SECONDS = 0.005
 QUICK_ACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 RECV_BYTES = 2 ** 20  # _recv
+MIN_RECV_RATE = 64 * 1024  # bytes per second a PDU must arrive at, after --timeout (_recv)
 MAX_PDU_BYTES = 4 * 2 ** 20  # the largest PDU the node accepts (A-ASSOCIATE: Maximum Length)
 MAX_REFUSALS = 5  # a result the destination refuses this often goes to SPOOL/failed/
 MAX_WORKER_DEATHS = 3  # times an image's task stops its worker, alone, before quarantine

@@ -5,6 +5,7 @@ bundled NIH PNGs, so every decoded pixel can be checked against the PNG it came 
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -237,7 +238,8 @@ def test_the_node_s_socket_reads_what_arrives_and_stops_where_the_peer_closes():
     """serve._recv, pynetdicom's AssociationSocket.recv in larger reads: every byte of a 3 MB
     PDU sent in pieces, in order; where the peer closes early, what arrived (pynetdicom then
     reports a PDU shorter than declared), with no memory taken for a length merely declared;
-    a PDU over the node's maximum is not read at all (pynetdicom ends the association)."""
+    a PDU over the node's maximum is not read at all (pynetdicom ends the association); one
+    dripped slowly is given up after its deadline."""
     import socket
     import threading
 
@@ -265,6 +267,29 @@ def test_the_node_s_socket_reads_what_arrives_and_stops_where_the_peer_closes():
     assert len(ours.recv(2000)) == 1000  # untouched
     ours.close()
     peer.close()
+    # a PDU dripped a byte at a time: given up after the timeout plus its length at the
+    # minimum rate (here 1 s + 1 s), not held for as long as the peer keeps dripping
+    ours, peer = socket.socketpair()
+    stop = threading.Event()
+
+    def drip():
+        while not stop.wait(0.1):
+            peer.sendall(b"x")
+    dripper = threading.Thread(target=drip)
+    dripper.start()
+    slow = type("Socket", (), {"socket": ours, "assoc": type("Assoc", (), {
+        "network_timeout": 1.0})()})()
+    rate, serve.MIN_RECV_RATE = serve.MIN_RECV_RATE, 1000
+    try:
+        started = time.monotonic()
+        got = serve._recv(slow, 1000)
+        assert 0 < len(got) < 1000 and 1.9 < time.monotonic() - started < 4
+    finally:
+        serve.MIN_RECV_RATE = rate
+        stop.set()
+        dripper.join()
+        ours.close()
+        peer.close()
 
 
 def test_the_node_s_fast_report_is_highdicom_s_report(tmp_path):
