@@ -39,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+import unicodedata
 import weakref
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -59,8 +60,8 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
 from pydicom.valuerep import DS
 
-from backends import (METADATA, MODEL_NAMES, file_digest, load_openvino, read_metadata,
-                      with_data_defaults)
+from backends import (METADATA, MODEL_NAMES, file_digest, load_openvino, metadata_classes,
+                      read_metadata, with_data_defaults)
 from common import (ArgumentParser, DataError, SetupError, atomic_path, exclusive_lock, one_line,
                     os_reason, positive_float, positive_int)
 from images import TEN_CROPS, average_crops, normalize_gray
@@ -322,6 +323,9 @@ class Model:
         meta = read_metadata(args.model_dir, required=True)
         settings = with_data_defaults(args, meta, Path(args.model_dir) / METADATA)
         self.resize, self.crop = settings.resize, settings.crop_size
+        problem = class_name_problem(metadata_classes(meta, args.model_dir))
+        if problem:  # before the model is compiled
+            raise ServeError(f"{Path(args.model_dir) / METADATA}: {problem}")
         # One image (ten crops) per request, as infer.py --image: identical probabilities; the
         # files are checked against the manifest.
         self.backend = load_openvino(args.model_dir, args.mode, meta, self.crop, 1, args.streams)
@@ -427,6 +431,21 @@ class Model:
 # ---------------------------------------------------------------------------------------------
 # Results as DICOM: a Structured Report and secondary-capture heatmaps
 
+def class_name_problem(names):
+    """Why the model's class names cannot name findings in a DICOM report and its heatmaps
+    (a Code Meaning: one line, no backslash, at most 64 characters; each name its own
+    heatmap's UID), or None."""
+    for name in names:
+        if not name.strip():
+            return f"class name {name!r} is empty"
+        if len(name) > 64:
+            return f"class name {name[:30]!r}... is longer than 64 characters"
+        if "\\" in name or any(unicodedata.category(c)[0] == "C" for c in name):
+            return f"class name {name!r} holds a backslash or a control character"
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    return f"class names repeat: {', '.join(repeated)}" if repeated else None
+
+
 def result_uid(source_uid, model_digest, what, root):
     """Deterministic: the same image and model always give the same result UIDs, so a result
     sent twice (after a kill) is one instance at the PACS."""
@@ -497,25 +516,33 @@ def _root(items):
     return root
 
 
-def result_charset(source):
+def result_charset(source, texts=()):
     """The results' Specific Character Set: the source's where it is one character set
-    without code extensions that highdicom knows, else UTF-8 (pydicom has decoded the source's
+    without code extensions that highdicom knows and that holds `texts` (the model's class
+    names: else they would reach the PACS as '?'), else UTF-8 (pydicom has decoded the source's
     names already). highdicom refuses some sets the standard allows, such as the Japanese
     images' ['', 'ISO 2022 IR 87'], and would fail the results."""
+    from pydicom.charset import python_encoding
     value = source.get("SpecificCharacterSet")
-    if value is None:
-        return None
     known = {v.value for v in hd.SpecificCharacterSetValues}
-    if isinstance(value, str) and value in known and not value.startswith("ISO 2022"):
-        return value
-    return "ISO_IR 192"
+    if value is not None and not (isinstance(value, str) and value in known
+                                  and not value.startswith("ISO 2022")):
+        return "ISO_IR 192"
+    codec = "ascii" if value is None else python_encoding.get(value, "utf-8")
+    try:
+        for text in texts:
+            text.encode(codec)
+    except UnicodeEncodeError:
+        return "ISO_IR 192"
+    return value
 
 
 def _sr_document(source, content, identity, uid_root):
     """A Comprehensive SR in the source's study (patient and study copied by highdicom)."""
     digest = identity["sha256"]
     return hd.sr.ComprehensiveSR(
-        evidence=[source], content=content, specific_character_set=result_charset(source),
+        evidence=[source], content=content,
+        specific_character_set=result_charset(source, identity.get("classes", ())),
         series_instance_uid=result_uid(source.StudyInstanceUID, digest, "sr-series", uid_root),
         series_number=9001, sop_instance_uid=result_uid(source.SOPInstanceUID, digest, "sr",
                                                         uid_root),
@@ -683,7 +710,8 @@ def build_heatmap(source, rgb, k, name, identity, uid_root, syntax=JPEGBaseline8
         series_number=9002,
         sop_instance_uid=result_uid(source.SOPInstanceUID, digest, f"sc-{name}", uid_root),
         instance_number=k + 1, manufacturer="CheXNet toolkit",
-        transfer_syntax_uid=syntax, specific_character_set=result_charset(source),
+        transfer_syntax_uid=syntax,
+        specific_character_set=result_charset(source, identity.get("classes", ())),
         series_description="CheXNet heatmaps - research use only",
         software_versions=VERSION)
     if not known:

@@ -366,3 +366,15 @@ def test_the_node_s_fast_report_is_highdicom_s_report(tmp_path):
         if value is not None:
             source.SpecificCharacterSet = value
         assert serve.result_charset(source) == charset, value
+    # class names the source's character set cannot hold: the results are in UTF-8
+    for value, names, charset in ((None, ["Effusion"], None), (None, ["Épanchement"], "ISO_IR 192"),
+                                  ("ISO_IR 100", ["Épanchement"], "ISO_IR 100"),
+                                  ("ISO_IR 100", ["胸水"], "ISO_IR 192")):
+        source = pydicom.Dataset()
+        if value is not None:
+            source.SpecificCharacterSet = value
+        assert serve.result_charset(source, names) == charset, (value, names)
+    assert serve.class_name_problem(["Effusion", "Épanchement 胸水"]) is None
+    for names, why in ((["A", "A"], "repeat"), (["a\nb"], "control"), (["x" * 65], "64"),
+                       ([" "], "empty"), (["a\\b"], "backslash")):
+        assert why in serve.class_name_problem(names), names

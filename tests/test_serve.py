@@ -557,6 +557,13 @@ def test_bad_settings_fail_with_one_line(model_dir, tmp_path):
     assert_clean_error(run_script(*base, *ok, "--model-dir", model_dir, "--tls-cert",
                                   tmp_path / "missing.pem", "--tls-key", tmp_path / "k.pem"),
                        "--tls-cert")
+    odd = tmp_path / "odd_names"  # a class name no DICOM report can carry
+    shutil.copytree(model_dir, odd)
+    meta = json.loads((odd / "chexnet.json").read_text())
+    meta["class_names"][3] = "Nodule\nsecond line"
+    (odd / "chexnet.json").write_text(json.dumps(meta))
+    assert_clean_error(run_script(*base, *ok, "--model-dir", odd), "chexnet.json",
+                       "control character")
     damaged = tmp_path / "damaged"
     shutil.copytree(model_dir, damaged)
     with open(damaged / "chexnet_int8.bin", "r+b") as f:
