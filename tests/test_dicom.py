@@ -367,7 +367,8 @@ def test_the_node_s_fast_report_is_highdicom_s_report(tmp_path):
             source.SpecificCharacterSet = value
         assert serve.result_charset(source) == charset, value
     # class names the source's character set cannot hold: the results are in UTF-8
-    for value, names, charset in ((None, ["Effusion"], None), (None, ["Épanchement"], "ISO_IR 192"),
+    for value, names, charset in ((None, ["Effusion"], None),
+                                  (None, ["Épanchement"], "ISO_IR 192"),
                                   ("ISO_IR 100", ["Épanchement"], "ISO_IR 100"),
                                   ("ISO_IR 100", ["胸水"], "ISO_IR 192")):
         source = pydicom.Dataset()

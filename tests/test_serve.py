@@ -413,8 +413,8 @@ def test_results_wait_for_a_pacs_that_is_down(model_dir, dx_files, pacs, tmp_pat
 def test_refusals_and_quarantine_keep_the_node_serving(model_dir, dx_files, pacs, tmp_path):
     """A caller outside the allow-list, one association too many, a PDU longer than the node
     accepts, a non-image SOP class, a declared 65535x65535 image, a truncated object, a
-    malformed UID, undecodable pixel data, a full queue: each refused with its status (or quarantined with its reason) and a log line,
-    and the node still classifies the next image."""
+    malformed UID, undecodable pixel data, a full queue: each refused with its status (or
+    quarantined with its reason) and a log line, and the node still classifies the next image."""
     import pydicom
     from pydicom.uid import JPEG2000Lossless, generate_uid
     from pynetdicom import AE
