@@ -35,6 +35,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import sys
 import tempfile
 import threading
@@ -55,6 +56,7 @@ import pynetdicom
 import pynetdicom.transport
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
+from pydicom.charset import python_encoding
 from pydicom.filewriter import write_dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
@@ -72,38 +74,54 @@ pynetdicom._config.STORE_SEND_CHUNKED_DATASET = True
 
 
 def _recv(self, nr_bytes):
-    """pynetdicom's AssociationSocket.recv (nr_bytes, fewer where the peer closed), reading up
-    to 1 MiB per call instead of 4 KB: a 2 MB image took 512 calls, each giving up and taking
-    back the interpreter lock, 6.3 ms of CPU per image idle and more under load (3.9 now).
-    Memory grows with the bytes that arrive, not with the length a peer declares; a PDU over
-    MAX_PDU_BYTES (which no peer may send: PS3.8 9.3.1, the node declares it) is not read at
-    all: pynetdicom sees a connection closed early and ends the association. pynetdicom itself
-    would hold any length that arrives, an A-ASSOCIATE request included, before its caller is
-    checked against --allow-ae."""
+    """pynetdicom's AssociationSocket.recv (nr_bytes, fewer where the peer closed or is too
+    slow: pynetdicom then ends the association), as the node reads the network:
+    - up to 1 MiB per call instead of 4 KB: a 2 MB image took 512 calls, each giving up and
+      taking back the interpreter lock, 6.3 ms of CPU per image idle (3.9 now; over TLS a
+      call returns one record, 16 KB, at most);
+    - a PDU over MAX_PDU_BYTES is not read at all. pynetdicom would hold any length a peer
+      declares and sends, an A-ASSOCIATE request included, before the caller is checked
+      against --allow-ae (P-DATA PDUs may not exceed the maximum the node declares, 4 MiB
+      when it receives; no other PDU comes near it);
+    - each PDU within --timeout seconds plus its length at MIN_RECV_RATE, a peer silent or
+      dripping a byte now and then included (pynetdicom's sockets have no timeout: such a
+      peer held its association, and its slot of --max-associations, for good); the TLS
+      handshake, done at the first read (start_dicom), is under the same deadline;
+    - a TLS failure (a bad certificate, plain TCP to a TLS port) is one log line, not a
+      traceback."""
     if nr_bytes > MAX_PDU_BYTES:
         log.warning("a peer sends a PDU of %d bytes, over the %d the node accepts: connection "
                     "closed", nr_bytes, MAX_PDU_BYTES)
         return bytearray()
-    # A peer that sends a byte now and then never meets the socket's timeout: each PDU gets
-    # --timeout seconds plus its length at MIN_RECV_RATE (else a few such connections, before
-    # any AE check, held every association --max-associations allows)
-    timeout = getattr(getattr(self, "assoc", None), "network_timeout", None)
-    deadline = None if timeout is None else time.monotonic() + timeout + nr_bytes / MIN_RECV_RATE
+    timeout = self.assoc.network_timeout
+    allowed = None if timeout is None else timeout + nr_bytes / MIN_RECV_RATE
+    deadline = None if allowed is None else time.monotonic() + allowed
+    previous = self.socket.gettimeout()
     data = bytearray()
-    while len(data) < nr_bytes:
-        chunk = self.socket.recv(min(nr_bytes - len(data), RECV_BYTES))
-        if not chunk:
-            break
-        data += chunk
-        if deadline is not None and len(data) < nr_bytes and time.monotonic() > deadline:
-            log.warning("a peer sends a PDU of %d bytes slower than %d KB/s (%d bytes in %.0f s): "
-                        "connection closed", nr_bytes, MIN_RECV_RATE // 1024, len(data),
-                        timeout + nr_bytes / MIN_RECV_RATE)
-            break
+    try:
+        while len(data) < nr_bytes:
+            if deadline is not None:
+                self.socket.settimeout(max(0.01, deadline - time.monotonic()))
+            chunk = self.socket.recv(min(nr_bytes - len(data), RECV_BYTES))
+            if not chunk:
+                break
+            data += chunk
+    except TimeoutError:
+        log.warning("a peer sent %d of a PDU's %d bytes in %.0f s (--timeout, then %d KB/s): "
+                    "connection closed", len(data), nr_bytes, allowed, MIN_RECV_RATE // 1024)
+    except ssl.SSLError as e:
+        log.warning("TLS with a peer failed (%s): connection closed", one_line(e))
+    finally:
+        try:
+            self.socket.settimeout(previous)
+        except OSError:  # closed meanwhile
+            pass
     return data
 
 
-pynetdicom.transport.AssociationSocket.recv = _recv
+def use_node_reads():
+    """The node's network reads (_recv) in every pynetdicom association of this process."""
+    pynetdicom.transport.AssociationSocket.recv = _recv
 
 
 VERSION = "chexnet-serve 1.0"
@@ -432,16 +450,14 @@ class Model:
 # Results as DICOM: a Structured Report and secondary-capture heatmaps
 
 def class_name_problem(names):
-    """Why the model's class names cannot name findings in a DICOM report and its heatmaps
-    (a Code Meaning: one line, no backslash, at most 64 characters; each name its own
-    heatmap's UID), or None."""
+    """Why the model's class names cannot name findings in the reports and heatmaps, or None:
+    each is a report's text value, a heatmap's Image Comments and the title burnt into it (one
+    line, not empty), and names its heatmap's UID (no two alike)."""
     for name in names:
         if not name.strip():
             return f"class name {name!r} is empty"
-        if len(name) > 64:
-            return f"class name {name[:30]!r}... is longer than 64 characters"
-        if "\\" in name or any(unicodedata.category(c)[0] == "C" for c in name):
-            return f"class name {name!r} holds a backslash or a control character"
+        if any(unicodedata.category(c)[0] == "C" for c in name):
+            return f"class name {name!r} holds a control character"
     repeated = sorted({name for name in names if names.count(name) > 1})
     return f"class names repeat: {', '.join(repeated)}" if repeated else None
 
@@ -516,23 +532,22 @@ def _root(items):
     return root
 
 
-def result_charset(source, texts=()):
+def result_charset(source, texts):
     """The results' Specific Character Set: the source's where it is one character set
     without code extensions that highdicom knows and that holds `texts` (the model's class
     names: else they would reach the PACS as '?'), else UTF-8 (pydicom has decoded the source's
     names already). highdicom refuses some sets the standard allows, such as the Japanese
     images' ['', 'ISO 2022 IR 87'], and would fail the results."""
-    from pydicom.charset import python_encoding
     value = source.get("SpecificCharacterSet")
     known = {v.value for v in hd.SpecificCharacterSetValues}
     if value is not None and not (isinstance(value, str) and value in known
                                   and not value.startswith("ISO 2022")):
         return "ISO_IR 192"
-    codec = "ascii" if value is None else python_encoding.get(value, "utf-8")
+    codec = "ascii" if value is None else python_encoding.get(value)
     try:
         for text in texts:
-            text.encode(codec)
-    except UnicodeEncodeError:
+            text.encode(codec)  # no codec (None): TypeError, UTF-8
+    except (UnicodeEncodeError, TypeError, LookupError):
         return "ISO_IR 192"
     return value
 
@@ -542,7 +557,7 @@ def _sr_document(source, content, identity, uid_root):
     digest = identity["sha256"]
     return hd.sr.ComprehensiveSR(
         evidence=[source], content=content,
-        specific_character_set=result_charset(source, identity.get("classes", ())),
+        specific_character_set=result_charset(source, identity["classes"]),
         series_instance_uid=result_uid(source.StudyInstanceUID, digest, "sr-series", uid_root),
         series_number=9001, sop_instance_uid=result_uid(source.SOPInstanceUID, digest, "sr",
                                                         uid_root),
@@ -691,7 +706,7 @@ def _elements(ds):
     return fp.getvalue()
 
 
-def build_heatmap(source, rgb, k, name, identity, uid_root, syntax=JPEGBaseline8Bit):
+def build_heatmap(source, rgb, k, name, identity, uid_root, syntax):
     """A secondary capture of the overlay (H, W, 3) uint8, in the source's study, encoded in
     `syntax`: JPEG Baseline (lossy, and marked so; a 1024x1024 overlay is 0.2 MB instead of 3,
     which the node writes, sends and the PACS stores once per positive finding) or Explicit VR
@@ -711,7 +726,7 @@ def build_heatmap(source, rgb, k, name, identity, uid_root, syntax=JPEGBaseline8
         sop_instance_uid=result_uid(source.SOPInstanceUID, digest, f"sc-{name}", uid_root),
         instance_number=k + 1, manufacturer="CheXNet toolkit",
         transfer_syntax_uid=syntax,
-        specific_character_set=result_charset(source, identity.get("classes", ())),
+        specific_character_set=result_charset(source, identity["classes"]),
         series_description="CheXNet heatmaps - research use only",
         software_versions=VERSION)
     if not known:
@@ -776,7 +791,8 @@ class Node:
             "stand_in_findings": model.findings(np.full(len(model.class_names), 0.5))})
         self.ae = None
         self.told_no_jpeg = False
-        self.jpeg_fails = False  # the destination accepts JPEG but fails on it (_send_folder)
+        self.jpeg_fails = False  # the destination accepts JPEG but fails on it (_jpeg_failed)
+        self.jpeg_failures = {}
 
     def count(self, key, n=1):
         with self.lock:
@@ -1047,13 +1063,37 @@ class Node:
 
     def _tell_if_no_jpeg(self, assoc):
         """Once: a destination that takes no JPEG gets every heatmap decompressed (3 MB)."""
-        if self.told_no_jpeg or self.args.no_heatmaps or self.args.uncompressed_heatmaps:
+        if self.args.no_heatmaps or self.args.uncompressed_heatmaps:
             return
-        if not any(cx.transfer_syntax[0] == JPEGBaseline8Bit for cx in assoc.accepted_contexts):
-            self.told_no_jpeg = True
+        if any(cx.transfer_syntax[0] == JPEGBaseline8Bit for cx in assoc.accepted_contexts):
+            return
+        with self.lock:
+            told, self.told_no_jpeg = self.told_no_jpeg, True
+        if not told:
             log.warning("%s does not accept JPEG Baseline: each heatmap is decompressed before "
                         "it is sent (--uncompressed-heatmaps writes them so)",
                         self.args.destination)
+
+    def _jpeg_failed(self, path, folder, code):
+        """A JPEG heatmap the destination refused or aborted on, though it accepted JPEG at
+        association, and uncompressed too: tried again (not counted as a refusal); the second
+        time for one heatmap, every heatmap goes decompressed from then on, until the node
+        restarts (else none would arrive, nor the reports queued behind them). Once, not at
+        the first failure: a destination restarting mid-send is not a destination that
+        cannot take JPEG."""
+        key = f"{folder.name}/{path.name}"
+        with self.lock:
+            self.jpeg_failures[key] = self.jpeg_failures.get(key, 0) + 1
+            switch = self.jpeg_failures[key] >= 2 and not self.jpeg_fails
+            if switch:
+                self.jpeg_fails = True
+        if switch:
+            log.warning("%s failed a JPEG heatmap twice (%s): heatmaps are sent decompressed "
+                        "until the node restarts", self.args.destination,
+                        "no response" if code is None else f"status 0x{code:04X}")
+        raise ConnectionError(f"{path.name} of {folder.name}: JPEG heatmap failed ("
+                              + ("no response" if code is None else f"status 0x{code:04X}")
+                              + "), tried again")
 
     def _send_folder(self, assoc, folder):
         t0 = time.perf_counter()
@@ -1075,17 +1115,10 @@ class Node:
                 raise Refused(f"{path.name} of {folder.name}: {one_line(e)[:160]}") from None
             code = getattr(status, "Status", None)
             failed = code is None or (code != SUCCESS and code not in STORED_WARNINGS)
-            if failed and jpeg and as_written and not self.jpeg_fails and any(
+            if failed and jpeg and as_written and any(
                     (SC_CLASS, syntax) in accepted
                     for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)):
-                # It accepted JPEG at association, then refused or aborted on a JPEG object:
-                # from now on heatmaps go as it takes them otherwise (else none would arrive,
-                # nor the reports queued behind them)
-                self.jpeg_fails = True
-                log.warning("%s failed a JPEG heatmap (%s): heatmaps are sent decompressed from "
-                            "now on", self.args.destination,
-                            "no response" if code is None else f"status 0x{code:04X}")
-                raise ConnectionError("JPEG heatmap failed: sent again decompressed")
+                self._jpeg_failed(path, folder, code)
             if code is None:
                 raise ConnectionError("no response to C-STORE")
             if failed:
@@ -1287,8 +1320,9 @@ def worker_setup(node_pid, settings):
         import cam  # noqa: F401
         from matplotlib import colormaps  # noqa: F401
     # One report for a stand-in image, so that the first images of a burst do not wait for
-    # highdicom's tables of the standard (loaded once per process) and this model's report
-    # template: 0.27 s idle, several times that under load
+    # highdicom's tables of the standard (loaded once per process) and the report template of
+    # images without a character set: 0.27 s idle, several times that under load (images in
+    # another character set build theirs at the first one, 5-10 ms more)
     stand_in = pydicom.Dataset()
     stand_in.SOPClassUID, stand_in.Modality = DX_PRESENTATION, "DX"
     stand_in.SOPInstanceUID = stand_in.StudyInstanceUID = stand_in.SeriesInstanceUID = "1.2.3"
@@ -1298,7 +1332,7 @@ def worker_setup(node_pid, settings):
     try:
         _work["report"](stand_in, settings["stand_in_findings"])
     except Exception as e:  # only a head start: the first image then pays for it
-        log.debug("warming up the report writer failed: %s", one_line(e))
+        log.warning("warming up the report writer failed: %s", one_line(e))
 
 
 def in_worker(function):
@@ -1398,6 +1432,7 @@ def start_dicom(node, args):
                              RLELossless)
     from pynetdicom import AE, AllStoragePresentationContexts, evt
     from pynetdicom.sop_class import Verification
+    use_node_reads()
     syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
                 ExplicitVRBigEndian, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless,
                 JPEGLosslessSV1, JPEG2000Lossless, JPEG2000, RLELossless]
@@ -1440,8 +1475,9 @@ def start_dicom(node, args):
     if ssl_context is not None:
         # pynetdicom does each TLS handshake in its one accepting thread, with no timeout: a
         # connection that never says hello held up every other sender. The handshake is left
-        # to the connection's own thread (OpenSSL does it at the first read), under its
-        # association's timeouts.
+        # to the connection's own thread (OpenSSL does it at the first read), under _recv's
+        # deadline. (A connection in the moment between start_server and this line, before
+        # the node says it listens, still gets pynetdicom's handshake.)
         def get_request():
             client, address = server.socket.accept()
             return ssl_context.wrap_socket(client, server_side=True,

@@ -334,6 +334,7 @@ def test_reports_reach_the_pacs_with_infer_probabilities(model_dir, dx_files, pa
             f"{url}/health", headers={"Authorization": "Bearer s3cret"}), timeout=10).read())
         assert health["counters"]["received"] == 3 and health["counters"]["processed"] == 3
         assert health["queues"] == {"inbox": 0, "outbox": 0, "quarantine": 0}
+        assert "warming up the report writer failed" not in node.text()
         # where the time went, per stage: each of the 3 DICOM images passed every stage once,
         # the PNG of /predict the model's two
         per_image = health["seconds"]["per_image"]
@@ -517,14 +518,20 @@ def test_tls(model_dir, dx_files, pacs, tmp_path):
                            DicomTlsRemoteCertificateRequired=True)
         node = NodeProcess(model_dir, tmp_path / "spool", pacs, "--tls-cert", cert, "--tls-key",
                            key, "--tls-ca", ca, "--no-heatmaps", "--destination",
-                           f"PACS@127.0.0.1:{tls_pacs.dicom}", "--destination-tls-ca", ca)
+                           f"PACS@127.0.0.1:{tls_pacs.dicom}", "--destination-tls-ca", ca,
+                           "--timeout", "5")
         import pydicom
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
         context.load_cert_chain(cert, key)
         ds = pydicom.dcmread(dx_files[3])
-        # a connection that never begins its handshake holds up nobody else
+        # a connection that never begins its handshake holds up nobody else; one that begins
+        # it and stalls is closed at --timeout
         with socket.create_connection(("127.0.0.1", node.port), timeout=30):
             assert send([ds], node.port, tls=(context, "127.0.0.1")) == [0x0000]
+        with socket.create_connection(("127.0.0.1", node.port), timeout=30) as stalled:
+            stalled.sendall(b"\x16\x03\x01\x02\x00\x01")  # a ClientHello's first bytes
+            started = time.monotonic()
+            assert stalled.recv(100) == b"" and time.monotonic() - started < 15
         assert send([ds], node.port) is None  # no TLS: no association
         wait_for(lambda: len(tls_pacs.instances("SR")) == 1, 120, "the report over TLS")
         # the PACS itself takes no plain TCP, even from the AE title it knows
