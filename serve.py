@@ -790,7 +790,7 @@ class Node:
                                else JPEGBaseline8Bit),
             "stand_in_findings": model.findings(np.full(len(model.class_names), 0.5))})
         self.ae = None
-        self.told_no_jpeg = False
+        self.told = set()  # warnings about the destination, each given once
         self.jpeg_fails = False  # the destination accepts JPEG but fails on it (_jpeg_failed)
         self.jpeg_failures = {}
 
@@ -1033,7 +1033,8 @@ class Node:
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         # JPEG heatmaps in a context of their own: a destination that accepts it takes them as
         # written; one that does not still accepts the context above (_send_folder decompresses)
-        ae.add_requested_context(SC_CLASS, JPEGBaseline8Bit)
+        if not self.args.uncompressed_heatmaps:
+            ae.add_requested_context(SC_CLASS, JPEGBaseline8Bit)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.args.timeout
         assoc = ae.associate(host, port, ae_title=ae_title, tls_args=self.destination_tls,
                              evt_handlers=[(evt.EVT_PDU_SENT, quick_ack)])
@@ -1042,10 +1043,13 @@ class Node:
                                   f"calling AE {self.args.ae_title}"
                                   + (", or the TLS handshake failed: its certificate and "
                                      "--destination-tls-ca, or --tls-cert"
-                                     if self.destination_tls else "") + ")")
+                                     if self.destination_tls else "")
+                                  + (", or it accepts none of the node's presentation contexts:"
+                                     " SR and SC in Explicit or Implicit VR Little Endian"
+                                     if assoc.is_aborted else "") + ")")
         try:
             tuned(assoc)
-            self._tell_if_no_jpeg(assoc)
+            self._tell_about_heatmaps(assoc)
             for folder in pending:
                 try:
                     self._send_folder(assoc, folder)
@@ -1061,18 +1065,26 @@ class Node:
             if assoc.is_established:
                 assoc.release()
 
-    def _tell_if_no_jpeg(self, assoc):
-        """Once: a destination that takes no JPEG gets every heatmap decompressed (3 MB)."""
-        if self.args.no_heatmaps or self.args.uncompressed_heatmaps:
+    def _tell_about_heatmaps(self, assoc):
+        """Once each: a destination that takes no Secondary Capture at all (every heatmap will
+        end in SPOOL/failed/), or no JPEG (every heatmap is decompressed, 3 MB)."""
+        if self.args.no_heatmaps:
             return
-        if any(cx.transfer_syntax[0] == JPEGBaseline8Bit for cx in assoc.accepted_contexts):
+        syntaxes = {cx.transfer_syntax[0] for cx in assoc.accepted_contexts
+                    if cx.abstract_syntax == SC_CLASS}
+        if not syntaxes:
+            what = ("accepts no Secondary Capture: heatmaps cannot be sent and go to failed/ "
+                    "(--no-heatmaps sends reports only)")
+        elif JPEGBaseline8Bit not in syntaxes and not self.args.uncompressed_heatmaps:
+            what = ("does not accept JPEG Baseline: each heatmap is decompressed before it is "
+                    "sent (--uncompressed-heatmaps writes them so)")
+        else:
             return
         with self.lock:
-            told, self.told_no_jpeg = self.told_no_jpeg, True
+            told = what in self.told
+            self.told.add(what)
         if not told:
-            log.warning("%s does not accept JPEG Baseline: each heatmap is decompressed before "
-                        "it is sent (--uncompressed-heatmaps writes them so)",
-                        self.args.destination)
+            log.warning("%s %s", self.args.destination, what)
 
     def _jpeg_failed(self, path, folder, code):
         """A JPEG heatmap the destination refused or aborted on, though it accepted JPEG at

@@ -706,6 +706,29 @@ def test_a_destination_that_fails_on_jpeg_gets_the_heatmaps_decompressed(model_d
         picky.shutdown()
 
 
+def test_a_destination_without_secondary_capture_is_named_once(model_dir, dx_files, tmp_path):
+    """A destination that stores reports but no Secondary Capture: the reports arrive, the log
+    says once that heatmaps cannot be sent (they go to failed/ after their refusals)."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE, evt
+    stored = []
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context("1.2.840.10008.5.1.4.1.1.88.33", ExplicitVRLittleEndian)
+    reports_only = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[
+        (evt.EVT_C_STORE, lambda event: stored.append(event.request.AffectedSOPInstanceUID)
+         or 0x0000)])
+    fake = type("Pacs", (), {"node_port": free_port(), "dicom": reports_only.server_address[1]})
+    node = NodeProcess(model_dir, tmp_path / "spool", fake)
+    try:
+        assert storescu(dx_files[12:14], node.port).returncode == 0
+        wait_for(lambda: len(stored) == 2, 120, "both reports")
+        wait_for(lambda: "accepts no Secondary Capture" in node.text(), 30, "the warning")
+        assert node.text().count("accepts no Secondary Capture") == 1
+    finally:
+        node.stop()
+        reports_only.shutdown()
+
+
 def test_two_nodes_on_one_spool_refused(model_dir, tmp_path):
     """A second node on the same spool would process the same inbox twice: refused."""
     from common import exclusive_lock  # the lock a running node holds (POSIX, not flock)
