@@ -54,9 +54,9 @@ import pydicom
 import pydicom.pixels  # noqa: F401
 import pynetdicom
 import pynetdicom.transport
+from pydicom.charset import python_encoding
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
-from pydicom.charset import python_encoding
 from pydicom.filewriter import write_dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
@@ -71,58 +71,6 @@ from images import TEN_CROPS, average_crops, normalize_gray
 # A file path given to send_c_store is sent as it is on disk (Node._send_folder); _config is
 # pynetdicom's documented settings module, its name notwithstanding
 pynetdicom._config.STORE_SEND_CHUNKED_DATASET = True
-
-
-def _recv(self, nr_bytes):
-    """pynetdicom's AssociationSocket.recv (nr_bytes, fewer where the peer closed or is too
-    slow: pynetdicom then ends the association), as the node reads the network:
-    - up to 1 MiB per call instead of 4 KB: a 2 MB image took 512 calls, each giving up and
-      taking back the interpreter lock, 6.3 ms of CPU per image idle (3.9 now; over TLS a
-      call returns one record, 16 KB, at most);
-    - a PDU over MAX_PDU_BYTES is not read at all. pynetdicom would hold any length a peer
-      declares and sends, an A-ASSOCIATE request included, before the caller is checked
-      against --allow-ae (P-DATA PDUs may not exceed the maximum the node declares, 4 MiB
-      when it receives; no other PDU comes near it);
-    - each PDU within --timeout seconds plus its length at MIN_RECV_RATE, a peer silent or
-      dripping a byte now and then included (pynetdicom's sockets have no timeout: such a
-      peer held its association, and its slot of --max-associations, for good); the TLS
-      handshake, done at the first read (start_dicom), is under the same deadline;
-    - a TLS failure (a bad certificate, plain TCP to a TLS port) is one log line, not a
-      traceback."""
-    if nr_bytes > MAX_PDU_BYTES:
-        log.warning("a peer sends a PDU of %d bytes, over the %d the node accepts: connection "
-                    "closed", nr_bytes, MAX_PDU_BYTES)
-        return bytearray()
-    timeout = self.assoc.network_timeout
-    allowed = None if timeout is None else timeout + nr_bytes / MIN_RECV_RATE
-    deadline = None if allowed is None else time.monotonic() + allowed
-    previous = self.socket.gettimeout()
-    data = bytearray()
-    try:
-        while len(data) < nr_bytes:
-            if deadline is not None:
-                self.socket.settimeout(max(0.01, deadline - time.monotonic()))
-            chunk = self.socket.recv(min(nr_bytes - len(data), RECV_BYTES))
-            if not chunk:
-                break
-            data += chunk
-    except TimeoutError:
-        log.warning("a peer sent %d of a PDU's %d bytes in %.0f s (--timeout, then %d KB/s): "
-                    "connection closed", len(data), nr_bytes, allowed, MIN_RECV_RATE // 1024)
-    except ssl.SSLError as e:
-        log.warning("TLS with a peer failed (%s): connection closed", one_line(e))
-    finally:
-        try:
-            self.socket.settimeout(previous)
-        except OSError:  # closed meanwhile
-            pass
-    return data
-
-
-def use_node_reads():
-    """The node's network reads (_recv) in every pynetdicom association of this process."""
-    pynetdicom.transport.AssociationSocket.recv = _recv
-
 
 VERSION = "chexnet-serve 1.0"
 log = logging.getLogger("serve")
@@ -1507,6 +1455,57 @@ def tuned(assoc):
     open association's polling took CPU from decoding and inference."""
     assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     assoc.dul._run_loop_delay = DUL_IDLE_SECONDS
+
+
+def _recv(self, nr_bytes):
+    """pynetdicom's AssociationSocket.recv (nr_bytes, fewer where the peer closed or is too
+    slow: pynetdicom then ends the association), as the node reads the network:
+    - up to 1 MiB per call instead of 4 KB: a 2 MB image took 512 calls, each giving up and
+      taking back the interpreter lock, 6.3 ms of CPU per image idle (3.9 now; over TLS a
+      call returns one record, 16 KB, at most);
+    - a PDU over MAX_PDU_BYTES is not read at all. pynetdicom would hold any length a peer
+      declares and sends, an A-ASSOCIATE request included, before the caller is checked
+      against --allow-ae (P-DATA PDUs may not exceed the maximum the node declares, 4 MiB
+      when it receives; no other PDU comes near it);
+    - each PDU within --timeout seconds plus its length at MIN_RECV_RATE, a peer silent or
+      dripping a byte now and then included (pynetdicom's sockets have no timeout: such a
+      peer held its association, and its slot of --max-associations, for good); the TLS
+      handshake, done at the first read (start_dicom), is under the same deadline;
+    - a TLS failure (a bad certificate, plain TCP to a TLS port) is one log line, not a
+      traceback."""
+    if nr_bytes > MAX_PDU_BYTES:
+        log.warning("a peer sends a PDU of %d bytes, over the %d the node accepts: connection "
+                    "closed", nr_bytes, MAX_PDU_BYTES)
+        return bytearray()
+    timeout = self.assoc.network_timeout
+    allowed = None if timeout is None else timeout + nr_bytes / MIN_RECV_RATE
+    deadline = None if allowed is None else time.monotonic() + allowed
+    previous = self.socket.gettimeout()
+    data = bytearray()
+    try:
+        while len(data) < nr_bytes:
+            if deadline is not None:
+                self.socket.settimeout(max(0.01, deadline - time.monotonic()))
+            chunk = self.socket.recv(min(nr_bytes - len(data), RECV_BYTES))
+            if not chunk:
+                break
+            data += chunk
+    except TimeoutError:
+        log.warning("a peer sent %d of a PDU's %d bytes in %.0f s (--timeout, then %d KB/s): "
+                    "connection closed", len(data), nr_bytes, allowed, MIN_RECV_RATE // 1024)
+    except ssl.SSLError as e:
+        log.warning("TLS with a peer failed (%s): connection closed", one_line(e))
+    finally:
+        try:
+            self.socket.settimeout(previous)
+        except OSError:  # closed meanwhile
+            pass
+    return data
+
+
+def use_node_reads():
+    """The node's network reads (_recv) in every pynetdicom association of this process."""
+    pynetdicom.transport.AssociationSocket.recv = _recv
 
 
 def quick_ack(event):

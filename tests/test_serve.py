@@ -191,6 +191,29 @@ def send(datasets, port, aet="SENDER", tls=None):
         assoc.release()
 
 
+SR_CLASS, SC_CLASS = "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.7"
+
+
+def destination(contexts, on_store):
+    """A destination of pynetdicom's on a free 127.0.0.1 port, accepting {SOP class: transfer
+    syntaxes}, answering each C-STORE with on_store(event): (its server, the PACS as
+    NodeProcess takes it)."""
+    from pynetdicom import AE, evt
+    ae = AE(ae_title="PACS")
+    for sop_class, syntaxes in contexts.items():
+        ae.add_supported_context(sop_class, syntaxes)
+    server = ae.start_server(("127.0.0.1", 0), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    return server, type("Pacs", (), {"node_port": free_port(),
+                                     "dicom": server.server_address[1]})
+
+
+def all_sent(spool, n):
+    """n images classified and every result sent."""
+    return len(list((spool / "done").glob("*.json"))) == n \
+        and not any((spool / "outbox").iterdir())
+
+
 # ---------------------------------------------------------------------------------------------
 # Fixtures: the model with its operating points, DX files from NIH images
 
@@ -611,25 +634,19 @@ def test_results_reach_a_destination_that_takes_implicit_vr_only(model_dir, dx_f
 
     import pydicom
     from pydicom.uid import ImplicitVRLittleEndian
-    from pynetdicom import AE, evt
     stored = []
 
     def on_store(event):
         stored.append((event.context.transfer_syntax, event.encoded_dataset()))
         return 0x0000
 
-    ae = AE(ae_title="PACS")
-    for sop_class in ("1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.7"):
-        ae.add_supported_context(sop_class, ImplicitVRLittleEndian)
-    implicit = ae.start_server(("127.0.0.1", 0), block=False,
-                               evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    fake = type("Pacs", (), {"node_port": free_port(), "dicom": implicit.server_address[1]})
+    implicit, fake = destination({SR_CLASS: [ImplicitVRLittleEndian],
+                                  SC_CLASS: [ImplicitVRLittleEndian]}, on_store)
     spool = tmp_path / "spool"
     node = NodeProcess(model_dir, spool, fake)
     try:
         assert storescu(dx_files[6:9], node.port).returncode == 0
-        wait_for(lambda: len(list((spool / "done").glob("*.json"))) == 3
-                 and not any((spool / "outbox").iterdir()), 120, "every result sent")
+        wait_for(lambda: all_sent(spool, 3), 120, "every result sent")
         received = [(syntax, pydicom.dcmread(io.BytesIO(data), force=True))
                     for syntax, data in stored]
         assert {syntax for syntax, _ in received} == {ImplicitVRLittleEndian}
@@ -669,7 +686,6 @@ def test_a_destination_that_fails_on_jpeg_gets_the_heatmaps_decompressed(model_d
 
     import pydicom
     from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
-    from pynetdicom import AE, evt
     stored = []
 
     def on_store(event):
@@ -680,19 +696,13 @@ def test_a_destination_that_fails_on_jpeg_gets_the_heatmaps_decompressed(model_d
         stored.append(pydicom.dcmread(io.BytesIO(event.encoded_dataset()), force=True))
         return 0x0000
 
-    ae = AE(ae_title="PACS")
-    ae.add_supported_context("1.2.840.10008.5.1.4.1.1.88.33", ExplicitVRLittleEndian)
-    ae.add_supported_context("1.2.840.10008.5.1.4.1.1.7", [JPEGBaseline8Bit,
-                                                           ExplicitVRLittleEndian])
-    picky = ae.start_server(("127.0.0.1", 0), block=False,
-                            evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    fake = type("Pacs", (), {"node_port": free_port(), "dicom": picky.server_address[1]})
+    picky, fake = destination({SR_CLASS: [ExplicitVRLittleEndian],
+                               SC_CLASS: [JPEGBaseline8Bit, ExplicitVRLittleEndian]}, on_store)
     spool = tmp_path / "spool"
     node = NodeProcess(model_dir, spool, fake)
     try:
         assert storescu(dx_files[9:12], node.port).returncode == 0
-        wait_for(lambda: len(list((spool / "done").glob("*.json"))) == 3
-                 and not any((spool / "outbox").iterdir()), 120, "every result sent")
+        wait_for(lambda: all_sent(spool, 3), 120, "every result sent")
         positives = sum(row["decision"] == "positive"
                         for record in (spool / "done").glob("*.json")
                         for row in json.loads(record.read_text())["findings"])
@@ -710,14 +720,10 @@ def test_a_destination_without_secondary_capture_is_named_once(model_dir, dx_fil
     """A destination that stores reports but no Secondary Capture: the reports arrive, the log
     says once that heatmaps cannot be sent (they go to failed/ after their refusals)."""
     from pydicom.uid import ExplicitVRLittleEndian
-    from pynetdicom import AE, evt
     stored = []
-    ae = AE(ae_title="PACS")
-    ae.add_supported_context("1.2.840.10008.5.1.4.1.1.88.33", ExplicitVRLittleEndian)
-    reports_only = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[
-        (evt.EVT_C_STORE, lambda event: stored.append(event.request.AffectedSOPInstanceUID)
-         or 0x0000)])
-    fake = type("Pacs", (), {"node_port": free_port(), "dicom": reports_only.server_address[1]})
+    reports_only, fake = destination(
+        {SR_CLASS: [ExplicitVRLittleEndian]},
+        lambda event: stored.append(event.request.AffectedSOPInstanceUID) or 0x0000)
     node = NodeProcess(model_dir, tmp_path / "spool", fake)
     try:
         assert storescu(dx_files[12:14], node.port).returncode == 0
