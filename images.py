@@ -289,9 +289,14 @@ def _voi(path, values, ds):
 
 def resize_shorter(img, size):
     """torchvision.transforms.Resize(int) on a PIL image: shorter side to `size`, bilinear."""
-    w, h = img.size
-    new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-    return img if new == (w, h) else img.resize(new, Image.BILINEAR)
+    new = shorter_to(img.size, size)
+    return img if new == img.size else img.resize(new, Image.BILINEAR)
+
+
+def shorter_to(width_height, size):
+    """(width, height) of resize_shorter's image."""
+    w, h = width_height
+    return (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
 
 
 def fit_square(img, size):

@@ -50,11 +50,13 @@ from typing import NamedTuple
 import numpy as np
 # Imported here, once, before any thread: a first import racing in several threads fails
 import highdicom as hd
+from highdicom.frame import encode_frame
 import pydicom
 import pydicom.pixels  # noqa: F401
 import pynetdicom
 import pynetdicom.transport
 from pydicom.charset import python_encoding
+from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import write_dataset
@@ -654,12 +656,38 @@ def _elements(ds):
     return fp.getvalue()
 
 
-def build_heatmap(source, rgb, k, name, identity, uid_root, syntax):
-    """A secondary capture of the overlay (H, W, 3) uint8, in the source's study, encoded in
-    `syntax`: JPEG Baseline (lossy, and marked so; a 1024x1024 overlay is 0.2 MB instead of 3,
-    which the node writes, sends and the PACS stores once per positive finding) or Explicit VR
-    Little Endian (uncompressed)."""
+def build_heatmaps(source, overlays, identity, uid_root, syntax):
+    """Secondary captures of the overlays [(k, (H, W, 3) uint8)] of one image, in the source's
+    study, encoded in `syntax`: JPEG Baseline (lossy, and marked so; a 1024x1024 overlay is
+    0.2 MB instead of 3, which the node writes, sends and the PACS stores once per positive
+    finding) or Explicit VR Little Endian (uncompressed). Yields (k, the encoded file).
+
+    highdicom builds the first; the others differ from it only in the instance's own attributes
+    (UID, number, comment, pixels), which are put into it in turn: 5 ms less each."""
     digest = identity["sha256"]
+    jpeg = syntax == JPEGBaseline8Bit
+    sc = None
+    for k, rgb in overlays:
+        name = identity["classes"][k]
+        uid = result_uid(source.SOPInstanceUID, digest, f"sc-{name}", uid_root)
+        if sc is None:
+            sc = _heatmap_dataset(source, rgb, uid, identity, uid_root, syntax)
+        else:
+            frame = encode_frame(
+                rgb, transfer_syntax_uid=syntax, bits_allocated=sc.BitsAllocated,
+                bits_stored=sc.BitsStored, photometric_interpretation=sc.PhotometricInterpretation,
+                pixel_representation=sc.PixelRepresentation,
+                planar_configuration=sc.PlanarConfiguration)
+            sc.PixelData = encapsulate([frame]) if jpeg else frame
+            sc.SOPInstanceUID = uid  # save_as puts it in the file meta too
+        sc.InstanceNumber = k + 1
+        if jpeg:  # PS3.3 C.7.6.1.1.5: a lossy image says so, for good (also once decompressed)
+            sc.LossyImageCompressionRatio = f"{rgb.nbytes / len(sc.PixelData):.4g}"
+        sc.ImageComments = f"{name}: class activation map; research use only, not for diagnosis"
+        yield k, _encoded(sc)
+
+
+def _heatmap_dataset(source, rgb, uid, identity, uid_root, syntax):
     jpeg = syntax == JPEGBaseline8Bit
     # The overlay lies on the source's pixels: its orientation is the source's, when known
     orientation = [str(v) for v in (source.get("PatientOrientation") or [])]
@@ -669,23 +697,20 @@ def build_heatmap(source, rgb, k, name, identity, uid_root, syntax):
         ref_dataset=source, pixel_array=rgb, bits_allocated=8,
         photometric_interpretation="YBR_FULL_422" if jpeg else "RGB",
         coordinate_system="PATIENT", patient_orientation=orientation if known else ("L", "F"),
-        series_instance_uid=result_uid(source.StudyInstanceUID, digest, "sc-series", uid_root),
-        series_number=9002,
-        sop_instance_uid=result_uid(source.SOPInstanceUID, digest, f"sc-{name}", uid_root),
-        instance_number=k + 1, manufacturer="CheXNet toolkit",
-        transfer_syntax_uid=syntax,
+        series_instance_uid=result_uid(source.StudyInstanceUID, identity["sha256"], "sc-series",
+                                       uid_root),
+        series_number=9002, sop_instance_uid=uid, instance_number=1,
+        manufacturer="CheXNet toolkit", transfer_syntax_uid=syntax,
         specific_character_set=result_charset(source, identity["classes"]),
         series_description="CheXNet heatmaps - research use only",
         software_versions=VERSION)
     if not known:
         sc.PatientOrientation = None  # type 2: empty, unknown (never guessed)
     sc.BurnedInAnnotation = "YES"
-    if jpeg:  # PS3.3 C.7.6.1.1.5: a lossy image says so, for good (also once decompressed)
+    if jpeg:
         sc.LossyImageCompression = "01"
-        sc.LossyImageCompressionRatio = f"{rgb.nbytes / len(sc.PixelData):.4g}"
         sc.LossyImageCompressionMethod = "ISO_10918_1"
-    sc.ImageComments = f"{name}: class activation map; research use only, not for diagnosis"
-    return _encoded(sc)
+    return sc
 
 
 def uncompressed(ds):
@@ -1326,11 +1351,11 @@ def results_in_worker(uid, source, findings, maps, positive, probs):
     identity = _work["identity"]
     files = {"0-sr.dcm": _work["report"](source, findings)}
     if maps is not None:
-        for k, rgb in _overlays(_work["spool"].image(uid), probs, maps, positive,
-                                identity, _work["resize"], _work["crop"]):
-            files[f"1-sc-{k:02d}.dcm"] = build_heatmap(
-                source, rgb, k, identity["classes"][k], identity, _work["uid_root"],
-                _work["heatmap_syntax"])
+        overlays = _overlays(_work["spool"].image(uid), probs, maps, positive, identity,
+                             _work["resize"], _work["crop"])
+        for k, data in build_heatmaps(source, overlays, identity, _work["uid_root"],
+                                      _work["heatmap_syntax"]):
+            files[f"1-sc-{k:02d}.dcm"] = data
     _work["spool"].put_results(uid, files)
     return sorted(files)
 
@@ -1338,11 +1363,10 @@ def results_in_worker(uid, source, findings, maps, positive, probs):
 def _overlays(path, probs, maps, positive, identity, resize, crop):
     """(k, (H, W, 3) uint8) heatmap overlays at the image's resolution (cam.py)."""
     from cam import registered_overlay, tencrop_heatmap
-    from images import load_gray, resize_shorter
-    image = load_gray(path)
-    resized = np.asarray(resize_shorter(image, resize))
-    gray = np.asarray(image)
-    heat = tencrop_heatmap(maps, resized.shape, crop, gray.shape)
+    from images import load_gray, shorter_to
+    gray = np.asarray(load_gray(path))
+    # At the resized image's size: registered_overlay scales the colours to the X-ray's
+    heat = tencrop_heatmap(maps, shorter_to(gray.shape[::-1], resize)[::-1], crop)
     for j, k in enumerate(positive):
         title = (f"{identity['classes'][k]}  p = {probs[k]:.3f}  (CAM, "
                  f"{identity['mode']}; red = most weight) RESEARCH USE ONLY")

@@ -68,6 +68,47 @@ def test_ten_crop_maps_go_back_where_the_crops_came_from():
     assert big.shape == (2, 1024, 1200)
 
 
+def test_ten_crop_maps_as_matrix_products_are_each_crop_resized_and_placed():
+    """tencrop_heatmap (two matrix products) gives what resizing each crop's map with Pillow,
+    mirroring, feathering and placing it does, for square and oblong images, 7x7 and 1x1 maps
+    and a crop the size of the image."""
+    from cam import feather, resize_maps
+    from images import ten_crop_boxes
+    rng = np.random.default_rng(0)
+    for (height, width), crop, side, k in (((256, 300), 224, 7, 3), ((300, 256), 224, 7, 14),
+                                           ((64, 80), 56, 1, 1), ((256, 256), 256, 8, 2)):
+        maps = rng.standard_normal((10, k, side, side)).astype(np.float32)
+        total, weight = np.zeros((k, height, width)), np.zeros((height, width))
+        window = np.outer(feather(crop), feather(crop))
+        for (top, left, flipped), cam in zip(ten_crop_boxes(height, width, crop), maps):
+            up = resize_maps(cam, (crop, crop))
+            total[:, top:top + crop, left:left + crop] += (up[:, :, ::-1] if flipped else up) * window
+            weight[top:top + crop, left:left + crop] += window
+        heat = tencrop_heatmap(maps, (height, width), crop)
+        assert heat.shape == (k, height, width) and heat.dtype == np.float32
+        assert np.abs(heat - total / weight).max() < 1e-5
+
+
+def test_the_node_s_overlay_scales_colours_not_floats():
+    """registered_overlay of the 256x256 map (its colour-map entries scaled to the X-ray's
+    1024x1024, as the node draws it) is the overlay of the map scaled first, within a level or
+    two, with the title band on top."""
+    from cam import registered_overlay, resize_maps
+    rng = np.random.default_rng(1)
+    gray = rng.integers(0, 256, (1024, 1024), dtype=np.uint8)
+    maps = rng.standard_normal((10, 1, 7, 7)).astype(np.float32) + np.linspace(
+        -2, 2, 49, dtype=np.float32).reshape(7, 7)
+    heat = tencrop_heatmap(maps, (256, 256), 224)[0]
+    small = registered_overlay(gray, heat, "Effusion p = 0.5 RESEARCH USE ONLY")
+    full = registered_overlay(gray, resize_maps(heat[None], gray.shape)[0], "Effusion p = 0.5 "
+                              "RESEARCH USE ONLY")
+    assert small.shape == full.shape == (1024, 1024, 3) and small.dtype == np.uint8
+    diff = np.abs(small.astype(int) - full)
+    assert diff.max() <= 8 and diff.mean() < 0.5
+    band = small[:30]
+    assert band.max() == 255 and np.median(band) == 0  # white title on black
+
+
 def test_the_node_s_overlay_lookup_is_the_colour_map_blend():
     """blend_jet (a table per grey level and colour-map entry) gives the bytes of blending
     matplotlib's jet colours of the normalised map over the X-ray, for float32 and float64

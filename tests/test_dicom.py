@@ -359,10 +359,9 @@ def test_the_node_s_fast_report_is_highdicom_s_report(tmp_path):
     report = pydicom.dcmread(io.BytesIO(writer(japanese, findings(nih))))
     assert report.SpecificCharacterSet == "ISO_IR 192"
     assert report.PatientName == "Yamada^Tarou=山田^太郎"
-    heatmap = pydicom.dcmread(io.BytesIO(serve.build_heatmap(
-        japanese, np.zeros((16, 16, 3), np.uint8), 0, "Finding 0", identity, "1.2.826.1.",
-        JPEGBaseline8Bit)))
-    assert heatmap.PatientName == "Yamada^Tarou=山田^太郎"
+    [(_, heatmap)] = serve.build_heatmaps(japanese, [(0, np.zeros((16, 16, 3), np.uint8))],
+                                          identity, "1.2.826.1.", JPEGBaseline8Bit)
+    assert pydicom.dcmread(io.BytesIO(heatmap)).PatientName == "Yamada^Tarou=山田^太郎"
     for value, charset in ((None, None), ("ISO_IR 100", "ISO_IR 100"), ("GB18030", "GB18030"),
                            ("ISO 2022 IR 100", "ISO_IR 192"), ("ISO_IR 999", "ISO_IR 192"),
                            (["ISO_IR 100", "ISO 2022 IR 87"], "ISO_IR 192")):
@@ -383,3 +382,39 @@ def test_the_node_s_fast_report_is_highdicom_s_report(tmp_path):
     assert serve.class_name_problem(["Effusion", "Épanchement 胸水"]) is None
     for names, why in ((["A", "A"], "repeat"), (["a\nb"], "control"), ([" "], "empty")):
         assert why in serve.class_name_problem(names), names
+
+
+def test_the_node_s_heatmaps_after_an_image_s_first_are_highdicom_s(tmp_path):
+    """build_heatmaps builds an image's first heatmap with highdicom and puts the next ones'
+    own attributes into it: each is, element for element, the one highdicom builds alone
+    (JPEG and uncompressed, a source with and without its orientation)."""
+    import io
+
+    from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
+
+    import serve
+    from dicom_files import dx_file
+    png = sorted((REPO / "sample" / "images").glob("*.png"))[0]
+    oriented = pydicom.dcmread(dx_file(png, tmp_path / "a.dcm", generate_uid(), generate_uid(),
+                                       1), stop_before_pixels=True)
+    unknown = pydicom.dcmread(tmp_path / "a.dcm", stop_before_pixels=True)
+    unknown.PatientOrientation = None
+    identity = {"sha256": "ab" * 32, "classes": [f"Finding {k}" for k in range(14)]}
+    rng = np.random.default_rng(0)
+    overlays = [(k, rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)) for k in (0, 3, 13)]
+
+    def content(data):
+        ds = pydicom.dcmread(io.BytesIO(data))
+        ds.InstanceCreationTime = ds.ContentTime = ds.TimeOfSecondaryCapture = "000000"
+        ds.ContributingEquipmentSequence[0].ContributionDateTime = "20000101"
+        return ds.file_meta.to_json_dict(), ds.to_json_dict()
+
+    for source in (oriented, unknown):
+        for syntax in (JPEGBaseline8Bit, ExplicitVRLittleEndian):
+            together = list(serve.build_heatmaps(source, overlays, identity, "1.2.826.1.",
+                                                 syntax))
+            assert [k for k, _ in together] == [0, 3, 13]
+            for (k, data), overlay in zip(together, overlays):
+                [(_, alone)] = serve.build_heatmaps(source, [overlay], identity, "1.2.826.1.",
+                                                    syntax)
+                assert content(data) == content(alone), (k, syntax)
