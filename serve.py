@@ -663,7 +663,8 @@ def build_heatmaps(source, overlays, identity, uid_root, syntax):
     finding) or Explicit VR Little Endian (uncompressed). Yields (k, the encoded file).
 
     highdicom builds the first; the others differ from it only in the instance's own attributes
-    (UID, number, comment, pixels), which are put into it in turn: 5 ms less each."""
+    (UID, number, comment, pixels), which are put into it in turn: 5 ms less each. So all
+    overlays are of one size, the first's."""
     digest = identity["sha256"]
     jpeg = syntax == JPEGBaseline8Bit
     sc = None
@@ -672,6 +673,8 @@ def build_heatmaps(source, overlays, identity, uid_root, syntax):
         uid = result_uid(source.SOPInstanceUID, digest, f"sc-{name}", uid_root)
         if sc is None:
             sc = _heatmap_dataset(source, rgb, uid, identity, uid_root, syntax)
+        elif rgb.shape != (sc.Rows, sc.Columns, 3):
+            raise ValueError(f"overlay {k} is {rgb.shape}, the first {(sc.Rows, sc.Columns, 3)}")
         else:
             frame = encode_frame(
                 rgb, transfer_syntax_uid=syntax, bits_allocated=sc.BitsAllocated,

@@ -75,9 +75,11 @@ def test_ten_crop_maps_as_matrix_products_are_each_crop_resized_and_placed():
     from cam import feather, resize_maps
     from images import ten_crop_boxes
     rng = np.random.default_rng(0)
-    for (height, width), crop, side, k in (((256, 300), 224, 7, 3), ((300, 256), 224, 7, 14),
-                                           ((64, 80), 56, 1, 1), ((256, 256), 256, 8, 2)):
-        maps = rng.standard_normal((10, k, side, side)).astype(np.float32)
+    for (height, width), crop, (h, w), k in (((256, 300), 224, (7, 7), 3),
+                                             ((300, 256), 224, (7, 7), 14),
+                                             ((225, 301), 224, (7, 9), 2),
+                                             ((64, 80), 56, (1, 1), 1), ((256, 256), 256, (8, 8), 2)):
+        maps = rng.standard_normal((10, k, h, w)).astype(np.float32)
         total, weight = np.zeros((k, height, width)), np.zeros((height, width))
         window = np.outer(feather(crop), feather(crop))
         for (top, left, flipped), cam in zip(ten_crop_boxes(height, width, crop), maps):
@@ -86,13 +88,32 @@ def test_ten_crop_maps_as_matrix_products_are_each_crop_resized_and_placed():
             weight[top:top + crop, left:left + crop] += window
         heat = tencrop_heatmap(maps, (height, width), crop)
         assert heat.shape == (k, height, width) and heat.dtype == np.float32
-        assert np.abs(heat - total / weight).max() < 1e-5
+        assert np.abs(heat - total / weight).max() < 1e-6 * np.abs(total / weight).max()
+
+
+def test_ten_crop_maps_leave_no_gap_in_an_oblong_image():
+    """An image over 1.75 times as long as wide has pixels no crop saw: they take the value of
+    the nearest pixel a crop saw (never NaN, which would blank the overlay); so do those
+    between the crops of an image 4 crops long, and of one where the crop is under half the
+    shorter side."""
+    maps = np.random.default_rng(0).standard_normal((10, 2, 7, 7)).astype(np.float32)
+    heat = tencrop_heatmap(maps, (256, 640), 224)
+    assert np.isfinite(heat).all()
+    # rows 0-15 of columns 224-415: above the centre crop, between the corner crops
+    assert np.array_equal(heat[:, :16, 320], np.repeat(heat[:, 16:17, 320], 16, 1))
+    assert np.array_equal(heat[:, 0, 225], heat[:, 0, 223])
+    long = tencrop_heatmap(maps, (1000, 256), 224)  # rows 224-387, 612-775: between crops
+    assert np.isfinite(long).all()
+    assert np.array_equal(long[:, 224:306], np.repeat(long[:, 223:224], 82, 1))
+    assert np.array_equal(long[:, 306:388, 16:240], np.repeat(long[:, 388:389, 16:240], 82, 1))
+    wide = tencrop_heatmap(maps, (700, 700), 224)  # whole rows and columns no crop saw
+    assert np.isfinite(wide).all()
 
 
 def test_the_node_s_overlay_scales_colours_not_floats():
     """registered_overlay of the 256x256 map (its colour-map entries scaled to the X-ray's
-    1024x1024, as the node draws it) is the overlay of the map scaled first, within a level or
-    two, with the title band on top."""
+    1024x1024, as the node draws it) is the overlay of the map scaled first, within a few levels
+    of 255, with the title band on top."""
     from cam import registered_overlay, resize_maps
     rng = np.random.default_rng(1)
     gray = rng.integers(0, 256, (1024, 1024), dtype=np.uint8)
@@ -107,6 +128,11 @@ def test_the_node_s_overlay_scales_colours_not_floats():
     assert diff.max() <= 8 and diff.mean() < 0.5
     band = small[:30]
     assert band.max() == 255 and np.median(band) == 0  # white title on black
+    # a source under 256 pixels: its map is scaled down as floats (binned first, peaks would
+    # average away)
+    tiny = gray[:100, :90]
+    assert np.array_equal(registered_overlay(tiny, heat, "t"),
+                          registered_overlay(tiny, resize_maps(heat[None], (100, 90))[0], "t"))
 
 
 def test_the_node_s_overlay_lookup_is_the_colour_map_blend():

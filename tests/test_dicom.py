@@ -406,6 +406,7 @@ def test_the_node_s_heatmaps_after_an_image_s_first_are_highdicom_s(tmp_path):
     def content(data):
         ds = pydicom.dcmread(io.BytesIO(data))
         ds.InstanceCreationTime = ds.ContentTime = ds.TimeOfSecondaryCapture = "000000"
+        ds.InstanceCreationDate = ds.ContentDate = ds.DateOfSecondaryCapture = "20000101"
         ds.ContributingEquipmentSequence[0].ContributionDateTime = "20000101"
         return ds.file_meta.to_json_dict(), ds.to_json_dict()
 
