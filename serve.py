@@ -1890,7 +1890,11 @@ def run(node, args, spool):
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *a: stop.set())
-    stop.wait()
+    # With a timeout: Python runs a signal's handler in the main thread, and one that the kernel
+    # delivers to another thread (OpenVINO's, pynetdicom's) would not wake a wait without one:
+    # SIGTERM was left unanswered about one time in ten
+    while not stop.wait(0.5):
+        pass
     log.info("stopping: accepted images not yet finished stay in %s and are finished at the "
              "next start", spool.inbox)
     node.stopping.set()
