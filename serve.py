@@ -1070,6 +1070,7 @@ class Node:
         the first failure: a destination restarting mid-send is not a destination that
         cannot take JPEG."""
         key = f"{folder.name}/{path.name}"
+        failure = "no response" if code is None else f"status 0x{code:04X}"
         with self.lock:
             self.jpeg_failures[key] = self.jpeg_failures.get(key, 0) + 1
             switch = self.jpeg_failures[key] >= 2 and not self.jpeg_fails
@@ -1077,11 +1078,9 @@ class Node:
                 self.jpeg_fails = True
         if switch:
             log.warning("%s failed a JPEG heatmap twice (%s): heatmaps are sent decompressed "
-                        "until the node restarts", self.args.destination,
-                        "no response" if code is None else f"status 0x{code:04X}")
-        raise ConnectionError(f"{path.name} of {folder.name}: JPEG heatmap failed ("
-                              + ("no response" if code is None else f"status 0x{code:04X}")
-                              + "), tried again")
+                        "until the node restarts", self.args.destination, failure)
+        raise ConnectionError(f"{path.name} of {folder.name}: JPEG heatmap failed ({failure}), "
+                              "tried again")
 
     def _send_folder(self, assoc, folder):
         t0 = time.perf_counter()
