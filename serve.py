@@ -96,7 +96,7 @@ SOP_CLASS_NOT_SUPPORTED = 0x0122
 STORED_WARNINGS = (0xB000, 0xB006, 0xB007)  # stored, with coercion or elements discarded
 
 DUL_IDLE_SECONDS = 0.005
-SEND_LINGER_SECONDS = 2.0  # an association to the destination stays open this long for more
+SEND_LINGER_SECONDS = 2.0  # how long an association to the destination waits for the next result
 QUICK_ACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 RECV_BYTES = 2 ** 20  # _recv
 MIN_RECV_RATE = 64 * 1024  # bytes per second a PDU must arrive at, after --timeout (_recv)
@@ -995,9 +995,12 @@ class Node:
                 self.count("send_failures")
                 delay = min(self.args.retry_max_seconds,
                             self.args.retry_seconds * 2 ** min(failures - 1, 20))
-                log.warning("sending results to %s failed (%s): %d result sets waiting, retry in "
-                            "%.1f s", self.args.destination, one_line(e), len(self._pending(i)),
-                            delay)
+                try:
+                    waiting = f"{len(self._pending(i))} result sets waiting"
+                except OSError as listing:  # the outbox itself unreadable: said, not raised
+                    waiting = f"outbox unreadable: {one_line(listing)}"
+                log.warning("sending results to %s failed (%s): %s, retry in %.1f s",
+                            self.args.destination, one_line(e), waiting, delay)
                 self.stopping.wait(delay)
 
     def _pending(self, i):
@@ -1008,10 +1011,12 @@ class Node:
 
     def _send(self, i):
         """One association to the destination: the results of sending association i, and those
-        that come while it is open, until none came for SEND_LINGER_SECONDS (at most half
-        --timeout: the association's own idle limit). In a burst results come one at a time:
-        an association each cost both ends a negotiation, here two threads and in DCMTK's
-        storescp a process (279 associations for 300 images, 0.02 CPU-s per image here)."""
+        that come while it is open, as long as images are waiting or in progress and the next
+        result comes within SEND_LINGER_SECONDS (at most half --timeout). In a burst results
+        come one at a time: an association each cost both ends a negotiation, here two
+        threads and in DCMTK's storescp a process (279 associations for 300 images, 0.02
+        CPU-s per image here); with nothing queued it is released at once (an open
+        association's thread polls every 1 ms)."""
         from pynetdicom import AE, evt
         ae_title, host, port = self.args.destination
         ae = AE(ae_title=self.args.ae_title)
@@ -1037,7 +1042,7 @@ class Node:
             tuned(assoc)
             self._tell_about_heatmaps(assoc)
             ready, linger = self.results_ready[i], min(SEND_LINGER_SECONDS, self.args.timeout / 2)
-            idle_since, waited = time.monotonic(), False
+            idle_since = time.monotonic()
             while not self.stopping.is_set() and assoc.is_established:
                 ready.clear()  # before the listing: a result written after it sets it again
                 pending = self._pending(i)
@@ -1050,23 +1055,14 @@ class Node:
                         if tries < MAX_REFUSALS:
                             raise ConnectionError(str(e)) from None
                         self._give_up(folder, str(e))
-                    except Exception as e:
-                        if waited and not assoc.is_established:
-                            # ended as it waited, by the destination's own idle limit, say:
-                            # not a failure (no backoff); a new association sends the rest at
-                            # once, and counts a failure if it fails too
-                            log.info("the association to %s ended (%s): a new one sends the "
-                                     "rest", self.args.destination, one_line(e))
-                            return
-                        raise
-                    waited = False
                     if self.stopping.is_set():
                         return
                 if pending:
                     idle_since = time.monotonic()
-                elif ready.wait(idle_since + linger - time.monotonic()):
-                    waited = True
-                else:
+                    continue
+                with self.lock:
+                    more = bool(self.queued)  # images accepted, their results not yet written
+                if not (more and ready.wait(idle_since + linger - time.monotonic())):
                     return
         finally:
             if assoc.is_established:
@@ -1903,6 +1899,9 @@ def wait_for_stop():
         signal.signal(sig, lambda signum, frame: signals.append(signum))
     while not signals:
         time.sleep(0.5)
+    # a second signal ends the node at once, as kill -9 would (nothing accepted is lost)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def run(node, args, spool):
@@ -1943,9 +1942,10 @@ def run(node, args, spool):
     node.workers.shutdown()
     if http is not None:
         http.shutdown()
+    deadline = time.monotonic() + 2.0  # releasing takes a round trip; a hung destination is left
     for t in threads:
         if t.name.startswith("send-"):
-            t.join(timeout=2.0)  # releasing takes a round trip; a hung destination is left
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
     return 0
 
 
