@@ -1912,8 +1912,9 @@ def run(node, args, spool):
         node.todo.put(uid)
     threads = [threading.Thread(target=node.decode_forever, name=f"decode-{i}", daemon=True)
                for i in range(args.workers)]
-    threads += [threading.Thread(target=node.send_forever, args=(i,), name=f"send-{i}",
-                                 daemon=True) for i in range(args.send_associations)]
+    senders = [threading.Thread(target=node.send_forever, args=(i,), name=f"send-{i}",
+                                daemon=True) for i in range(args.send_associations)]
+    threads += senders
     if args.keep_done_days is not None:
         threads.append(threading.Thread(target=node.prune_forever, args=(args.keep_done_days,),
                                         name="prune", daemon=True))
@@ -1943,9 +1944,8 @@ def run(node, args, spool):
     if http is not None:
         http.shutdown()
     deadline = time.monotonic() + 2.0  # releasing takes a round trip; a hung destination is left
-    for t in threads:
-        if t.name.startswith("send-"):
-            t.join(timeout=max(0.0, deadline - time.monotonic()))
+    for sender in senders:
+        sender.join(timeout=max(0.0, deadline - time.monotonic()))
     return 0
 
 
