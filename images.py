@@ -9,6 +9,7 @@ import functools
 import numpy as np
 from PIL import Image
 
+from codestreams import frame_problem, inflated_problem
 from common import DataError, one_line
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -30,6 +31,9 @@ IMAGE_SUFFIXES = RASTER_SUFFIXES + DICOM_SUFFIXES
 # SamplesPerPixel x NumberOfFrames x BitsAllocated / 8, and a PNG's / JPEG's width x height x
 # bytes per pixel. One constant for every reader (images.py, the DICOM node).
 MAX_DECODED_BYTES = 8192 * 8192 * 2
+# A DICOM data set's elements other than its pixels (a deflated data set inflates to at most
+# MAX_DECODED_BYTES + this)
+MAX_HEADER_BYTES = 16 * 2 ** 20
 
 
 def check_declared_size(path, nbytes, what):
@@ -90,12 +94,20 @@ def load_dicom(path):
 
     Stored values -> modality LUT (Rescale Slope/Intercept or a Modality LUT) -> the first VOI
     (a VOI LUT, else Window Center/Width with its VOI LUT Function) -> 0..255, and MONOCHROME1
-    (white = low) inverted. Without any VOI the modality values' own range is stretched to
-    0..255. Compressed transfer syntaxes decode through pydicom's plugins (pylibjpeg)."""
+    (white = low) inverted. Without any VOI the values are read as stored: the range their bit
+    depth allows (through the modality transform) is 0..255, so an 8-bit DICOM gives the PNG it
+    came from. Compressed transfer syntaxes decode through pydicom's plugins (pylibjpeg), after
+    their codestreams are checked against the header (codestreams.py: size, truncation)."""
     import optional
     pydicom = optional.pydicom(f"{path}: reading DICOM")
     try:
+        with open(path, "rb") as f:  # pydicom inflates a deflated data set with no bound
+            problem = inflated_problem(f, MAX_DECODED_BYTES + MAX_HEADER_BYTES)
+        if problem:
+            raise DataError(f"{path}: {problem}")
         ds = pydicom.dcmread(path)
+    except DataError:
+        raise
     except pydicom.errors.InvalidDicomError:
         raise DataError(f"{path}: unreadable DICOM (not a DICOM file: no DICM marker at byte "
                         "128)") from None
@@ -143,6 +155,9 @@ def _dicom_pixels(path, ds):
                         * declared["NumberOfFrames"] * -(-declared["BitsAllocated"] // 8),
                         f"a {declared['Columns']}x{declared['Rows']} image of "
                         f"{declared['BitsAllocated']} bits")
+    problem = pixel_data_problem(ds)
+    if problem:
+        raise DataError(f"{path}: {problem}")
     try:
         stored = ds.pixel_array
     except Exception as e:  # no decoder for the transfer syntax, damaged pixel data
@@ -192,8 +207,10 @@ def _displayed(path, ds, stored, photometric, held=None):
         raise DataError(f"{path}: corrupt DICOM (its modality transform, RescaleSlope/"
                         "RescaleIntercept or Modality LUT, gives values that are not finite)")
     shown = _voi(path, values, ds)
-    if shown is None:  # no VOI: the image's own range
-        low, high = of_image(values).min(), of_image(values).max()
+    if shown is None:  # no VOI: the values as stored, over the range their bit depth allows
+        low, high = _stored_range(ds, stored.dtype)
+        if low is None:  # floating-point pixels have no bit depth: the image's own range
+            low, high = of_image(values).min(), of_image(values).max()
         shown = (values - low) / (high - low) if high > low else np.zeros_like(values)
     if not (np.isfinite(shown).all() or np.isfinite(of_image(shown)).all()):
         raise DataError(f"{path}: corrupt DICOM (its VOI transform gives values that are not "
@@ -201,6 +218,53 @@ def _displayed(path, ds, stored, photometric, held=None):
     if photometric == "MONOCHROME1":
         shown = 1.0 - shown
     return np.round(shown.clip(0, 1) * 255).astype(np.uint8)
+
+
+def _stored_range(ds, dtype):
+    """(lowest, highest) modality value an integer image's stored bit depth allows (Bits
+    Stored, signed where the pixels are), through its modality transform; (None, None) for
+    floating-point pixels. Without a VOI transform this is what 0 and 255 show, so an 8-bit
+    image reads as stored (the PNG it came from, exactly) and a 12-bit one as 0..4095,
+    whatever range the image happens to hold."""
+    from pydicom.pixels import apply_modality_lut
+    if dtype.kind not in "iu":
+        return None, None
+    bits = ds.get("BitsStored")
+    try:
+        bits = int(bits)
+    except (TypeError, ValueError):
+        bits = 0
+    if not 1 <= bits <= 8 * dtype.itemsize:
+        bits = 8 * dtype.itemsize
+    low, high = (-2 ** (bits - 1), 2 ** (bits - 1) - 1) if dtype.kind == "i" else (0, 2 ** bits - 1)
+    # a Modality LUT maps each value on its own (its input is at most 16 bits); a rescale is
+    # linear, so its ends are the ends of the range
+    ends = np.arange(low, high + 1) if "ModalityLUTSequence" in ds and bits <= 16 \
+        else np.array([low, high])
+    values = np.asarray(apply_modality_lut(ends.astype(np.int64), ds), dtype=np.float64)
+    return float(values.min()), float(values.max())
+
+
+def pixel_data_problem(ds):
+    """Why a data set's compressed pixel data cannot be the image its header declares, or
+    None (codestreams.frame_problem on each frame: the size the stream itself declares, and
+    its end). Nothing is decoded; uncompressed pixel data is not looked at here."""
+    from pydicom.encaps import generate_frames
+    syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
+    if syntax is None or not syntax.is_compressed or "PixelData" not in ds:
+        return None
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples, bits = int(ds.get("SamplesPerPixel") or 1), int(ds.BitsAllocated)
+        frames = int(ds.get("NumberOfFrames") or 1)
+        for i, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames)):
+            problem = frame_problem(syntax, frame, rows, columns, samples, bits)
+            if problem:
+                where = f" (frame {i + 1})" if frames > 1 else ""
+                return f"truncated or corrupt DICOM pixel data{where}: {problem}"
+    except Exception as e:  # no fragments, a broken item tag
+        return f"truncated or corrupt DICOM pixel data ({type(e).__name__}: {one_line(e)[:120]})"
+    return None
 
 
 def _cut_short(path, ds):

@@ -47,7 +47,15 @@ def class_map(text):
     pairs = [p.split("=") for p in text.split(",") if p.strip()]
     if not pairs or any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
         raise argparse.ArgumentTypeError(f"{text!r}: expected 'MODEL NAME=LIST NAME,...'")
-    return {a.strip(): b.strip() for a, b in pairs}
+    pairs = [(a.strip(), b.strip()) for a, b in pairs]
+    # one map, one meaning: a dict would keep the last of two pairs for one class, silently
+    for side, what in ((0, "model class"), (1, "list class")):
+        names = [pair[side] for pair in pairs]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: the {what} {twice[0]!r} is named twice; each class once")
+    return dict(pairs)
 
 
 # ---------------------------------------------------------------------------------------------

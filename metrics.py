@@ -140,6 +140,41 @@ def interval(samples, alpha=0.05):
     return np.where(bad, np.nan, lo), np.where(bad, np.nan, hi)
 
 
+Z95 = 1.959963984540054  # the standard normal's 97.5th percentile
+
+
+def wilson(p, n, z=Z95):
+    """Wilson's score interval (lo, hi) of a proportion p observed on n units (arrays). Valid
+    at 0 and 1, where a percentile bootstrap collapses to a point (14 of 14 resamples to
+    [1, 1]): with n = 14 it is [0.785, 1]. NaN where n is 0."""
+    p, n = np.asarray(p, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    with quiet():
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return centre - half, centre + half
+
+
+def newcombe(p1, ci1, p2, ci2):
+    """The interval of p1 - p2 from each proportion's interval (Newcombe's hybrid score method,
+    1998, with Wilson's intervals: valid at 0 and 1)."""
+    (l1, u1), (l2, u2) = ci1, ci2
+    d = np.asarray(p1, dtype=np.float64) - p2
+    with quiet():
+        return d - np.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + np.sqrt((u1 - p1) ** 2
+                                                                           + (p2 - l2) ** 2)
+
+
+def at_least(ci, floor):
+    """A bootstrap interval widened to contain `floor` (a score interval): a patient-level
+    percentile bootstrap is never narrower than Wilson's interval on the patients, so a
+    proportion at 0 or 1, or on a few patients, never gets an interval of zero width. NaN
+    stays NaN (too few defined resamples)."""
+    (lo, hi), (flo, fhi) = ci, floor
+    lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+    return (np.where(np.isnan(lo), np.nan, np.fmin(lo, flo)),
+            np.where(np.isnan(hi), np.nan, np.fmax(hi, fhi)))
+
+
 def bootstrap_aucs(labels, probs, groups, n_boot=N_BOOT, seed=0):
     """(n_boot, K) resampled per-disease AUCs and (n_boot,) mean AUCs over the diseases whose
     AUC is defined on the whole set."""
@@ -202,7 +237,9 @@ def confusion_stats(tp, fp, fn, tn):
 
 def at_threshold(labels, probs, thresholds, groups, n_boot=N_BOOT, seed=0):
     """The confusion statistics at fixed per-disease thresholds: point values, 95% bootstrap
-    intervals (patients resampled) and the counts. {stat: (value [K], lo [K], hi [K])}."""
+    intervals (patients resampled; a proportion's never narrower than Wilson's interval on
+    the patients of its denominator: see at_least) and the counts.
+    {stat: (value [K], lo [K], hi [K])}."""
     labels = np.asarray(labels, dtype=np.float64)
     counted = (~np.isnan(labels)).astype(np.float64)  # an uncertain label counts nowhere
     labels = np.nan_to_num(labels)
@@ -222,9 +259,15 @@ def at_threshold(labels, probs, thresholds, groups, n_boot=N_BOOT, seed=0):
         for stat, value in resampled.items():
             samples[stat].append(value)
     undefined = np.isnan(np.asarray(thresholds, dtype=np.float64))
+    # each proportion's denominator in patients: its interval is at least Wilson's on them
+    has = {k: v > 0 for k, v in per_group.items()}
+    patients = {"sensitivity": has["tp"] | has["fn"], "specificity": has["tn"] | has["fp"],
+                "ppv": has["tp"] | has["fp"], "npv": has["tn"] | has["fn"]}
     result = {}
     for stat, value in point.items():
         lo, hi = interval(np.concatenate(samples[stat]))
+        if stat in patients:
+            lo, hi = at_least((lo, hi), wilson(value, patients[stat].sum(0)))
         result[stat] = tuple(np.where(undefined, np.nan, a) for a in (value, lo, hi))
     result["counts"] = {k: v.astype(int).tolist() for k, v in counts.items()}
     return result

@@ -65,3 +65,17 @@ def ndimage(purpose="the heatmap regions"):
 
 def openvino(purpose="--mode fp32/int8"):
     return _require("openvino", "openvino", purpose)
+
+
+def dicom_node(heatmaps=True):
+    """Everything serve.py needs beyond numpy, pillow and openvino (requirements-edge.txt),
+    checked before anything starts: one line for the first one missing."""
+    needed = [("pydicom", "pydicom"), ("pynetdicom", "pynetdicom"), ("highdicom", "highdicom")]
+    if heatmaps:  # cam.py, in the worker processes
+        needed += [("matplotlib", "matplotlib"), ("scipy.ndimage", "scipy"),
+                   ("threadpoolctl", "threadpoolctl")]
+    for module, package in needed:
+        _require(module, package, "the DICOM node (serve.py)" + (
+            " with heatmaps (or --no-heatmaps)" if module not in ("pydicom", "pynetdicom",
+                                                                  "highdicom") else ""),
+                 "-r requirements-edge.txt")

@@ -48,8 +48,16 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+
+import optional
+
+if __name__ == "__main__":  # a missing package is one line, before the imports below fail
+    try:
+        optional.dicom_node(heatmaps="--no-heatmaps" not in sys.argv)
+    except optional.MissingPackage as e:
+        sys.exit(f"error: {e}")
 # Imported here, once, before any thread: a first import racing in several threads fails
-import highdicom as hd
+import highdicom as hd  # noqa: E402
 from highdicom.frame import encode_frame
 import pydicom
 import pydicom.pixels  # noqa: F401
@@ -68,7 +76,8 @@ from backends import (METADATA, MODEL_NAMES, file_digest, load_openvino, metadat
                       read_metadata, with_data_defaults)
 from common import (ArgumentParser, DataError, SetupError, atomic_path, exclusive_lock, one_line,
                     os_reason, positive_float, positive_int)
-from images import TEN_CROPS, average_crops, normalize_gray
+from codestreams import inflated_problem
+from images import MAX_HEADER_BYTES, TEN_CROPS, average_crops, normalize_gray, pixel_data_problem
 
 # A file path given to send_c_store is sent as it is on disk (Node._send_folder); _config is
 # pynetdicom's documented settings module, its name notwithstanding
@@ -101,6 +110,7 @@ QUICK_ACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 RECV_BYTES = 2 ** 20  # _recv
 MIN_RECV_RATE = 64 * 1024  # bytes per second a PDU must arrive at, after --timeout (_recv)
 MAX_PDU_BYTES = 4 * 2 ** 20  # the largest PDU the node accepts (A-ASSOCIATE: Maximum Length)
+ASSOCIATE_SECONDS = 5.0  # from connecting to a complete A-ASSOCIATE-RQ (at most --timeout)
 MAX_REFUSALS = 5  # a result the destination refuses this often goes to SPOOL/failed/
 MAX_WORKER_DEATHS = 3  # times an image's task stops its worker, alone, before quarantine
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -112,6 +122,12 @@ class Refused(Exception):
 
 class ServeError(DataError):
     """A bad setting or model directory for the node; one line."""
+
+
+class SpoolError(Exception):
+    """The spool cannot be written (a full disk, a read-only or failing file system): never the
+    image's fault. What was being written is not there (nothing half-written), and the image
+    it was for stays in the inbox and is tried again (Node._cannot_write)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,13 +143,18 @@ def fsync_dir(path):
 
 def durable_write(path, data):
     """`data` at `path`, on disk before this returns: written aside, fsynced, renamed, the
-    directory fsynced. Never half-written, even after kill -9 or a power cut."""
-    with atomic_path(path, "spool file") as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    fsync_dir(Path(path).parent)
+    directory fsynced. Never half-written, even after kill -9 or a power cut; SpoolError where
+    it cannot be written."""
+    try:
+        with atomic_path(path, "spool file") as tmp:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        fsync_dir(Path(path).parent)
+    except (OSError, DataError) as e:
+        raise SpoolError(one_line(e) if isinstance(e, DataError) else
+                         f"{path}: cannot write ({os_reason(e)})") from None
 
 
 class Spool:
@@ -156,8 +177,9 @@ class Spool:
         return (self.done / f"{uid}.json").is_file()
 
     def finish(self, uid, record=None):
-        """Done: recorded (record) or quarantined (None: a resend is tried again), and out of
-        the inbox."""
+        """Done: recorded (record) or quarantined (None: its quarantine entry is written
+        already; a resend is tried again), and out of the inbox. The image leaves the inbox
+        only after its record is on disk: SpoolError, and it stays, where it cannot be."""
         if record is not None:
             durable_write(self.done / f"{uid}.json",
                           (json.dumps(record, indent=1) + "\n").encode())
@@ -165,7 +187,10 @@ class Spool:
             os.unlink(self.image(uid))
         except FileNotFoundError:
             pass
-        fsync_dir(self.inbox)
+        try:
+            fsync_dir(self.inbox)
+        except OSError as e:
+            raise SpoolError(f"{self.inbox}: {os_reason(e)}") from None
 
     def clean_leftovers(self):
         """Temp files of writes a kill interrupted (never renamed into place)."""
@@ -212,22 +237,33 @@ class Spool:
         return [p for _, p in sorted(found)]
 
     def put_results(self, uid, files):
-        """{name: bytes} -> outbox/UID/, all files or none (staged and renamed)."""
-        staging = Path(tempfile.mkdtemp(dir=self.outbox, prefix=f".{uid}."))
-        for name, data in files.items():
-            with open(staging / name, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        fsync_dir(staging)
-        target = self.outbox / uid
-        if target.exists():  # a kill after the rename, before done/: the same bytes again
-            shutil.rmtree(target)
-        os.rename(staging, target)
-        fsync_dir(self.outbox)
+        """{name: bytes} -> outbox/UID/, all files or none (staged and renamed); SpoolError,
+        the staging folder removed, where they cannot be written."""
+        staging = None
+        try:
+            staging = Path(tempfile.mkdtemp(dir=self.outbox, prefix=f".{uid}."))
+            for name, data in files.items():
+                with open(staging / name, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            fsync_dir(staging)
+            target = self.outbox / uid
+            if target.exists():  # a kill after the rename, before done/: the same bytes again
+                shutil.rmtree(target)
+            os.rename(staging, target)
+            staging = None
+            fsync_dir(self.outbox)
+        except OSError as e:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise SpoolError(f"{self.outbox}: cannot write the results of {uid} "
+                             f"({os_reason(e)})") from None
 
     def put_quarantine(self, data, uid, reason):
-        """The object (or, when too large to keep, its first 64 KiB) and a .txt reason."""
+        """The object (or what the caller keeps of it) and a .txt reason, written last: an
+        entry is complete once its .txt is there. SpoolError (nothing left of the entry) where
+        it cannot be written."""
         name = f"{time.strftime('%Y%m%dT%H%M%S')}-{uid if uid and UID_RE.match(uid) else 'unknown'}"
         with self._quarantine_lock:
             n = 0
@@ -238,8 +274,9 @@ class Spool:
                 if data is not None:
                     durable_write(Path(f"{stem}.dcm"), data)
                 durable_write(Path(f"{stem}.txt"), (reason + "\n").encode())
-            except (OSError, DataError) as e:
-                log.error("cannot quarantine %s (%s): %s", uid, reason, one_line(e))
+            except SpoolError:
+                Path(f"{stem}.dcm").unlink(missing_ok=True)
+                raise
         return stem
 
 
@@ -759,10 +796,14 @@ class Node:
         else:
             self.points_note = (f"{args.rule} rule, thresholds and Platt calibration chosen on "
                                 f"{model.points.get('images')} validation images")
+        # the largest image's pixels, decoded, lie in a worker several times over (stored, as
+        # the lookup table's index, displayed); 2 GB more for its libraries' allocations
+        self.memory_mb = args.worker_memory_mb or 2048 + 8 * args.max_image_mb
         self.workers = Workers(args.workers + args.result_workers, {
             "spool": str(spool.root), "identity": model.identity, "points_note": self.points_note,
             "uid_root": args.uid_root, "resize": model.resize, "crop": model.crop,
             "heatmaps": not args.no_heatmaps, "log_level": args.log_level.upper(),
+            "memory_bytes": int(self.memory_mb * 2 ** 20),
             "heatmap_syntax": (ExplicitVRLittleEndian if args.uncompressed_heatmaps
                                else JPEGBaseline8Bit),
             "stand_in_findings": model.findings(np.full(len(model.class_names), 0.5))})
@@ -770,6 +811,8 @@ class Node:
         self.told = set()  # warnings about the destination, each given once
         self.jpeg_fails = False  # the destination accepts JPEG but fails on it (_jpeg_failed)
         self.jpeg_failures = {}
+        self.spool_retries = {}  # UID -> times the spool could not take its results
+        self.problems = {}  # what -> {since, reason}: GET /health says "degraded" (trouble)
 
     def count(self, key, n=1):
         with self.lock:
@@ -808,11 +851,12 @@ class Node:
                                f"{depth} images waiting, --max-queue {self.args.max_queue}")
         data = event.encoded_dataset(include_meta=True)
         try:
-            ds = pydicom.dcmread(io.BytesIO(data))
-            ds.get("PixelData")  # parse up to the end: a truncated object fails here
+            ds = read_dataset(data, self.args.max_image_mb)
+        except DataError as e:  # a deflate bomb: kept by its first 64 KiB
+            self._quarantine_refused(data[:65536], None, f"{one_line(e)} (from {caller})")
+            return self.refuse("malformed object", CANNOT_UNDERSTAND, caller, one_line(e)[:200])
         except Exception as e:
-            self.spool.put_quarantine(data, None, f"unreadable DICOM from {caller}: {one_line(e)}")
-            self.count("quarantined")
+            self._quarantine_refused(data, None, f"unreadable DICOM from {caller}: {one_line(e)}")
             return self.refuse("malformed object", CANNOT_UNDERSTAND, caller, one_line(e)[:200])
         uid = str(ds.get("SOPInstanceUID", ""))
         problem, status = self.check_header(ds, sop_class)
@@ -820,8 +864,7 @@ class Node:
             # a decompression bomb (or anything large) is kept by what it declares
             large = status == OUT_OF_RESOURCES or len(data) > self.args.max_image_mb * 2 ** 20
             keep = _without_pixels(ds) if large else data
-            self.spool.put_quarantine(keep, uid, f"{problem} (from {caller})")
-            self.count("quarantined")
+            self._quarantine_refused(keep, uid, f"{problem} (from {caller})")
             return self.refuse(problem, status, caller, uid)
         with self.lock:
             duplicate = uid in self.queued or self.spool.is_done(uid)
@@ -833,9 +876,10 @@ class Node:
             return SUCCESS
         try:
             durable_write(self.spool.image(uid), data)
-        except (OSError, DataError) as e:
+        except SpoolError as e:
             with self.lock:
                 self.queued.discard(uid)
+            self.spool_trouble(str(e))
             return self.refuse("cannot store", OUT_OF_RESOURCES, caller, one_line(e))
         self.count("received")
         log.info("accepted %s %s from %s", XRAY_CLASSES[sop_class], uid, caller)
@@ -845,6 +889,16 @@ class Node:
             self.accepted_at[uid] = now
         self.todo.put(uid)
         return SUCCESS
+
+    def _quarantine_refused(self, data, uid, reason):
+        """A refused object into the quarantine, if the spool can take it (the sender is told
+        of the refusal either way: nothing was accepted)."""
+        try:
+            self.spool.put_quarantine(data, uid, reason)
+            self.count("quarantined")
+        except SpoolError as e:
+            self.spool_trouble(str(e))
+            log.error("cannot quarantine a refused object (%s): %s", reason, e)
 
     def check_header(self, ds, sop_class):
         """(problem, status) from the header alone, before anything is decoded."""
@@ -867,6 +921,8 @@ class Node:
                 return
             try:
                 self._decode(uid)
+            except SpoolError as e:
+                self._cannot_write(uid, e)
             except Exception as e:
                 log.exception("processing %s failed", uid)
                 self._quarantine_image(uid, f"processing failed: {one_line(e)}")
@@ -917,13 +973,18 @@ class Node:
                                     "model": self.model.identity["sha256"],
                                     "findings": findings, "results": names,
                                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        except Exception as e:
-            log.exception("results for %s failed", uid)
+        except SpoolError as e:
+            self._cannot_write(uid, e)
+            return
+        except Exception as e:  # a worker's error comes back as one line (in_worker)
+            log.error("results for %s failed: %s", uid, one_line(e))
             self._quarantine_image(uid, f"cannot build results: {one_line(e)}")
             return
+        self.spool_trouble(None)
         with self.lock:
             self.queued.discard(uid)
             self.worker_deaths.pop(uid, None)
+            self.spool_retries.pop(uid, None)
         self.count("processed")
         self.stages.add("results", time.perf_counter() - started)
         positives = ", ".join(row["finding"] for row in findings if row["decision"] == "positive")
@@ -944,25 +1005,59 @@ class Node:
             self.todo.put(uid)
             return
         self._quarantine_image(uid, f"{what} it stopped or hung its worker process "
-                                    f"{deaths} times (a crash in a decoder?)")
+                                    f"{deaths} times (a crash in a decoder, or over "
+                                    f"--worker-memory-mb {self.memory_mb:g})")
 
     def _quarantine_image(self, uid, reason):
+        """The image into the quarantine with its reason, then out of the inbox: in that
+        order, each durable, so that a full disk never loses it (_cannot_write)."""
         path = self.spool.image(uid)
         try:
             data = path.read_bytes()
         except OSError:
             data = None
-        self.spool.put_quarantine(data, uid, reason)
         try:
+            self.spool.put_quarantine(data, uid, reason)
             self.spool.finish(uid)  # no record: the same UID sent again is tried again
-        except (OSError, DataError) as e:
-            log.error("cannot record %s as quarantined: %s", uid, one_line(e))
+        except SpoolError as e:
+            self._cannot_write(uid, e)
+            return
         with self.lock:
             self.queued.discard(uid)
             self.accepted_at.pop(uid, None)
             self.worker_deaths.pop(uid, None)
+            self.spool_retries.pop(uid, None)
         self.count("quarantined")
         log.warning("quarantined %s: %s", uid, reason)
+
+    def _cannot_write(self, uid, error):
+        """The spool cannot take this image's results, done/ record or quarantine entry (a
+        full disk): the image stays in the inbox, accepted, and is tried again from the start
+        after the retry backoff, for as long as it takes; GET /health says why meanwhile."""
+        with self.lock:
+            tries = self.spool_retries[uid] = self.spool_retries.get(uid, 0) + 1
+        delay = min(self.args.retry_max_seconds,
+                    self.args.retry_seconds * 2 ** min(tries - 1, 20))
+        self.spool_trouble(str(error))
+        log.error("cannot write to the spool for %s (%s): it stays in %s, tried again in %.1f s",
+                  uid, error, self.spool.inbox, delay)
+        timer = threading.Timer(delay, self.todo.put, (uid,))
+        timer.daemon = True
+        timer.start()
+
+    def spool_trouble(self, reason):
+        """Note (reason) or clear (None) that the spool cannot be written, for GET /health."""
+        self.trouble("spool", reason)
+
+    def trouble(self, what, reason):
+        """GET /health's problems: what -> {since, reason} while it lasts (reason None: over)."""
+        with self.lock:
+            if reason is None:
+                self.problems.pop(what, None)
+            else:
+                since = self.problems.get(what, {}).get("since", time.strftime(
+                    "%Y-%m-%dT%H:%M:%S%z"))
+                self.problems[what] = {"since": since, "reason": reason}
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -990,6 +1085,7 @@ class Node:
                     continue
                 self._send(i)
                 failures = 0
+                self.trouble("destination", None)
             except Exception as e:
                 failures += 1
                 self.count("send_failures")
@@ -999,6 +1095,8 @@ class Node:
                     waiting = f"{len(self._pending(i))} result sets waiting"
                 except OSError as listing:  # the outbox itself unreadable: said, not raised
                     waiting = f"outbox unreadable: {one_line(listing)}"
+                self.trouble("destination", f"sending results to {self.args.destination} "
+                                            f"failed: {one_line(e)[:200]}")
                 log.warning("sending results to %s failed (%s): %s, retry in %.1f s",
                             self.args.destination, one_line(e), waiting, delay)
                 self.stopping.wait(delay)
@@ -1170,7 +1268,9 @@ class Node:
     def health(self):
         with self.lock:
             counters, refusals, queued = dict(self.counters), dict(self.refusals), len(self.queued)
-        return {"status": "ok", "ae_title": self.args.ae_title, "model": self.model.identity,
+            problems = {k: dict(v) for k, v in self.problems.items()}
+        return {"status": "degraded" if problems else "ok", "problems": problems,
+                "ae_title": self.args.ae_title, "model": self.model.identity,
                 "rule": self.args.rule if self.model.points is not None else None,
                 "queues": {"inbox": queued, "outbox": len(self.spool.pending_results()),
                            "quarantine": len(list(self.spool.quarantine.glob("*.txt")))},
@@ -1196,7 +1296,12 @@ class Stopping(Exception):
 
 class Workers:
     """A pool of `n` worker processes (spawned: nothing of the node's state, its open files or
-    the spool's lock, goes with them), each set up once with `settings` (worker_setup)."""
+    the spool's lock, goes with them), each set up once with `settings` (worker_setup).
+
+    Every process is started by one thread of the node's that lives as long as the node (the
+    spawner), because each worker asks the kernel to kill it when that thread ends
+    (PR_SET_PDEATHSIG, worker_setup): then no worker outlives the node, however it ends, even
+    one stuck in a decoder that never lets its own threads run."""
     WATCH_SECONDS = 2.0
     # No task takes this long (the largest image, 8192x8192, decodes in 1.5 s; 14 heatmaps of
     # a 4k image take about 10): one that does hangs, or its pool does (below)
@@ -1209,22 +1314,31 @@ class Workers:
         self.lock, self.alone = threading.Lock(), threading.Lock()
         self.stopped = False
         self.gone = weakref.WeakSet()  # pools abandoned (_abandon)
+        self.pools = weakref.WeakSet()  # every pool started, the lone ones too (shutdown)
+        self.spawner = ThreadPoolExecutor(1, thread_name_prefix="spawn")
         # multiprocessing's resource tracker, a helper process started with this process's -W
         # options, would warn of "leaked semaphore objects" at every stop: the node exits
         # without waiting for its pool (see __main__), and the tracker frees them
         sys.warnoptions.append("ignore:resource_tracker:UserWarning")
-        self.pool = self._start(n)
-        # every worker started now, and ready (imports done) before the first image
-        for ready in [self.pool.submit(time.sleep, 0.2) for _ in range(n)]:
-            try:
-                ready.result()
-            except Exception as e:
-                raise ServeError(f"the worker processes cannot start ({one_line(e)})") from None
+        try:
+            self.pool = self._start(n)
+        except Exception as e:
+            raise ServeError(f"the worker processes cannot start ({one_line(e)})") from None
 
     def _start(self, n):
+        """A pool of n processes, each started and ready (imports done), by the spawner."""
+        return self.spawner.submit(self._start_now, n).result()
+
+    def _start_now(self, n):
         from concurrent.futures import ProcessPoolExecutor
-        return ProcessPoolExecutor(n, mp_context=self.context, initializer=worker_setup,
+        pool = ProcessPoolExecutor(n, mp_context=self.context, initializer=worker_setup,
                                    initargs=(os.getpid(), self.settings))
+        self.pools.add(pool)
+        # CPython starts a process at a submit that finds none idle: n tasks that outlast
+        # the submits start all n here, in this thread, and none is started later
+        for ready in [pool.submit(time.sleep, 0.2) for _ in range(n)]:
+            ready.result()
+        return pool
 
     def run(self, function, *args):
         """function(*args) in a worker process. A process that stops (a crash in a decoder,
@@ -1254,13 +1368,16 @@ class Workers:
                 break
         self._replace(pool)
         with self.alone:
-            alone = self._start(1)
+            try:
+                alone = self._start(1)
+            except BrokenProcessPool:
+                raise (Stopping() if self.stopped else WorkerDied()) from None
             try:
                 return self._wait(alone, alone.submit(function, *args))
             except BrokenProcessPool:
                 raise (Stopping() if self.stopped else WorkerDied()) from None
             finally:
-                alone.shutdown(wait=False)
+                self._abandon(alone)
 
     def _replace(self, pool):
         """A new pool for one that broke or hangs (by the first task to notice)."""
@@ -1309,27 +1426,31 @@ class Workers:
                     raise BrokenProcessPool("the task ran over its time") from None
 
     def shutdown(self):
-        """No task starts after this; the workers are stopped (the node exits without their
-        tasks: those images stay in the inbox)."""
+        """No task starts after this; the workers are stopped, a lone one too (the node exits
+        without their tasks: those images stay in the inbox)."""
         with self.lock:
             self.stopped = True
-            self._abandon(self.pool)
+            for pool in list(self.pools):
+                self._abandon(pool)
 
 
 _work = {}  # in a worker process: its settings, spool and report writer (worker_setup)
 
 
 def worker_setup(node_pid, settings):
+    # A worker outlives no node, however the node ends (kill -9 included): it would write into
+    # the next node's spool. The kernel kills it when the node's thread that started it (the
+    # spawner, Workers) ends; where that is not available (not Linux) a thread watches.
+    if not die_with_parent() or os.getppid() != node_pid:
+        def watch():
+            while os.getppid() == node_pid:
+                time.sleep(0.2)
+            os._exit(1)
+        threading.Thread(target=watch, daemon=True).start()
     setup_logging(settings["log_level"])
     _work.update(settings, spool=Spool(settings["spool"]), report=ReportWriter(
         settings["identity"], settings["points_note"], settings["uid_root"]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the node, which stops these
-
-    def watch():  # a worker outlives no node (kill -9): it would write into the next one's spool
-        while os.getppid() == node_pid:
-            time.sleep(0.2)
-        os._exit(1)
-    threading.Thread(target=watch, daemon=True).start()
     if settings["heatmaps"]:
         import cam  # noqa: F401
         from matplotlib import colormaps  # noqa: F401
@@ -1340,25 +1461,57 @@ def worker_setup(node_pid, settings):
     stand_in = pydicom.Dataset()
     stand_in.SOPClassUID, stand_in.Modality = DX_PRESENTATION, "DX"
     stand_in.SOPInstanceUID = stand_in.StudyInstanceUID = stand_in.SeriesInstanceUID = "1.2.3"
-    for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyID",
-                    "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName"):
-        setattr(stand_in, keyword, "")
+    with_type2(stand_in)
     try:
         _work["report"](stand_in, settings["stand_in_findings"])
     except Exception as e:  # only a head start: the first image then pays for it
         log.warning("warming up the report writer failed: %s", one_line(e))
+    if settings.get("memory_bytes"):
+        limit_memory(settings["memory_bytes"])
+
+
+def die_with_parent():
+    """Ask the kernel to SIGKILL this process when the thread that started it ends (Linux's
+    PR_SET_PDEATHSIG); whether it could."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def limit_memory(budget):
+    """At most `budget` bytes of address space more than this process holds now (set up, its
+    libraries loaded): a decoder that allocates what a hostile stream asks for fails with
+    MemoryError (or, in C++, aborts its process: a WorkerDied) instead of taking the host's
+    memory. A limit on address space, not on what is resident: it binds whatever allocates."""
+    import resource
+    try:
+        with open("/proc/self/status") as f:
+            size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+        soft = size + budget
+        resource.setrlimit(resource.RLIMIT_AS, (soft if hard == resource.RLIM_INFINITY
+                                                else min(soft, hard), hard))
+    except (OSError, ValueError, StopIteration) as e:  # not Linux: the size checks only
+        log.warning("cannot limit the worker's memory: %s", one_line(e))
 
 
 def in_worker(function):
-    """A worker's task: its errors come back to the node as DataError (the input's fault) or
-    RuntimeError with the message (never an exception the node cannot unpickle, which would
-    break the pool)."""
+    """A worker's task: its errors come back to the node as DataError (the input's fault: a
+    MemoryError too, under the worker's limit), SpoolError (the spool's) or RuntimeError with
+    the message (never an exception the node cannot unpickle, which would break the pool)."""
     @functools.wraps(function)
     def task(*args):
         try:
             return function(*args)
-        except DataError:
+        except (DataError, SpoolError):
             raise
+        except MemoryError:
+            raise DataError(f"it needs more memory than a worker may take (--worker-memory-mb "
+                            f"{(_work.get('memory_bytes') or 0) / 2 ** 20:g})") from None
         except Exception as e:
             raise RuntimeError(f"{type(e).__name__}: {one_line(e)}") from None
     return task
@@ -1370,7 +1523,22 @@ def decode_in_worker(path, header=True):
     without `header`) of an image file."""
     from images import eval_gray
     gray = eval_gray(path, _work["resize"], _work["crop"])
-    return gray, pydicom.dcmread(path, stop_before_pixels=True) if header else None
+    return gray, with_type2(pydicom.dcmread(path, stop_before_pixels=True)) if header else None
+
+
+# The results copy the source's patient and study (PS3.3 C.7.1.1, C.7.2.1): these are type 2,
+# present but possibly empty, and de-identified images often leave them out altogether
+TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+         "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def with_type2(ds):
+    """The header, each TYPE2 attribute it lacks added empty (as the standard allows), so that
+    a de-identified image gets its results too."""
+    for keyword in TYPE2:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    return ds
 
 
 @in_worker
@@ -1402,10 +1570,25 @@ def _overlays(path, probs, maps, positive, identity, resize, crop):
         yield k, registered_overlay(gray, heat[j], title)
 
 
+def read_dataset(data, max_image_mb):
+    """The data set of a received object (bytes of a DICOM file), parsed up to its end (a
+    truncated object fails here, pydicom's error). DataError where it is deflated and would
+    inflate to more than the image limit allows (pydicom would inflate it all at once, in the
+    node's own process)."""
+    problem = inflated_problem(io.BytesIO(data), max_image_mb * 2 ** 20 + MAX_HEADER_BYTES)
+    if problem:
+        raise DataError(problem)
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.get("PixelData")
+    return ds
+
+
 def image_problem(ds, max_image_mb):
     """(problem, status) of a header's image attributes: present, their declared size (rows x
-    columns x frames x samples x bytes) within the limit, uncompressed pixel data complete.
-    Nothing is decoded: a decompression bomb is refused by what it declares."""
+    columns x frames x samples x bytes) within the limit, uncompressed pixel data complete,
+    compressed pixel data declaring that same image in its own stream and not cut short
+    (images.pixel_data_problem). Nothing is decoded: a decompression bomb is refused by what
+    it declares, in the DICOM header or in its codestream."""
     try:
         rows, columns = int(ds.Rows), int(ds.Columns)
         frames = int(ds.get("NumberOfFrames") or 1)
@@ -1425,6 +1608,9 @@ def image_problem(ds, max_image_mb):
         have = len(ds.PixelData)
         if have < declared:
             return f"pixel data truncated ({have} of {declared} bytes)", DOES_NOT_MATCH
+    problem = pixel_data_problem(ds)
+    if problem:
+        return problem, DOES_NOT_MATCH
     return None, SUCCESS
 
 
@@ -1468,12 +1654,18 @@ def start_dicom(node, args):
 
     def on_rejected(event):
         caller = f"{event.assoc.requestor.ae_title}@{event.assoc.requestor.address}"
-        if args.allow_ae and event.assoc.requestor.ae_title not in args.allow_ae:
+        # the words of the rejection sent (A-ASSOCIATE-RJ's source and reason), not a guess
+        sent = event.assoc.acceptor.primitive
+        reason = (getattr(sent, "result_source", None), getattr(sent, "diagnostic", None))
+        if reason == (0x01, 0x03):
             why = "calling AE title not in --allow-ae"
-        elif event.assoc.acceptor.ae_title != args.ae_title:
-            why = f"called AE title {event.assoc.acceptor.ae_title!r} is not {args.ae_title!r}"
-        else:
+        elif reason == (0x01, 0x07):
+            called = getattr(event.assoc.requestor.primitive, "called_ae_title", "?")
+            why = f"called AE title {str(called).strip()[:16]!r} is not {args.ae_title!r}"
+        elif reason == (0x03, 0x02):
             why = f"more than --max-associations {args.max_associations}"
+        else:
+            why = f"rejected (source {reason[0]}, reason {reason[1]})"
         log.warning("refused association from %s: %s", caller, why)
         with node.lock:
             node.counters["refused"] += 1
@@ -1485,6 +1677,7 @@ def start_dicom(node, args):
                 (evt.EVT_PDU_SENT, quick_ack)]
     server = ae.start_server((args.host, args.port), block=False, evt_handlers=handlers,
                              ssl_context=ssl_context)
+    node.doorman = Doorman(server, min(args.timeout, ASSOCIATE_SECONDS), node)
     if ssl_context is not None:
         # pynetdicom does each TLS handshake in its one accepting thread, with no timeout: a
         # connection that never says hello held up every other sender. The handshake is left
@@ -1498,6 +1691,93 @@ def start_dicom(node, args):
         server.get_request = get_request
     node.ae = ae
     return server
+
+
+class Doorman:
+    """Connections wait here, before pynetdicom sees them, until they send their first bytes.
+
+    pynetdicom counts every open connection against --max-associations from the moment it is
+    accepted: 20 TCP connections that sent nothing held every slot until --timeout, and no
+    sender got through. Here a connection becomes an association (a pynetdicom thread, a
+    slot) only once it has spoken; one silent for `seconds` is closed, and when LIMIT are
+    waiting the oldest is closed to let a new one in, so a sender is always heard. Its
+    A-ASSOCIATE-RQ must then arrive within the same time (_recv). One thread, one selector.
+    Connections are handed over through socketserver's process_request, the standard hook."""
+    LIMIT = 256
+
+    def __init__(self, server, seconds, node):
+        import selectors
+        self.seconds, self.node = seconds, node
+        self.selector = selectors.DefaultSelector()
+        self.waiting = {}  # socket -> (address, deadline), oldest first
+        self.lock = threading.Lock()
+        self.closed = 0  # since the last log line
+        self.said = 0.0
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.selector.register(self.wake_r, selectors.EVENT_READ)
+        self.hand_over = server.process_request
+        server.process_request = self.admit
+        threading.Thread(target=self._run, name="doorman", daemon=True).start()
+
+    def admit(self, request, address):
+        """socketserver's process_request: the accepting thread's, so it never waits."""
+        import selectors
+        with self.lock:
+            if len(self.waiting) >= self.LIMIT:
+                oldest = next(iter(self.waiting))
+                self._close(oldest, "too many connections waiting to associate")
+            self.waiting[request] = (address, time.monotonic() + self.seconds)
+            self.selector.register(request, selectors.EVENT_READ)
+        self.wake_w.send(b"x")
+
+    def _close(self, sock, why):
+        self.waiting.pop(sock, None)
+        try:
+            self.selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+        try:
+            sock.close()
+        except OSError:
+            pass
+        self.closed += 1
+        with self.node.lock:
+            self.node.refusals[why] = self.node.refusals.get(why, 0) + 1
+        now = time.monotonic()
+        if now - self.said > 10:  # a flood is one line each 10 s, not one per connection
+            log.warning("closed %d connection(s) that sent nothing in %.0f s (%s)", self.closed,
+                        self.seconds, why)
+            self.closed, self.said = 0, now
+
+    def _run(self):
+        while True:
+            with self.lock:
+                first = next(iter(self.waiting.values()), None)
+            timeout = 1.0 if first is None else max(0.0, min(1.0, first[1] - time.monotonic()))
+            for key, _ in self.selector.select(timeout):
+                if key.fileobj is self.wake_r:
+                    try:
+                        self.wake_r.recv(4096)
+                    except OSError:
+                        pass
+                    continue
+                with self.lock:
+                    entry = self.waiting.pop(key.fileobj, None)
+                    if entry is None:
+                        continue
+                    self.selector.unregister(key.fileobj)
+                try:
+                    self.hand_over(key.fileobj, entry[0])
+                except Exception as e:  # the server is shutting down
+                    log.warning("cannot start an association: %s", one_line(e))
+                    key.fileobj.close()
+            now = time.monotonic()
+            with self.lock:
+                for sock, (_, deadline) in list(self.waiting.items()):
+                    if deadline > now:
+                        break
+                    self._close(sock, "connection silent before association")
 
 
 def tuned(assoc):
@@ -1531,6 +1811,9 @@ def _recv(self, nr_bytes):
                     "closed", nr_bytes, MAX_PDU_BYTES)
         return bytearray()
     timeout = self.assoc.network_timeout
+    if (timeout is not None and getattr(self.assoc, "is_acceptor", False)
+            and not self.assoc.is_established):
+        timeout = min(timeout, ASSOCIATE_SECONDS)  # the A-ASSOCIATE-RQ (Doorman)
     allowed = None if timeout is None else timeout + nr_bytes / MIN_RECV_RATE
     deadline = None if allowed is None else time.monotonic() + allowed
     previous = self.socket.gettimeout()
@@ -1639,8 +1922,9 @@ def start_http(node, args):
         def authorised(self):
             if token is None:
                 return True
-            given = self.headers.get("Authorization", "")
-            if given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), token):
+            # RFC 9110 11.1: the scheme is case-insensitive ("bearer" is "Bearer")
+            scheme, _, given = self.headers.get("Authorization", "").strip().partition(" ")
+            if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token):
                 return True
             self.reply(401, {"error": "a valid 'Authorization: Bearer TOKEN' header is needed"})
             return False
@@ -1656,12 +1940,12 @@ def start_http(node, args):
                 return self.reply(404, {"error": "GET /health or POST /predict"})
             if not self.authorised():
                 return
-            try:
-                length = int(self.headers.get("Content-Length", ""))
-            except ValueError:
-                return self.reply(411, {"error": "Content-Length needed"})
-            if length > args.max_image_mb * 2 ** 20:
-                return self.reply(413, {"error": f"body over --max-image-mb {args.max_image_mb}"})
+            length, code, error = body_length(self.headers, args.max_image_mb * 2 ** 20)
+            if error:
+                log.warning("http %s POST /predict refused (%d): %s", self.address_string(),
+                            code, error)
+                self.close_connection = True  # the body, if any, is not read
+                return self.reply(code, {"error": error})
             if not busy.acquire(blocking=False):
                 return self.reply(503, {"error": f"more than --max-associations "
                                                  f"{args.max_associations} requests at once"})
@@ -1684,13 +1968,32 @@ def start_http(node, args):
     return server
 
 
+def body_length(headers, limit):
+    """(length, 0, None) of a request's body, or (None, HTTP status, why): the one
+    Content-Length must be all digits (a negative or signed length would read to the end of
+    the connection), at most `limit`; no Transfer-Encoding (chunked bodies are not taken)."""
+    values = headers.get_all("Content-Length") or []
+    if headers.get("Transfer-Encoding"):
+        return None, 411, "Transfer-Encoding is not accepted: send the body with a Content-Length"
+    if not values:
+        return None, 411, "Content-Length needed"
+    if len(set(v.strip() for v in values)) != 1 or not re.fullmatch(r"[0-9]{1,15}",
+                                                                     values[0].strip()):
+        return None, 400, f"Content-Length {', '.join(values)[:40]!r} is not one length in bytes"
+    length = int(values[0])
+    if length > limit:
+        return None, 413, f"body of {length} bytes over --max-image-mb {limit / 2 ** 20:g}"
+    return length, 0, None
+
+
 def predict_bytes(node, body):
     """The probabilities and decisions of a PNG, JPEG or DICOM body, as infer.py --image."""
     suffix = next((s for magic, s in RASTER_MAGIC.items() if body.startswith(magic)), None)
     if suffix is None and body[128:132] == b"DICM":
         try:
-            ds = pydicom.dcmread(io.BytesIO(body))
-            ds.get("PixelData")
+            ds = read_dataset(body, node.args.max_image_mb)
+        except DataError:
+            raise
         except Exception as e:
             raise DataError(f"unreadable DICOM ({one_line(e)[:200]})") from None
         problem, _ = image_problem(ds, node.args.max_image_mb)
@@ -1789,6 +2092,10 @@ def get_args(argv=None):
     p.add_argument("--max-image-mb", type=positive_float, default=128.0,
                    help="largest image by its header (rows x columns x frames x samples x "
                         "bytes); larger ones are refused before decoding (0xA700)")
+    p.add_argument("--worker-memory-mb", type=positive_float, default=None,
+                   help="address space each worker process may take beyond its start-up size, "
+                        "so that a decoder misled by a hostile file fails alone (default 2048 "
+                        "+ 8 x --max-image-mb)")
     p.add_argument("--workers", type=positive_int, default=max(1, (os.cpu_count() or 1) // 4),
                    help="decoding processes (default a quarter of the cores)")
     p.add_argument("--result-workers", "--result-threads", type=positive_int, default=2,

@@ -6,8 +6,12 @@ AUROC, and the TPR (sensitivity) and FPR (1 - specificity) at the operating thre
 on val, each with a 95% bootstrap interval that resamples patients; and the gap: the subgroup's
 TPR (FPR) minus that of everyone else whose attribute is known, with a *paired* interval (both
 sides scored on the same resampled patients), flagged where it excludes 0. A statistic resting
-on fewer than MIN_COUNT positives (negatives for FPR), in the subgroup or in the rest, is n/a
-with the reason, never a number.
+on fewer than MIN_COUNT positives (negatives for FPR), or on positives (negatives) of fewer
+than MIN_COUNT patients, in the subgroup or in the rest, is n/a with the reason, never a
+number. Near 0 and 1 a percentile bootstrap collapses (14 of 14 resamples to [1, 1]), so a rate's
+interval is never narrower than Wilson's score interval on its patients, nor a gap's than
+Newcombe's interval from the two sides' Wilson intervals (metrics.at_least). Many gaps are
+tested at once: the report and stdout say how many of them 5% would flag by chance alone.
 
 Demographics, looked up by image name (or, for MIMIC, by the subject in the name):
     ChestX-ray14   the label table's `Patient Age`, `Patient Gender` (both revisions)
@@ -26,7 +30,8 @@ import numpy as np
 
 from common import DataError, atomic_path, one_line
 from labels import patient_of
-from metrics import bootstrap_counts, interval, quiet, roc_aucs, weighted_aucs
+from metrics import (at_least, bootstrap_counts, interval, newcombe, quiet, roc_aucs,
+                     weighted_aucs, wilson)
 from optional import MissingPackage, pyplot
 from tables import detect_dataset, find_label_table, read_chexpert, read_table
 
@@ -222,10 +227,19 @@ def _gap(value, lo, hi, why=None):
     return out
 
 
-def _few(n, what, who="", min_count=MIN_COUNT):
-    """'3 positives, fewer than 10' (what: 'positive' or 'negative')."""
+def _few(n, what, who="", min_count=MIN_COUNT, patients=None):
+    """Why n images (of `patients` patients) of one class are too few, or None where both
+    reach min_count: '3 positives, fewer than 10', '14 positives of 1 patient, fewer than 10
+    patients' (what: 'positive' or 'negative')."""
     n = int(n)
-    return f"{who}{n} {what}{'' if n == 1 else 's'}" + (f", fewer than {min_count}" if n else "")
+    if n < min_count:
+        return f"{who}{n} {what}{'' if n == 1 else 's'}" + (f", fewer than {min_count}"
+                                                             if n else "")
+    if patients is not None and patients < min_count:
+        patients = int(patients)
+        return (f"{who}{n} {what}s of {patients} patient{'' if patients == 1 else 's'}, fewer "
+                f"than {min_count} patients")
+    return None
 
 
 def subgroup_statistics(labels, probs, patients, assigned, thresholds=None, n_boot=2000, seed=0,
@@ -273,6 +287,11 @@ def subgroup_statistics(labels, probs, patients, assigned, thresholds=None, n_bo
         sums[attr] = {name: per_patient(v, code, s) for name, v in parts.items()}
         boot[attr] = {name: [] for name in parts}
         boot[attr]["auc"] = []
+    # patients whose images hold a positive (negative) of each disease, per subgroup: a
+    # patient-level statistic needs min_count of them as well as min_count images
+    with_patients = {attr: {name: (sums[attr][name].reshape(n_pat, len(groups), k) > 0).sum(0)
+                            for name in ("pos", "neg")}
+                     for attr, (groups, code) in layout.items()}
     # AUROC of each subgroup where both classes reach min_count, resampled with the rest.
     auc_point, auc_ok, members = {}, {}, {}
     for attr, (groups, code) in layout.items():
@@ -284,7 +303,8 @@ def subgroup_statistics(labels, probs, patients, assigned, thresholds=None, n_bo
             if inside.any():
                 point[g] = roc_aucs(labels[inside], probs[inside])
             ok[g] = ((pos[inside].sum(0) >= min_count) & (neg[inside].sum(0) >= min_count)
-                     & np.isfinite(point[g]))
+                     & (with_patients[attr]["pos"][g] >= min_count)
+                     & (with_patients[attr]["neg"][g] >= min_count) & np.isfinite(point[g]))
         auc_point[attr], auc_ok[attr] = point, ok
     for w in resamples:
         for attr, (groups, code) in layout.items():
@@ -305,17 +325,24 @@ def subgroup_statistics(labels, probs, patients, assigned, thresholds=None, n_bo
         rest_total = {name: t[:known_groups].sum(0)[None] - t for name, t in total.items()}
         rest_boot = {name: v[:, :known_groups].sum(1)[:, None] - v for name, v in b.items()
                      if name != "auc"}
+        # patients of each side's denominator (everyone else's: the other known subgroups')
+        here_patients = with_patients[attr]
+        rest_patients = {name: v[:known_groups].sum(0)[None] - v
+                         for name, v in here_patients.items()}
         with quiet():
             rates, rate_ci, gaps, gap_ci = {}, {}, {}, {}
             for rule in thresholds:
                 for stat, num, den in (("tpr", "tp", "pos"), ("fpr", "fp", "neg")):
                     key = (rule, stat)
                     rates[key] = total[f"{num}/{rule}"] / total[den]
-                    rate_ci[key] = interval(b[f"{num}/{rule}"] / b[den])
+                    score = wilson(rates[key], here_patients[den])
+                    rate_ci[key] = at_least(interval(b[f"{num}/{rule}"] / b[den]), score)
                     rest = rest_total[f"{num}/{rule}"] / rest_total[den]
                     gaps[key] = rates[key] - rest
-                    gap_ci[key] = interval(b[f"{num}/{rule}"] / b[den]
-                                           - rest_boot[f"{num}/{rule}"] / rest_boot[den])
+                    gap_ci[key] = at_least(
+                        interval(b[f"{num}/{rule}"] / b[den]
+                                 - rest_boot[f"{num}/{rule}"] / rest_boot[den]),
+                        newcombe(rates[key], score, rest, wilson(rest, rest_patients[den])))
         auc_lo, auc_hi = interval(b["auc"])
         images = np.bincount(code, minlength=len(groups))
         patients = [len(np.unique(inverse[code == g])) for g in range(len(groups))]
@@ -329,31 +356,30 @@ def subgroup_statistics(labels, probs, patients, assigned, thresholds=None, n_bo
                 counted_here = inside & counted[:, d]
                 row = {"images": int(p + q), "patients": int(len(np.unique(inverse[counted_here]))),
                        "positives": int(p), "prevalence": float(p / (p + q)) if p + q else None}
+                pp, pq = here_patients["pos"][g, d], here_patients["neg"][g, d]
+                rpp, rpq = rest_patients["pos"][g, d], rest_patients["neg"][g, d]
                 if auc_ok[attr][g, d]:
                     row["auc"] = _stat(auc_point[attr][g, d], auc_lo[g, d], auc_hi[g, d])
                 else:
-                    why = (_few(p, "positive", min_count=min_count) if p < min_count else
-                           _few(q, "negative", min_count=min_count) if q < min_count else
-                           "undefined")
+                    why = (_few(p, "positive", min_count=min_count, patients=pp) or
+                           _few(q, "negative", min_count=min_count, patients=pq) or "undefined")
                     row["auc"] = {"value": None, "why": why}
                 row["at"] = {}
                 for rule, t in thresholds.items():
                     entry = {"threshold": None if np.isnan(t[d]) else float(t[d])}
-                    for stat, here, there, what in (("tpr", p, rp, "positive"),
-                                                     ("fpr", q, rq, "negative")):
+                    for stat, here, there, here_p, there_p, what in (
+                            ("tpr", p, rp, pp, rpp, "positive"), ("fpr", q, rq, pq, rpq, "negative")):
                         key = (rule, stat)
                         why = ("no threshold chosen on val" if np.isnan(t[d]) else
-                               _few(here, what, min_count=min_count) if here < min_count else None)
+                               _few(here, what, min_count=min_count, patients=here_p))
                         entry[stat] = _stat(rates[key][g, d], *(c[g, d] for c in rate_ci[key]),
                                             why)
                         if g >= known_groups:
                             gwhy = f"{UNKNOWN} {attr}: not a subgroup"
                         elif why is not None:
                             gwhy = why
-                        elif there < min_count:
-                            gwhy = _few(there, what, "everyone else: ", min_count)
                         else:
-                            gwhy = None
+                            gwhy = _few(there, what, "everyone else: ", min_count, there_p)
                         entry[f"{stat}_gap"] = _gap(gaps[key][g, d],
                                                     *(c[g, d] for c in gap_ci[key]), gwhy)
                     row["at"][rule] = entry
@@ -405,9 +431,12 @@ def markdown_section(section, rule="youden"):
     if has_rule:
         lines.append(f"TPR and FPR at the {RULE_NAMES.get(rule, rule)} thresholds chosen on val "
                      f"({section['thresholds']}); gap: {section['gap']}, **bold** where its "
-                     f"95% interval excludes 0. n/a: fewer than {section['min_count']} "
-                     "positives (negatives for FPR) in the subgroup or in everyone else. "
-                     "Age bands: [low, high) years.")
+                     f"95% interval excludes 0 ({family_note(section, rule)}). A rate's "
+                     "interval is never narrower than Wilson's on its patients, a gap's than "
+                     "Newcombe's. n/a: fewer than "
+                     f"{section['min_count']} positives (negatives for FPR), or positives of "
+                     f"fewer than {section['min_count']} patients, in the subgroup or in "
+                     "everyone else. Age bands: [low, high) years.")
     else:
         lines.append("No operating points: TPR and FPR need thresholds chosen on val "
                      "(`python infer.py --part val`, or `report.py --val-predictions`).")
@@ -433,6 +462,18 @@ def markdown_section(section, rule="youden"):
     return "\n".join(lines) + "\n"
 
 
+def family_note(section, rule="youden"):
+    """How many gaps were tested and flagged, beside how many 5% of them would flag by chance
+    alone (each interval is 95%; no adjustment for the many comparisons)."""
+    tested = sum(1 for a in section["attributes"].values() for rows in a["diseases"].values()
+                 for r in rows.values() for stat in ("tpr", "fpr")
+                 if r["at"].get(rule) and r["at"][rule][f"{stat}_gap"]["value"] is not None)
+    found = len(flagged(section, rule))
+    return (f"{found} of {tested} gaps tested are flagged; with no real gap at all, about "
+            f"{0.05 * tested:.1f} would be by chance alone (5% of {tested}: each interval is "
+            "95%, not adjusted for the many comparisons)")
+
+
 def flagged(section, rule="youden"):
     """[(attribute, disease, subgroup, 'tpr'|'fpr', gap stat)] whose interval excludes 0."""
     out = []
@@ -454,8 +495,7 @@ def summary_lines(section, rule="youden", most=8):
                         "(the test report applies them)"]
     found = flagged(section, rule)
     lines.append(f"subgroup gaps whose 95% interval excludes 0 ({RULE_NAMES.get(rule, rule)} "
-                 f"thresholds): {len(found)}"
-                 + (":" if found else ""))
+                 f"thresholds): {family_note(section, rule)}" + (":" if found else ""))
     for attr, disease, group, stat, g in sorted(found, key=lambda x: -abs(x[4]["value"]))[:most]:
         text = _fmt(g).replace("**", "")
         lines.append(f"  {disease:<20}{attr} {group:<8}{stat.upper()} gap {text}")

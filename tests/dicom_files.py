@@ -9,7 +9,8 @@ import subprocess
 import numpy as np
 from PIL import Image
 
-KINDS = ("window", "monochrome1", "voi_lut", "rescale", "no_voi", "jpeg2000")
+KINDS = ("window", "monochrome1", "voi_lut", "rescale", "no_voi", "no_voi_monochrome1",
+         "jpeg2000")
 
 
 def write_dicom(png, path, kind="window"):
@@ -46,9 +47,14 @@ def write_dicom(png, path, kind="window"):
         lut = np.minimum(np.round(np.arange(4096) / 16 * 257), 65535).astype(np.uint16)
         item.add_new(0x00283006, "OW", lut.tobytes())  # LUT Data
         ds.VOILUTSequence = [item]
-    elif kind != "no_voi":
+    elif not kind.startswith("no_voi"):
         ds.WindowCenter, ds.WindowWidth = window
     ds.PixelData = stored.astype(np.uint16).tobytes()
+    if kind.startswith("no_voi"):  # 8 bits as stored, no window: read as stored, the PNG's own
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+        stored = png8 if kind == "no_voi" else 255 - png8
+        ds.PhotometricInterpretation = "MONOCHROME2" if kind == "no_voi" else "MONOCHROME1"
+        ds.PixelData = stored.astype(np.uint8).tobytes()
     if kind == "jpeg2000":
         ds.compress(JPEG2000Lossless, stored.astype(np.uint16))
     ds.save_as(path, enforce_file_format=True)
@@ -110,3 +116,83 @@ def sr_findings(sr):
             out[values["Finding"]] = (values["Probability"], values.get("Decision threshold"),
                                       values["Decision"])
     return out, source, texts
+
+
+def compressed_dicom(png, path, syntax, edit=None):
+    """The PNG as a single-frame 8-bit DICOM in a compressed transfer syntax (JPEG Baseline
+    through Pillow, the others through pydicom's encoders), its one frame's codestream passed
+    through edit(bytes) -> bytes where given (a hostile stream: another size declared, cut
+    short). Returns path."""
+    import io
+
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+    from pydicom.uid import JPEGBaseline8Bit
+    write_dicom(png, path, "no_voi")
+    ds = pydicom.dcmread(path)
+    pixels = ds.pixel_array
+    if syntax == JPEGBaseline8Bit:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+        frame = buffer.getvalue()
+        ds.file_meta.TransferSyntaxUID = syntax
+    else:
+        ds.compress(syntax, pixels)
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    if edit is not None:
+        frame = edit(frame)
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def declare_size(frame, width, height):
+    """A JPEG, JPEG-LS or JPEG 2000 codestream whose frame header (SOF, SOF55; SIZ) declares
+    width x height, its data unchanged: a stream that lies about its size."""
+    import struct
+    frame = bytearray(frame)
+    if frame[:2] == b"\xff\xd8":  # JPEG, JPEG-LS: the first SOFn (or SOF55)
+        at = 2
+        while frame[at + 1] not in (0xC0, 0xC1, 0xC2, 0xC3, 0xF7):
+            at += 2 + struct.unpack(">H", frame[at + 2:at + 4])[0]
+        frame[at + 5:at + 9] = struct.pack(">HH", height, width)
+    else:  # JPEG 2000: SIZ right after SOC
+        frame[8:16] = struct.pack(">II", width, height)
+    return bytes(frame)
+
+
+def deflate_bomb(path, gigabytes=0.5):
+    """A Deflated Explicit VR Little Endian DX of a few MB whose data set inflates to
+    `gigabytes` GB: its identifying elements, then a private element of zeros, streamed into
+    the deflated data set (the file meta written by pydicom). Returns path."""
+    import struct
+    import zlib
+
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # DX for presentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.StudyInstanceUID, ds.SeriesInstanceUID = "DX", generate_uid(), generate_uid()
+    ds.add_new(0x00290010, "LO", "BOMB")
+    elements = pydicom.filebase.DicomBytesIO()
+    elements.is_little_endian, elements.is_implicit_VR = True, False
+    pydicom.filewriter.write_dataset(elements, ds)
+    head = pydicom.filebase.DicomBytesIO()
+    pydicom.filewriter.write_file_meta_info(head, meta)
+    size = int(gigabytes * 2 ** 30)
+    zeros_element = struct.pack("<HH2sHI", 0x0029, 0x1010, b"OB", 0, size)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    zeros = bytes(2 ** 24)
+    with open(path, "wb") as f:
+        f.write(b"\0" * 128 + b"DICM" + head.getvalue())
+        f.write(deflate.compress(elements.getvalue() + zeros_element))
+        for _ in range(size // len(zeros)):
+            f.write(deflate.compress(zeros))
+        f.write(deflate.flush())
+    return path

@@ -14,6 +14,12 @@ resume. One test per class of failure, each at the mechanism that owns it:
     lock kept by an orphaned worker         common.exclusive_lock (fcntl.lockf: not inherited by fork)    test_lock_*
     store names with spaces                 store.read_names / names_text (one name per line)             test_store_*
     operating points / class map checked    infer.evaluate: checked before Chunks and the first image     test_evaluation_*
+
+Round 4 (issue 31), here and in test_serve_hostile.py (the DICOM node):
+    a stream declaring another size         codestreams.frame_problem, images.pixel_data_problem  test_a_codestream_*
+    a stream cut short, decoded as grey     codestreams.frame_problem (end marker), pydicom (RLE)  test_a_truncated_*
+    a deflate bomb                          codestreams.inflated_problem (bounded inflate)        test_a_deflate_bomb_*
+    a class map naming a class twice        infer.class_map                                       test_a_class_map_*
 """
 import csv
 import json
@@ -218,6 +224,17 @@ def test_dicom_transform_not_well_defined_is_an_error_naming_file_and_attribute(
 PRINT_PEAK_KB = "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])"
 
 
+def load_in_child(path):
+    """(what load_gray(path) raised, as 'Type message'; the child's peak memory in kB)."""
+    code = ("import sys; sys.path.insert(0, '.')\nfrom images import load_gray\n"
+            "try:\n    load_gray(sys.argv[1])\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
+            f"{PRINT_PEAK_KB}\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    error, peak_kb = proc.stdout.strip().splitlines()
+    return error, int(peak_kb)
+
+
 def test_dicom_bomb_is_refused_before_decoding(tmp_path):
     """A compressed file of a few KB declaring 65535x65535: refused from its header, in well
     under the memory its pixels would take (the decoder is never called)."""
@@ -227,14 +244,9 @@ def test_dicom_bomb_is_refused_before_decoding(tmp_path):
     ds = pydicom.dcmread(path)
     ds.Rows = ds.Columns = 65535
     ds.save_as(path)
-    code = ("import sys; sys.path.insert(0, '.')\nfrom images import load_gray\n"
-            "try:\n    load_gray(sys.argv[1])\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
-            f"{PRINT_PEAK_KB}\n")
-    proc = subprocess.run([sys.executable, "-c", code, str(path)], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
-    error, peak_kb = proc.stdout.strip().splitlines()
+    error, peak_kb = load_in_child(path)
     assert error.startswith(f"DataError {path}: declares a 65535x65535 image"), proc.stdout
-    assert int(peak_kb) < 600_000, f"peak {int(peak_kb) / 1e3:.0f} MB"
+    assert peak_kb < 600_000, f"peak {peak_kb / 1e3:.0f} MB"
 
 
 def test_a_corrupt_compressed_dicom_is_corrupt_when_its_decoder_is_there(tmp_path):
@@ -250,6 +262,74 @@ def test_a_corrupt_compressed_dicom_is_corrupt_when_its_decoder_is_there(tmp_pat
     with pytest.raises(DataError) as e:
         load_gray(path)
     assert "truncated or corrupt" in str(e.value) and "install" not in str(e.value), str(e.value)
+
+
+SYNTAXES = {"JPEG Baseline": "1.2.840.10008.1.2.4.50", "JPEG-LS": "1.2.840.10008.1.2.4.80",
+            "JPEG 2000": "1.2.840.10008.1.2.4.90"}
+
+
+@pytest.mark.parametrize("codec", list(SYNTAXES))
+def test_a_codestream_declaring_another_size_is_refused_before_decoding(codec, tmp_path):
+    """The DICOM header says 256x256, the stream's own frame header 65500x65500 (a 122 KB file
+    that made a decoder take 15 GB): refused from the stream's header, the decoder never
+    called (a child's peak memory stays small), one line naming both sizes."""
+    from dicom_files import compressed_dicom, declare_size
+    path = compressed_dicom(PNG, tmp_path / "x.dcm", SYNTAXES[codec],
+                            lambda frame: declare_size(frame, 65500, 65500))
+    error, peak_kb = load_in_child(path)
+    assert error.startswith(f"DataError {path}: truncated or corrupt DICOM pixel data: its "), error
+    assert "declares 65500x65500 with 1 component(s), the DICOM header 256x256" in error, error
+    assert peak_kb < 600_000, f"peak {peak_kb / 1e3:.0f} MB"
+
+
+@pytest.mark.parametrize("codec", list(SYNTAXES) + ["RLE"])
+def test_a_truncated_codestream_is_an_error_not_grey_rows(codec, tmp_path, capsys):
+    """A stream cut short decoded with its missing rows flat grey, and was classified: now an
+    error for every codec, in load_gray and so in infer.py --image (exit 1, one line); the
+    same image uncut decodes."""
+    from dicom_files import compressed_dicom
+    from images import load_gray
+    syntax = SYNTAXES.get(codec, "1.2.840.10008.1.2.5")
+    whole = compressed_dicom(PNG, tmp_path / "whole.dcm", syntax)
+    assert np.asarray(load_gray(whole)).shape == (256, 256)
+    cut = compressed_dicom(PNG, tmp_path / "cut.dcm", syntax, lambda f: f[:len(f) * 2 // 3])
+    with pytest.raises(DataError) as e:
+        load_gray(cut)
+    assert str(e.value).startswith(f"{cut}: ") and "truncated" in str(e.value), str(e.value)
+
+
+def test_a_truncated_dicom_fails_infer_image(small_model, tmp_path, capsys):
+    from dicom_files import compressed_dicom
+    work, _ = small_model
+    cut = compressed_dicom(PNG, tmp_path / "cut.dcm", SYNTAXES["JPEG Baseline"],
+                           lambda f: f[:len(f) * 2 // 3])
+    proc = run_main(capsys, "--mode", "int8", "--model-dir", work / "models", "--image", cut,
+                    module="infer")
+    assert_clean_error(proc, str(cut), "is truncated (it does not end with its end-of-image")
+
+
+def test_a_deflate_bomb_is_refused_without_inflating_it(tmp_path):
+    """A deflated data set of 2 MB that inflates to 512 MiB: pydicom inflates the whole data
+    set at once; it is measured in pieces first and refused past the limit (images: the
+    largest image plus 16 MiB of header), in a child whose peak memory stays small."""
+    from dicom_files import deflate_bomb
+    path = deflate_bomb(tmp_path / "bomb.dcm")
+    error, peak_kb = load_in_child(path)
+    assert error == (f"DataError {path}: its deflated data set inflates to over 144 MiB "
+                     "(a deflate bomb?)"), error
+    assert peak_kb < 400_000, f"peak {peak_kb / 1e3:.0f} MB"
+
+
+@pytest.mark.parametrize("mapping, named", [
+    ("Effusion=Pleural Effusion,Effusion=Edema", "model class 'Effusion'"),
+    ("Effusion=Edema,Pneumonia=Edema", "list class 'Edema'")])
+def test_a_class_map_naming_a_class_twice_is_refused(mapping, named, capsys, tmp_path):
+    """A dict kept the last of two pairs: the model's Effusion scored as Edema, a column gone,
+    without a word. Now refused as the flag is read, before any model is loaded."""
+    proc = run_main(capsys, "--mode", "int8", "--model-dir", tmp_path, "--class-map", mapping,
+                    module="infer")
+    line = assert_clean_error(proc, "--class-map", named, "named twice")
+    assert "each class once" in line
 
 
 @pytest.fixture
@@ -569,7 +649,7 @@ def test_evaluation_checks_the_class_map_before_the_first_image(small_model, tmp
     out = tmp_path / "p.csv"
     flags = ["--mode", "fp32", "--model-dir", small_model[0] / "models", "--data-dir", data,
              "--no-figures", "--out-csv", out, "--n-boot", "100"]
-    for mapping, fragment in (("Mass=Lung Lesion,Nodule=Lung Lesion", "mapped from several"),
+    for mapping, fragment in (("Mass=Lung Lesion,Nodule=Lung Lesion", "named twice"),
                               ("Flu=Edema", "the model has no class 'Flu'"),
                               ("Mass=Tumour", "the list labels no class 'Tumour'")):
         proc = run_main(capsys, *flags, "--class-map", mapping, module="infer")

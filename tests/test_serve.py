@@ -485,12 +485,20 @@ def test_refusals_and_quarantine_keep_the_node_serving(model_dir, dx_files, pacs
         truncated.PixelData = truncated.PixelData[:len(truncated.PixelData) // 3]
         bad_uid = variant()
         bad_uid.SOPInstanceUID = "../../etc/passwd"
-        garbage = variant()  # JPEG 2000 whose codestream is noise: decoding fails later
+        # JPEG 2000 whose codestream is noise between its intact headers and its end marker:
+        # it passes the checks of what a stream declares, and decoding fails later
+        garbage = variant()
         garbage.compress(JPEG2000Lossless, garbage.pixel_array)
-        garbage.PixelData = pydicom.encaps.encapsulate([os.urandom(5000)])
-        statuses = send([text_sr, bomb, truncated, bad_uid, garbage], node.port)
-        assert statuses[:4] == [0x0122, 0xA700, 0xA900, 0xA900], [hex(s) for s in statuses]
-        assert statuses[4] == 0x0000  # well-formed header: accepted, then quarantined
+        frame = next(pydicom.encaps.generate_frames(garbage.PixelData, number_of_frames=1))
+        garbage.PixelData = pydicom.encaps.encapsulate(
+            [frame[:200] + os.urandom(5000) + b"\xff\xd9"])
+        noise = variant()  # noise from its first byte: refused at the door
+        noise.compress(JPEG2000Lossless, noise.pixel_array)
+        noise.PixelData = pydicom.encaps.encapsulate([os.urandom(5000)])
+        statuses = send([text_sr, bomb, truncated, bad_uid, noise, garbage], node.port)
+        assert statuses[:5] == [0x0122, 0xA700, 0xA900, 0xA900, 0xA900], \
+            [hex(s) for s in statuses]
+        assert statuses[5] == 0x0000  # well-formed header and stream: accepted, quarantined
         wait_for(lambda: "serve: quarantined" in node.text(), 60,
                  "the undecodable image quarantined")
         reasons = [p.read_text() for p in (spool / "quarantine").glob("*.txt")]
@@ -498,6 +506,8 @@ def test_refusals_and_quarantine_keep_the_node_serving(model_dir, dx_files, pacs
         assert any("pixel data truncated" in r for r in reasons)
         assert any("is not a UID" in r for r in reasons)
         assert any("cannot classify" in r and "cannot decode" in r for r in reasons)
+        assert any("its JPEG 2000 stream does not start with its SOC and SIZ" in r
+                   for r in reasons)
         bomb_kept = [p for p in (spool / "quarantine").glob("*.dcm")
                      if p.stat().st_size < 64 * 1024]  # its header, not 8 GiB
         assert bomb_kept

@@ -78,6 +78,58 @@ def test_without_a_gap_the_paired_interval_covers_zero_about_95_percent_of_the_t
         assert 0.90 <= count / trials <= 0.99, (stat, count / trials)
 
 
+def test_intervals_at_the_edges_are_never_zero_width_nor_a_flag_from_one_patient(capsys):
+    """One patient with 14 positive images made a subgroup of its own (the minimum counted
+    images): its bootstrap resamples that one patient, so TPR 1.000 [1.000, 1.000] and a
+    'significant' gap. And 14 of 14 positives from 14 patients resampled to [1, 1]. Now the
+    first is n/a (positives of 1 patient) and the second's interval is Wilson's at least,
+    [0.785, 1], with a gap that is not flagged against a rest at 0.88 (the bootstrap alone
+    flagged it: [1 - 0.92, 1 - 0.84])."""
+    from subgroups import summary_lines
+    rng = np.random.default_rng(0)
+    # everyone else: 400 patients, one image each, female, half positive, TPR about 0.88
+    n_rest = 400
+    labels = (np.arange(n_rest) % 2 == 0).astype(np.float64)
+    detected = labels.astype(bool) & (rng.random(n_rest) < 0.88)
+    probs = np.where(detected | (~labels.astype(bool) & (rng.random(n_rest) < 0.1)), 0.9, 0.1)
+    patients = np.arange(n_rest)
+    sex = np.full(n_rest, "female", dtype=object)
+    age = np.full(n_rest, "40-60", dtype=object)
+    # men: one patient with 14 positive images, all detected, and 40 negatives of 40 patients
+    one = np.r_[np.ones(14), np.zeros(40)]
+    labels = np.r_[labels, one]
+    probs = np.r_[probs, np.where(one == 1, 0.9, 0.1)]
+    patients = np.r_[patients, np.full(14, n_rest), n_rest + 1 + np.arange(40)]
+    sex = np.r_[sex, np.full(54, "male", dtype=object)]
+    # age 80+: 14 positives of 14 patients, every one detected, and 20 negatives
+    labels = np.r_[labels, np.ones(14), np.zeros(20)]
+    probs = np.r_[probs, np.full(14, 0.9), np.full(20, 0.1)]
+    patients = np.r_[patients, patients.max() + 1 + np.arange(34)]
+    sex = np.r_[sex, np.full(34, "female", dtype=object)]
+    age = np.r_[age, np.full(54, "40-60", dtype=object), np.full(34, "80+", dtype=object)]
+    out = subgroup_statistics(labels[:, None], probs[:, None], patients, {"sex": sex, "age": age},
+                              {"youden": [0.5]}, n_boot=500, seed=0, class_names=["A"])
+    men = out["attributes"]["sex"]["diseases"]["A"]["male"]
+    assert men["positives"] == 14
+    assert men["at"]["youden"]["tpr"] == {
+        "value": None, "why": "14 positives of 1 patient, fewer than 10 patients"}
+    assert men["auc"]["value"] is None and "of 1 patient" in men["auc"]["why"]
+    assert men["at"]["youden"]["tpr_gap"]["value"] is None
+    old = out["attributes"]["age"]["diseases"]["A"]["80+"]["at"]["youden"]
+    assert old["tpr"]["value"] == 1.0
+    assert old["tpr"]["ci"][0] == pytest.approx(0.785, abs=0.001) and old["tpr"]["ci"][1] == 1.0
+    assert old["tpr_gap"]["value"] > 0.1 and old["tpr_gap"]["ci"][0] < 0
+    assert not old["tpr_gap"]["flagged"]
+    # the family of gaps: how many 5% would flag by chance, on stdout and in the Markdown
+    out.update(note="demographics of the test", gap="the subgroup's rate minus the rest's",
+               thresholds="val")
+    line = summary_lines(out)[1]
+    assert "gaps tested are flagged; with no real gap at all, about" in line, line
+    assert "would be by chance alone" in markdown_section(out)
+    tested = int(line.split(" of ")[1].split()[0])
+    assert f"{0.05 * tested:.1f} would be by chance" in line
+
+
 def test_a_subgroup_without_positives_is_na_never_a_crash(tmp_path):
     rng = np.random.default_rng(3)
     patients, sex, age, labels, scores = synthetic(rng, n_patients=200)
