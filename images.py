@@ -101,13 +101,9 @@ def load_dicom(path):
     import optional
     pydicom = optional.pydicom(f"{path}: reading DICOM")
     try:
-        with open(path, "rb") as f:  # pydicom inflates a deflated data set with no bound
-            problem = inflated_problem(f, MAX_DECODED_BYTES + MAX_HEADER_BYTES)
-        if problem:
-            raise DataError(f"{path}: {problem}")
-        ds = pydicom.dcmread(path)
-    except DataError:
-        raise
+        ds = read_dicom(path, MAX_DECODED_BYTES)
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from None
     except pydicom.errors.InvalidDicomError:
         raise DataError(f"{path}: unreadable DICOM (not a DICOM file: no DICM marker at byte "
                         "128)") from None
@@ -122,6 +118,22 @@ def load_dicom(path):
     except Exception as e:  # a malformed attribute pydicom trips on: one line, never a traceback
         raise DataError(f"{path}: corrupt DICOM ({type(e).__name__}: {one_line(e)[:160]})"
                         ) from None
+
+
+def read_dicom(source, image_bytes):
+    """pydicom's data set of a DICOM file (a path, or the file's bytes); a DataError (not naming the file) where a deflated data set would inflate past
+    `image_bytes` of pixels plus MAX_HEADER_BYTES: pydicom inflates it whole, at once. Every
+    reader of DICOM files goes through here (the scripts, the store, the node, /predict)."""
+    import io
+
+    import pydicom
+    stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
+    with stream:
+        problem = inflated_problem(stream, image_bytes + MAX_HEADER_BYTES)
+        if problem:
+            raise DataError(problem)
+        stream.seek(0)
+        return pydicom.dcmread(stream)
 
 
 def _dicom_pixels(path, ds):

@@ -33,7 +33,7 @@ from common import (ArgumentParser, DataError, Progress, SetupError, add_device_
                     positive_int, strict_json)
 from dataset import add_data_args, check_data_dir, split_images
 from images import TEN_CROPS, average_crops, eval_input
-from labels import shared_classes
+from labels import parse_class_map, shared_classes
 from metrics import mean_auc, roc_aucs
 from report import add_report_args
 from splitting import resolve_split
@@ -42,20 +42,12 @@ from subgroups import add_subgroup_args, demographics_for
 
 
 def class_map(text):
-    """'A=B,C=D' -> {'A': 'B', 'C': 'D'} (argparse type)."""
+    """--class-map (argparse type): labels.parse_class_map."""
     import argparse
-    pairs = [p.split("=") for p in text.split(",") if p.strip()]
-    if not pairs or any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected 'MODEL NAME=LIST NAME,...'")
-    pairs = [(a.strip(), b.strip()) for a, b in pairs]
-    # one map, one meaning: a dict would keep the last of two pairs for one class, silently
-    for side, what in ((0, "model class"), (1, "list class")):
-        names = [pair[side] for pair in pairs]
-        twice = sorted({n for n in names if names.count(n) > 1})
-        if twice:
-            raise argparse.ArgumentTypeError(
-                f"{text!r}: the {what} {twice[0]!r} is named twice; each class once")
-    return dict(pairs)
+    try:
+        return parse_class_map(text)
+    except DataError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------

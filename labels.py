@@ -194,10 +194,26 @@ def evaluation_labels(labels):
 SAME_FINDING = {"Effusion": "Pleural Effusion"}
 
 
+def parse_class_map(text):
+    """'A=B,C=D' -> {'A': 'B', 'C': 'D'} (--class-map), each model class and each list class
+    named once: a dict would keep the last of two pairs for one class without a word (the
+    model's Effusion scored as Edema, a column gone). DataError saying which."""
+    pairs = [p.split("=") for p in text.split(",") if p.strip()]
+    if not pairs or any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+        raise DataError(f"{text!r}: expected 'MODEL NAME=LIST NAME,...'")
+    pairs = [(a.strip(), b.strip()) for a, b in pairs]
+    for side, what in ((0, "model class"), (1, "list class")):
+        names = [pair[side] for pair in pairs]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise DataError(f"{text!r}: the {what} {twice[0]!r} is named twice; each class once")
+    return dict(pairs)
+
+
 def shared_classes(model_classes, list_classes, mapping=None):
     """[(model column, list column)] for every class of the model that the list labels: by
     the same name, else through `mapping` (SAME_FINDING by default) in either direction."""
-    if mapping is not None:  # the user's own: every name must exist, each list class once
+    if mapping is not None:  # the user's own (parse_class_map's): every name must exist
         for model_name, list_name in mapping.items():
             if model_name not in model_classes:
                 raise DataError(f"--class-map: the model has no class {model_name!r} "
@@ -205,24 +221,25 @@ def shared_classes(model_classes, list_classes, mapping=None):
             if list_name not in list_classes:
                 raise DataError(f"--class-map: the list labels no class {list_name!r} "
                                 f"(it labels {', '.join(list_classes)})")
-        twice = [v for v in mapping.values() if list(mapping.values()).count(v) > 1]
-        if twice:
-            raise DataError(f"--class-map: {twice[0]!r} is mapped from several classes; one "
-                            "model class per label")
     explicit = mapping is not None
     mapping = SAME_FINDING if mapping is None else mapping
     both_ways = {**mapping, **{v: k for k, v in mapping.items()}}
     column = {c: j for j, c in enumerate(list_classes)}
-    pairs, used = [], set()
+    # the user's pairs first: each wins over a same-named class, whatever the order of the
+    # model's classes (model Effusion must not take the list's Effusion that
+    # 'Pneumonia=Effusion' gave model Pneumonia)
+    chosen = {}
+    if explicit:
+        chosen = {model_classes.index(m): column[t] for m, t in mapping.items()}
+    used = set(chosen.values())
     for i, name in enumerate(model_classes):
-        if explicit and name in mapping:  # the user's pair wins over a same-named class
-            j = column.get(mapping[name])
-        else:
-            j = column.get(name, column.get(both_ways.get(name)))
+        if i in chosen or (explicit and name in mapping):
+            continue
+        j = column.get(name, column.get(both_ways.get(name)))
         if j is not None and j not in used:
-            pairs.append((i, j))
+            chosen[i] = j
             used.add(j)
-    return pairs
+    return sorted(chosen.items())
 
 
 def check_disjoint(lists):

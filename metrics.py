@@ -151,7 +151,9 @@ def wilson(p, n, z=Z95):
     with quiet():
         centre = (p + z * z / (2 * n)) / (1 + z * z / n)
         half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-        return centre - half, centre + half
+        # 0 and 1 exactly where p is (rounding left 1e-17 there)
+        return (np.where(p <= 0, 0.0, np.clip(centre - half, 0, 1)),
+                np.where(p >= 1, 1.0, np.clip(centre + half, 0, 1)))
 
 
 def newcombe(p1, ci1, p2, ci2):
@@ -167,12 +169,26 @@ def newcombe(p1, ci1, p2, ci2):
 def at_least(ci, floor):
     """A bootstrap interval widened to contain `floor` (a score interval): a patient-level
     percentile bootstrap is never narrower than Wilson's interval on the patients, so a
-    proportion at 0 or 1, or on a few patients, never gets an interval of zero width. NaN
+    proportion at 0 or 1, or on a few patients, never gets an interval of zero width. Wilson's
+    interval is not symmetric, so away from the edges too an end may move a little outward
+    (p = 0.8 on 200 patients: 0.745 -> 0.739): slightly conservative, never narrower. NaN
     stays NaN (too few defined resamples)."""
     (lo, hi), (flo, fhi) = ci, floor
     lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
     return (np.where(np.isnan(lo), np.nan, np.fmin(lo, flo)),
             np.where(np.isnan(hi), np.nan, np.fmax(hi, fhi)))
+
+
+def auc_collapsed(ci, auc, positives, negatives):
+    """An AUROC's bootstrap interval where it has width, else (a perfect or inverted ranking:
+    every resample gives 1, or 0) a score interval valid there: Wilson's for the AUROC as a
+    proportion of min(positives, negatives) units (the patients of the rarer class), whose
+    variance bounds the AUROC's (van Dantzig, 1951: var <= A(1 - A) / min(m, n)). 1.000
+    [1.000, 1.000] on 14 positives becomes [0.785, 1]."""
+    lo, hi = (np.asarray(v, dtype=np.float64) for v in ci)
+    flo, fhi = wilson(auc, np.minimum(positives, negatives))
+    flat = np.isfinite(lo) & np.isfinite(hi) & (hi - lo <= 1e-12)
+    return np.where(flat, flo, lo), np.where(flat, fhi, hi)
 
 
 def bootstrap_aucs(labels, probs, groups, n_boot=N_BOOT, seed=0):

@@ -67,15 +67,16 @@ def openvino(purpose="--mode fp32/int8"):
     return _require("openvino", "openvino", purpose)
 
 
-def dicom_node(heatmaps=True):
-    """Everything serve.py needs beyond numpy, pillow and openvino (requirements-edge.txt),
-    checked before anything starts: one line for the first one missing."""
-    needed = [("pydicom", "pydicom"), ("pynetdicom", "pynetdicom"), ("highdicom", "highdicom")]
-    if heatmaps:  # cam.py, in the worker processes
-        needed += [("matplotlib", "matplotlib"), ("scipy.ndimage", "scipy"),
-                   ("threadpoolctl", "threadpoolctl")]
-    for module, package in needed:
-        _require(module, package, "the DICOM node (serve.py)" + (
-            " with heatmaps (or --no-heatmaps)" if module not in ("pydicom", "pynetdicom",
-                                                                  "highdicom") else ""),
+def dicom_node():
+    """What serve.py imports at its start beyond numpy, pillow and openvino
+    (requirements-edge.txt), checked before: one line for the first one missing."""
+    for module in ("pydicom", "pynetdicom", "highdicom"):
+        _require(module, module, "the DICOM node (serve.py)", "-r requirements-edge.txt")
+
+
+def heatmaps():
+    """What the DICOM node's heatmaps need (cam.py, in its worker processes)."""
+    for module, package in (("matplotlib", "matplotlib"), ("scipy.ndimage", "scipy"),
+                            ("threadpoolctl", "threadpoolctl")):
+        _require(module, package, "the DICOM node's heatmaps (or --no-heatmaps)",
                  "-r requirements-edge.txt")

@@ -24,9 +24,10 @@ from common import (REPO_DIR, ArgumentParser, DataError, add_split_args, atomic_
                     atomic_write_text, one_line, os_reason, seed, strict_json)
 from labels import (NIH_CLASSES, evaluation_labels, list_header, patient_of, read_list,
                     shared_classes)
-from metrics import (N_BOOT, N_BOOT_RANGE, RULE_MEANING, RULES, apply_platt, at_threshold, auprcs,
-                     bootstrap_aucs, calibration_errors, choose_thresholds, fit_platt_monotone,
-                     interval, known, mean_auc, paired_auc_difference, reliability, roc_aucs)
+from metrics import (N_BOOT, N_BOOT_RANGE, RULE_MEANING, RULES, apply_platt, at_threshold,
+                     auc_collapsed, auprcs, bootstrap_aucs, calibration_errors,
+                     choose_thresholds, fit_platt_monotone, interval, known, mean_auc,
+                     paired_auc_difference, reliability, roc_aucs)
 from splitting import resolve_split
 from optional import MissingPackage, pyplot
 from subgroups import (add_subgroup_args, demographics_for, markdown_section, subgroup_section,
@@ -228,7 +229,7 @@ def build_report(names, labels, probs, class_names, points=None, n_boot=N_BOOT, 
     groups = patient_groups(names)
     aucs = roc_aucs(labels, probs)
     boot, boot_mean = bootstrap_aucs(labels, probs, groups, n_boot, seed)
-    lo, hi = interval(boot)
+    lo, hi = auc_collapsed(interval(boot), aucs, *patients_by_class(labels, groups))
     mlo, mhi = interval(boot_mean[:, None])
     ap = auprcs(labels, probs)
     ece = calibration_errors(labels, probs)
@@ -264,6 +265,17 @@ def build_report(names, labels, probs, class_names, points=None, n_boot=N_BOOT, 
             {rule: thresholds_of(points, rule) for rule in RULES} if points else None, n_boot,
             seed, class_names, points["chosen_on"] if points else None)
     return strict_json(_floats(report))
+
+
+def patients_by_class(labels, groups):
+    """(patients with a positive, patients with a negative) of each class [K], uncertain
+    labels left out."""
+    labels = np.asarray(labels, dtype=np.float64)
+    counts = []
+    for value in (1, 0):
+        counts.append(np.array([len(set(groups[labels[:, d] == value]))
+                                for d in range(labels.shape[1])]))
+    return counts
 
 
 def _floats(value):

@@ -53,7 +53,7 @@ import optional
 
 if __name__ == "__main__":  # a missing package is one line, before the imports below fail
     try:
-        optional.dicom_node(heatmaps="--no-heatmaps" not in sys.argv)
+        optional.dicom_node()
     except optional.MissingPackage as e:
         sys.exit(f"error: {e}")
 # Imported here, once, before any thread: a first import racing in several threads fails
@@ -76,8 +76,8 @@ from backends import (METADATA, MODEL_NAMES, file_digest, load_openvino, metadat
                       read_metadata, with_data_defaults)
 from common import (ArgumentParser, DataError, SetupError, atomic_path, exclusive_lock, one_line,
                     os_reason, positive_float, positive_int)
-from codestreams import inflated_problem
-from images import MAX_HEADER_BYTES, TEN_CROPS, average_crops, normalize_gray, pixel_data_problem
+from images import (MAX_DECODED_BYTES, TEN_CROPS, average_crops, normalize_gray,
+                    pixel_data_problem, read_dicom)
 
 # A file path given to send_c_store is sent as it is on disk (Node._send_folder); _config is
 # pynetdicom's documented settings module, its name notwithstanding
@@ -111,6 +111,9 @@ RECV_BYTES = 2 ** 20  # _recv
 MIN_RECV_RATE = 64 * 1024  # bytes per second a PDU must arrive at, after --timeout (_recv)
 MAX_PDU_BYTES = 4 * 2 ** 20  # the largest PDU the node accepts (A-ASSOCIATE: Maximum Length)
 ASSOCIATE_SECONDS = 5.0  # from connecting to a complete A-ASSOCIATE-RQ (at most --timeout)
+# The largest A-ASSOCIATE-RQ the node reads: a real one is a few KB (presentation contexts of
+# every storage class, about 13 KB; a user identity of some KB)
+MAX_REQUEST_BYTES = 256 * 1024
 MAX_REFUSALS = 5  # a result the destination refuses this often goes to SPOOL/failed/
 MAX_WORKER_DEATHS = 3  # times an image's task stops its worker, alone, before quarantine
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -127,7 +130,7 @@ class ServeError(DataError):
 class SpoolError(Exception):
     """The spool cannot be written (a full disk, a read-only or failing file system): never the
     image's fault. What was being written is not there (nothing half-written), and the image
-    it was for stays in the inbox and is tried again (Node._cannot_write)."""
+    it was for stays in the inbox and is tried again (Node._later)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,6 +190,8 @@ class Spool:
             os.unlink(self.image(uid))
         except FileNotFoundError:
             pass
+        except OSError as e:
+            raise SpoolError(f"{self.image(uid)}: cannot remove ({os_reason(e)})") from None
         try:
             fsync_dir(self.inbox)
         except OSError as e:
@@ -237,16 +242,20 @@ class Spool:
         return [p for _, p in sorted(found)]
 
     def put_results(self, uid, files):
-        """{name: bytes} -> outbox/UID/, all files or none (staged and renamed); SpoolError,
-        the staging folder removed, where they cannot be written."""
-        staging = None
+        """(name, bytes) pairs -> outbox/UID/, all files or none (staged and renamed); their
+        names. Each file is written as it comes, so that only one is held at a time (the
+        heatmaps of an 8192x8192 image are 192 MB each, uncompressed). SpoolError, the
+        staging folder removed, where they cannot be written."""
+        staging, names = None, []
         try:
             staging = Path(tempfile.mkdtemp(dir=self.outbox, prefix=f".{uid}."))
-            for name, data in files.items():
+            for name, data in files:
                 with open(staging / name, "wb") as f:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
+                names.append(name)
+                del data
             fsync_dir(staging)
             target = self.outbox / uid
             if target.exists():  # a kill after the rename, before done/: the same bytes again
@@ -259,6 +268,11 @@ class Spool:
                 shutil.rmtree(staging, ignore_errors=True)
             raise SpoolError(f"{self.outbox}: cannot write the results of {uid} "
                              f"({os_reason(e)})") from None
+        except BaseException:  # building a heatmap failed half-way: nothing is left of them
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return sorted(names)
 
     def put_quarantine(self, data, uid, reason):
         """The object (or what the caller keeps of it) and a .txt reason, written last: an
@@ -807,11 +821,12 @@ class Node:
             "heatmap_syntax": (ExplicitVRLittleEndian if args.uncompressed_heatmaps
                                else JPEGBaseline8Bit),
             "stand_in_findings": model.findings(np.full(len(model.class_names), 0.5))})
-        self.ae = None
+        self.ae = self.doorman = None  # start_dicom's
         self.told = set()  # warnings about the destination, each given once
         self.jpeg_fails = False  # the destination accepts JPEG but fails on it (_jpeg_failed)
         self.jpeg_failures = {}
-        self.spool_retries = {}  # UID -> times the spool could not take its results
+        self.retries = {}  # UID -> times it waited for the spool or the workers (_later)
+        self.records = {}  # UID -> its done/ record, where only that could not be written
         self.problems = {}  # what -> {since, reason}: GET /health says "degraded" (trouble)
 
     def count(self, key, n=1):
@@ -852,19 +867,19 @@ class Node:
         data = event.encoded_dataset(include_meta=True)
         try:
             ds = read_dataset(data, self.args.max_image_mb)
-        except DataError as e:  # a deflate bomb: kept by its first 64 KiB
+        except DataError as e:  # a deflate bomb: kept by its first 64 KiB, as what cannot be read
             self._quarantine_refused(data[:65536], None, f"{one_line(e)} (from {caller})")
             return self.refuse("malformed object", CANNOT_UNDERSTAND, caller, one_line(e)[:200])
         except Exception as e:
-            self._quarantine_refused(data, None, f"unreadable DICOM from {caller}: {one_line(e)}")
+            self._quarantine_refused(data[:65536], None,
+                                     f"unreadable DICOM from {caller}: {one_line(e)}")
             return self.refuse("malformed object", CANNOT_UNDERSTAND, caller, one_line(e)[:200])
         uid = str(ds.get("SOPInstanceUID", ""))
         problem, status = self.check_header(ds, sop_class)
         if problem:
-            # a decompression bomb (or anything large) is kept by what it declares
-            large = status == OUT_OF_RESOURCES or len(data) > self.args.max_image_mb * 2 ** 20
-            keep = _without_pixels(ds) if large else data
-            self._quarantine_refused(keep, uid, f"{problem} (from {caller})")
+            # kept by its header (a sender sending large refused objects again and again must
+            # not fill the spool's disk): the reason says what was wrong with the rest
+            self._quarantine_refused(_without_pixels(ds), uid, f"{problem} (from {caller})")
             return self.refuse(problem, status, caller, uid)
         with self.lock:
             duplicate = uid in self.queued or self.spool.is_done(uid)
@@ -879,9 +894,10 @@ class Node:
         except SpoolError as e:
             with self.lock:
                 self.queued.discard(uid)
-            self.spool_trouble(str(e))
+            self.trouble("spool", str(e))
             return self.refuse("cannot store", OUT_OF_RESOURCES, caller, one_line(e))
         self.count("received")
+        self.trouble("spool", None)
         log.info("accepted %s %s from %s", XRAY_CLASSES[sop_class], uid, caller)
         now = time.perf_counter()
         self.stages.add("receive", now - t0)
@@ -896,8 +912,9 @@ class Node:
         try:
             self.spool.put_quarantine(data, uid, reason)
             self.count("quarantined")
+            self.trouble("spool", None)
         except SpoolError as e:
-            self.spool_trouble(str(e))
+            self.trouble("spool", str(e))
             log.error("cannot quarantine a refused object (%s): %s", reason, e)
 
     def check_header(self, ds, sop_class):
@@ -908,7 +925,8 @@ class Node:
         if str(ds.get("SOPClassUID", "")) != sop_class:
             return "SOP Class UID differs from the request's", DOES_NOT_MATCH
         for key in ("StudyInstanceUID", "SeriesInstanceUID"):
-            if not UID_RE.match(str(ds.get(key, ""))):
+            value = str(ds.get(key, ""))
+            if not (UID_RE.match(value) and len(value) <= 64):  # copied into the results
                 return f"no valid {key}", DOES_NOT_MATCH
         return image_problem(ds, self.args.max_image_mb)
 
@@ -921,14 +939,34 @@ class Node:
                 return
             try:
                 self._decode(uid)
-            except SpoolError as e:
-                self._cannot_write(uid, e)
+            except (SpoolError, NoWorkers) as e:
+                self._later(uid, e)
             except Exception as e:
+                if self.stopping.is_set():  # interrupted by the stop: finished at the next start
+                    return
                 log.exception("processing %s failed", uid)
                 self._quarantine_image(uid, f"processing failed: {one_line(e)}")
 
     def _decode(self, uid):
         path = self.spool.image(uid)
+        with self.lock:
+            record = self.records.get(uid)
+        if record is not None:  # its results are written: only its done/ record is not
+            self.spool.finish(uid, record)  # a SpoolError: tried again later (_later)
+            self.trouble("spool", None)
+            self._forget(uid)
+            self.count("processed")
+            log.info("%s: recorded done (its results were written before)", uid)
+            return
+        if self.spool.is_done(uid) or not path.exists():
+            # a retry of an image recorded done, or quarantined, before its inbox entry could
+            # be removed (a full or failing disk): only that is left to do
+            if path.exists():
+                self.spool.finish(uid)
+            log.info("%s: finished already (%s)", uid, "done" if self.spool.is_done(uid)
+                     else "quarantined")
+            self._forget(uid)
+            return
         t0 = time.perf_counter()
         try:
             gray, source = self.workers.run(decode_in_worker, str(path))
@@ -968,30 +1006,37 @@ class Node:
                 return
             except Stopping:  # left in the inbox: finished at the next start
                 return
-            self.spool.finish(uid, {"sop_instance_uid": uid, "status": "classified",
-                                    "study_instance_uid": str(source.StudyInstanceUID),
-                                    "model": self.model.identity["sha256"],
-                                    "findings": findings, "results": names,
-                                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        except SpoolError as e:
-            self._cannot_write(uid, e)
+            record = {"sop_instance_uid": uid, "status": "classified",
+                      "study_instance_uid": str(source.StudyInstanceUID),
+                      "model": self.model.identity["sha256"], "findings": findings,
+                      "results": names, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            for ready in self.results_ready:  # the results are in the outbox: sent now
+                ready.set()
+            try:
+                self.spool.finish(uid, record)
+            except SpoolError:
+                # the results are written (and may be sent already): only the record is
+                # tried again, never the results (they were built and sent again each time)
+                with self.lock:
+                    self.records[uid] = record
+                raise
+        except (SpoolError, NoWorkers) as e:
+            self._later(uid, e)
             return
         except Exception as e:  # a worker's error comes back as one line (in_worker)
+            if self.stopping.is_set():  # interrupted by the stop: finished at the next start
+                return
             log.error("results for %s failed: %s", uid, one_line(e))
             self._quarantine_image(uid, f"cannot build results: {one_line(e)}")
             return
-        self.spool_trouble(None)
-        with self.lock:
-            self.queued.discard(uid)
-            self.worker_deaths.pop(uid, None)
-            self.spool_retries.pop(uid, None)
+        self.trouble("spool", None)
+        self.trouble("workers", None)
+        self._forget(uid)
         self.count("processed")
         self.stages.add("results", time.perf_counter() - started)
         positives = ", ".join(row["finding"] for row in findings if row["decision"] == "positive")
         log.info("classified %s in %.2f s: %s", uid, time.perf_counter() - t0,
                  positives or "no positive finding")
-        for ready in self.results_ready:
-            ready.set()
 
     def _worker_died(self, uid, what):
         """A task of this image stopped or hung its worker process, alone: the image is tried
@@ -1010,44 +1055,56 @@ class Node:
 
     def _quarantine_image(self, uid, reason):
         """The image into the quarantine with its reason, then out of the inbox: in that
-        order, each durable, so that a full disk never loses it (_cannot_write)."""
+        order, each durable, so that a full disk never loses it (_later)."""
         path = self.spool.image(uid)
         try:
             data = path.read_bytes()
-        except OSError:
+        except FileNotFoundError:  # gone already (quarantined, then the inbox not written)
             data = None
+        except OSError as e:  # unreadable now (EIO, too many open files): tried again later
+            self._later(uid, SpoolError(f"{path}: cannot read ({os_reason(e)})"))
+            return
         try:
             self.spool.put_quarantine(data, uid, reason)
             self.spool.finish(uid)  # no record: the same UID sent again is tried again
         except SpoolError as e:
-            self._cannot_write(uid, e)
+            self._later(uid, e)
             return
+        self._forget(uid)
         with self.lock:
-            self.queued.discard(uid)
-            self.accepted_at.pop(uid, None)
-            self.worker_deaths.pop(uid, None)
-            self.spool_retries.pop(uid, None)
+            self.accepted_at.pop(uid, None)  # no results will be sent
+        self.trouble("spool", None)
         self.count("quarantined")
         log.warning("quarantined %s: %s", uid, reason)
 
-    def _cannot_write(self, uid, error):
-        """The spool cannot take this image's results, done/ record or quarantine entry (a
-        full disk): the image stays in the inbox, accepted, and is tried again from the start
-        after the retry backoff, for as long as it takes; GET /health says why meanwhile."""
+    def _forget(self, uid):
+        """The image is finished: nothing of it is kept in memory (but when it was accepted,
+        until its results are sent: the total time)."""
         with self.lock:
-            tries = self.spool_retries[uid] = self.spool_retries.get(uid, 0) + 1
+            self.queued.discard(uid)
+            self.worker_deaths.pop(uid, None)
+            self.retries.pop(uid, None)
+            self.records.pop(uid, None)
+
+    def _later(self, uid, error):
+        """The spool cannot take this image's results, done/ record or quarantine entry (a
+        full or failing disk: SpoolError), or no worker process can start (NoWorkers): the
+        image stays in the inbox, accepted, and is tried again from the start after the retry
+        backoff, for as long as it takes; GET /health says why meanwhile."""
+        if self.stopping.is_set():  # finished at the next start
+            return
+        with self.lock:
+            tries = self.retries[uid] = self.retries.get(uid, 0) + 1
         delay = min(self.args.retry_max_seconds,
                     self.args.retry_seconds * 2 ** min(tries - 1, 20))
-        self.spool_trouble(str(error))
-        log.error("cannot write to the spool for %s (%s): it stays in %s, tried again in %.1f s",
+        what = "spool" if isinstance(error, SpoolError) else "workers"
+        self.trouble(what, str(error))
+        log.error("%s for %s (%s): it stays in %s, tried again in %.1f s",
+                  "cannot write to the spool" if what == "spool" else "no worker process",
                   uid, error, self.spool.inbox, delay)
         timer = threading.Timer(delay, self.todo.put, (uid,))
         timer.daemon = True
         timer.start()
-
-    def spool_trouble(self, reason):
-        """Note (reason) or clear (None) that the spool cannot be written, for GET /health."""
-        self.trouble("spool", reason)
 
     def trouble(self, what, reason):
         """GET /health's problems: what -> {since, reason} while it lasts (reason None: over)."""
@@ -1267,6 +1324,15 @@ class Node:
 
     def health(self):
         with self.lock:
+            spool_trouble = "spool" in self.problems
+        if spool_trouble:  # the disk may have been freed since, on a node with nothing to do
+            try:
+                stat = os.statvfs(self.spool.root)
+                if stat.f_bavail * stat.f_frsize >= 2 * self.args.max_image_mb * 2 ** 20:
+                    self.trouble("spool", None)  # room for the largest image and its results
+            except OSError:
+                pass
+        with self.lock:
             counters, refusals, queued = dict(self.counters), dict(self.refusals), len(self.queued)
             problems = {k: dict(v) for k, v in self.problems.items()}
         return {"status": "degraded" if problems else "ok", "problems": problems,
@@ -1294,6 +1360,11 @@ class Stopping(Exception):
     """The node is stopping: the task was not run (its image stays in the inbox)."""
 
 
+class NoWorkers(Exception):
+    """New worker processes cannot start (memory, process limits): the image waits in the
+    inbox and is tried again, never quarantined for it."""
+
+
 class Workers:
     """A pool of `n` worker processes (spawned: nothing of the node's state, its open files or
     the spool's lock, goes with them), each set up once with `settings` (worker_setup).
@@ -1312,6 +1383,7 @@ class Workers:
         self.n, self.settings = n, settings
         self.context = multiprocessing.get_context("spawn")
         self.lock, self.alone = threading.Lock(), threading.Lock()
+        self.replacing = threading.Lock()  # one replacement of the pool at a time
         self.stopped = False
         self.gone = weakref.WeakSet()  # pools abandoned (_abandon)
         self.pools = weakref.WeakSet()  # every pool started, the lone ones too (shutdown)
@@ -1322,11 +1394,12 @@ class Workers:
         sys.warnoptions.append("ignore:resource_tracker:UserWarning")
         try:
             self.pool = self._start(n)
-        except Exception as e:
-            raise ServeError(f"the worker processes cannot start ({one_line(e)})") from None
+        except NoWorkers as e:
+            raise ServeError(str(e)) from None
 
     def _start(self, n):
-        """A pool of n processes, each started and ready (imports done), by the spawner."""
+        """A pool of n processes, each started and ready (imports done), by the spawner;
+        NoWorkers where they cannot start (or are not ready within TASK_SECONDS)."""
         return self.spawner.submit(self._start_now, n).result()
 
     def _start_now(self, n):
@@ -1336,8 +1409,13 @@ class Workers:
         self.pools.add(pool)
         # CPython starts a process at a submit that finds none idle: n tasks that outlast
         # the submits start all n here, in this thread, and none is started later
-        for ready in [pool.submit(time.sleep, 0.2) for _ in range(n)]:
-            ready.result()
+        try:
+            for ready in [pool.submit(time.sleep, 0.2) for _ in range(n)]:
+                ready.result(timeout=self.TASK_SECONDS)
+        except Exception as e:  # out of memory or processes, a setup that hangs; or stopping
+            self._abandon(pool)
+            raise NoWorkers(f"worker processes cannot start ({type(e).__name__}: "
+                            f"{one_line(e)[:120]})") from None
         return pool
 
     def run(self, function, *args):
@@ -1346,7 +1424,8 @@ class Workers:
         (a task over TASK_SECONDS) holds it: the pool is replaced and the task tried again
         alone in a process of its own, one such task at a time; WorkerDied if it stops or
         hangs that one too (then most likely the task is the cause, not another's).
-        Stopping once shutdown() has begun."""
+        Stopping once shutdown() has begun (whatever it interrupts: the image waits);
+        NoWorkers where new processes cannot start (the image waits too)."""
         from concurrent.futures import CancelledError
         from concurrent.futures.process import BrokenProcessPool
         while True:
@@ -1354,40 +1433,62 @@ class Workers:
                 if self.stopped:
                     raise Stopping()
                 pool = self.pool
+            if pool in self.gone:  # abandoned, and no new pool could start yet
+                self._replace(pool)
+                continue
             try:
                 future = pool.submit(function, *args)
             except BrokenProcessPool:
                 break
             except RuntimeError:  # shut down meanwhile: replaced by another task, or stopping
-                if self.pool is pool and not self.stopped:
+                if self.stopped:
+                    raise Stopping() from None
+                if self.pool is pool and pool not in self.gone:
                     raise  # the interpreter is exiting
                 continue
             try:
                 return self._wait(pool, future)
             except (BrokenProcessPool, CancelledError):  # cancelled: by shutdown()
+                if self.stopped:
+                    raise Stopping() from None
                 break
         self._replace(pool)
         with self.alone:
             try:
                 alone = self._start(1)
-            except BrokenProcessPool:
-                raise (Stopping() if self.stopped else WorkerDied()) from None
+            except NoWorkers:
+                if self.stopped:
+                    raise Stopping() from None
+                raise
             try:
                 return self._wait(alone, alone.submit(function, *args))
-            except BrokenProcessPool:
-                raise (Stopping() if self.stopped else WorkerDied()) from None
+            except (BrokenProcessPool, CancelledError, RuntimeError):
+                # shutdown() stops the lone pool too: then the image waits for the next start
+                if self.stopped:
+                    raise Stopping() from None
+                raise WorkerDied() from None
             finally:
                 self._abandon(alone)
 
     def _replace(self, pool):
-        """A new pool for one that broke or hangs (by the first task to notice)."""
-        with self.lock:
-            if self.stopped:
-                raise Stopping()
-            if self.pool is pool:
-                log.warning("a worker process stopped or hangs: %d new ones", self.n)
-                self._abandon(pool)
-                self.pool = self._start(self.n)
+        """A new pool for one that broke or hangs (by the first task to notice; the others
+        wait for it). Started without holding self.lock, so that shutdown() never waits for
+        processes that are slow to start; NoWorkers where they cannot."""
+        with self.replacing:
+            with self.lock:
+                if self.stopped:
+                    raise Stopping()
+                if self.pool is not pool:  # replaced meanwhile
+                    return
+                if pool not in self.gone:
+                    log.warning("a worker process stopped or hangs: %d new ones", self.n)
+                    self._abandon(pool)
+            new = self._start(self.n)
+            with self.lock:
+                if self.stopped:
+                    self._abandon(new)
+                    raise Stopping()
+                self.pool = new
 
     def _abandon(self, pool):
         """Stop a pool's processes, waiting for nothing: a worker killed while it wrote its
@@ -1527,17 +1628,53 @@ def decode_in_worker(path, header=True):
 
 
 # The results copy the source's patient and study (PS3.3 C.7.1.1, C.7.2.1): these are type 2,
-# present but possibly empty, and de-identified images often leave them out altogether
+# present but possibly empty; de-identified images often leave them out altogether, and
+# real ones hold values the standard does not allow (a sex 'U', a year for a date), which
+# highdicom refuses: the results would never be built
 TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
          "ReferringPhysicianName", "StudyID", "AccessionNumber")
+SEX_VALUES = {"M": "M", "F": "F", "O": "O", "MALE": "M", "FEMALE": "F"}
 
 
 def with_type2(ds):
-    """The header, each TYPE2 attribute it lacks added empty (as the standard allows), so that
-    a de-identified image gets its results too."""
+    """The header as the results copy it: each TYPE2 attribute present, empty where the source
+    lacks it or holds a value the standard does not allow there (said in a log line: the
+    results still come, with that attribute empty). The source's own file is not changed."""
+    from pydicom.valuerep import DA, TM
+    changed = []
     for keyword in TYPE2:
         if keyword not in ds:
             setattr(ds, keyword, "")
+            continue
+        value = ds[keyword].value
+        if ds[keyword].VM > 1:  # one person, one date: the first of several
+            value = value[0]
+        text = "" if value is None else str(value).strip()
+        if keyword == "PatientSex":
+            fixed = SEX_VALUES.get(text.upper(), "")
+        elif keyword.endswith("Date") and text:
+            try:
+                fixed = text if len(text) == 8 and DA(text) is not None else ""
+            except ValueError:
+                fixed = ""
+        elif keyword.endswith("Time") and text:
+            try:
+                fixed = text if TM(text) is not None else ""
+            except ValueError:
+                fixed = ""
+        elif keyword in ("StudyID", "AccessionNumber"):  # SH: at most 16 characters
+            fixed = text if len(text) <= 16 else ""
+        elif keyword == "PatientID":  # LO: at most 64
+            fixed = text if len(text) <= 64 else ""
+        else:
+            fixed = value
+        if fixed != ds[keyword].value:
+            if str(fixed) != text or ds[keyword].VM > 1:
+                changed.append(f"{keyword} {str(ds[keyword].value)[:40]!r} -> {str(fixed)!r}")
+            setattr(ds, keyword, fixed)
+    if changed:
+        log.info("%s: values the standard does not allow, as the results carry them: %s",
+                 ds.get("SOPInstanceUID", "?"), ", ".join(changed))
     return ds
 
 
@@ -1546,15 +1683,16 @@ def results_in_worker(uid, source, findings, maps, positive, probs):
     """The report, and a heatmap per positive finding where `maps` (10, len(positive), h, w)
     are given, written to the outbox: their file names."""
     identity = _work["identity"]
-    files = {"0-sr.dcm": _work["report"](source, findings)}
-    if maps is not None:
-        overlays = _overlays(_work["spool"].image(uid), probs, maps, positive, identity,
-                             _work["resize"], _work["crop"])
-        for k, data in build_heatmaps(source, overlays, identity, _work["uid_root"],
-                                      _work["heatmap_syntax"]):
-            files[f"1-sc-{k:02d}.dcm"] = data
-    _work["spool"].put_results(uid, files)
-    return sorted(files)
+
+    def files():  # one at a time, each written before the next is built
+        yield "0-sr.dcm", _work["report"](source, findings)
+        if maps is not None:
+            overlays = _overlays(_work["spool"].image(uid), probs, maps, positive, identity,
+                                 _work["resize"], _work["crop"])
+            for k, data in build_heatmaps(source, overlays, identity, _work["uid_root"],
+                                          _work["heatmap_syntax"]):
+                yield f"1-sc-{k:02d}.dcm", data
+    return _work["spool"].put_results(uid, files())
 
 
 def _overlays(path, probs, maps, positive, identity, resize, crop):
@@ -1572,13 +1710,9 @@ def _overlays(path, probs, maps, positive, identity, resize, crop):
 
 def read_dataset(data, max_image_mb):
     """The data set of a received object (bytes of a DICOM file), parsed up to its end (a
-    truncated object fails here, pydicom's error). DataError where it is deflated and would
-    inflate to more than the image limit allows (pydicom would inflate it all at once, in the
-    node's own process)."""
-    problem = inflated_problem(io.BytesIO(data), max_image_mb * 2 ** 20 + MAX_HEADER_BYTES)
-    if problem:
-        raise DataError(problem)
-    ds = pydicom.dcmread(io.BytesIO(data))
+    truncated object fails here, pydicom's error); images.read_dicom's DataError for a deflate
+    bomb (it would be inflated in the node's own process)."""
+    ds = read_dicom(data, max_image_mb * 2 ** 20)
     ds.get("PixelData")
     return ds
 
@@ -1615,11 +1749,16 @@ def image_problem(ds, max_image_mb):
 
 
 def _without_pixels(ds):
-    ds = ds.copy()
-    for key in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-        if key in ds:
-            del ds[key]
-    return _encoded(ds)
+    """The object's encoding without its pixels (None where even that cannot be encoded: the
+    quarantine then keeps the reason alone)."""
+    try:
+        ds = ds.copy()
+        for key in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+            if key in ds:
+                del ds[key]
+        return _encoded(ds)
+    except Exception:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1648,6 +1787,9 @@ def start_dicom(node, args):
     # PDU costs Python work in the receiving thread (a 2 MB image: 15 ms of CPU -> 12.5)
     ae.maximum_pdu_size = MAX_PDU_BYTES
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
+    # the A-ASSOCIATE-RQ is whole when pynetdicom sees the connection (Doorman): nothing to
+    # wait for, and a connection that fails then does not hold its slot for --timeout
+    ae.acse_timeout = min(args.timeout, ASSOCIATE_SECONDS)
     if args.allow_ae:
         ae.require_calling_aet = args.allow_ae
     ae.require_called_aet = True  # a sender must call this node by its AE title
@@ -1697,87 +1839,168 @@ class Doorman:
     """Connections wait here, before pynetdicom sees them, until they send their first bytes.
 
     pynetdicom counts every open connection against --max-associations from the moment it is
-    accepted: 20 TCP connections that sent nothing held every slot until --timeout, and no
-    sender got through. Here a connection becomes an association (a pynetdicom thread, a
-    slot) only once it has spoken; one silent for `seconds` is closed, and when LIMIT are
-    waiting the oldest is closed to let a new one in, so a sender is always heard. Its
-    A-ASSOCIATE-RQ must then arrive within the same time (_recv). One thread, one selector.
-    Connections are handed over through socketserver's process_request, the standard hook."""
+    accepted, and holds it until --timeout when the peer says nothing, one byte, or resets:
+    20 such connections held every slot, and no sender got through. Here a connection becomes
+    an association (a pynetdicom thread, a slot) only once its first message has arrived
+    whole (peeked at, not read): an A-ASSOCIATE-RQ (PDU type 1) of at most MAX_REQUEST_BYTES,
+    or with TLS its first TLS record (a ClientHello; the request then follows under _recv's
+    deadline). A connection that closes, resets or sends anything else is closed; one whose
+    message is not whole within `seconds` is closed; when LIMIT are waiting the oldest is
+    closed to let a new one in, so a sender is always heard. One thread owns the selector
+    (the accepting thread only queues new connections to it); connections are handed over
+    through socketserver's process_request, the standard hook."""
     LIMIT = 256
+    SAY_EVERY = 10.0  # seconds between two log lines about closed connections
 
     def __init__(self, server, seconds, node):
         import selectors
         self.seconds, self.node = seconds, node
         self.selector = selectors.DefaultSelector()
-        self.waiting = {}  # socket -> (address, deadline), oldest first
-        self.lock = threading.Lock()
-        self.closed = 0  # since the last log line
-        self.said = 0.0
+        self.arrived = queue.SimpleQueue()  # (socket, address) from the accepting thread
+        self.waiting = {}  # socket -> (address, deadline), oldest first: the thread's own
+        self.partial = set()  # of those, the ones whose first message has begun: polled
+        self.closed = {}  # why -> connections closed since the last log line
+        self.said = time.monotonic()
+        self.stopped = False
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
         self.selector.register(self.wake_r, selectors.EVENT_READ)
         self.hand_over = server.process_request
         server.process_request = self.admit
         threading.Thread(target=self._run, name="doorman", daemon=True).start()
 
     def admit(self, request, address):
-        """socketserver's process_request: the accepting thread's, so it never waits."""
+        """socketserver's process_request, in the accepting thread: queued, never waited on."""
+        self.arrived.put((request, address))
+        try:
+            self.wake_w.send(b"x")
+        except (BlockingIOError, OSError):  # the thread has wake-ups pending already
+            pass
+
+    def stop(self):
+        self.stopped = True
+        self.admit(None, None)
+
+    def _run(self):
+        while not self.stopped:
+            try:
+                self._step()
+            except Exception:  # never the end of the thread: no sender would be heard again
+                log.exception("the doorman failed; it goes on")
+                time.sleep(0.1)
+        for sock in list(self.waiting):
+            self._close(sock, "the node is stopping")
+
+    def _step(self):
         import selectors
-        with self.lock:
+        first = next(iter(self.waiting.values()), None)
+        timeout = 1.0 if first is None else max(0.0, min(1.0, first[1] - time.monotonic()))
+        if self.partial:  # bytes that stay unread keep a socket readable: polled instead
+            timeout = min(timeout, 0.1)
+        readable = list(self.partial)
+        for key, _ in self.selector.select(timeout):
+            if key.fileobj is self.wake_r:
+                try:
+                    while self.wake_r.recv(4096):
+                        pass
+                except (BlockingIOError, OSError):
+                    pass
+            elif key.fileobj in self.waiting:
+                readable.append(key.fileobj)
+        for sock in dict.fromkeys(readable):
+            if sock not in self.waiting:  # closed or handed over meanwhile
+                continue
+            ready, why = first_message(sock)
+            if why:
+                self._close(sock, why)
+            elif ready:
+                address, _ = self.waiting.pop(sock)
+                self._forget(sock)
+                try:
+                    self.hand_over(sock, address)
+                except Exception as e:  # the server is shutting down
+                    log.warning("cannot start an association: %s", one_line(e))
+                    sock.close()
+            elif sock not in self.partial:  # begun, not whole: looked at again in 0.1 s
+                self.selector.unregister(sock)
+                self.partial.add(sock)
+        while True:  # the connections accepted meanwhile
+            try:
+                sock, address = self.arrived.get_nowait()
+            except queue.Empty:
+                break
+            if sock is None:
+                continue
             if len(self.waiting) >= self.LIMIT:
-                oldest = next(iter(self.waiting))
-                self._close(oldest, "too many connections waiting to associate")
-            self.waiting[request] = (address, time.monotonic() + self.seconds)
-            self.selector.register(request, selectors.EVENT_READ)
-        self.wake_w.send(b"x")
+                self._close(next(iter(self.waiting)), "too many connections waiting to speak")
+            try:
+                self.selector.register(sock, selectors.EVENT_READ)
+            except (OSError, ValueError):  # closed by the peer already
+                sock.close()
+                continue
+            self.waiting[sock] = (address, time.monotonic() + self.seconds)
+        now = time.monotonic()
+        for sock, (_, deadline) in list(self.waiting.items()):
+            if deadline > now:
+                break
+            self._close(sock, f"no whole request within {self.seconds:g} s")
+        if self.closed and now - self.said >= self.SAY_EVERY:
+            log.warning("closed before association: %s", "; ".join(
+                f"{n} connection(s): {why}" for why, n in self.closed.items()))
+            self.closed, self.said = {}, now
+
+    def _forget(self, sock):
+        self.partial.discard(sock)
+        try:
+            self.selector.unregister(sock)
+        except (KeyError, ValueError):  # polled (partial), not registered
+            pass
 
     def _close(self, sock, why):
         self.waiting.pop(sock, None)
-        try:
-            self.selector.unregister(sock)
-        except (KeyError, ValueError):
-            pass
+        self._forget(sock)
         try:
             sock.close()
         except OSError:
             pass
-        self.closed += 1
+        self.closed[why] = self.closed.get(why, 0) + 1
         with self.node.lock:
+            self.node.counters["refused"] += 1
             self.node.refusals[why] = self.node.refusals.get(why, 0) + 1
-        now = time.monotonic()
-        if now - self.said > 10:  # a flood is one line each 10 s, not one per connection
-            log.warning("closed %d connection(s) that sent nothing in %.0f s (%s)", self.closed,
-                        self.seconds, why)
-            self.closed, self.said = 0, now
 
-    def _run(self):
-        while True:
-            with self.lock:
-                first = next(iter(self.waiting.values()), None)
-            timeout = 1.0 if first is None else max(0.0, min(1.0, first[1] - time.monotonic()))
-            for key, _ in self.selector.select(timeout):
-                if key.fileobj is self.wake_r:
-                    try:
-                        self.wake_r.recv(4096)
-                    except OSError:
-                        pass
-                    continue
-                with self.lock:
-                    entry = self.waiting.pop(key.fileobj, None)
-                    if entry is None:
-                        continue
-                    self.selector.unregister(key.fileobj)
-                try:
-                    self.hand_over(key.fileobj, entry[0])
-                except Exception as e:  # the server is shutting down
-                    log.warning("cannot start an association: %s", one_line(e))
-                    key.fileobj.close()
-            now = time.monotonic()
-            with self.lock:
-                for sock, (_, deadline) in list(self.waiting.items()):
-                    if deadline > now:
-                        break
-                    self._close(sock, "connection silent before association")
+
+def first_message(sock):
+    """(whether a connection's first message is here whole, why it must be closed or None),
+    peeking at the bytes waiting (nothing is read: pynetdicom reads them). Plain DICOM: an
+    A-ASSOCIATE-RQ PDU (type 1, a 6-byte header with its length) of at most MAX_REQUEST_BYTES;
+    TLS: a TLS record (type 22, handshake; 5-byte header), the ClientHello."""
+    import ssl as ssl_module
+    raw = sock
+    if isinstance(sock, ssl_module.SSLSocket):  # peek under TLS, at the socket's own bytes
+        raw = socket.socket(fileno=os.dup(sock.fileno()))
+    try:
+        head = raw.recv(MAX_REQUEST_BYTES + 6, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False, None
+    except OSError as e:
+        return False, f"connection failed before association ({os_reason(e)})"
+    finally:
+        if raw is not sock:
+            raw.close()  # the duplicate descriptor only
+    if not head:
+        return False, "connection closed before association"
+    tls = raw is not sock
+    kind, header = (22, 5) if tls else (1, 6)
+    if head[0] != kind:
+        return False, ("not a TLS handshake" if tls else "not an A-ASSOCIATE-RQ")
+    if len(head) < header:
+        return False, None
+    length = int.from_bytes(head[3:5], "big") if tls else int.from_bytes(head[2:6], "big")
+    if length > MAX_REQUEST_BYTES:
+        return False, "an association request over the size the node accepts"
+    # whole, or as much of it as the socket's buffer holds
+    return len(head) >= min(header + length, 65536), None
 
 
 def tuned(assoc):
@@ -1804,18 +2027,29 @@ def _recv(self, nr_bytes):
       dripping a byte now and then included (pynetdicom's sockets have no timeout: such a
       peer held its association, and its slot of --max-associations, for good); the TLS
       handshake, done at the first read (start_dicom), is under the same deadline;
+    - before its association is established a peer has ASSOCIATE_SECONDS (at most --timeout)
+      from its first read for everything (the TLS handshake, the A-ASSOCIATE-RQ's header and
+      body), and its A-ASSOCIATE-RQ may declare at most MAX_REQUEST_BYTES: a request that
+      declared 4 MiB and dripped held a slot for over a minute;
     - a TLS failure (a bad certificate, plain TCP to a TLS port) is one log line, not a
       traceback."""
-    if nr_bytes > MAX_PDU_BYTES:
-        log.warning("a peer sends a PDU of %d bytes, over the %d the node accepts: connection "
-                    "closed", nr_bytes, MAX_PDU_BYTES)
+    associating = (getattr(self.assoc, "is_acceptor", False)
+                   and not self.assoc.is_established)
+    limit = MAX_REQUEST_BYTES if associating else MAX_PDU_BYTES
+    if nr_bytes > limit:
+        log.warning("a peer sends a PDU of %d bytes, over the %d the node accepts%s: "
+                    "connection closed", nr_bytes, limit,
+                    " before association" if associating else "")
         return bytearray()
     timeout = self.assoc.network_timeout
-    if (timeout is not None and getattr(self.assoc, "is_acceptor", False)
-            and not self.assoc.is_established):
-        timeout = min(timeout, ASSOCIATE_SECONDS)  # the A-ASSOCIATE-RQ (Doorman)
     allowed = None if timeout is None else timeout + nr_bytes / MIN_RECV_RATE
     deadline = None if allowed is None else time.monotonic() + allowed
+    if associating:  # one deadline for the whole request, from its first read (Doorman)
+        if getattr(self.assoc, "_node_associate_by", None) is None:
+            self.assoc._node_associate_by = time.monotonic() + min(
+                timeout if timeout is not None else ASSOCIATE_SECONDS, ASSOCIATE_SECONDS)
+        deadline = min(deadline or math.inf, self.assoc._node_associate_by)
+        allowed = max(0.0, deadline - time.monotonic())
     previous = self.socket.gettimeout()
     data = bytearray()
     try:
@@ -1827,10 +2061,18 @@ def _recv(self, nr_bytes):
                 break
             data += chunk
     except TimeoutError:
-        log.warning("a peer sent %d of a PDU's %d bytes in %.0f s (--timeout, then %d KB/s): "
-                    "connection closed", len(data), nr_bytes, allowed, MIN_RECV_RATE // 1024)
+        if associating:
+            log.warning("a peer sent %d of a PDU's %d bytes before association in %.0f s "
+                        "(at most %g s from its first byte): connection closed", len(data),
+                        nr_bytes, allowed, ASSOCIATE_SECONDS)
+        else:
+            log.warning("a peer sent %d of a PDU's %d bytes in %.0f s (--timeout, then %d "
+                        "KB/s): connection closed", len(data), nr_bytes, allowed,
+                        MIN_RECV_RATE // 1024)
     except ssl.SSLError as e:
         log.warning("TLS with a peer failed (%s): connection closed", one_line(e))
+    except OSError as e:  # reset by the peer, or closed meanwhile: what arrived, and the end
+        log.info("a peer's connection failed (%s)", os_reason(e))
     finally:
         try:
             self.socket.settimeout(previous)
@@ -1919,6 +2161,29 @@ def start_http(node, args):
             self.end_headers()
             self.wfile.write(data)
 
+        def read_body(self, length):
+            """The body, or None where it does not arrive within --timeout plus its length at
+            MIN_RECV_RATE (as a DICOM PDU must): a client dripping a byte now and then held
+            a /predict slot for as long as it liked. Shorter at the end of the connection."""
+            deadline = time.monotonic() + args.timeout + length / MIN_RECV_RATE
+            parts, have = [], 0
+            try:
+                while have < length:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    self.connection.settimeout(left)
+                    chunk = self.rfile.read1(min(length - have, RECV_BYTES))
+                    if not chunk:
+                        break
+                    parts.append(chunk)
+                    have += len(chunk)
+            except TimeoutError:
+                return None
+            finally:
+                self.connection.settimeout(args.timeout)
+            return b"".join(parts)
+
         def authorised(self):
             if token is None:
                 return True
@@ -1950,7 +2215,13 @@ def start_http(node, args):
                 return self.reply(503, {"error": f"more than --max-associations "
                                                  f"{args.max_associations} requests at once"})
             try:
-                body = self.rfile.read(length)
+                body = self.read_body(length)
+                if body is None:
+                    self.close_connection = True
+                    return self.reply(408, {"error": f"the body of {length} bytes did not "
+                                                     f"arrive within {args.timeout:g} s plus "
+                                                     f"its length at {MIN_RECV_RATE // 1024} "
+                                                     "KB/s"})
                 if len(body) < length:
                     return self.reply(400, {"error": "body shorter than its Content-Length"})
                 result = predict_bytes(node, body)
@@ -1958,6 +2229,8 @@ def start_http(node, args):
                 return self.reply(400, {"error": one_line(e)})
             except Stopping:
                 return self.reply(503, {"error": "the node is stopping"})
+            except NoWorkers as e:
+                return self.reply(503, {"error": one_line(e)})
             finally:
                 busy.release()
             self.reply(200, result)
@@ -2091,7 +2364,8 @@ def get_args(argv=None):
                    help="images accepted and not yet classified; more are refused (0xA700)")
     p.add_argument("--max-image-mb", type=positive_float, default=128.0,
                    help="largest image by its header (rows x columns x frames x samples x "
-                        "bytes); larger ones are refused before decoding (0xA700)")
+                        "bytes); larger ones are refused before decoding (0xA700); at most "
+                        "128")
     p.add_argument("--worker-memory-mb", type=positive_float, default=None,
                    help="address space each worker process may take beyond its start-up size, "
                         "so that a decoder misled by a hostile file fails alone (default 2048 "
@@ -2143,6 +2417,9 @@ def get_args(argv=None):
         p.error("argument --allow-ae: name the AE titles allowed to send (or --allow-any-ae)")
     if args.allow_ae and args.allow_any_ae:
         p.error("argument --allow-any-ae: not with --allow-ae")
+    if args.max_image_mb > MAX_DECODED_BYTES / 2 ** 20:  # what every decoder refuses anyway
+        p.error(f"argument --max-image-mb: at most {MAX_DECODED_BYTES / 2 ** 20:g} (an 8192x8192 "
+                "16-bit image: images.MAX_DECODED_BYTES)")
     if args.uncompressed_heatmaps and args.no_heatmaps:
         p.error("argument --uncompressed-heatmaps: not with --no-heatmaps")
     if args.destination is None:
@@ -2180,6 +2457,8 @@ def main(argv=None):
     try:
         with exclusive_lock(Path(args.spool) / ".lock", "another serve.py",
                             "give each node its own --spool"):
+            if not args.no_heatmaps:  # imported by the worker processes, checked here
+                optional.heatmaps()
             tls_context(args)
             destination_tls(args)
             read_token(args.http_token_file)
@@ -2246,6 +2525,7 @@ def run(node, args, spool):
     node.stopping.set()
     for ready in node.results_ready:  # an association open for more results is released
         ready.set()
+    node.doorman.stop()
     server.shutdown()
     node.workers.shutdown()
     if http is not None:

@@ -30,8 +30,8 @@ import numpy as np
 
 from common import DataError, atomic_path, one_line
 from labels import patient_of
-from metrics import (at_least, bootstrap_counts, interval, newcombe, quiet, roc_aucs,
-                     weighted_aucs, wilson)
+from metrics import (at_least, auc_collapsed, bootstrap_counts, interval, newcombe, quiet,
+                     roc_aucs, weighted_aucs, wilson)
 from optional import MissingPackage, pyplot
 from tables import detect_dataset, find_label_table, read_chexpert, read_table
 
@@ -287,11 +287,20 @@ def subgroup_statistics(labels, probs, patients, assigned, thresholds=None, n_bo
         sums[attr] = {name: per_patient(v, code, s) for name, v in parts.items()}
         boot[attr] = {name: [] for name in parts}
         boot[attr]["auc"] = []
-    # patients whose images hold a positive (negative) of each disease, per subgroup: a
-    # patient-level statistic needs min_count of them as well as min_count images
-    with_patients = {attr: {name: (sums[attr][name].reshape(n_pat, len(groups), k) > 0).sum(0)
-                            for name in ("pos", "neg")}
-                     for attr, (groups, code) in layout.items()}
+    # patients whose images hold a positive (negative) of each disease, per subgroup, and in
+    # everyone else whose attribute is known (a patient counted once, though their images lie
+    # in several age bands): a patient-level statistic needs min_count of them as well as
+    # min_count images
+    with_patients, rest_with_patients = {}, {}
+    for attr, (groups, code) in layout.items():
+        known = len(ATTRIBUTES[attr])
+        with_patients[attr], rest_with_patients[attr] = {}, {}
+        for name in ("pos", "neg"):
+            has = sums[attr][name].reshape(n_pat, len(groups), k) > 0  # (patient, group, d)
+            with_patients[attr][name] = has.sum(0)
+            rest_with_patients[attr][name] = np.stack([
+                np.delete(has[:, :known], g, axis=1).any(1).sum(0) if g < known
+                else np.zeros(k, int) for g in range(len(groups))])
     # AUROC of each subgroup where both classes reach min_count, resampled with the rest.
     auc_point, auc_ok, members = {}, {}, {}
     for attr, (groups, code) in layout.items():
@@ -326,9 +335,7 @@ def subgroup_statistics(labels, probs, patients, assigned, thresholds=None, n_bo
         rest_boot = {name: v[:, :known_groups].sum(1)[:, None] - v for name, v in b.items()
                      if name != "auc"}
         # patients of each side's denominator (everyone else's: the other known subgroups')
-        here_patients = with_patients[attr]
-        rest_patients = {name: v[:known_groups].sum(0)[None] - v
-                         for name, v in here_patients.items()}
+        here_patients, rest_patients = with_patients[attr], rest_with_patients[attr]
         with quiet():
             rates, rate_ci, gaps, gap_ci = {}, {}, {}, {}
             for rule in thresholds:
@@ -343,7 +350,8 @@ def subgroup_statistics(labels, probs, patients, assigned, thresholds=None, n_bo
                         interval(b[f"{num}/{rule}"] / b[den]
                                  - rest_boot[f"{num}/{rule}"] / rest_boot[den]),
                         newcombe(rates[key], score, rest, wilson(rest, rest_patients[den])))
-        auc_lo, auc_hi = interval(b["auc"])
+        auc_lo, auc_hi = auc_collapsed(interval(b["auc"]), auc_point[attr],
+                                       here_patients["pos"], here_patients["neg"])
         images = np.bincount(code, minlength=len(groups))
         patients = [len(np.unique(inverse[code == g])) for g in range(len(groups))]
         per_disease = {}

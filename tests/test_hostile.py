@@ -298,6 +298,49 @@ def test_a_truncated_codestream_is_an_error_not_grey_rows(codec, tmp_path, capsy
     assert str(e.value).startswith(f"{cut}: ") and "truncated" in str(e.value), str(e.value)
 
 
+def test_codestreams_read_as_their_standards_write_them():
+    """What codestreams.frame_problem reads of a stream: JPEG's fill and padding bytes after
+    EOI (00 and FF) are no truncation; JPEG-LS's LSE marker that enlarges the frame is the
+    size; a height left to a DNL marker cannot be checked (refused); a second frame header is
+    refused; a JP2 file's codestream is its jp2c box, walked by box lengths (an XLBox too)."""
+    import io
+    import struct
+
+    from codestreams import frame_problem
+    gray = np.asarray(Image.open(PNG).convert("L"))
+    buffer = io.BytesIO()
+    Image.fromarray(gray).save(buffer, format="JPEG")
+    jpeg = buffer.getvalue()
+    baseline = "1.2.840.10008.1.2.4.50"
+
+    def check(frame, syntax=baseline, rows=256, columns=256):
+        return frame_problem(syntax, frame, rows, columns, 1, 8)
+    assert check(jpeg) is None and check(jpeg + b"\xff\xff\x00") is None
+    assert "truncated" in check(jpeg[:-2] + b"\x00\x00")
+    sof = jpeg.index(b"\xff\xc0")
+    dnl = jpeg[:sof + 5] + b"\x00\x00" + jpeg[sof + 7:]
+    assert "DNL marker" in check(dnl)
+    twice = jpeg[:sof] + jpeg[sof:sof + 2 + struct.unpack(">H", jpeg[sof + 2:sof + 4])[0]] + \
+        jpeg[sof:]
+    assert "a second frame header" in check(twice)
+    # JPEG-LS: SOF55 says 256x256, an LSE of ID 4 right after says 60000x60000
+    ls = b"\xff\xd8\xff\xf7\x00\x0b\x08\x01\x00\x01\x00\x01\x01\x11\x00" \
+        b"\xff\xf8\x00\x0a\x04\x03" + (60000).to_bytes(3, "big") * 2 + \
+        b"\xff\xda\x00\x08\x01\x01\x00\x00\x00\x00" + b"\x00" * 10 + b"\xff\xd9"
+    assert "declares 60000x60000" in check(ls, "1.2.840.10008.1.2.4.80", 256, 256)
+    # JPEG 2000 in a JP2 file: signature box, a box of 8-byte length, then the codestream
+    siz = b"\xff\x4f\xff\x51\x00\x29\x00\x00" + struct.pack(">IIIIIIII", 256, 256, 0, 0,
+                                                              256, 256, 0, 0) + b"\x00\x01"
+    codestream = siz + b"\x07\x01\x01" + b"\x00" * 20 + b"\xff\xd9"
+    jp2 = (b"\x00\x00\x00\x0cjP  \r\n\x87\n" + struct.pack(">I4sQ", 1, b"xml ", 20) + b"<x/>"
+           + struct.pack(">I4s", 8 + len(codestream), b"jp2c") + codestream + b"\x00" * 7)
+    j2k = "1.2.840.10008.1.2.4.90"
+    assert check(codestream, j2k) is None and check(jp2, j2k) is None
+    assert "truncated" in check(jp2[:-12], j2k)
+    assert "declares 512x256" in check(jp2.replace(struct.pack(">II", 256, 256),
+                                                   struct.pack(">II", 512, 256), 1), j2k)
+
+
 def test_a_truncated_dicom_fails_infer_image(small_model, tmp_path, capsys):
     from dicom_files import compressed_dicom
     work, _ = small_model
@@ -318,6 +361,17 @@ def test_a_deflate_bomb_is_refused_without_inflating_it(tmp_path):
     assert error == (f"DataError {path}: its deflated data set inflates to over 144 MiB "
                      "(a deflate bomb?)"), error
     assert peak_kb < 400_000, f"peak {peak_kb / 1e3:.0f} MB"
+
+
+def test_a_class_map_pair_wins_over_a_same_named_class_in_any_order():
+    """'Pneumonia=Effusion' with a model and a list that both have Effusion and Pneumonia:
+    the model's Pneumonia is scored against the list's Effusion, as asked; the model's
+    Effusion (its column taken) is left out. It used to take the column first, silently."""
+    from labels import shared_classes
+    model, listed = ["Effusion", "Pneumonia"], ["Effusion", "Pneumonia"]
+    assert shared_classes(model, listed, {"Pneumonia": "Effusion"}) == [(1, 0)]
+    assert shared_classes(model, listed, {"Effusion": "Pneumonia"}) == [(0, 1)]
+    assert shared_classes(["Effusion", "Mass"], ["Pleural Effusion", "Mass"]) == [(0, 0), (1, 1)]
 
 
 @pytest.mark.parametrize("mapping, named", [

@@ -464,11 +464,16 @@ def test_refusals_and_quarantine_keep_the_node_serving(model_dir, dx_files, pacs
             a.release()
         assert "more than --max-associations 2" in node.text()
         # a PDU declared (and begun) longer than the node accepts, before any AE check: the
-        # connection is closed, nothing of that length is held
+        # connection is closed, nothing of that length is held (the doorman: a request over
+        # 256 KiB never reaches pynetdicom; its bytes unread, the close may be a reset)
         with socket.create_connection(("127.0.0.1", node.port), timeout=30) as raw:
             raw.sendall(b"\x01\x00\xff\xff\xff\xf0" + b"\0" * 65536)
-            assert raw.recv(100) == b""  # closed by the node
-        assert "over the 4194304 the node accepts: connection closed" in node.text()
+            try:
+                assert raw.recv(100) == b""  # closed by the node
+            except ConnectionResetError:
+                pass
+        wait_for(lambda: "an association request over the size the node accepts"
+                 in node.text(), 20, "the oversized request's log line")
 
         def variant(**changes):
             ds = pydicom.dcmread(dx_files[1])
@@ -567,7 +572,11 @@ def test_tls(model_dir, dx_files, pacs, tmp_path):
         with socket.create_connection(("127.0.0.1", node.port), timeout=30) as stalled:
             stalled.sendall(b"\x16\x03\x01\x02\x00\x01")  # a ClientHello's first bytes
             started = time.monotonic()
-            assert stalled.recv(100) == b"" and time.monotonic() - started < 15
+            try:  # closed by the node (its bytes unread: the close may be a reset)
+                assert stalled.recv(100) == b""
+            except ConnectionResetError:
+                pass
+            assert time.monotonic() - started < 15
         assert send([ds], node.port) is None  # no TLS: no association
         wait_for(lambda: len(tls_pacs.instances("SR")) == 1, 120, "the report over TLS")
         # the PACS itself takes no plain TCP, even from the AE title it knows

@@ -16,6 +16,7 @@ round found, at the mechanism that owns it.
 """
 import base64
 import json
+import struct
 import os
 import signal
 import socket
@@ -69,6 +70,16 @@ def send_files(paths, port, aet="SENDER", called=NODE_AE):
         return [getattr(assoc.send_c_store(path), "Status", None) for path in paths]
     finally:
         assoc.release()
+
+
+def closed_by_node(sock, timeout=15):
+    """Whether the node closed this connection (an end of file; a reset where bytes it had
+    not read were waiting)."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(10) == b""
+    except ConnectionResetError:
+        return True
 
 
 def http(port, path, body=None, headers=None, method=None):
@@ -140,7 +151,9 @@ def test_hostile_objects_are_refused_at_the_door_and_every_real_one_answered(
       at C-STORE, quarantined with the reason, no worker grows;
     - a JPEG stream cut short (its rows below the cut decoded as flat grey): 0xA900;
     - a deflated data set that inflates to 512 MiB: 0xC000 from the first 64 KiB, quarantined;
-    - a de-identified DX without any type 2 attribute: accepted, and its report arrives;
+    - a de-identified DX without any type 2 attribute, and one with values the standard does
+      not allow (sex 'U', a date '2026-01-01', two patient names): accepted, and their
+      reports arrive (the values left empty, one name);
     - an 8-bit MONOCHROME2 DX without VOI and its PNG: the same probabilities (/predict);
     - GET /health: "degraded" with the destination's failure while it is down, "ok" after."""
     import pydicom
@@ -162,6 +175,11 @@ def test_hostile_objects_are_refused_at_the_door_and_every_real_one_answered(
         delattr(ds, keyword)
     ds.save_as(bare, enforce_file_format=True)
     eight = as_dx(write_dicom(png, work / "eight.dcm", "no_voi"), study)
+    odd = dx_file(png, work / "odd.dcm", study, generate_uid(), 2)  # values real images hold
+    ds = pydicom.dcmread(odd)
+    ds.PatientSex, ds.StudyDate, ds.StudyTime, ds.PatientBirthDate = "U", "2026-01-01", "25:61", "1950"
+    ds.PatientName, ds.AccessionNumber = ["Doe^John", "Roe^Jane"], "A" * 20
+    ds.save_as(odd, enforce_file_format=True)
     assert "WindowCenter" not in pydicom.dcmread(eight) and pydicom.dcmread(eight).BitsStored == 8
 
     spool = tmp_path / "spool"
@@ -169,9 +187,9 @@ def test_hostile_objects_are_refused_at_the_door_and_every_real_one_answered(
     node = NodeProcess(model_dir, spool, pacs_of(down_destination), "--http-port", http_port,
                        "--retry-max-seconds", "0.5")
     try:
-        statuses = send_files([bomb, cut, deflated, bare, eight], node.port)
+        statuses = send_files([bomb, cut, deflated, bare, eight, odd], node.port)
         assert statuses[:3] == [0xA900, 0xA900, 0xC000], [hex(s or 0) for s in statuses]
-        assert statuses[3:] == [0, 0]
+        assert statuses[3:] == [0, 0, 0]
         reasons = "".join(p.read_text() for p in (spool / "quarantine").glob("*.txt"))
         assert "its JPEG stream declares 65500x65500 with 1 component(s), the DICOM header " \
                "1024x1024" in reasons, reasons
@@ -192,8 +210,13 @@ def test_hostile_objects_are_refused_at_the_door_and_every_real_one_answered(
         assert [f["probability"] for f in from_dicom[1]["findings"]] == \
             [f["probability"] for f in from_png[1]["findings"]]
         down_destination.start()
-        wait_for(lambda: len(down_destination.reports()) == 2, 120, "both reports")
-        assert set(down_destination.reports()) == {uid_of(bare), uid_of(eight)}
+        wait_for(lambda: len(down_destination.reports()) == 3, 120, "the three reports")
+        assert set(down_destination.reports()) == {uid_of(bare), uid_of(eight), uid_of(odd)}
+        odd_report = next(ds for ds in down_destination.received
+                          if ds.SOPClassUID == SR_CLASS and sr_findings(ds)[1] == uid_of(odd))
+        assert (odd_report.PatientSex, odd_report.StudyDate, odd_report.StudyTime) == ("", "", "")
+        assert str(odd_report.PatientName) == "Doe^John" and odd_report.AccessionNumber == ""
+        assert "values the standard does not allow, as the results carry them" in node.text()
         wait_for(lambda: http(http_port, "/health")[1]["status"] == "ok", 30, "/health ok")
         assert "Traceback" not in node.text(), node.text()
     finally:
@@ -202,11 +225,12 @@ def test_hostile_objects_are_refused_at_the_door_and_every_real_one_answered(
 
 def test_idle_connections_lock_no_sender_out_and_words_are_right(model_dir, dx_files,
                                                                  down_destination, tmp_path):
-    """20 TCP connections that send nothing held every association slot (8) until --timeout:
-    now the allowed sender is served while they are open, and they are closed after 5 s. A
-    connection that begins an A-ASSOCIATE-RQ and stalls is closed at the same deadline. A
-    wrong called AE title is logged as such (it was logged as 'more than
-    --max-associations')."""
+    """20 TCP connections that send nothing held every association slot (8) until --timeout,
+    and so did connections that reset, closed or sent one byte: now a connection takes a slot
+    only once its whole A-ASSOCIATE-RQ is there, so the allowed sender is served while they
+    are open; those silent or unfinished for 5 s are closed, as is one that drips its request,
+    and one that declares a 4 MiB request at once. A wrong called AE title is logged as such
+    (it was logged as 'more than --max-associations')."""
     down_destination.start()
     node = NodeProcess(model_dir, tmp_path / "spool", pacs_of(down_destination), "--no-heatmaps",
                        "--max-associations", "8")
@@ -214,20 +238,51 @@ def test_idle_connections_lock_no_sender_out_and_words_are_right(model_dir, dx_f
     try:
         for _ in range(20):
             idle.append(socket.create_connection(("127.0.0.1", node.port)))
+        # and connections that reset at once, close at once, or send one byte: before, each
+        # took a slot for --timeout (9 resets every 30 s kept every sender out)
+        for how in ("reset", "close", "byte") * 4:
+            s = socket.create_connection(("127.0.0.1", node.port))
+            if how == "reset":
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.close()
+            elif how == "close":
+                s.close()
+            else:
+                s.sendall(b"\x01")
+                idle.append(s)
         stalled = socket.create_connection(("127.0.0.1", node.port))
         stalled.sendall(b"\x01\x00\x00\x00")  # the first bytes of an A-ASSOCIATE-RQ
+        # an A-ASSOCIATE-RQ of 100 KB begun and dripped: closed 5 s after its first byte
+        dripping = socket.create_connection(("127.0.0.1", node.port))
+        dripping.sendall(b"\x01\x00\x00\x01\x90\x00" + b"\0" * 100)
+        # one declaring 4 MiB (a real one is a few KB): closed at once, nothing of it held
+        huge = socket.create_connection(("127.0.0.1", node.port))
+        huge.sendall(b"\x01\x00\x00\x40\x00\x00" + b"\0" * 100)
+        assert closed_by_node(huge)
         time.sleep(1.0)
         started = time.monotonic()
         assert send_files(dx_files[:1], node.port) == [0]
         assert time.monotonic() - started < 10
         wait_for(lambda: len(down_destination.reports()) == 1, 60, "the report")
         # the idle ones are closed by the node (a read returns end of file)
+        dripped_for = time.monotonic()
+        dripping.settimeout(0.5)
+        while time.monotonic() - dripped_for < 15:  # a byte each 0.5 s, until it is closed
+            try:
+                dripping.sendall(b"\0")
+                if dripping.recv(10) == b"":
+                    break
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+        assert time.monotonic() - dripped_for < 8
         for s in idle + [stalled]:
-            s.settimeout(15)
-            assert s.recv(10) == b""
-        assert "closed 1 connection(s) that sent nothing in 5 s" in node.text() or \
-            "connection(s) that sent nothing in 5 s" in node.text(), node.text()
-        assert "of a PDU's" in node.text()  # the stalled A-ASSOCIATE-RQ
+            assert closed_by_node(s)
+        # one line for them all (at most one each 10 s), each reason counted
+        for reason in ("no whole request within 5 s", "connection closed before association",
+                       "an association request over the size the node accepts"):
+            wait_for(lambda: f"connection(s): {reason}" in node.text(), 20, reason)
         assert send_files(dx_files[1:2], node.port, called="WRONG") is None
         wait_for(lambda: "called AE title 'WRONG' is not 'CHEXNET'" in node.text(), 10,
                  "the refusal's words")
@@ -242,15 +297,16 @@ def test_http_lengths_are_parsed_strictly_and_the_bearer_scheme_in_any_case(
         model_dir, down_destination, tmp_path):
     """Content-Length: -1 read the body to the end of the connection (300 MiB held, past
     --max-image-mb), a negative length dropped the connection with a traceback, "bearer"
-    got 401. Now: 400 for a length that is not digits, 413 over the limit before any of it is
-    read, 411 without one; the scheme in any case."""
+    got 401, a body dripped slowly held a slot for good. Now: 400 for a length that is not
+    digits, 413 over the limit before any of it is read, 411 without one, 408 for a body too
+    slow; the scheme in any case."""
     down_destination.start()
     token = tmp_path / "token"
     token.write_text("s3cret\n")
     http_port = free_port()
     node = NodeProcess(model_dir, tmp_path / "spool", pacs_of(down_destination), "--no-heatmaps",
                        "--http-port", http_port, "--http-token-file", token,
-                       "--max-image-mb", "8")
+                       "--max-image-mb", "8", "--timeout", "3")
     try:
         auth = b"Authorization: Bearer s3cret\r\n"
         for length, status in ((b"-1", "400"), (b"abc", "400"), (b"+5", "400"),
@@ -268,6 +324,22 @@ def test_http_lengths_are_parsed_strictly_and_the_bearer_scheme_in_any_case(
             b"s3cret").decode()})[0] == 401
         assert "Traceback" not in node.text(), node.text()
         assert "POST /predict refused (400): Content-Length '-1' is not one length" in node.text()
+        # a body dripped a byte now and then held a /predict slot for good: now 408 after
+        # --timeout (3 s) plus its length at 64 KB/s
+        with socket.create_connection(("127.0.0.1", http_port), timeout=30) as slow:
+            slow.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n" + auth
+                         + b"Content-Length: 100000\r\n\r\nxx")
+            started = time.monotonic()
+            for _ in range(20):
+                time.sleep(0.5)
+                try:
+                    slow.sendall(b"x")
+                except OSError:
+                    break
+            slow.settimeout(30)
+            answer = slow.recv(65536).decode(errors="replace")
+        assert answer.split()[1] == "408", answer
+        assert time.monotonic() - started < 12
     finally:
         node.stop()
 
@@ -278,15 +350,8 @@ def test_a_full_disk_loses_no_accepted_image(model_dir, dx_files, down_destinati
     the inbox with no record, no quarantine entry and no report, after the sender was told
     success. Now it stays in the inbox, no staging folder is left, GET /health says why, and
     once space is freed its report arrives and it is recorded done."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small file system needs root (CI runs as root)")
     down_destination.start()
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)]).returncode:
-        if os.environ.get("CI"):
-            pytest.fail("cannot mount a tmpfs for the full-disk test")
-        pytest.skip("cannot mount a tmpfs here")
+    mount = small_disk(tmp_path / "small", "8m")
     http_port = free_port()
     node = None
     try:
@@ -322,6 +387,62 @@ def test_a_full_disk_loses_no_accepted_image(model_dir, dx_files, down_destinati
         subprocess.run(["umount", "-l", str(mount)])
 
 
+def small_disk(path, size):
+    """A tmpfs of `size` mounted at path (made), or the test skipped (failed under CI)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root (CI runs as root)")
+    path.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                       str(path)]).returncode:
+        if os.environ.get("CI"):
+            pytest.fail("cannot mount a tmpfs for the full-disk test")
+        pytest.skip("cannot mount a tmpfs here")
+    return path
+
+
+def test_results_are_sent_once_while_their_record_cannot_be_written(model_dir, dx_files,
+                                                                    down_destination, tmp_path):
+    """done/ full (its own small file system), the rest of the spool not: the results were
+    written and sent, then the record failed, and the whole image was tried again: its
+    results built and sent to the PACS again every few seconds for as long as done/ was
+    full. Now only the record is tried again; the PACS gets each result once."""
+    down_destination.start()
+    spool = tmp_path / "spool"
+    done = small_disk(spool / "done", "64k")
+    try:
+        ballast = done / "ballast.bin"  # not a dot file: the node removes those at start
+        fd = os.open(ballast, os.O_WRONLY | os.O_CREAT)
+        try:  # to the brim
+            while True:
+                os.write(fd, b"\0" * 4096)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        node = NodeProcess(model_dir, spool, pacs_of(down_destination), "--no-heatmaps",
+                           "--retry-seconds", "0.3", "--retry-max-seconds", "0.5")
+        try:
+            assert send_files(dx_files[:1], node.port) == [0]
+            uid = uid_of(dx_files[0])
+            wait_for(lambda: uid in down_destination.reports(), 60, "the report")
+            wait_for(lambda: node.text().count("cannot write to the spool") >= 3, 30,
+                     "the record tried again")
+            assert len(down_destination.received) == 1  # sent once, not once per try
+            assert (spool / "inbox" / f"{uid}.dcm").is_file()
+            ballast.unlink()
+            wait_for(lambda: (done / f"{uid}.json").is_file(), 30, "the done record")
+            wait_for(lambda: not (spool / "inbox" / f"{uid}.dcm").exists(), 30,
+                     "the inbox emptied")
+            wait_for(lambda: "recorded done (its results were written before)" in node.text(),
+                     10, "the record's log line")
+            assert len(down_destination.received) == 1
+            assert "Traceback" not in node.text(), node.text()
+        finally:
+            node.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(done)])
+
+
 def test_serve_without_a_dicom_package_is_one_line(tmp_path):
     """The edge docs promise one line naming what to install; it was a traceback."""
     code = NO_TORCH.replace('("torch", "torchvision", "nncf")',
@@ -346,6 +467,14 @@ def allocate(gigabytes):
     return in_worker(lambda: np.ones(int(gigabytes * 2 ** 30), np.uint8).sum())()
 
 
+def address_space():
+    """A task: (this worker's peak address space, its limit), bytes."""
+    import resource
+    status = Path("/proc/self/status").read_text()
+    peak = int(status.split("VmPeak:")[1].split()[0]) * 1024
+    return peak, resource.getrlimit(resource.RLIMIT_AS)[0]
+
+
 def worker_settings(tmp_path, memory_mb):
     from serve import VERSION
     identity = {"name": "test", "mode": "int8", "files": {}, "sha256": "0" * 64,
@@ -355,6 +484,53 @@ def worker_settings(tmp_path, memory_mb):
             "log_level": "WARNING", "memory_bytes": memory_mb * 2 ** 20,
             "stand_in_findings": [{"finding": "A", "probability": 0.5, "threshold": None,
                                    "decision": None}]}
+
+
+@pytest.mark.parametrize("syntax", [JPEG_BASELINE, "1.2.840.10008.1.2.1"])
+def test_the_largest_image_and_its_heatmaps_fit_the_default_limit(syntax, tmp_path, nih_images):
+    """An 8192x8192 16-bit DX, the largest --max-image-mb allows (128 MiB of pixels), decoded
+    and given its report and three heatmaps at its own resolution (JPEG, or uncompressed:
+    192 MB each, written one at a time) in worker processes under the default limit (2048 + 8
+    x 128 MB): the limit stops a runaway, not a real image."""
+    import pydicom
+    from PIL import Image
+
+    from serve import (DX_PRESENTATION, Spool, Workers, decode_in_worker, read_dataset,
+                       results_in_worker)
+    image_dir, _ = nih_images
+    png = sorted(image_dir.glob("*.png"))[0]
+    path = dx_file(png, tmp_path / "small.dcm", "1.2.3.4", "1.2.3.5", 1)
+    ds = pydicom.dcmread(path)
+    big = np.asarray(Image.open(png).convert("L").resize((8192, 8192)), np.uint16) * 16
+    ds.Rows, ds.Columns, ds.PixelData = 8192, 8192, big.tobytes()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = DX_PRESENTATION
+    spool = Spool(tmp_path / "spool")
+    uid = str(ds.SOPInstanceUID)
+    ds.save_as(spool.image(uid), enforce_file_format=True)
+    del big, ds
+    settings = worker_settings(tmp_path, 2048 + 8 * 128)
+    classes = ["A", "B", "C", "D"]
+    settings.update(heatmaps=True, heatmap_syntax=syntax,
+                    identity={**settings["identity"], "classes": classes},
+                    stand_in_findings=[{"finding": c, "probability": 0.5, "threshold": 0.5,
+                                        "decision": "positive"} for c in classes])
+    workers = Workers(1, settings)
+    try:
+        gray, source = workers.run(decode_in_worker, str(spool.image(uid)))
+        assert gray.shape == (10, 224, 224)
+        findings = [{"finding": c, "probability": 0.9, "threshold": 0.5,
+                     "decision": "positive"} for c in classes[:3]] + [
+            {"finding": "D", "probability": 0.1, "threshold": 0.5, "decision": "negative"}]
+        maps = np.random.default_rng(0).random((10, 3, 7, 7)).astype(np.float32)
+        names = workers.run(results_in_worker, uid, source, findings, maps, [0, 1, 2],
+                            np.array([0.9, 0.9, 0.9, 0.1]))
+        assert len(names) == 4  # the report and three heatmaps
+        heatmap = read_dataset((spool.outbox / uid / names[1]).read_bytes(), 128)
+        assert (heatmap.Rows, heatmap.Columns) == (8192, 8192)
+        peak, limit = workers.run(address_space)
+        print(f"worker address space: peak {peak / 2 ** 20:.0f} MB of {limit / 2 ** 20:.0f}")
+    finally:
+        workers.shutdown()
 
 
 def test_a_worker_that_allocates_without_bound_fails_alone(tmp_path):
@@ -373,6 +549,43 @@ def test_a_worker_that_allocates_without_bound_fails_alone(tmp_path):
         assert workers.run(allocate, 0.1) == int(0.1 * 2 ** 30)
     finally:
         workers.shutdown()
+
+
+def crash_then_sleep(marker, seconds):
+    """A task that kills its worker the first time, then sleeps (tried alone: a long task)."""
+    if not os.path.exists(marker):
+        Path(marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(seconds)
+    return "done"
+
+
+def test_a_stop_during_a_lone_retry_is_stopping_never_a_failure(tmp_path):
+    """shutdown() stops the lone retry's pool too: the task then ends in Stopping (its image
+    stays in the inbox for the next start), never in an error that would quarantine it."""
+    import threading
+
+    from serve import Stopping, Workers
+    workers = Workers(1, worker_settings(tmp_path, 1024))
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = workers.run(crash_then_sleep, str(tmp_path / "crashed"), 60)
+        except Exception as e:
+            outcome["error"] = e
+    thread = threading.Thread(target=run)
+    thread.start()
+    def spawned():
+        return [p for p in children(os.getpid()) if alive(p) and "spawn_main" in Path(
+            f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+    # the task crashed its worker: a new pool of 1, and the task alone in a second process
+    wait_for(lambda: (tmp_path / "crashed").exists() and len(spawned()) == 2, 60,
+             "the lone retry")
+    time.sleep(1.0)
+    workers.shutdown()
+    thread.join(30)
+    assert isinstance(outcome.get("error"), Stopping), outcome
 
 
 HOLD_WORKERS = """

@@ -130,6 +130,39 @@ def test_intervals_at_the_edges_are_never_zero_width_nor_a_flag_from_one_patient
     assert f"{0.05 * tested:.1f} would be by chance" in line
 
 
+def test_score_intervals_against_published_values():
+    """Wilson's interval (Newcombe 1998, table I: 81/263 -> [0.2553, 0.3662]; 15/148 ->
+    [0.0624, 0.1605]), Newcombe's for a difference (his example: 56/70 - 48/80 -> [0.0524,
+    0.3339]), both within [0, 1] at the edges; and the report's sensitivity of 14 of 14
+    detected is [0.785, 1] however the bootstrap falls (it collapsed to [1, 1])."""
+    from metrics import at_threshold, newcombe, wilson
+    lo, hi = wilson(np.array([81 / 263, 15 / 148]), np.array([263, 148]))
+    np.testing.assert_allclose(lo, [0.2553, 0.0624], atol=1e-4)
+    np.testing.assert_allclose(hi, [0.3662, 0.1605], atol=1e-4)
+    p1, p2 = 56 / 70, 48 / 80
+    d_lo, d_hi = newcombe(p1, wilson(p1, 70), p2, wilson(p2, 80))
+    assert (d_lo, d_hi) == pytest.approx((0.0524, 0.3339), abs=1e-4)
+    assert wilson(0.0, 14)[0] == 0.0 and wilson(1.0, 14)[1] == 1.0
+    labels = np.r_[np.ones(14), np.zeros(30)][:, None]
+    probs = np.r_[np.full(14, 0.9), np.linspace(0, 0.8, 30)][:, None]
+    sens = at_threshold(labels, probs, [0.85], np.arange(44), n_boot=200)["sensitivity"]
+    assert sens[0][0] == 1.0 and sens[1][0] == pytest.approx(0.785, abs=1e-3)
+    assert sens[2][0] == 1.0
+    # a perfect ranking: AUROC 1 in every resample; the interval is Wilson's on the 14
+    # patients of the rarer class (van Dantzig's bound), in the report and its subgroups
+    from report import build_report
+    names = [f"{i:08d}_000.png" for i in range(44)]
+    report = build_report(names, labels, probs, ["A"], n_boot=200)
+    assert report["diseases"]["A"]["auc"] == 1.0
+    assert report["diseases"]["A"]["auc_ci"] == pytest.approx([0.785, 1.0], abs=1e-3)
+    sex = np.array(["female"] * 22 + ["male"] * 22, dtype=object)
+    out = subgroup_statistics(np.r_[labels[::2], labels[1::2]], np.r_[probs[::2], probs[1::2]],
+                              np.arange(44), {"sex": sex}, n_boot=200, class_names=["A"],
+                              min_count=5)
+    women = out["attributes"]["sex"]["diseases"]["A"]["female"]["auc"]
+    assert women["value"] == 1.0 and women["ci"][0] < 0.9 and women["ci"][1] == 1.0
+
+
 def test_a_subgroup_without_positives_is_na_never_a_crash(tmp_path):
     rng = np.random.default_rng(3)
     patients, sex, age, labels, scores = synthetic(rng, n_patients=200)
