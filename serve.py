@@ -22,6 +22,7 @@ objects go to SPOOL/quarantine/ with a .txt reason. Optional HTTP: POST /predict
 Torch is never imported: an edge box needs openvino, numpy, pillow, pydicom (+ pylibjpeg
 decoders), pynetdicom, highdicom and matplotlib (heatmap colours). See docs/serve.md.
 """
+import errno
 import functools
 import hashlib
 import hmac
@@ -36,6 +37,7 @@ import shutil
 import signal
 import socket
 import ssl
+import struct
 import sys
 import tempfile
 import threading
@@ -125,6 +127,11 @@ class Refused(Exception):
 
 class ServeError(DataError):
     """A bad setting or model directory for the node; one line."""
+
+
+class ResultsError(Exception):
+    """Building a result failed with an OSError that is no disk's (pydicom's writer raises
+    OSError for a value it cannot encode): the image's fault, not the spool's."""
 
 
 class SpoolError(Exception):
@@ -246,10 +253,16 @@ class Spool:
         names. Each file is written as it comes, so that only one is held at a time (the
         heatmaps of an 8192x8192 image are 192 MB each, uncompressed). SpoolError, the
         staging folder removed, where they cannot be written."""
-        staging, names = None, []
+        staging, names, files = None, [], iter(files)
         try:
             staging = Path(tempfile.mkdtemp(dir=self.outbox, prefix=f".{uid}."))
-            for name, data in files:
+            while True:
+                try:  # building the next file: its errors are the results', never the spool's
+                    name, data = next(files)
+                except StopIteration:
+                    break
+                except OSError as e:
+                    raise ResultsError(f"{type(e).__name__}: {one_line(e)}") from None
                 with open(staging / name, "wb") as f:
                     f.write(data)
                     f.flush()
@@ -1325,11 +1338,14 @@ class Node:
     def health(self):
         with self.lock:
             spool_trouble = "spool" in self.problems
-        if spool_trouble:  # the disk may have been freed since, on a node with nothing to do
-            try:
+        with self.lock:
+            waiting = bool(self.retries) or bool(self.records)
+        if spool_trouble and not waiting:  # a receive refused, since then nothing to do: the
+            try:  # disk may have been freed meanwhile (an image waiting says it when it can)
                 stat = os.statvfs(self.spool.root)
-                if stat.f_bavail * stat.f_frsize >= 2 * self.args.max_image_mb * 2 ** 20:
-                    self.trouble("spool", None)  # room for the largest image and its results
+                if (stat.f_bavail * stat.f_frsize >= 2 * self.args.max_image_mb * 2 ** 20
+                        and stat.f_favail >= 1000):  # room for the largest image, its results
+                    self.trouble("spool", None)
             except OSError:
                 pass
         with self.lock:
@@ -1637,19 +1653,27 @@ SEX_VALUES = {"M": "M", "F": "F", "O": "O", "MALE": "M", "FEMALE": "F"}
 
 
 def with_type2(ds):
-    """The header as the results copy it: each TYPE2 attribute present, empty where the source
-    lacks it or holds a value the standard does not allow there (said in a log line: the
-    results still come, with that attribute empty). The source's own file is not changed."""
+    """The header as the results copy it: each TYPE2 attribute present, as text with the
+    standard's VR, empty where the source lacks it or holds a value the standard does not allow
+    there (said in a log line: the results still come, with that attribute empty). An element
+    the source sent with another VR (a Study ID as US, a name as OB, an empty sequence) is made
+    again with the right one: pydicom would write the wrong one, or fail. The source's own
+    file is not changed."""
     from pydicom.valuerep import DA, TM
     changed = []
     for keyword in TYPE2:
         if keyword not in ds:
             setattr(ds, keyword, "")
             continue
-        value = ds[keyword].value
-        if ds[keyword].VM > 1:  # one person, one date: the first of several
-            value = value[0]
-        text = "" if value is None else str(value).strip()
+        element = ds[keyword]
+        try:
+            value = ds[keyword].value
+            if ds[keyword].VM > 1:  # one person, one date: the first of several
+                value = value[0]
+        except Exception:  # a value pydicom cannot even read
+            value = None
+        text = "" if value is None or isinstance(value, (bytes, bytearray, list)) or \
+            ds[keyword].VR in ("SQ", "OB", "OW", "UN") else str(value).strip()
         if keyword == "PatientSex":
             fixed = SEX_VALUES.get(text.upper(), "")
         elif keyword.endswith("Date") and text:
@@ -1666,12 +1690,12 @@ def with_type2(ds):
             fixed = text if len(text) <= 16 else ""
         elif keyword == "PatientID":  # LO: at most 64
             fixed = text if len(text) <= 64 else ""
-        else:
-            fixed = value
-        if fixed != ds[keyword].value:
-            if str(fixed) != text or ds[keyword].VM > 1:
-                changed.append(f"{keyword} {str(ds[keyword].value)[:40]!r} -> {str(fixed)!r}")
-            setattr(ds, keyword, fixed)
+        else:  # the two person names
+            fixed = text
+        if fixed != text or str(ds[keyword].value) != text:
+            changed.append(f"{keyword} {str(element.value)[:40]!r} ({element.VR}) -> {fixed!r}")
+        del ds[keyword]
+        setattr(ds, keyword, fixed)  # the dictionary's VR
     if changed:
         log.info("%s: values the standard does not allow, as the results carry them: %s",
                  ds.get("SOPInstanceUID", "?"), ", ".join(changed))
@@ -1820,35 +1844,49 @@ def start_dicom(node, args):
     server = ae.start_server((args.host, args.port), block=False, evt_handlers=handlers,
                              ssl_context=ssl_context)
     node.doorman = Doorman(server, min(args.timeout, ASSOCIATE_SECONDS), node)
-    if ssl_context is not None:
-        # pynetdicom does each TLS handshake in its one accepting thread, with no timeout: a
-        # connection that never says hello held up every other sender. The handshake is left
-        # to the connection's own thread (OpenSSL does it at the first read), under _recv's
-        # deadline. (A connection in the moment between start_server and this line, before
-        # the node says it listens, still gets pynetdicom's handshake.)
-        def get_request():
+    # a burst of connections is queued by the kernel, not refused (socketserver listens with
+    # a backlog of 5)
+    server.socket.listen(128)
+
+    # pynetdicom does each TLS handshake in its one accepting thread, with no timeout: a
+    # connection that never says hello held up every other sender. The handshake is the
+    # doorman's, without blocking. (A connection in the moment between start_server and this
+    # line, before the node says it listens, still gets pynetdicom's handshake.) Out of file
+    # descriptors, the accepting thread pauses instead of spinning on the listening socket.
+    def get_request():
+        try:
             client, address = server.socket.accept()
-            return ssl_context.wrap_socket(client, server_side=True,
-                                           do_handshake_on_connect=False), address
-        server.get_request = get_request
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                log.warning("cannot accept a connection: %s", os_reason(e))
+                time.sleep(0.2)
+            raise
+        if ssl_context is None:
+            return client, address
+        return ssl_context.wrap_socket(client, server_side=True,
+                                       do_handshake_on_connect=False), address
+    server.get_request = get_request
     node.ae = ae
     return server
 
 
 class Doorman:
-    """Connections wait here, before pynetdicom sees them, until they send their first bytes.
+    """Connections wait here, before pynetdicom sees them, until their request is there.
 
     pynetdicom counts every open connection against --max-associations from the moment it is
-    accepted, and holds it until --timeout when the peer says nothing, one byte, or resets:
-    20 such connections held every slot, and no sender got through. Here a connection becomes
-    an association (a pynetdicom thread, a slot) only once its first message has arrived
-    whole (peeked at, not read): an A-ASSOCIATE-RQ (PDU type 1) of at most MAX_REQUEST_BYTES,
-    or with TLS its first TLS record (a ClientHello; the request then follows under _recv's
-    deadline). A connection that closes, resets or sends anything else is closed; one whose
-    message is not whole within `seconds` is closed; when LIMIT are waiting the oldest is
-    closed to let a new one in, so a sender is always heard. One thread owns the selector
-    (the accepting thread only queues new connections to it); connections are handed over
-    through socketserver's process_request, the standard hook."""
+    accepted, and holds it until --timeout when the peer says nothing, one byte, garbage, or
+    resets: 20 such connections held every slot, and no sender got through. Here a
+    connection becomes an association (a pynetdicom thread, a slot) only once:
+    - plain DICOM: its whole A-ASSOCIATE-RQ (PDU type 1, at most MAX_REQUEST_BYTES) is in the
+      socket's buffer and pynetdicom's own decoder reads it (peeked at, not read: pynetdicom
+      reads it again); garbage, a reset, a close or another PDU closes the connection;
+    - TLS: its handshake is done (here, without blocking: with --tls-ca the peer's certificate
+      checked) and its first bytes after it have come; the request then has 5 s (_recv).
+    A connection not that far within `seconds` is closed; when LIMIT wait, the oldest is
+    closed to let a new one in, so a sender is always heard. The waiting cost nothing: the
+    kernel wakes the selector only once the bytes still missing are there (SO_RCVLOWAT). One
+    thread owns the selector (the accepting thread only queues new connections to it);
+    connections are handed over through socketserver's process_request, the standard hook."""
     LIMIT = 256
     SAY_EVERY = 10.0  # seconds between two log lines about closed connections
 
@@ -1858,9 +1896,10 @@ class Doorman:
         self.selector = selectors.DefaultSelector()
         self.arrived = queue.SimpleQueue()  # (socket, address) from the accepting thread
         self.waiting = {}  # socket -> (address, deadline), oldest first: the thread's own
-        self.partial = set()  # of those, the ones whose first message has begun: polled
+        self.handshaken = set()  # TLS connections past their handshake
         self.closed = {}  # why -> connections closed since the last log line
         self.said = time.monotonic()
+        self.failures = 0  # unexpected errors, each logged once per 10 s at most
         self.stopped = False
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
@@ -1887,18 +1926,20 @@ class Doorman:
             try:
                 self._step()
             except Exception:  # never the end of the thread: no sender would be heard again
-                log.exception("the doorman failed; it goes on")
+                self._failed()
                 time.sleep(0.1)
         for sock in list(self.waiting):
             self._close(sock, "the node is stopping")
+
+    def _failed(self):
+        self.failures += 1
+        if self.failures == 1 or time.monotonic() - self.said >= self.SAY_EVERY:
+            log.exception("the doorman failed (%d times); it goes on", self.failures)
 
     def _step(self):
         import selectors
         first = next(iter(self.waiting.values()), None)
         timeout = 1.0 if first is None else max(0.0, min(1.0, first[1] - time.monotonic()))
-        if self.partial:  # bytes that stay unread keep a socket readable: polled instead
-            timeout = min(timeout, 0.1)
-        readable = list(self.partial)
         for key, _ in self.selector.select(timeout):
             if key.fileobj is self.wake_r:
                 try:
@@ -1907,24 +1948,11 @@ class Doorman:
                 except (BlockingIOError, OSError):
                     pass
             elif key.fileobj in self.waiting:
-                readable.append(key.fileobj)
-        for sock in dict.fromkeys(readable):
-            if sock not in self.waiting:  # closed or handed over meanwhile
-                continue
-            ready, why = first_message(sock)
-            if why:
-                self._close(sock, why)
-            elif ready:
-                address, _ = self.waiting.pop(sock)
-                self._forget(sock)
                 try:
-                    self.hand_over(sock, address)
-                except Exception as e:  # the server is shutting down
-                    log.warning("cannot start an association: %s", one_line(e))
-                    sock.close()
-            elif sock not in self.partial:  # begun, not whole: looked at again in 0.1 s
-                self.selector.unregister(sock)
-                self.partial.add(sock)
+                    self._advance(key.fileobj)
+                except Exception:  # this connection's fault or not: it goes, the rest stay
+                    self._failed()
+                    self._close(key.fileobj, "failed before association")
         while True:  # the connections accepted meanwhile
             try:
                 sock, address = self.arrived.get_nowait()
@@ -1933,8 +1961,9 @@ class Doorman:
             if sock is None:
                 continue
             if len(self.waiting) >= self.LIMIT:
-                self._close(next(iter(self.waiting)), "too many connections waiting to speak")
+                self._close(next(iter(self.waiting)), "too many connections waiting")
             try:
+                sock.setblocking(False)
                 self.selector.register(sock, selectors.EVENT_READ)
             except (OSError, ValueError):  # closed by the peer already
                 sock.close()
@@ -1950,11 +1979,49 @@ class Doorman:
                 f"{n} connection(s): {why}" for why, n in self.closed.items()))
             self.closed, self.said = {}, now
 
+    def _advance(self, sock):
+        """One waiting connection moved on as far as its bytes allow: handed over, closed,
+        or waiting for more (the kernel told how many)."""
+        import selectors
+        if isinstance(sock, ssl.SSLSocket):
+            if sock not in self.handshaken:
+                try:
+                    sock.do_handshake()
+                except ssl.SSLWantReadError:
+                    return self.selector.modify(sock, selectors.EVENT_READ)
+                except ssl.SSLWantWriteError:
+                    return self.selector.modify(sock, selectors.EVENT_WRITE)
+                except (ssl.SSLError, OSError) as e:
+                    return self._close(sock, f"TLS handshake failed ({type(e).__name__})")
+                self.handshaken.add(sock)
+                if not sock.pending():  # the request's first bytes still to come
+                    return self.selector.modify(sock, selectors.EVENT_READ)
+            return self._hand_over(sock)
+        ready, why, missing = first_message(sock)
+        if why:
+            return self._close(sock, why)
+        if ready:
+            return self._hand_over(sock)
+        # woken again only once `missing` bytes are there (or at the end of the connection)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, missing)
+
+    def _hand_over(self, sock):
+        address, _ = self.waiting.pop(sock)
+        self._forget(sock)
+        try:
+            if not isinstance(sock, ssl.SSLSocket):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+            sock.setblocking(True)
+            self.hand_over(sock, address)
+        except Exception as e:  # the server is shutting down, or the peer gone
+            log.warning("cannot start an association: %s", one_line(e))
+            sock.close()
+
     def _forget(self, sock):
-        self.partial.discard(sock)
+        self.handshaken.discard(sock)
         try:
             self.selector.unregister(sock)
-        except (KeyError, ValueError):  # polled (partial), not registered
+        except (KeyError, ValueError):
             pass
 
     def _close(self, sock, why):
@@ -1970,37 +2037,51 @@ class Doorman:
             self.node.refusals[why] = self.node.refusals.get(why, 0) + 1
 
 
+PEEK_BYTES = 32 * 1024  # of a larger request, what must be there before it is handed over
+# (under what the kernel lets SO_RCVLOWAT ask for: half the receive buffer)
+
+
 def first_message(sock):
-    """(whether a connection's first message is here whole, why it must be closed or None),
-    peeking at the bytes waiting (nothing is read: pynetdicom reads them). Plain DICOM: an
-    A-ASSOCIATE-RQ PDU (type 1, a 6-byte header with its length) of at most MAX_REQUEST_BYTES;
-    TLS: a TLS record (type 22, handshake; 5-byte header), the ClientHello."""
-    import ssl as ssl_module
-    raw = sock
-    if isinstance(sock, ssl_module.SSLSocket):  # peek under TLS, at the socket's own bytes
-        raw = socket.socket(fileno=os.dup(sock.fileno()))
+    """(whether a plain connection's A-ASSOCIATE-RQ is here whole, why the connection must be
+    closed or None, how many bytes must be there before it is worth looking again), peeking
+    at the bytes waiting (nothing is read: pynetdicom reads them). Whole: all of it, decoded
+    by pynetdicom's own PDU decoder (garbage held a slot until pynetdicom's timeout); of a
+    request over PEEK_BYTES (a few hundred presentation contexts), its first PEEK_BYTES, its
+    AE titles read."""
+    import fcntl
+    import termios
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
     try:
-        head = raw.recv(MAX_REQUEST_BYTES + 6, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        head = sock.recv(6, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        waiting = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD,
+                                                 b"\0" * 4))[0]
     except (BlockingIOError, InterruptedError):
-        return False, None
+        return False, None, 1
     except OSError as e:
-        return False, f"connection failed before association ({os_reason(e)})"
-    finally:
-        if raw is not sock:
-            raw.close()  # the duplicate descriptor only
+        return False, f"connection failed before association ({os_reason(e)})", 0
     if not head:
-        return False, "connection closed before association"
-    tls = raw is not sock
-    kind, header = (22, 5) if tls else (1, 6)
-    if head[0] != kind:
-        return False, ("not a TLS handshake" if tls else "not an A-ASSOCIATE-RQ")
-    if len(head) < header:
-        return False, None
-    length = int.from_bytes(head[3:5], "big") if tls else int.from_bytes(head[2:6], "big")
+        return False, "connection closed before association", 0
+    if head[0] != 1:
+        return False, "not an A-ASSOCIATE-RQ", 0
+    if len(head) < 6:
+        return False, None, 6
+    length = struct.unpack(">I", head[2:6])[0]
     if length > MAX_REQUEST_BYTES:
-        return False, "an association request over the size the node accepts"
-    # whole, or as much of it as the socket's buffer holds
-    return len(head) >= min(header + length, 65536), None
+        return False, "an association request over the size the node accepts", 0
+    needed = min(6 + length, PEEK_BYTES)
+    if waiting < needed:
+        return False, None, needed
+    data = sock.recv(needed, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    try:
+        if 6 + length <= PEEK_BYTES:
+            A_ASSOCIATE_RQ().decode(data)
+        else:  # the fixed part: protocol version, reserved, the two AE titles
+            titles = data[10:42]
+            if len(titles) < 32 or not all(32 <= b < 127 for b in titles):
+                raise ValueError("AE titles that are not text")
+    except Exception as e:
+        return False, f"a malformed A-ASSOCIATE-RQ ({type(e).__name__})", 0
+    return True, None, 0
 
 
 def tuned(assoc):
@@ -2137,6 +2218,7 @@ def _ssl_context(server_side, cert, key, ca, flags):
 # ---------------------------------------------------------------------------------------------
 # HTTP: POST /predict, GET /health (standard library only)
 
+HTTP_CONNECTIONS = 64  # HTTP connections at once, idle ones included
 RASTER_MAGIC = {b"\x89PNG\r\n\x1a\n": ".png", b"\xff\xd8\xff": ".jpg"}
 
 
@@ -2235,8 +2317,33 @@ def start_http(node, args):
                 busy.release()
             self.reply(200, result)
 
-    server = ThreadingHTTPServer((args.host, args.http_port), Handler)
-    server.daemon_threads = True
+    connections = threading.BoundedSemaphore(HTTP_CONNECTIONS)
+
+    class Server(ThreadingHTTPServer):
+        """At most HTTP_CONNECTIONS connections at once (a thread each): a client dripping its
+        headers holds one for as long as it sends a byte each --timeout; more are closed."""
+        daemon_threads = True
+
+        def process_request(self, request, address):
+            if not connections.acquire(blocking=False):
+                with node.lock:
+                    why = f"more than {HTTP_CONNECTIONS} HTTP connections"
+                    node.refusals[why] = node.refusals.get(why, 0) + 1
+                self.shutdown_request(request)
+                return
+            try:
+                super().process_request(request, address)
+            except Exception:
+                connections.release()
+                raise
+
+        def process_request_thread(self, request, address):
+            try:
+                super().process_request_thread(request, address)
+            finally:
+                connections.release()
+
+    server = Server((args.host, args.http_port), Handler)
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     return server
 

@@ -568,7 +568,14 @@ def test_tls(model_dir, dx_files, pacs, tmp_path):
         # a connection that never begins its handshake holds up nobody else; one that begins
         # it and stalls is closed at --timeout
         with socket.create_connection(("127.0.0.1", node.port), timeout=30):
+            # nor do ten that send a whole first TLS record, then nothing: their handshakes
+            # wait in the doorman, not in an association slot
+            held = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(10)]
+            for s in held:
+                s.sendall(b"\x16\x03\x01\x00\x01\x01")
             assert send([ds], node.port, tls=(context, "127.0.0.1")) == [0x0000]
+            for s in held:
+                s.close()
         with socket.create_connection(("127.0.0.1", node.port), timeout=30) as stalled:
             stalled.sendall(b"\x16\x03\x01\x02\x00\x01")  # a ClientHello's first bytes
             started = time.monotonic()

@@ -72,6 +72,12 @@ def send_files(paths, port, aet="SENDER", called=NODE_AE):
         assoc.release()
 
 
+def node_cpu_seconds(node):
+    """The node process's CPU time so far (user + system), seconds."""
+    fields = Path(f"/proc/{node.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def closed_by_node(sock, timeout=15):
     """Whether the node closed this connection (an end of file; a reset where bytes it had
     not read were waiting)."""
@@ -151,9 +157,10 @@ def test_hostile_objects_are_refused_at_the_door_and_every_real_one_answered(
       at C-STORE, quarantined with the reason, no worker grows;
     - a JPEG stream cut short (its rows below the cut decoded as flat grey): 0xA900;
     - a deflated data set that inflates to 512 MiB: 0xC000 from the first 64 KiB, quarantined;
-    - a de-identified DX without any type 2 attribute, and one with values the standard does
-      not allow (sex 'U', a date '2026-01-01', two patient names): accepted, and their
-      reports arrive (the values left empty, one name);
+    - a de-identified DX without any type 2 attribute, one with values the standard does not
+      allow (sex 'U', a date '2026-01-01', two patient names), one with a Study ID sent as US
+      and a name as OB: accepted, and their reports arrive (the values left empty, one name,
+      the right VRs);
     - an 8-bit MONOCHROME2 DX without VOI and its PNG: the same probabilities (/predict);
     - GET /health: "degraded" with the destination's failure while it is down, "ok" after."""
     import pydicom
@@ -180,6 +187,12 @@ def test_hostile_objects_are_refused_at_the_door_and_every_real_one_answered(
     ds.PatientSex, ds.StudyDate, ds.StudyTime, ds.PatientBirthDate = "U", "2026-01-01", "25:61", "1950"
     ds.PatientName, ds.AccessionNumber = ["Doe^John", "Roe^Jane"], "A" * 20
     ds.save_as(odd, enforce_file_format=True)
+    wrong_vr = dx_file(png, work / "vr.dcm", study, generate_uid(), 3)  # the VRs of a sloppy
+    ds = pydicom.dcmread(wrong_vr)  # writer: pydicom wrote them back, or failed to
+    del ds.StudyID, ds.ReferringPhysicianName
+    ds.add_new(0x00200010, "US", 1)  # Study ID
+    ds.add_new(0x00080090, "OB", b"Dr^Who")  # Referring Physician's Name
+    ds.save_as(wrong_vr, enforce_file_format=True)
     assert "WindowCenter" not in pydicom.dcmread(eight) and pydicom.dcmread(eight).BitsStored == 8
 
     spool = tmp_path / "spool"
@@ -187,9 +200,9 @@ def test_hostile_objects_are_refused_at_the_door_and_every_real_one_answered(
     node = NodeProcess(model_dir, spool, pacs_of(down_destination), "--http-port", http_port,
                        "--retry-max-seconds", "0.5")
     try:
-        statuses = send_files([bomb, cut, deflated, bare, eight, odd], node.port)
+        statuses = send_files([bomb, cut, deflated, bare, eight, odd, wrong_vr], node.port)
         assert statuses[:3] == [0xA900, 0xA900, 0xC000], [hex(s or 0) for s in statuses]
-        assert statuses[3:] == [0, 0, 0]
+        assert statuses[3:] == [0, 0, 0, 0]
         reasons = "".join(p.read_text() for p in (spool / "quarantine").glob("*.txt"))
         assert "its JPEG stream declares 65500x65500 with 1 component(s), the DICOM header " \
                "1024x1024" in reasons, reasons
@@ -210,8 +223,13 @@ def test_hostile_objects_are_refused_at_the_door_and_every_real_one_answered(
         assert [f["probability"] for f in from_dicom[1]["findings"]] == \
             [f["probability"] for f in from_png[1]["findings"]]
         down_destination.start()
-        wait_for(lambda: len(down_destination.reports()) == 3, 120, "the three reports")
-        assert set(down_destination.reports()) == {uid_of(bare), uid_of(eight), uid_of(odd)}
+        wait_for(lambda: len(down_destination.reports()) == 4, 120, "the four reports")
+        assert set(down_destination.reports()) == {uid_of(bare), uid_of(eight), uid_of(odd),
+                                                   uid_of(wrong_vr)}
+        vr_report = next(ds for ds in down_destination.received if ds.SOPClassUID == SR_CLASS
+                         and sr_findings(ds)[1] == uid_of(wrong_vr))
+        assert vr_report["StudyID"].VR == "SH" and vr_report.StudyID == "1"
+        assert vr_report["ReferringPhysicianName"].VR == "PN"
         odd_report = next(ds for ds in down_destination.received
                           if ds.SOPClassUID == SR_CLASS and sr_findings(ds)[1] == uid_of(odd))
         assert (odd_report.PatientSex, odd_report.StudyDate, odd_report.StudyTime) == ("", "", "")
@@ -238,15 +256,19 @@ def test_idle_connections_lock_no_sender_out_and_words_are_right(model_dir, dx_f
     try:
         for _ in range(20):
             idle.append(socket.create_connection(("127.0.0.1", node.port)))
-        # and connections that reset at once, close at once, or send one byte: before, each
-        # took a slot for --timeout (9 resets every 30 s kept every sender out)
-        for how in ("reset", "close", "byte") * 4:
+        # and connections that reset at once, close at once, send one byte, or a whole request
+        # of garbage: before, each took a slot for --timeout (9 resets every 30 s kept every
+        # sender out), the garbage one for 5 s with a traceback in the log
+        for how in ("reset", "close", "byte", "garbage") * 4:
             s = socket.create_connection(("127.0.0.1", node.port))
             if how == "reset":
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 s.close()
             elif how == "close":
                 s.close()
+            elif how == "garbage":
+                s.sendall(b"\x01\x00\x00\x00\x00\x44" + bytes(68))
+                idle.append(s)
             else:
                 s.sendall(b"\x01")
                 idle.append(s)
@@ -259,7 +281,14 @@ def test_idle_connections_lock_no_sender_out_and_words_are_right(model_dir, dx_f
         huge = socket.create_connection(("127.0.0.1", node.port))
         huge.sendall(b"\x01\x00\x00\x40\x00\x00" + b"\0" * 100)
         assert closed_by_node(huge)
+        for _ in range(150):  # requests begun: the kernel wakes the doorman when they are whole
+            s = socket.create_connection(("127.0.0.1", node.port))
+            s.sendall(b"\x01\x00\x00\x00\x03\xe8" + bytes(100))
+            idle.append(s)
         time.sleep(1.0)
+        cpu = node_cpu_seconds(node)
+        time.sleep(3.0)  # they cost the node no CPU to speak of (polled, they took 30%)
+        assert node_cpu_seconds(node) - cpu < 0.4
         started = time.monotonic()
         assert send_files(dx_files[:1], node.port) == [0]
         assert time.monotonic() - started < 10
@@ -281,12 +310,14 @@ def test_idle_connections_lock_no_sender_out_and_words_are_right(model_dir, dx_f
             assert closed_by_node(s)
         # one line for them all (at most one each 10 s), each reason counted
         for reason in ("no whole request within 5 s", "connection closed before association",
-                       "an association request over the size the node accepts"):
+                       "an association request over the size the node accepts",
+                       "a malformed A-ASSOCIATE-RQ (ValueError)"):
             wait_for(lambda: f"connection(s): {reason}" in node.text(), 20, reason)
         assert send_files(dx_files[1:2], node.port, called="WRONG") is None
         wait_for(lambda: "called AE title 'WRONG' is not 'CHEXNET'" in node.text(), 10,
                  "the refusal's words")
         assert "more than --max-associations" not in node.text()
+        assert "Traceback" not in node.text() and "the doorman failed" not in node.text()
     finally:
         for s in idle:
             s.close()
@@ -419,8 +450,10 @@ def test_results_are_sent_once_while_their_record_cannot_be_written(model_dir, d
             pass
         finally:
             os.close(fd)
+        http_port = free_port()
         node = NodeProcess(model_dir, spool, pacs_of(down_destination), "--no-heatmaps",
-                           "--retry-seconds", "0.3", "--retry-max-seconds", "0.5")
+                           "--retry-seconds", "0.3", "--retry-max-seconds", "0.5",
+                           "--http-port", http_port)
         try:
             assert send_files(dx_files[:1], node.port) == [0]
             uid = uid_of(dx_files[0])
@@ -429,6 +462,10 @@ def test_results_are_sent_once_while_their_record_cannot_be_written(model_dir, d
                      "the record tried again")
             assert len(down_destination.received) == 1  # sent once, not once per try
             assert (spool / "inbox" / f"{uid}.dcm").is_file()
+            for _ in range(3):  # degraded, however much room the spool's own disk has
+                health = http(http_port, "/health")[1]
+                assert health["status"] == "degraded" and "spool" in health["problems"], health
+                time.sleep(0.5)
             ballast.unlink()
             wait_for(lambda: (done / f"{uid}.json").is_file(), 30, "the done record")
             wait_for(lambda: not (spool / "inbox" / f"{uid}.dcm").exists(), 30,
@@ -441,6 +478,21 @@ def test_results_are_sent_once_while_their_record_cannot_be_written(model_dir, d
             node.stop()
     finally:
         subprocess.run(["umount", "-l", str(done)])
+
+
+def test_an_error_building_a_result_is_no_full_disk(tmp_path):
+    """pydicom's writer raises OSError for a value it cannot encode: that was taken for a full
+    spool, and the image retried forever with /health 'ok'. Now it is the results' error
+    (quarantined with the reason); nothing of them is left in the outbox."""
+    from serve import ResultsError, Spool, SpoolError
+
+    def files():
+        yield "0-sr.dcm", b"report"
+        raise OSError("(0020,0010) Study ID US: '1'")
+    spool = Spool(tmp_path / "spool")
+    with pytest.raises(ResultsError, match="Study ID US") as e:
+        spool.put_results("1.2.3", files())
+    assert not isinstance(e.value, SpoolError) and not list(spool.outbox.iterdir())
 
 
 def test_serve_without_a_dicom_package_is_one_line(tmp_path):
