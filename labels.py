@@ -221,6 +221,11 @@ def shared_classes(model_classes, list_classes, mapping=None):
             if list_name not in list_classes:
                 raise DataError(f"--class-map: the list labels no class {list_name!r} "
                                 f"(it labels {', '.join(list_classes)})")
+        targets = list(mapping.values())  # a dict given here, not parsed: one label, one class
+        twice = [v for v in targets if targets.count(v) > 1]
+        if twice:
+            raise DataError(f"--class-map: {twice[0]!r} is mapped from several classes; one "
+                            "model class per label")
     explicit = mapping is not None
     mapping = SAME_FINDING if mapping is None else mapping
     both_ways = {**mapping, **{v: k for k, v in mapping.items()}}
