@@ -22,6 +22,8 @@ from labels import NIH_CLASSES
 
 MODEL_NAMES = {"fp32": "chexnet_fp32.xml", "int8": "chexnet_int8.xml"}
 METADATA = "chexnet.json"
+# What each --mode runs, in words (printed beside every number an evaluation gives)
+BACKEND_NAMES = {"torch": "PyTorch", "fp32": "OpenVINO FP32", "int8": "OpenVINO INT8"}
 
 
 class InferError(DataError):

@@ -54,17 +54,29 @@ BOXED_DISEASES = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Ma
 # ---------------------------------------------------------------------------------------------
 # Heatmaps in image coordinates
 
-def resize_maps(maps, size):
-    """(K, h, w) float -> (K, H, W), bilinear, one map at a time. size: (H, W)."""
+def resize_maps(maps, size, resample=Image.BILINEAR):
+    """(K, h, w) float -> (K, H, W), one map at a time (Pillow, bilinear by default). size:
+    (H, W)."""
     return np.stack([np.asarray(Image.fromarray(np.asarray(m, np.float32), mode="F").resize(
-        (size[1], size[0]), Image.BILINEAR)) for m in maps])
+        (size[1], size[0]), resample)) for m in maps])
 
 
-def feather(crop):
-    """(crop,) weights that fall smoothly from 1 at a crop's centre to almost 0 at its edges (a
-    squared sine, never exactly 0), in each direction: overlapping crops averaged with them
-    meet without the steps a plain average leaves where a crop's edge lies."""
-    return np.sin(np.pi * (np.arange(crop) + 0.5) / crop) ** 2
+def feather(start, crop, length):
+    """(crop,) weights of a crop at `start` of an axis of `length`, for averaging overlapping
+    crops: 1 on the side where the crop meets the image's border, falling to 0 (a squared
+    sine or cosine, flat at both ends) across the whole crop toward each side where it ends
+    inside the image. Where one crop stops and its neighbour goes on, the average has no step
+    and no kink: the old weights, 1 at every crop's centre and 0 at all its edges, fell to 0
+    within a few pixels of the border, and a straight seam showed there."""
+    t = (np.arange(crop) + 0.5) / crop
+    inside_before, inside_after = start > 0, start + crop < length
+    if inside_before and inside_after:
+        return np.sin(np.pi * t) ** 2
+    if inside_after:
+        return np.cos(np.pi / 2 * t) ** 2
+    if inside_before:
+        return np.sin(np.pi / 2 * t) ** 2
+    return np.ones(crop)
 
 
 @functools.lru_cache(maxsize=1)
@@ -74,10 +86,12 @@ def _blas():
 
 @functools.lru_cache(maxsize=32)
 def resize_matrix(n_in, n_out):
-    """(n_out, n_in) float32: resize_maps along one axis as a matrix (column j is a unit
-    impulse at j, resized), so that resizing an (h, w) map is rows @ map @ cols.T."""
+    """(n_out, n_in) float32: Pillow's bicubic resize along one axis as a matrix (column j is a
+    unit impulse at j, resized), so that resizing an (h, w) map is rows @ map @ cols.T.
+    Bicubic, not bilinear: a 7x7 map blown up 32 times bilinearly is a field of flat facets
+    whose ridges drew stars around each peak."""
     impulses = np.eye(n_in, dtype=np.float32)[:, None, :]  # n_in maps of one row
-    matrix = np.ascontiguousarray(resize_maps(impulses, (1, n_out))[:, 0, :].T)
+    matrix = np.ascontiguousarray(resize_maps(impulses, (1, n_out), Image.BICUBIC)[:, 0, :].T)
     matrix.flags.writeable = False  # shared by every later call (cached)
     return matrix
 
@@ -94,16 +108,19 @@ def tencrop_heatmap(cams, resized_hw, crop, out_hw=None):
     products for all crops and maps (29 ms -> 1 ms for 5 maps of a 256 x 256 image)."""
     height, width = resized_hw
     n, k, h, w = cams.shape
-    line = feather(crop).astype(np.float32)[:, None]
-    up_rows, up_cols = resize_matrix(h, crop) * line, resize_matrix(w, crop) * line
+    up_rows, up_cols = resize_matrix(h, crop), resize_matrix(w, crop)
     rows = np.zeros((height, n, h), np.float32)
     cols = np.zeros((n, w, width), np.float32)
     edges_rows, edges_cols = np.zeros((n, height), np.float32), np.zeros((n, width), np.float32)
     for i, (top, left, flipped) in enumerate(ten_crop_boxes(height, width, crop)):
-        rows[top:top + crop, i] = up_rows
-        cols[i, :, left:left + crop] = (up_cols[::-1] if flipped else up_cols).T
-        edges_rows[i, top:top + crop] = line[:, 0]
-        edges_cols[i, left:left + crop] = line[:, 0]  # symmetric: the same mirrored
+        # the weights by where the crop lies in the image; a mirrored crop's map mirrored back
+        along_rows = feather(top, crop, height).astype(np.float32)
+        along_cols = feather(left, crop, width).astype(np.float32)
+        rows[top:top + crop, i] = up_rows * along_rows[:, None]
+        cols[i, :, left:left + crop] = ((up_cols[::-1] if flipped else up_cols)
+                                        * along_cols[:, None]).T
+        edges_rows[i, top:top + crop] = along_rows
+        edges_cols[i, left:left + crop] = along_cols
     # OpenBLAS's threads would spin on a core for 0.1 s after each product, taking it from
     # inference (the node builds heatmaps while images are being classified)
     with _blas().limit(limits=1, user_api="blas"):
@@ -129,7 +146,8 @@ def normalise(heat):
 # Boxes: (x, y, w, h) in pixels of the original image, as NIH's file has them
 
 def find_box_file(data_dir):
-    for name in BOX_FILE_NAMES:
+    """The data directory's box file, else the one shipped with the code (also for None)."""
+    for name in BOX_FILE_NAMES if data_dir is not None else ():
         if (Path(data_dir) / name).is_file():
             return Path(data_dir) / name
     return SHIPPED_BOXES
@@ -175,6 +193,30 @@ def read_boxes(path):
             raise DataError(f"{path}:{line}: box {x:g}, {y:g}, {w:g}, {h:g} is not a box")
         boxes.setdefault(name, {}).setdefault(disease, []).append((x, y, w, h))
     return boxes
+
+
+# NIH's boxes are in the pixels of the released images, all 1024x1024 (not the label table's
+# OriginalImage[Width,Height], the radiographs' size before NIH reduced them: the boxes reach
+# x = 1012 on images whose original is 2992 wide)
+RELEASED_SIDE = 1024
+
+
+def box_scale(name, size):
+    """(x, y) factors from NIH's box coordinates to an image of `size` (width, height): a
+    square image is the released one or a resized copy of it (the bundled sample is 256x256);
+    a DataError, to skip the image with its reason, where the boxes cannot be placed."""
+    width, height = size
+    if width != height:
+        raise DataError(f"cannot place NIH's boxes on {name}: it is {width}x{height}, not the "
+                        f"released {RELEASED_SIDE}x{RELEASED_SIDE} image nor a resized copy "
+                        "(a crop or another image)")
+    return width / RELEASED_SIDE, height / RELEASED_SIDE
+
+
+def scaled_boxes(boxes, scale):
+    """{disease: [(x, y, w, h)]} multiplied by box_scale's factors."""
+    sx, sy = scale
+    return {d: [(x * sx, y * sy, w * sx, h * sy) for x, y, w, h in b] for d, b in boxes.items()}
 
 
 def check_boxes_inside(boxes, name, size, path):
@@ -350,7 +392,8 @@ def overlay(gray, heat, title, boxes=(), disease=None):
     scale = min(OVERLAY_MAX / max(gray.shape), max(1.0, OVERLAY_MIN / max(gray.shape)))
     height, width = (max(1, round(n * scale)) for n in gray.shape)
     dpi = 100
-    gap, bar, head = max(8, width // 40), max(120, width // 7), max(40, height // 14)
+    lines = title.count("\n") + 1  # a notice under the title takes a line of its own
+    gap, bar, head = max(8, width // 40), max(120, width // 7), max(40, height // 14) * lines
     total_w, total_h = 2 * width + gap + bar, height + head
     fig = plt.figure(figsize=(total_w / dpi, total_h / dpi), dpi=dpi, facecolor="white")
     font = max(9, height // 60)
@@ -466,11 +509,12 @@ def grid(gray, heats, titles, path, title=None, boxes=None):
 
 def image_boxes(data_dir, name, shape):
     """NIH's radiologist boxes of one image, {disease: [(x, y, w, h)]} scaled to an (H, W)
-    image of it: the box file's coordinates are in the released 1024x1024 pixels (the
-    bundled sample is reduced to 256x256). {} for an image without boxes."""
+    image of it (box_scale). {} for an image without boxes, or one they cannot be placed on."""
     found = read_boxes(find_box_file(data_dir)).get(name, {})
-    sy, sx = shape[0] / 1024, shape[1] / 1024
-    return {d: [(x * sx, y * sy, w * sx, h * sy) for x, y, w, h in b] for d, b in found.items()}
+    try:
+        return scaled_boxes(found, box_scale(name, shape[::-1])) if found else {}
+    except DataError:
+        return {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,37 +619,59 @@ def cam_stem(path, method, mode):
     return f"{Path(path).stem}_{digest}_{method.replace('+', 'p')}_{mode}"
 
 
+# Why Grad-CAM++'s maps of different findings look alike here, said on the figure itself
+GRADCAM_NOTE = ("\nGrad-CAM++ keeps only features of positive weight, which the findings share "
+                "on CheXNet's linear head: its maps look alike (CAM, the default, is exact)")
+
+
+def decision_words(p, threshold, rule):
+    """'p = 0.437, positive (youden threshold 0.312)': what a heatmap's title says of its
+    finding, so that a map is never read without the decision it goes with."""
+    if threshold is None or not np.isfinite(threshold):
+        return f"p = {p:.3f}, no decision (no threshold chosen on val)"
+    return (f"p = {p:.3f}, {'positive' if p >= threshold else 'negative'} ({rule} threshold "
+            f"{threshold:.3f})")
+
+
 def write_cams(backend, paths, out_dir, resize, crop, mode, method="cam", data_dir=None,
-               per_request=1, positive=None):
-    """For each image: an overlay for every class called positive (positive(probs) -> bool
-    [K]; None or no positive: the 3 most probable) and a grid of all K, named by cam_stem;
-    NIH's boxes of the image drawn when data_dir (or the shipped file) has some. Returns the
-    files written."""
+               per_request=1, thresholds=None, rule="youden", notice=None):
+    """For each image: an overlay for every class called positive at `thresholds` (K, NaN:
+    none; None or no positive: the 3 most probable) and a grid of all K, named by cam_stem,
+    each titled with its probability and decision (and `notice`, the sample model's); NIH's
+    boxes of the image drawn when data_dir (or the shipped file) has some. Returns the files
+    written."""
     from common import atomic_path, check_writable_dir
     out_dir = Path(out_dir)
     check_writable_dir(out_dir, "--cam")  # before any image: a file there is one line
     written = []
+    classes = backend.class_names
+    limits = np.full(len(classes), np.nan) if thresholds is None else np.asarray(thresholds)
+    foot = f"\n{notice}" if notice else ""
     for path in paths:
         probs, heat, gray = image_heatmaps(backend, path, resize, crop, method, per_request)
-        chosen = np.flatnonzero(positive(probs)) if positive is not None else []
+        chosen = np.flatnonzero(probs >= np.nan_to_num(limits, nan=2.0))
         if not len(chosen):
             chosen = np.argsort(-probs)[:3]
         stem = cam_stem(path, method, mode)
-        classes = backend.class_names
         boxes = image_boxes(data_dir, Path(path).name, gray.shape)
         for k in chosen:
             name = "".join(c if c.isalnum() or c in "-." else "_" for c in classes[k])
             target = out_dir / f"{stem}_{name}.png"
             with atomic_path(target, "heatmap") as tmp:
-                overlay(gray, heat[k], f"{Path(path).name}: {classes[k]}  p = {probs[k]:.3f}  "
-                        f"({method}, {mode})",
-                        [(d, b) for d, found in boxes.items() for b in found],
+                overlay(gray, heat[k], f"{Path(path).name}: {classes[k]}, "
+                        f"{decision_words(probs[k], limits[k], rule)}  ({method}, {mode})"
+                        + foot, [(d, b) for d, found in boxes.items() for b in found],
                         classes[k]).save(tmp, format="PNG")
             written.append(target)
         target = out_dir / f"{stem}_all.png"
-        grid(gray, heat, [f"{n} {p:.3f}" for n, p in zip(classes, probs)], target,
-             f"{Path(path).name}: {method} heatmaps, {mode} model "
-             "(probability beside each finding)", boxes)
+        marks = ["" if not np.isfinite(t) else " +" if p >= t else " -"
+                 for p, t in zip(probs, limits)]
+        grid(gray, heat, [f"{n} {p:.3f}{m}" for n, p, m in zip(classes, probs, marks)], target,
+             f"{Path(path).name}: {method} heatmaps, {mode} model (probability beside each "
+             "finding" + (f"; + positive, - negative at the {rule} thresholds" if thresholds
+                          is not None else "; no thresholds chosen on val") + ")"
+             + (GRADCAM_NOTE if method == "gradcam++" else "") + foot,
+             boxes)
         written.append(target)
     return written
 
@@ -634,6 +700,7 @@ def localize(backend, data_dir, lists, resize, crop, method="cam", tau=None, per
                 "image in test)" if part == "val" else "the score is on test's boxed images"))
         count = sum(len(b) for i in boxed for b in boxes[images.names[i]].values())
         log(f"{part}: {len(boxed)} boxed images, {count} boxes")
+        unplaced = []
         for i in boxed:
             name = images.names[i]
             try:  # PNG, JPEG or DICOM, as everywhere; unreadable ones skipped like everywhere
@@ -641,7 +708,12 @@ def localize(backend, data_dir, lists, resize, crop, method="cam", tau=None, per
             except SkippedImage:
                 continue
             size = original.size
-            check_boxes_inside(boxes[name], name, size, box_file)
+            try:  # the boxes in this image's pixels (the sample's are 256x256)
+                truths = scaled_boxes(boxes[name], box_scale(name, size))
+            except DataError as e:
+                unplaced.append(str(e))
+                continue
+            check_boxes_inside(truths, name, size, box_file)
             image = np.asarray(resize_shorter(original, resize))
             del original
             _, maps = crop_maps(backend, normalize_gray(crop_gray(image, crop)), method,
@@ -649,7 +721,7 @@ def localize(backend, data_dir, lists, resize, crop, method="cam", tau=None, per
             heat = tencrop_heatmap(maps, image.shape, crop)  # at the resized size
             scale = size[0] / image.shape[1]
             seed = int.from_bytes(name.encode()[-8:].rjust(8, b"\0"), "little") % 2 ** 32
-            for disease, truth in boxes[name].items():
+            for disease, truth in truths.items():
                 pair = shared_classes(classes, [disease])  # the model's column for it
                 if not pair:
                     continue  # a finding this model was not trained on
@@ -658,6 +730,11 @@ def localize(backend, data_dir, lists, resize, crop, method="cam", tau=None, per
                 tallies[part]["random"].add(disease, random_heatmap(image.shape, seed + k),
                                             truth, scale)
                 tallies[part]["centre"].add(disease, centre_heatmap(image.shape), truth, scale)
+        if unplaced:
+            log(f"note: {part}: {len(unplaced)} boxed image(s) left out: {unplaced[0]}")
+            if len(unplaced) == len(boxed):
+                raise DataError(f"{lists[part]}: NIH's boxes cannot be placed on any of its "
+                                f"{len(boxed)} boxed images ({unplaced[0]})")
     results = {}
     for method in ("model", "random", "centre"):
         tau = fixed if fixed is not None else float(tallies["val"][method].best_tau())

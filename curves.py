@@ -2,6 +2,7 @@
 one PNG drawn from metrics.jsonl, readable without TensorBoard.
 
     python curves.py runs/chexnet              # -> runs/chexnet/curves.png
+    python curves.py                           # the newest run under runs/ (the Quick start's)
     tensorboard --logdir runs/chexnet/tensorboard
 
 main.py (rank 0) writes the TensorBoard event files under OUT_DIR/tensorboard/ (off with
@@ -158,12 +159,19 @@ def write_figure(out_dir, path=None):
         best, at = max(finite)  # the first epoch of the best AUC, as best.pt keeps
         auc_ax.plot([-at], [best], "*", color="C3", markersize=12, linestyle="none",
                     label=f"best {best:.3f} (epoch {-at}: best.pt)")
-        auc_ax.legend()
-    auc_ax.set(xlabel="epoch", ylabel="mean ROC-AUC over classes", title="Validation mean AUC")
+    # chance (0.5) always on the axis, with the line drawn: a gain of 0.01 over a few epochs
+    # does not look steep on an axis cropped around it
+    auc_ax.axhline(0.5, color="0.4", ls=":", lw=1, label="chance (0.5)")
+    auc_ax.legend()
+    auc_ax.set(xlabel="epoch", ylabel="mean ROC-AUC over classes",
+               title="Val mean AUC (one centre crop per image)")
     for ax in (loss_ax, auc_ax):
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.margins(x=0.05, y=0.1)
+    top = max([a for a in aucs if math.isfinite(a)] + [0.5])
+    auc_ax.set_ylim(min(0.45, min([a for a in aucs if math.isfinite(a)] + [0.5]) - 0.02),
+                    min(1.0, top + max(0.05, (top - 0.5) * 0.15)))
     batch = records[-1].get("global_batch")
     title = f"{out_dir}: {len(records)} epochs" + (f", global batch {batch}" if batch else "")
     if trained_on_sample(records[-1].get("data_dir")):  # older runs do not record it
@@ -175,13 +183,25 @@ def write_figure(out_dir, path=None):
     return path
 
 
+def newest_run(runs=Path("runs")):
+    """The training run under runs/ whose metrics.jsonl was written last."""
+    found = sorted(runs.glob("*/metrics.jsonl"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise DataError(f"no {runs}/*/metrics.jsonl: train first (bash run.sh), or name the "
+                        "run: python curves.py OUT_DIR")
+    print(f"curves.py: the last training run: {found[-1].parent}")
+    return found[-1].parent
+
+
 def main(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("out_dir", help="a training's --out-dir (holding metrics.jsonl)")
+    p.add_argument("out_dir", nargs="?", default=None,
+                   help="a training's --out-dir (holding metrics.jsonl; default: the newest "
+                        "under runs/, as infer.sh picks its checkpoint)")
     p.add_argument("--out", default=None, help="the PNG to write (default: OUT_DIR/curves.png)")
     args = p.parse_args(argv)
     try:
-        print(f"wrote {write_figure(args.out_dir, args.out)}")
+        print(f"wrote {write_figure(args.out_dir or newest_run(), args.out)}")
     except DataError as e:
         sys.exit(f"error: {one_line(e)}")
 

@@ -29,7 +29,7 @@ from backends import (METADATA, MODEL_NAMES, InferError, OpenVINOModel, file_dig
 from common import (DataError, atomic_write_text, check_writable_dir, exclusive_lock, os_reason,
                     strict_json)
 from dataset import SkippedImage, split_images
-from images import TEN_CROPS, average_crops, normalize_gray
+from images import TEN_CROPS, average_crops, normalize_gray, protocol_name
 from metrics import mean_auc, paired_auc_difference, roc_aucs
 
 
@@ -131,7 +131,9 @@ def export(args):
                        "significant" if check["significant"] else "not significant")
             auc = (f"mean AUC {fp32:.4f} -> {int8:.4f}, difference {int8 - fp32:+.4f} "
                    f"[95% CI {lo:+.4f}, {hi:+.4f}] ({verdict}, paired bootstrap of patients)")
-        print(f"INT8 vs FP32 on {check['images']} held-out val images: {auc}; largest "
+        print(f"INT8 vs FP32 on {check['images']} held-out val images (the val images not "
+              f"calibrated on; {protocol_name(meta['resize'], meta['crop_size'])}): {auc}; "
+              "largest "
               f"probability difference {check['max_probability_difference']:.4f}")
     return meta
 

@@ -430,6 +430,14 @@ def average_crops(outputs, crops_per_image=TEN_CROPS):
     return outputs.reshape(-1, crops_per_image, *outputs.shape[1:]).mean(1)
 
 
+def protocol_name(resize, crop, ten_crop=True):
+    """The evaluation protocol in words, for every printed AUROC to name its own: 'ten crops
+    of 224 from images resized to 256' (infer.py, the export's check) or 'one centre crop ...'
+    (training's validation after each epoch): they give different numbers for one model."""
+    crops = "ten crops" if ten_crop else "one centre crop"
+    return f"{crops} of {crop} from images resized to {resize}"
+
+
 def eval_gray(path, resize=256, crop=224, ten_crop=True):
     """(10 or 1, crop, crop) uint8: the evaluation crops of one image file."""
     return crop_gray(np.asarray(resize_shorter(load_gray(path), resize)), crop, ten_crop)

@@ -25,14 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from backends import (METADATA, MODEL_NAMES, InferError, TorchModel, TorchPredictor, export_id,
-                      file_digest, import_torch, load_openvino, predict_openvino, read_metadata,
-                      torch_checkpoint, with_data_defaults)
+from backends import (BACKEND_NAMES, METADATA, MODEL_NAMES, InferError, TorchModel,
+                      TorchPredictor, export_id, file_digest, import_torch, load_openvino,
+                      predict_openvino, read_metadata, torch_checkpoint, with_data_defaults)
 from common import (ArgumentParser, DataError, Progress, SetupError, add_device_args, atomic_path,
                     atomic_write_text, check_writable_file, exclusive_lock, fraction, one_line,
                     positive_int, strict_json)
 from dataset import add_data_args, check_data_dir, split_images
-from images import TEN_CROPS, average_crops, eval_input
+from images import TEN_CROPS, average_crops, eval_input, protocol_name
 from labels import parse_class_map, shared_classes
 from metrics import mean_auc, roc_aucs
 from report import add_report_args
@@ -159,8 +159,10 @@ def evaluate(args, rt=None):
     log = (lambda *a, **k: print(*a, **k)) if is_main else (lambda *a, **k: None)
     meta = read_metadata(args.model_dir)
     part_suffix, elsewhere = evaluation_suffix(args.part, args.trained_on, args.data_dir)
+    # named by what it holds: calibrated probabilities never replace the raw ones
     out_csv = Path(args.out_csv or Path(args.model_dir) /
-                   f"predictions_{args.mode}{part_suffix}{elsewhere}.csv")
+                   f"predictions_{args.mode}{part_suffix}{elsewhere}"
+                   f"{'_calibrated' if args.calibrated else ''}.csv")
     if is_main:
         check_writable_file(out_csv, "--out-csv")
     list_path, images = split_images(args.data_dir, args.split, args.split_seed,
@@ -190,10 +192,10 @@ def evaluate(args, rt=None):
     if args.part == "val":  # its entry is chosen again; the file must take it
         from report import read_operating_points
         read_operating_points(args.model_dir)
-        points, why = None, None
+        points, why, points_key = None, None, args.mode + elsewhere
     else:
-        points, why = evaluation_points(args.model_dir, args.mode + elsewhere, args.mode,
-                                        model_id, columns[2])
+        points, why, points_key = evaluation_points(args.model_dir, args.mode + elsewhere,
+                                                    args.mode, model_id, columns[2])
     if args.calibrated and points is None and args.part != "val":
         raise InferError(f"--calibrated: {why}")
     key = {"model": model_id, "mode": args.mode, "names": hashlib.sha256(
@@ -210,8 +212,8 @@ def evaluate(args, rt=None):
         if not is_main:
             return None
         result = report_evaluation(args, out_csv, list_path, images, probs, readable, model_id,
-                                   model_classes, columns, (points, why), elsewhere, timing,
-                                   sample_notice(args, meta), demographics)
+                                   model_classes, columns, (points, why, points_key), elsewhere,
+                                   timing, sample_notice(args, meta), demographics)
         chunks.remove()
         return result
 
@@ -233,14 +235,15 @@ def evaluated_classes(model_classes, images, list_path, class_map):
 
 
 def evaluation_points(model_dir, key, own_key, model_id, classes):
-    """The operating points chosen on val for this evaluation (those chosen on this data set,
-    else the model's own if the classes fit), or (None, why not); a damaged file is an error
-    here, before any image is predicted."""
+    """(the operating points chosen on val for this evaluation: those chosen on this data set,
+    else the model's own if the classes fit; or None and why not; their key in
+    operating_points.json). A damaged file is an error here, before any image is predicted."""
     from report import operating_points_for
     points, why = operating_points_for(model_dir, key, model_id, classes)
     if points is None and key != own_key:
         points, why = operating_points_for(model_dir, own_key, model_id, classes)
-    return points, why
+        key = own_key
+    return points, why, key
 
 
 def predict_in_chunks(predictor, n, chunk_size, chunks, rt, log):
@@ -296,6 +299,7 @@ def report_evaluation(args, out_csv, list_path, images, probs, readable, model_i
         build_report,
         calibrate,
         choose_operating_points,
+        on_calibrated,
         platt_notes,
         save_operating_points,
         summary,
@@ -303,7 +307,7 @@ def report_evaluation(args, out_csv, list_path, images, probs, readable, model_i
         write_report,
     )
     model_cols, list_cols, classes = columns
-    points, why = points_why
+    points, why, points_key = points_why
     names = [nm for nm, ok in zip(images.names, readable) if ok]
     labels, probs = images.labels[readable][:, list_cols], probs[readable][:, model_cols]
     if not np.isfinite(probs).all():
@@ -326,15 +330,27 @@ def report_evaluation(args, out_csv, list_path, images, probs, readable, model_i
         notes.append(f"note: {why}")
     elif args.calibrated:
         notes += platt_notes(points)
+    # the report describes the probabilities written, raw or calibrated (then with the
+    # thresholds mapped through the calibration: the same decisions)
     written = calibrate(probs, points) if args.calibrated else probs
-    write_predictions(out_csv, names, classes, written)
     scored = points if args.part == "test" else None
-    report = build_report(names, labels, probs, classes, scored, args.n_boot, args.boot_seed,
-                          args.calibrated, mode=args.mode, part=args.part, list=str(list_path),
-                          predictions=str(out_csv), demographics=demographics,
-                          **(notice or {}))
+    if scored is not None and args.calibrated:
+        scored = on_calibrated(scored)
+    protocol = (f"{protocol_name(args.resize, args.crop_size)}, "
+                f"{BACKEND_NAMES[args.mode]}")
+    context = dict(mode=args.mode, part=args.part, list=str(list_path), protocol=protocol,
+                   **(notice or {}))
+    write_predictions(out_csv, names, classes, written, source={
+        **context, "made_by": "infer.py", "calibrated": bool(args.calibrated),
+        "data_dir": str(Path(args.data_dir).resolve()), "split": str(args.split),
+        "split_seed": args.split_seed, "keep_laterals": bool(args.keep_laterals),
+        "class_map": args.class_map, "model_dir": str(Path(args.model_dir).resolve()),
+        "model": model_id, "operating_points": points_key if scored is not None else None})
+    report = build_report(names, labels, written, classes, scored, args.n_boot, args.boot_seed,
+                          args.calibrated, predictions=str(out_csv), demographics=demographics,
+                          made_by="infer.py", **context)
     skipped = len(images) - len(names)
-    print(f"mode {args.mode}: {len(names)} {args.part} images of {list_path}"
+    print(f"mode {args.mode}: {len(names)} {args.part} images of {list_path}, {protocol}"
           + (f" ({skipped} unreadable skipped)" if skipped else ""))
     print(summary(report))
     predicted, seconds = timing
@@ -345,8 +361,9 @@ def report_evaluation(args, out_csv, list_path, images, probs, readable, model_i
     for note in notes:
         print(note)
     print(f"predictions: {out_csv}" + (" (Platt-calibrated)" if args.calibrated else ""))
-    for path in write_report(out_csv, report, labels, probs, classes, scored, args.calibrated,
-                             figures=not args.no_figures, platt=scored):
+    for path in write_report(out_csv.with_suffix(""), report, labels, written, classes, scored,
+                             figures=not args.no_figures,
+                             platt=None if args.calibrated else scored):
         print(f"report: {path}")
     aucs = roc_aucs(labels, probs)
     return {"aucs": aucs, "mean_auc": mean_auc(aucs), "probs": written, "names": names,
@@ -410,11 +427,10 @@ def classify_images(args):
             print(line)
     if args.cam:
         from cam import write_cams
-        positive = None if points is None else (
-            lambda probs: probs >= np.nan_to_num(thresholds_of(points, args.rule), nan=2.0))
+        thresholds = None if points is None else thresholds_of(points, args.rule)
         for path in write_cams(backend, args.image, args.cam, args.resize, args.crop_size,
                                args.mode, args.cam_method, args.data_dir, args.images_per_request,
-                               positive):
+                               thresholds, args.rule, notice):
             print(f"heatmap: {path}")
 
 

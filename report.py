@@ -9,7 +9,11 @@ figures; and the paired comparison of two prediction files.
         the full report of an existing predictions file.
 
 infer.py writes a report beside every evaluation's predictions: <csv stem>_report.json (every
-number), <stem>_report.md (a table to paste), <stem>_roc.png, _pr.png and _reliability.png.
+number), <stem>_report.md (a table to paste), <stem>_roc.png, _pr.png and _reliability.png;
+and <stem>_source.json, what the evaluation knew (its data directory and split, the model and
+its operating points, raw or calibrated probabilities). `report.py PREDICTIONS.csv` reads that
+record, so that its report is the evaluation's own again, and writes under its own name,
+<stem>_rerun_*: an evaluation's report is never replaced by another tool's.
 Torch-free: matplotlib (Agg, no display) for the figures, numpy and scikit-learn for the rest.
 """
 import csv
@@ -217,14 +221,34 @@ def calibrate(probs, points):
     return apply_platt(probs, points["platt"]["a"], points["platt"]["b"])
 
 
+def on_calibrated(points):
+    """The operating points as they apply to probabilities already Platt-calibrated with
+    them: each threshold mapped through its class's calibration (the map is increasing, so
+    every decision is the one the raw probability and its raw threshold give), and no
+    calibration left to apply."""
+    k = len(points["platt"]["a"])
+    thresholds = {rule: [None if t is None else float(calibrate(np.full((1, k), t), points)[0, d])
+                         for d, t in enumerate(values)]
+                  for rule, values in points["thresholds"].items()}
+    return {**points, "thresholds": thresholds,
+            "platt": {"a": [1.0] * k, "b": [0.0] * k, "identity": {}},
+            "calibrated": True}
+
+
+PROBABILITIES = {False: "raw (as the model gives them)",
+                 True: "Platt-calibrated (the calibration fitted on val)"}
+
+
 # ---------------------------------------------------------------------------------------------
 # The report
 
 def build_report(names, labels, probs, class_names, points=None, n_boot=N_BOOT, seed=0,
                  calibrated=False, demographics=None, **context):
     """Every number of one evaluation, as a JSON-ready dict. points: operating points chosen
-    on val (None: no thresholds are reported). demographics: subgroups.Demographics of the
-    images (None: no subgroup section)."""
+    on val, as they apply to `probs` (on_calibrated's where those are calibrated; None: no
+    thresholds are reported). calibrated: whether `probs` are Platt-calibrated (the report
+    says which, everywhere). demographics: subgroups.Demographics of the images (None: no
+    subgroup section)."""
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
     groups = patient_groups(names)
     aucs = roc_aucs(labels, probs)
@@ -233,7 +257,9 @@ def build_report(names, labels, probs, class_names, points=None, n_boot=N_BOOT, 
     mlo, mhi = interval(boot_mean[:, None])
     ap = auprcs(labels, probs)
     ece = calibration_errors(labels, probs)
-    report = {**context, "calibrated": bool(calibrated), "images": int(len(names)), "patients": int(len(set(groups))),
+    report = {**context, "calibrated": bool(calibrated),
+              "probabilities": PROBABILITIES[bool(calibrated)],
+              "images": int(len(names)), "patients": int(len(set(groups))),
               "bootstrap": {"resamples": n_boot, "seed": seed, "by": "patient", "interval": 0.95},
               "mean": {"auc": mean_auc(aucs), "auc_ci": [float(mlo[0]), float(mhi[0])]},
               "diseases": {}}
@@ -242,8 +268,6 @@ def build_report(names, labels, probs, class_names, points=None, n_boot=N_BOOT, 
                                       "images": points["images"]}
         stats = {rule: at_threshold(labels, probs, thresholds_of(points, rule), groups, n_boot,
                                     seed) for rule in RULES}
-        if calibrated:
-            ece_cal = calibration_errors(labels, calibrate(probs, points))
     for d, name in enumerate(class_names):
         y = known(labels[:, d])[0]  # without the uncertain labels
         entry = {"prevalence": float(y.mean()), "positives": int(y.sum()),
@@ -256,8 +280,6 @@ def build_report(names, labels, probs, class_names, points=None, n_boot=N_BOOT, 
                     "threshold": thresholds_of(points, rule)[d],
                     **{s: [stats[rule][s][0][d], stats[rule][s][1][d], stats[rule][s][2][d]]
                        for s in STATS}}
-            if calibrated:
-                entry["ece_calibrated"] = ece_cal[d]
         report["diseases"][name] = entry
     if demographics is not None:  # by sex and age band (subgroups.py)
         report["subgroups"] = subgroup_section(
@@ -323,7 +345,12 @@ def markdown(report, rule="youden"):
     """A table to paste into a paper or a README."""
     b = report["bootstrap"]
     head = (f"{report['images']} images, {report['patients']} patients; 95% intervals from "
-            f"{b['resamples']} bootstrap resamples of patients (seed {b['seed']}).")
+            f"{b['resamples']} bootstrap resamples of patients (seed {b['seed']}). "
+            f"Probabilities: {report.get('probabilities', PROBABILITIES[False])}.")
+    if report.get("protocol"):
+        head += f" Protocol: {report['protocol']}."
+    if report.get("made_by"):
+        head += f" Made by {report['made_by']}."
     if report.get("notice"):
         head = f"**{report['notice']}**\n\n" + head
     cols = ["Disease", "Prevalence (positives)", "AUROC (95% CI)", "AUPRC", "ECE"]
@@ -351,19 +378,20 @@ def markdown(report, rule="youden"):
     return text
 
 
-def write_report(csv_path, report, labels, probs, class_names, points=None, calibrated=False,
-                 log=print, figures=True, platt=None):
-    """<stem>_report.json, <stem>_report.md and the figures, beside the predictions. platt:
-    operating points chosen on val whose calibration the reliability diagram also draws."""
-    csv_path = Path(csv_path)
-    stem = csv_path.with_suffix("")
+def write_report(stem, report, labels, probs, class_names, points=None, log=print,
+                 figures=True, platt=None):
+    """<stem>_report.json, <stem>_report.md and the figures <stem>_*.png (stem: the
+    predictions file's path without .csv, infer.py's; report.py's own ends in _rerun). platt:
+    operating points chosen on val whose calibration the reliability diagram also draws
+    (raw probabilities only)."""
     atomic_write_text(f"{stem}_report.json",
                       json.dumps(report, indent=1, allow_nan=False) + "\n", "report")
     atomic_write_text(f"{stem}_report.md", markdown(report), "report")
-    pngs = (write_figures(stem, labels, probs, class_names, points, calibrated, log, report,
-                          platt) if figures else [])
+    pngs = (write_figures(stem, labels, probs, class_names, points, log, report, platt)
+            if figures else [])
     if figures and report.get("subgroups") and pngs:
-        pngs += [p for p in [write_figure(f"{stem}_subgroups.png", report["subgroups"])] if p]
+        pngs += [p for p in [write_figure(f"{stem}_subgroups.png", report["subgroups"],
+                                          notice=report.get("notice"))] if p]
     return [f"{stem}_report.json", f"{stem}_report.md", *pngs]
 
 
@@ -406,24 +434,26 @@ MARKERS = {"sensitivity": dict(marker="^", ms=12, color="tab:red", zorder=3),
            "f1": dict(marker="s", ms=9, color="tab:green", zorder=4),
            "youden": dict(marker="o", ms=6, color="tab:orange", zorder=5)}
 def pr_curve(y, p):
-    """(recall, precision), recall increasing, at each threshold of the data that reaches a new
-    recall (where a positive comes in: the precision there, before the negatives below it lower
-    it), so that steps through these points enclose the average precision. Not scikit-learn's
-    appended point (recall 0, precision 1), which no threshold gives and which drew a spike at
-    recall 0."""
+    """(recall, precision) at every threshold of the data, the highest first (recall never
+    decreasing), led by the first threshold's precision at recall 0: drawn as steps up to each
+    point ('steps-pre'), the curve passes through every operating point (a precision that
+    drops while recall stays is a vertical step) and encloses the average precision, the
+    report's AUPRC. Not scikit-learn's appended point (recall 0, precision 1), which no
+    threshold gives and which drew a spike at recall 0. With one positive it is still a curve."""
     from sklearn.metrics import precision_recall_curve
     precision, recall, _ = precision_recall_curve(y, p)
     recall, precision = recall[-2::-1], precision[-2::-1]  # without the appended point
-    new = (recall > 0) & np.r_[True, np.diff(recall) > 0]
-    return recall[new], precision[new]
+    return np.r_[0.0, recall], np.r_[precision[0], precision]
 
 
 def _figure_title(what, report):
     """'ROC curves, int8, test: 340 images' from the report's context, when it has one."""
     if not report:
         return what
-    where = ", ".join(str(report[k]) for k in ("mode", "part") if report.get(k))
-    return f"{what}{', ' + where if where else ''}: {report['images']} images" + (
+    where = [str(report[k]) for k in ("mode", "part") if report.get(k)]
+    where.append("Platt-calibrated probabilities" if report.get("calibrated")
+                 else "raw probabilities")
+    return f"{what}, {', '.join(where)}: {report['images']} images" + (
         f"\n{report['notice']}" if report.get("notice") else "")
 
 
@@ -442,14 +472,13 @@ def _panel_title(name, entry, curve="roc"):
     return f"{name}\n{auc}, {entry['positives']} pos.{few}"
 
 
-def write_figures(stem, labels, probs, class_names, points=None, calibrated=False, log=print,
-                  report=None, platt=None):
+def write_figures(stem, labels, probs, class_names, points=None, log=print, report=None,
+                  platt=None):
     """<stem>_roc.png, _pr.png, _reliability.png: ROC and precision-recall curves (a panel per
     class, with AUC, its interval and the positives; the operating points of `points` marked)
     and the reliability diagram (with the Platt-calibrated curve when `platt`, operating points
-    chosen on val, is given; `calibrated` alone draws `points`' calibration). report: the
-    build_report dict of these predictions (titles). Needs matplotlib; without it, a note and
-    no figures."""
+    chosen on val, is given). report: the build_report dict of these predictions (titles: what
+    they are, raw or calibrated). Needs matplotlib; without it, a note and no figures."""
     try:
         plt = pyplot("drawing the ROC, PR and reliability figures")
     except MissingPackage as e:
@@ -512,16 +541,18 @@ def write_figures(stem, labels, probs, class_names, points=None, calibrated=Fals
     paths = [f"{stem}_roc.png", f"{stem}_pr.png", f"{stem}_reliability.png"]
     save_figure(roc, paths[0])
     save_figure(pr, paths[1])
-    save_figure(reliability_figure(plt, labels, probs, class_names, report,
-                             platt if platt is not None else points if calibrated else None),
-          paths[2])
+    save_figure(reliability_figure(plt, labels, probs, class_names, report, platt), paths[2])
     return paths
+
+
+FEW_IN_BIN = 10  # a reliability point resting on fewer images is drawn hollow
 
 
 def reliability_figure(plt, labels, probs, class_names, report=None, platt=None, bins=15):
     """Per class, fraction positive against mean predicted probability per bin, and under it a
-    strip of the images per bin (log scale: where the curve rests on data at all); the
-    Platt-calibrated curve too when `platt` is given."""
+    strip of the images per bin of each curve (log scale: where a curve rests on data at all);
+    the Platt-calibrated curve too when `platt` is given. A point of fewer than FEW_IN_BIN
+    images is hollow: a swing there is noise, not a fault."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
     series = [("as predicted", probs, "tab:blue")]
@@ -534,18 +565,24 @@ def reliability_figure(plt, labels, probs, class_names, report=None, platt=None,
     for d, name in enumerate(class_names):
         ax, strip = axes[d], strips[d]
         ax.plot([0, 1], [0, 1], "k:", lw=0.6)
-        eces = []
-        for label, values, colour in series:
+        eces, top = [], 1
+        for i, (label, values, colour) in enumerate(series):
             r = reliability(labels[:, d], values[:, d], bins)
-            ax.plot(r["mean_predicted"], r["fraction_positive"], "o-", ms=3, lw=1.2,
+            ax.plot(r["mean_predicted"], r["fraction_positive"], "-", lw=1.2, color=colour)
+            few = r["count"] < FEW_IN_BIN
+            ax.plot(r["mean_predicted"][~few], r["fraction_positive"][~few], "o", ms=3.5,
                     color=colour)
+            ax.plot(r["mean_predicted"][few], r["fraction_positive"][few], "o", ms=3.5,
+                    color=colour, mfc="white")
             eces.append(f"{r['ece']:.3f}")
-        y, p = known(labels[:, d], probs[:, d])
-        hist = np.histogram(p, bins=bins, range=(0, 1))[0]
-        strip.bar(np.arange(bins) * width, hist, width, align="edge", color="0.75",
-                  edgecolor="0.45", lw=0.4)
+            y, p = known(labels[:, d], values[:, d])
+            hist = np.histogram(p, bins=bins, range=(0, 1))[0]
+            share = width / len(series)  # each curve's images side by side in its bin
+            strip.bar(np.arange(bins) * width + i * share, hist, share, align="edge",
+                      color="0.75" if i == 0 else colour, alpha=1 if i == 0 else 0.5,
+                      edgecolor="0.45", lw=0.4)
+            top = max(top, hist.max())
         strip.set_yscale("symlog", linthresh=1)
-        top = max(1, hist.max())
         strip.set_ylim(0, 10 ** np.ceil(np.log10(top + 1)))
         strip.set_yticks([t for t in (1, 10, 100, 1000, 10 ** 4, 10 ** 5) if t <= top] or [1])
         strip.yaxis.set_major_formatter(lambda v, _: f"{v:g}")
@@ -559,9 +596,12 @@ def reliability_figure(plt, labels, probs, class_names, report=None, platt=None,
         ax.set_ylabel("fraction positive", fontsize=8)
         ax.set_title(f"{name}\nECE {' / '.join(eces)}", fontsize=9)
     handles = [Line2D([], [], color=c, marker="o", ms=4, label=label) for label, _, c in series]
-    handles += [Line2D([], [], color="k", ls=":", label="perfect calibration"),
+    handles += [Line2D([], [], color="0.3", marker="o", mfc="white", ls="none", ms=4,
+                       label=f"a bin of fewer than {FEW_IN_BIN} images"),
+                Line2D([], [], color="k", ls=":", label="perfect calibration"),
                 Patch(facecolor="0.75", edgecolor="0.45",
-                      label="images per bin (as predicted, log scale)")]
+                      label="images per bin (log scale)" + (
+                          "; red: after calibration" if len(series) > 1 else ""))]
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=10,
                frameon=False, title="ECE in the titles: " + " / ".join(s[0] for s in series),
                title_fontsize=10)
@@ -571,15 +611,46 @@ def reliability_figure(plt, labels, probs, class_names, report=None, platt=None,
 # ---------------------------------------------------------------------------------------------
 # Prediction files
 
-def write_predictions(path, names, class_names, probs):
-    """The predictions CSV: 'Image Index' and the class names, then a row per image; quoted
-    where a name needs it (a comma in a file name), so read_predictions reads it back exactly."""
+def write_predictions(path, names, class_names, probs, source=None):
+    """The predictions CSV: 'Image Index' and the class names, then a row per image, each
+    probability to every digit; quoted where a name needs it (a comma in a file name), so
+    read_predictions reads it back exactly.
+    source: what the evaluation knew, written beside it (<stem>_source.json, read_source)."""
+    import hashlib
     import io
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(["Image Index", *class_names])
-    writer.writerows([name, *(f"{p:.6f}" for p in row)] for name, row in zip(names, probs))
+    # every digit (the shortest text that reads back as the same float): a report made again
+    # from the file (report.py) is the evaluation's, not one of rounded probabilities whose
+    # new ties moved the AUROC in its 4th decimal
+    writer.writerows([name, *(repr(float(p)) for p in row)] for name, row in zip(names, probs))
     atomic_write_text(path, text.getvalue(), "predictions")
+    if source is not None:
+        record = {**source, "predictions": str(path),
+                  "sha256": hashlib.sha256(text.getvalue().encode()).hexdigest()}
+        atomic_write_text(source_path(path), json.dumps(strict_json(record), indent=1) + "\n",
+                          "predictions record")
+
+
+def source_path(csv_path):
+    csv_path = Path(csv_path)
+    return csv_path.with_name(f"{csv_path.stem}_source.json")
+
+
+def read_source(csv_path):
+    """What the evaluation that wrote this predictions file knew (write_predictions' source:
+    data directory, split, model, operating points, raw or calibrated), or None: no record, an
+    unreadable one, or one of another version of the file (its SHA-256 differs)."""
+    import hashlib
+    try:
+        record = json.loads(source_path(csv_path).read_text())
+        digest = hashlib.sha256(Path(csv_path).read_bytes()).hexdigest()
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(record, dict) or record.get("sha256") != digest:
+        return None
+    return record
 
 
 def read_predictions(path):
@@ -692,12 +763,29 @@ def compare(args):
 
 
 def report_file(args):
+    """report.py PREDICTIONS.csv: the report again, from what the evaluation recorded beside
+    the predictions (read_source: its data directory, split and operating points, raw or
+    calibrated), flags given here winning; written as <stem>_rerun_* (never over infer.py's
+    own report)."""
     names, probs, classes = read_predictions(args.predictions)
-    lists = resolve_split(args.split, args.data_dir, args.split_seed,
-                          getattr(args, "keep_laterals", False))
+    source = read_source(args.predictions) or {}
+    knew = [] if not source else [f"what {source.get('made_by', 'the evaluation')} recorded in "
+                                  f"{source_path(args.predictions)}"]
+
+    def setting(name, default):  # the flag where given, else the record's, else the default
+        value = getattr(args, name)
+        return value if value is not None else source.get(name, default)
+    data_dir, split = setting("data_dir", "data"), setting("split", "auto")
+    lists = resolve_split(split, data_dir, setting("split_seed", 0),
+                          bool(setting("keep_laterals", False)))
     labels = labels_for(names, lists, args.predictions, classes)
-    points = None
+    calibrated = bool(source.get("calibrated", False))
+    points, why = None, None
     if args.val_predictions is not None:  # operating points chosen on val, never on test
+        if calibrated:
+            raise DataError(f"--val-predictions: {args.predictions} holds calibrated "
+                            "probabilities; choose thresholds on the raw ones (run report.py "
+                            "on the predictions without --calibrated)")
         val_names, val_probs, val_classes = read_predictions(args.val_predictions)
         if val_classes != classes:
             raise DataError(f"--val-predictions {args.val_predictions}: predicts other classes "
@@ -710,15 +798,30 @@ def report_file(args):
         val_labels = labels_for(val_names, lists, args.val_predictions, classes)
         points = choose_operating_points(val_labels, val_probs, None, args.val_predictions,
                                          classes)
-    demographics = demographics_for(args.data_dir, args.no_subgroups, args.patients_table)
-    notice = {"notice": SAMPLE_NOTICE} if trained_on_sample(_exported_from(
-        Path(args.predictions).parent)) else {}
+    elif source.get("operating_points"):  # those the evaluation applied
+        key, model_dir = source["operating_points"], source.get("model_dir", "")
+        points, why = operating_points_for(model_dir, key, source.get("model"), classes)
+        if points is not None and calibrated:
+            points = on_calibrated(points)
+    if why:
+        print(f"note: {why}")
+    demographics = demographics_for(data_dir, args.no_subgroups, args.patients_table)
+    notice = {"notice": SAMPLE_NOTICE} if source.get("notice") or trained_on_sample(
+        _exported_from(Path(args.predictions).parent)) else {}
+    context = {k: source[k] for k in ("mode", "part", "list", "protocol") if k in source}
     report = build_report(names, labels, probs, classes, points, n_boot=args.n_boot,
-                          seed=args.boot_seed, demographics=demographics,
-                          predictions=str(args.predictions), **notice)
+                          seed=args.boot_seed, calibrated=calibrated, demographics=demographics,
+                          predictions=str(args.predictions), made_by="report.py", **context,
+                          **notice)
+    if knew:
+        print(f"using {knew[0]}: data {data_dir}, split {split}"
+              + (f", operating points chosen on {points['images']} val images" if points
+                 else ""))
     print(summary(report))
-    for path in write_report(args.predictions, report, labels, probs, classes, points,
-                             figures=not args.no_figures, platt=points):
+    stem = Path(args.predictions).with_suffix("")
+    for path in write_report(f"{stem}_rerun", report, labels, probs, classes, points,
+                             figures=not args.no_figures,
+                             platt=None if calibrated else points):
         print(f"wrote {path}")
     return report
 
@@ -773,6 +876,8 @@ def main(argv=None):
                                  "the subgroups' TPR/FPR) at thresholds chosen there")
         add_subgroup_args(parser)
     add_report_args(parser)
+    if argv[:1] != ["compare"]:  # unset: what the evaluation recorded (report_file)
+        parser.set_defaults(data_dir=None, split=None, split_seed=None, keep_laterals=None)
     args = parser.parse_args(argv)
     try:
         return compare(args) if argv[:1] == ["compare"] else report_file(args)

@@ -74,6 +74,11 @@ fi
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 cmd=("$VENV/bin/python" -m torch.distributed.run "${launch[@]}" --nproc_per_node="$nproc"
      --max-restarts="$restarts" main.py --device "$device" "${defaults[@]}" "$@")
+if [ "$nproc" = 1 ] && [ -z "${NNODES:-}" ] && [ "$restarts" = 0 ]; then
+    # one process, nothing to restart: no launcher (torchrun's rendezvous for a single
+    # process only printed keep-alive warnings on a busy machine)
+    cmd=("$VENV/bin/python" main.py --device "$device" "${defaults[@]}" "$@")
+fi
 echo "run.sh: ${cmd[*]}"
 # Data, weights, checkpoint and out-dir are checked once, in one process, before torchrun: a
 # bad input is one line here, not a failure that torchrun would restart MAX_RESTARTS times.

@@ -77,43 +77,79 @@ def plot(stats, lists, data_dir, out_dir):
     labels = labels.astype(np.int64)
     out_dir = Path(out_dir)
     classes = next(iter(stats.values()))["classes"]
-    fig, ax = plt.subplots(figsize=(12, 5))
-    width = 0.8 / len(stats)
-    x = np.arange(len(classes))
-    for i, (split, st) in enumerate(stats.items()):
-        bars = ax.bar(x + (i - (len(stats) - 1) / 2) * width, st["percent"], width,
-                      label=f"{split} ({st['images']} images)")
-        # the value on each bar: a log axis keeps Hernia's 0.2 % visible beside Infiltration's
-        # 18 %, and the numbers say what the eye cannot read off a log axis
-        ax.bar_label(bars, [f"{v:.2g}" for v in st["percent"]], fontsize=6, rotation=90,
-                     padding=2)
-    ax.set_yscale("log")
-    ax.set_ylim(max(0.01, min(v for st in stats.values() for v in st["percent"] if v > 0) / 3),
-                max(v for st in stats.values() for v in st["percent"]) * 4)
-    ax.yaxis.set_major_formatter(lambda v, _: f"{v:g}")
-    ax.set_xticks(x, classes, rotation=45, ha="right")
-    ax.set_ylabel("% of images (log scale)")
-    ax.set_title(f"Disease prevalence per split (split: {_shown(lists['train'].parent)})")
-    ax.legend(loc="upper right")
     paths = [out_dir / "stats_prevalence.png", out_dir / "stats_cooccurrence.png"]
-    save_figure(fig, paths[0])
-    both = labels.T @ labels  # (14, 14): images with both diseases; the diagonal: with each
-    fig, ax = plt.subplots(figsize=(9, 8))
-    shade = np.log10(both + 1)
-    image = ax.imshow(shade, cmap="viridis")
-    for i in range(len(classes)):
-        for j in range(len(classes)):  # dark text on the bright cells (the diagonal)
-            bright = shade[i, j] > 0.6 * shade.max()
-            ax.text(j, i, str(both[i, j]), ha="center", va="center", fontsize=7,
-                    color="black" if bright else "white",
-                    fontweight="bold" if i == j else "normal")
-    ax.set_xticks(x, classes, rotation=45, ha="right")
-    ax.set_yticks(x, classes)
-    ax.set_title(f"Images with both findings (diagonal: with each)\n{source}, "
-                 f"{len(labels)} images")
-    fig.colorbar(image, label="log10(images + 1)")
-    save_figure(fig, paths[1])
+    save_figure(prevalence_figure(plt, stats, classes, _shown(lists["train"].parent)), paths[0])
+    save_figure(cooccurrence_figure(plt, labels, classes, source), paths[1])
     return paths
+
+
+def prevalence_figure(plt, stats, classes, split_name):
+    """Per disease (most prevalent on top), each split's share of images as a bar on a linear
+    axis (a bar's length is its value; on the log axis it was not), the value at its end."""
+    order = np.argsort(-np.asarray(next(iter(stats.values()))["percent"]), kind="stable")
+    height = 0.8 / len(stats)
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.42 * len(classes) * max(1, len(stats) / 2)))
+    y = np.arange(len(classes))
+    top = max(v for st in stats.values() for v in st["percent"])
+    for i, (split, st) in enumerate(stats.items()):
+        values = np.asarray(st["percent"])[order]
+        bars = ax.barh(y + (i - (len(stats) - 1) / 2) * height, values, height,
+                       label=f"{split} ({st['images']} images)")
+        ax.bar_label(bars, [f"{v:.1f}%" if v >= 1 else f"{v:.2f}%" for v in values],
+                     fontsize=9, padding=3)
+    ax.set_yticks(y, [classes[k] for k in order], fontsize=10)
+    ax.invert_yaxis()
+    ax.set_xlim(0, top * 1.18)
+    ax.set_xlabel("% of images with the finding")
+    ax.set_title(f"Disease prevalence per split (split: {split_name})")
+    ax.legend(loc="lower right")
+    ax.grid(axis="x", color="0.9")
+    ax.set_axisbelow(True)
+    return fig
+
+
+def cooccurrence_figure(plt, labels, classes, source):
+    """Below the diagonal, for each pair of findings: how much more (or less) often they come
+    together than if they were independent (observed / expected images, a log colour scale
+    centred on 1: raw counts mostly showed prevalence), with the observed count in the cell;
+    on the diagonal each finding's own count. Each pair once."""
+    from matplotlib.colors import LogNorm
+    n, k = len(labels), len(classes)
+    both = labels.T @ labels  # (K, K): images with both findings; the diagonal: with each
+    each = np.diag(both).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = both * n / np.outer(each, each)
+    lower = np.tril(np.ones((k, k), bool), -1) & np.isfinite(ratio) & (ratio > 0)
+    shown = np.ma.masked_where(~lower, ratio)
+    # the colour scale spans what the pairs hold (at least 1/2 to 2), symmetric about 1
+    spread = float(np.abs(np.log10(ratio[lower])).max()) if lower.any() else 0.0
+    bound = min(max(10 ** spread, 2.0), 100.0)
+    fig, ax = plt.subplots(figsize=(10, 9))
+    image = ax.imshow(shown, cmap="RdBu_r", norm=LogNorm(1 / bound, bound))
+    colours = image.cmap(image.norm(ratio.clip(1 / bound, bound)))
+    for i in range(k):
+        for j in range(i + 1):
+            if i == j:
+                ax.text(j, i, f"{both[i, i]}", ha="center", va="center", fontsize=8,
+                        fontweight="bold", color="0.15")
+                continue
+            if both[i, j] == 0 or not lower[i, j]:
+                ax.text(j, i, "0" if both[i, j] == 0 else "", ha="center", va="center",
+                        fontsize=7, color="0.5")
+                continue
+            dark = 0.299 * colours[i, j, 0] + 0.587 * colours[i, j, 1] + 0.114 * colours[i, j, 2]
+            ax.text(j, i, f"{both[i, j]}", ha="center", va="center", fontsize=7,
+                    color="white" if dark < 0.45 else "black")
+    ax.set_xticks(range(k), classes, rotation=45, ha="right")
+    ax.set_yticks(range(k), classes)
+    ax.set_title(f"Findings together: observed / expected if independent (colour), images with "
+                 f"both (number)\n{source}, {n} images; the diagonal: images with each")
+    bar = fig.colorbar(image, shrink=0.8)
+    ticks = [2.0 ** e for e in range(-7, 8) if 1 / bound <= 2.0 ** e <= bound]
+    bar.set_ticks(ticks, labels=[f"{t:g}" if t >= 1 else f"1/{1 / t:g}" for t in ticks])
+    bar.minorticks_off()
+    bar.set_label("observed / expected images (1: as if independent)")
+    return fig
 
 
 def _shown(path):

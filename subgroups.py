@@ -470,14 +470,17 @@ def markdown_section(section, rule="youden"):
     return "\n".join(lines) + "\n"
 
 
-def family_note(section, rule="youden"):
-    """How many gaps were tested and flagged, beside how many 5% of them would flag by chance
-    alone (each interval is 95%; no adjustment for the many comparisons)."""
+def family_note(section, rule="youden", stats=("tpr", "fpr")):
+    """How many gaps (of `stats`) were tested and flagged, beside how many 5% of them would
+    flag by chance alone (each interval is 95%; no adjustment for the many comparisons)."""
     tested = sum(1 for a in section["attributes"].values() for rows in a["diseases"].values()
-                 for r in rows.values() for stat in ("tpr", "fpr")
+                 for r in rows.values() for stat in stats
                  if r["at"].get(rule) and r["at"][rule][f"{stat}_gap"]["value"] is not None)
-    found = len(flagged(section, rule))
-    return (f"{found} of {tested} gaps tested are flagged; with no real gap at all, about "
+    found = len([f for f in flagged(section, rule) if f[3] in stats])
+    kind = " and ".join(stat.upper() for stat in stats)
+    if not tested:
+        return f"no {kind} gap could be tested (too few positives or patients)"
+    return (f"{found} of {tested} {kind} gaps tested are flagged; with no real gap at all, about "
             f"{0.05 * tested:.1f} would be by chance alone (5% of {tested}: each interval is "
             "95%, not adjusted for the many comparisons)")
 
@@ -522,10 +525,11 @@ MARKERS = {"female": "o", "male": "s", "0-20": "v", "20-40": "^", "40-60": "D", 
            "80+": "o"}
 
 
-def write_figure(path, section, rule="youden"):
+def write_figure(path, section, rule="youden", notice=None):
     """Per disease, each subgroup's TPR gap with its 95% interval, one panel per attribute
     (CheXclusion's figure). Filled: interval excludes 0; open: it does not; x at the bottom:
-    n/a. Returns the path, or None without matplotlib or thresholds."""
+    n/a. notice: a line under the title (the sample model's). Returns the path, or None
+    without matplotlib or thresholds."""
     if rule not in section["rules"]:
         return None
     try:
@@ -562,9 +566,9 @@ def write_figure(path, section, rule="youden"):
                         mfc=color if g.get("flagged") else "white", zorder=3)
         if not plotted:
             ax.set_ylim(-0.5, 0.5)
-            ax.text(0.5, 0.6, f"every gap n/a: fewer than {section['min_count']} positives in "
-                    "the subgroup or in everyone else", transform=ax.transAxes, ha="center",
-                    color="0.3")
+            ax.text(0.5, 0.6, f"every gap n/a: fewer than {section['min_count']} positives (or "
+                    "their patients) in the subgroup or in everyone else",
+                    transform=ax.transAxes, ha="center", color="0.3")
         if na:  # a strip of its own at the foot of the panel: an n/a is no value on the y axis
             strip = ax.get_xaxis_transform()
             ax.fill_between([-0.6, len(diseases) - 0.4], 0, 0.07, transform=strip, color="0.92",
@@ -585,11 +589,13 @@ def write_figure(path, section, rule="youden"):
                            label="interval excludes 0")]
         if na:
             handles.append(Line2D([], [], marker="x", color="0.3", ls="", ms=5,
-                                  label="n/a: too few positives"))
+                                  label="n/a: too few positives or patients"))
         ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0),
                   frameon=False)
     fig.suptitle(f"True-positive-rate gap of each subgroup at the {RULE_NAMES.get(rule, rule)} "
-                 "thresholds chosen on val (95% patient-level bootstrap intervals)", fontsize=11)
+                 "thresholds chosen on val (95% intervals: patient-level bootstrap, at least "
+                 f"Newcombe's)\n{family_note(section, rule, ('tpr',))}"
+                 + (f"\n{notice}" if notice else ""), fontsize=11)
     with atomic_path(path, "figure") as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -72,6 +72,8 @@ def test_ten_crop_maps_as_matrix_products_are_each_crop_resized_and_placed():
     """tencrop_heatmap (two matrix products) gives what resizing each crop's map with Pillow,
     mirroring, feathering and placing it does, for square and oblong images, 7x7 and 1x1 maps
     and a crop the size of the image."""
+    from PIL import Image
+
     from cam import feather, resize_maps
     from images import ten_crop_boxes
     rng = np.random.default_rng(0)
@@ -81,9 +83,9 @@ def test_ten_crop_maps_as_matrix_products_are_each_crop_resized_and_placed():
                                              ((64, 80), 56, (1, 1), 1), ((256, 256), 256, (8, 8), 2)):
         maps = rng.standard_normal((10, k, h, w)).astype(np.float32)
         total, weight = np.zeros((k, height, width)), np.zeros((height, width))
-        window = np.outer(feather(crop), feather(crop))
         for (top, left, flipped), cam in zip(ten_crop_boxes(height, width, crop), maps):
-            up = resize_maps(cam, (crop, crop))
+            window = np.outer(feather(top, crop, height), feather(left, crop, width))
+            up = resize_maps(cam, (crop, crop), Image.BICUBIC)
             total[:, top:top + crop, left:left + crop] += (up[:, :, ::-1] if flipped else up) * window
             weight[top:top + crop, left:left + crop] += window
         heat = tencrop_heatmap(maps, (height, width), crop)

@@ -76,7 +76,7 @@ def test_kill_at_the_checkpoint_set_boundary(tmp_path, kill_after, capsys):
     assert_consistent_run(out)
     done = load_file(out / "last.pt")
     assert done["epoch"] == 2
-    assert f"best val mean AUC {done['best_auc']:.4f} (epoch {done['best_epoch']})" in again.stdout
+    assert f"best val mean AUC {done['best_auc']:.4f} (epoch {done['best_epoch']};" in again.stdout
 
 
 def _perturbed(checkpoint, path):

@@ -40,27 +40,38 @@ def _blue_lines(ax):
 
 
 def test_pr_curve_points_are_real_thresholds_without_the_recall_0_spike(drawn):
-    """scikit-learn appends (recall 0, precision 1), which no threshold gives: neither
-    pr_curve nor the drawn curve has it; every drawn point is a threshold's direct count."""
-    from report import pr_curve, write_figures
+    """Every point of the drawn curve is a threshold's direct count (scikit-learn's appended
+    (recall 0, precision 1), which no threshold gives, is not drawn), precision drops at a
+    constant recall included; the curve starts at recall 0 with the first threshold's
+    precision; the steps enclose the average precision; a finding with one positive has a
+    curve; every operating-point marker is a vertex of its curve."""
+    from report import choose_operating_points, pr_curve, write_figures
     y = np.array([0, 1, 1, 0, 1, 0, 0, 1, 0, 0])
     p = np.array([.95, .9, .8, .7, .6, .5, .4, .3, .2, .1])  # the likeliest image is negative
     recall, precision = pr_curve(y, p)
-    for r, q, t in zip(recall, precision, sorted(p[y == 1], reverse=True)):
-        called = p >= t  # at each positive's score: a direct count
+    assert (recall[0], precision[0]) == (0.0, 0.0)  # the first threshold: one negative
+    for r, q, t in zip(recall[1:], precision[1:], sorted(p, reverse=True)):
+        called = p >= t  # at each threshold: a direct count
         assert (r, q) == pytest.approx((called[y == 1].mean(), y[called].mean()))
-    assert len(recall) == 4 and not (recall == 0).any()
+    assert len(recall) == len(p) + 1 and (np.diff(recall) >= 0).all()
     from sklearn.metrics import average_precision_score
-    assert (np.diff(np.r_[0, recall]) * precision).sum() == pytest.approx(
+    assert (np.diff(recall) * precision[1:]).sum() == pytest.approx(
         average_precision_score(y, p))  # the area under the drawn steps
+    one = pr_curve(np.r_[1, np.zeros(9)], p)  # one positive, scored highest: still a curve
+    assert len(one[0]) > 2 and one[1][0] == 1.0
     names, labels, probs = _evaluation()
-    write_figures("unused", labels, probs, NIH_CLASSES)
+    points = choose_operating_points(labels, probs, "m", "val_list.txt", NIH_CLASSES)
+    write_figures("unused", labels, probs, NIH_CLASSES, points)
     for d, ax in enumerate(drawn["pr"].axes[:len(NIH_CLASSES)]):
         (curve,) = _blue_lines(ax)
         x, q = curve.get_xdata(), curve.get_ydata()
         np.testing.assert_array_equal(np.stack([x, q]), np.stack(pr_curve(labels[:, d],
                                                                           probs[:, d])))
-        assert not ((x == 0) & (q == 1)).any()
+        vertices = set(zip(np.round(x, 9), np.round(q, 9)))
+        for marker in [ln for ln in ax.get_lines() if ln.get_label() in
+                       ("youden", "f1", "sensitivity")]:
+            at = (round(float(marker.get_xdata()[0]), 9), round(float(marker.get_ydata()[0]), 9))
+            assert at in vertices, (NIH_CLASSES[d], marker.get_label(), at)
         assert ax.get_xlim()[0] <= 0 and ax.get_xlim()[1] >= 1
         assert ax.get_ylim()[0] <= 0 and ax.get_ylim()[1] >= 1  # every panel from 0 to 1
 
@@ -71,7 +82,7 @@ def test_operating_points_are_announced_only_where_drawn(drawn):
     report = build_report(names, labels, probs, NIH_CLASSES, n_boot=20, mode="fp32", part="val")
     write_figures("unused", labels, probs, NIH_CLASSES, report=report)
     texts = " ".join(t.get_text() for t in drawn["roc"].findobj(lambda o: hasattr(o, "get_text")))
-    assert "operating points" not in texts and "fp32, val: 300 images" in texts
+    assert "operating points" not in texts and "fp32, val, raw probabilities: 300 images" in texts
     assert "Hernia\nAUC" in texts and "4 pos.\u2020" in texts  # AUC, interval, positives, flag
     points = choose_operating_points(labels, probs, "m", "val_list.txt", NIH_CLASSES)
     write_figures("unused", labels, probs, NIH_CLASSES, points, report=report, platt=points)
@@ -87,12 +98,22 @@ def test_operating_points_are_announced_only_where_drawn(drawn):
     # the reliability diagram: as predicted and Platt-calibrated, with the images per bin
     # (under each panel a strip of its own: the counts, with the x axis's label)
     ax, counts = drawn["reliability"].axes[:2]
-    curves = [ln for ln in ax.get_lines() if ln.get_marker() == "o"]
+    curves = [ln for ln in ax.get_lines() if ln.get_linestyle() == "-"]
     assert [ln.get_color() for ln in curves] == ["tab:blue", "tab:red"]
+    # the points: filled where a bin holds 10 images or more, hollow (white) where fewer
+    from report import FEW_IN_BIN, calibrate, reliability
+    for colour, values in (("tab:blue", probs), ("tab:red", calibrate(probs, points))):
+        r = reliability(labels[:, 0], values[:, 0])
+        dots = [ln for ln in ax.get_lines() if ln.get_marker() == "o" and ln.get_color() == colour]
+        filled = next(ln for ln in dots if ln.get_markerfacecolor() != "white")
+        hollow = next(ln for ln in dots if ln.get_markerfacecolor() == "white")
+        assert len(filled.get_xdata()) == (r["count"] >= FEW_IN_BIN).sum()
+        assert len(hollow.get_xdata()) == (r["count"] < FEW_IN_BIN).sum()
     assert ax.get_ylabel() == "fraction positive" and not ax.patches
     assert counts.get_xlabel() == "mean predicted probability" and counts.get_ylabel() == "images"
     assert counts.get_shared_x_axes().joined(ax, counts)
-    assert sum(patch.get_height() for patch in counts.patches) == 300
+    # the images per bin of each curve: as predicted (grey) and calibrated (red)
+    assert sum(patch.get_height() for patch in counts.patches) == 2 * 300
 
 
 def test_few_positives_are_counted_and_flagged():
@@ -134,23 +155,36 @@ def test_sample_notice_in_every_report(tmp_path, nih_dir, capsys):
                     module="report")
     assert proc.returncode == 0, proc.stderr
     assert SAMPLE_NOTICE in proc.stdout
-    assert json.loads((tmp_path / "predictions_fp32_report.json").read_text())["notice"] == \
-        SAMPLE_NOTICE
+    assert json.loads((tmp_path / "predictions_fp32_rerun_report.json").read_text())["notice"] \
+        == SAMPLE_NOTICE
     (tmp_path / "chexnet.json").write_text(json.dumps({"data_dir": str(nih_dir)}))
     proc = run_main(capsys, csv, "--data-dir", nih_dir, "--n-boot", "100", "--no-figures",
                     module="report")
     assert proc.returncode == 0 and SAMPLE_NOTICE not in proc.stdout
 
 
-def test_ten_crops_meet_without_seams():
+def test_ten_crops_meet_without_seams_or_stars():
     """Each crop's map a different constant (a 56 crop's 1x1 map is one): a plain average
-    steps where a crop ends; the feathered one changes by little from pixel to pixel."""
+    steps where a crop ends; the feathered one changes by little from pixel to pixel, and
+    without kinks (a sudden change of slope drew a straight seam where the weights of one set
+    of crops ran out near the image's border). 7x7 maps of random peaks: no kinks either (a
+    bilinear blow-up drew star-shaped facets around each peak; bicubic does not)."""
     from cam import tencrop_heatmap
+
+    def kinks(heat):  # the largest change of slope, as a share of the map's range
+        return max(np.abs(np.diff(heat, 2, axis=0)).max(),
+                   np.abs(np.diff(heat, 2, axis=1)).max()) / (heat.max() - heat.min())
     maps = np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1) % 5 * 10.0  # 0..40
     heat = tencrop_heatmap(maps, (64, 80), 56)[0]
     steps = max(np.abs(np.diff(heat, axis=0)).max(), np.abs(np.diff(heat, axis=1)).max())
     assert steps < 0.1 * (heat.max() - heat.min()), steps
     assert heat.min() >= 0 and heat.max() <= 40
+    assert kinks(heat) < 0.02, kinks(heat)  # 0.039 with the old weights
+    rng = np.random.default_rng(0)
+    for shape, crop, side in (((64, 64), 56, 1), ((256, 256), 224, 7), ((256, 320), 224, 7)):
+        heat = tencrop_heatmap(rng.random((10, 1, side, side)).astype(np.float32), shape,
+                               crop)[0]
+        assert kinks(heat) < 0.015, (shape, kinks(heat))  # 0.02-0.04 before
 
 
 def test_heatmap_beside_the_xray_with_colour_bar_and_boxes(nih_dir):
@@ -184,13 +218,26 @@ def test_stats_titles_name_no_absolute_path(tmp_path, capsys, drawn):
     for fig in drawn.values():
         title = fig.axes[0].get_title()
         assert str(REPO) not in title and "/work" not in title, title
+    # prevalence: bars whose length is their value (a linear axis from 0), labelled 9 pt or more
     ax = drawn["prevalence"].axes[0]
-    assert ax.get_yscale() == "log"
-    hernia = [bar.get_height() for bar in ax.patches][13::14]
-    assert all(h > ax.get_ylim()[0] for h in hernia)  # visible above the axis' floor
-    cells = [t for t in drawn["cooccurrence"].axes[0].texts]
-    diagonal = cells[::15]
-    assert all(t.get_color() == "black" for t in diagonal if int(t.get_text()) > 1000)
+    assert ax.get_xscale() == "linear" and ax.get_xlim()[0] == 0
+    widths = [bar.get_width() for bar in ax.patches]
+    assert max(widths) < ax.get_xlim()[1] and min(widths) > 0
+    assert all(t.get_fontsize() >= 9 for t in ax.texts)
+    # co-occurrence: each pair once (below the diagonal), coloured by observed / expected,
+    # each number in a colour readable on its cell
+    ax = drawn["cooccurrence"].axes[0]
+    image = ax.get_images()[0]
+    shown = image.get_array()
+    k = shown.shape[0]
+    assert shown.mask[np.triu_indices(k)].all()  # the diagonal and above: not coloured
+    assert image.norm.vmin == pytest.approx(1 / image.norm.vmax)  # centred on 1
+    for t in ax.texts:
+        if t.get_text() and t.get_color() not in ("0.15", "0.5"):
+            x, y = (int(round(v)) for v in t.get_position())
+            r, g, b, _ = image.cmap(image.norm(shown[y, x]))
+            light = 0.299 * r + 0.587 * g + 0.114 * b
+            assert (t.get_color() == "black") == (light >= 0.45), (t.get_text(), light)
 
 
 @pytest.mark.slow

@@ -34,7 +34,8 @@ def test_infer_sh_writes_fp32_int8_and_a_manifest(small_model, nih_dir):
     for name in ("chexnet_fp32", "chexnet_int8"):
         assert (models / f"{name}.xml").is_file() and (models / f"{name}.bin").is_file()
     assert "60 val images for calibration" in export.stdout
-    assert "INT8 vs FP32 on 40 held-out val images: mean AUC" in export.stdout
+    assert ("INT8 vs FP32 on 40 held-out val images (the val images not calibrated on; ten "
+            "crops of 56 from images resized to 64): mean AUC") in export.stdout
     xml = (models / "chexnet_fp32.xml").read_text()
     assert 'element_type="f16"' not in xml  # FP32 weights, not compressed to FP16
     params = sum(p.numel() for p in build_model(pretrained="none").parameters())

@@ -300,7 +300,7 @@ def test_report_py_on_prediction_files_of_nih_images(nih_dir, tmp_path, capsys):
     assert proc.returncode == 0, proc.stderr
     assert "demographics from" in proc.stdout and "Data_Entry_2017_v2020.csv" in proc.stdout
     assert "subgroup gaps whose 95% interval excludes 0" in proc.stdout
-    report = json.loads((tmp_path / "test_report.json").read_text())
+    report = json.loads((tmp_path / "test_rerun_report.json").read_text())
     sub = report["subgroups"]
     names = read_list(nih_dir / "test_list.txt")[0]
     sexes = table.loc[names, "Patient Gender"]
@@ -310,14 +310,14 @@ def test_report_py_on_prediction_files_of_nih_images(nih_dir, tmp_path, capsys):
     g = gap(sub, "sex", "Infiltration", "female")
     assert g["flagged"] and g["value"] < -0.2
     assert gap(sub, "sex", "Hernia", "female")["value"] is None  # too few positives
-    text = (tmp_path / "test_report.md").read_text()
+    text = (tmp_path / "test_rerun_report.md").read_text()
     assert "## Subgroups" in text and "### By age" in text and "| Infiltration | female |" in text
-    with Image.open(tmp_path / "test_subgroups.png") as im:
+    with Image.open(tmp_path / "test_rerun_subgroups.png") as im:
         assert im.format == "PNG" and im.size[0] > 800
     # --no-subgroups: no section; thresholds must come from other images than the report's.
     proc = run_main(capsys, out["test"], "--data-dir", nih_dir, "--no-subgroups", "--no-figures",
                     "--n-boot", "100", module="report")
-    assert "subgroups" not in json.loads((tmp_path / "test_report.json").read_text())
+    assert "subgroups" not in json.loads((tmp_path / "test_rerun_report.json").read_text())
     assert_clean_error(run_main(capsys, out["test"], "--data-dir", nih_dir, "--val-predictions",
                                 out["test"], module="report"), "shares 340 image(s)")
 
