@@ -155,7 +155,7 @@ def find_box_file(data_dir):
 
 def read_boxes(path):
     """{image name: {disease: [(x, y, w, h), ...]}} from BBox_List_2017.csv: read as the
-    predictions CSV is (report.read_predictions): a byte-order mark is no part of the header,
+    predictions CSV is (predictions.read_predictions): a byte-order mark is no part of the header,
     quoted names are read whole, and a row has exactly an image, a disease and 4 numbers (NIH's
     header ends with empty columns; cells past the 6th must be empty), else the line is named."""
     path = Path(path)
@@ -507,13 +507,15 @@ def grid(gray, heats, titles, path, title=None, boxes=None):
     save_figure(fig, path)
 
 
-def image_boxes(data_dir, name, shape):
+def image_boxes(data_dir, name, shape, log=print):
     """NIH's radiologist boxes of one image, {disease: [(x, y, w, h)]} scaled to an (H, W)
-    image of it (box_scale). {} for an image without boxes, or one they cannot be placed on."""
+    image of it (box_scale). {} for an image without boxes, or one they cannot be placed on
+    (said: a heatmap without the boxes its file name promises is not left unexplained)."""
     found = read_boxes(find_box_file(data_dir)).get(name, {})
     try:
         return scaled_boxes(found, box_scale(name, shape[::-1])) if found else {}
-    except DataError:
+    except DataError as e:
+        log(f"note: {e}; the heatmap is drawn without them")
         return {}
 
 
@@ -624,22 +626,26 @@ GRADCAM_NOTE = ("\nGrad-CAM++ keeps only features of positive weight, which the 
                 "on CheXNet's linear head: its maps look alike (CAM, the default, is exact)")
 
 
-def decision_words(p, threshold, rule):
+def decision_words(p, threshold, rule, shown=None):
     """'p = 0.437, positive (youden threshold 0.312)': what a heatmap's title says of its
-    finding, so that a map is never read without the decision it goes with."""
+    finding, so that a map is never read without the decision it goes with. shown: the
+    (probability, threshold) to print instead (Platt-calibrated: the map keeps every
+    decision); the decision is always the raw probability's at the raw threshold."""
+    shown_p, shown_t = shown or (p, threshold)
     if threshold is None or not np.isfinite(threshold):
-        return f"p = {p:.3f}, no decision (no threshold chosen on val)"
-    return (f"p = {p:.3f}, {'positive' if p >= threshold else 'negative'} ({rule} threshold "
-            f"{threshold:.3f})")
+        return f"p = {shown_p:.3f}, no decision (no threshold chosen on val)"
+    return (f"p = {shown_p:.3f}, {'positive' if p >= threshold else 'negative'} ({rule} "
+            f"threshold {shown_t:.3f})")
 
 
 def write_cams(backend, paths, out_dir, resize, crop, mode, method="cam", data_dir=None,
-               per_request=1, thresholds=None, rule="youden", notice=None):
+               per_request=1, thresholds=None, rule="youden", notice=None, calibrate=None):
     """For each image: an overlay for every class called positive at `thresholds` (K, NaN:
     none; None or no positive: the 3 most probable) and a grid of all K, named by cam_stem,
     each titled with its probability and decision (and `notice`, the sample model's); NIH's
-    boxes of the image drawn when data_dir (or the shipped file) has some. Returns the files
-    written."""
+    boxes of the image drawn when data_dir (or the shipped file) has some. calibrate: raw [K]
+    -> Platt-calibrated [K], the probabilities and thresholds the titles then show (as
+    infer.py --calibrated prints them). Returns the files written."""
     from common import atomic_path, check_writable_dir
     out_dir = Path(out_dir)
     check_writable_dir(out_dir, "--cam")  # before any image: a file there is one line
@@ -647,6 +653,7 @@ def write_cams(backend, paths, out_dir, resize, crop, mode, method="cam", data_d
     classes = backend.class_names
     limits = np.full(len(classes), np.nan) if thresholds is None else np.asarray(thresholds)
     foot = f"\n{notice}" if notice else ""
+    what = "Platt-calibrated probability" if calibrate else "probability"
     for path in paths:
         probs, heat, gray = image_heatmaps(backend, path, resize, crop, method, per_request)
         chosen = np.flatnonzero(probs >= np.nan_to_num(limits, nan=2.0))
@@ -654,20 +661,24 @@ def write_cams(backend, paths, out_dir, resize, crop, mode, method="cam", data_d
             chosen = np.argsort(-probs)[:3]
         stem = cam_stem(path, method, mode)
         boxes = image_boxes(data_dir, Path(path).name, gray.shape)
+        shown_probs = calibrate(probs) if calibrate else probs
+        shown_limits = calibrate(np.nan_to_num(limits, nan=0.5)) if calibrate else limits
         for k in chosen:
             name = "".join(c if c.isalnum() or c in "-." else "_" for c in classes[k])
             target = out_dir / f"{stem}_{name}.png"
+            words = decision_words(probs[k], limits[k], rule, (shown_probs[k], shown_limits[k]))
             with atomic_path(target, "heatmap") as tmp:
-                overlay(gray, heat[k], f"{Path(path).name}: {classes[k]}, "
-                        f"{decision_words(probs[k], limits[k], rule)}  ({method}, {mode})"
+                overlay(gray, heat[k], f"{Path(path).name}: {classes[k]}, {words}  ({method}, "
+                        f"{mode}" + (", Platt-calibrated p" if calibrate else "") + ")"
                         + foot, [(d, b) for d, found in boxes.items() for b in found],
                         classes[k]).save(tmp, format="PNG")
             written.append(target)
         target = out_dir / f"{stem}_all.png"
         marks = ["" if not np.isfinite(t) else " +" if p >= t else " -"
                  for p, t in zip(probs, limits)]
-        grid(gray, heat, [f"{n} {p:.3f}{m}" for n, p, m in zip(classes, probs, marks)], target,
-             f"{Path(path).name}: {method} heatmaps, {mode} model (probability beside each "
+        grid(gray, heat, [f"{n} {p:.3f}{m}" for n, p, m in zip(classes, shown_probs, marks)],
+             target,
+             f"{Path(path).name}: {method} heatmaps, {mode} model ({what} beside each "
              "finding" + (f"; + positive, - negative at the {rule} thresholds" if thresholds
                           is not None else "; no thresholds chosen on val") + ")"
              + (GRADCAM_NOTE if method == "gradcam++" else "") + foot,

@@ -80,7 +80,7 @@ def _unlink(path):
 
 def atomic_write_text(path, text, what="file"):
     with atomic_path(path, what) as tmp:
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:  # not the locale's: what hashes read back
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -182,18 +182,23 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def add_split_args(parser, laterals_help="CheXpert, MIMIC-CXR: keep lateral views (default: "
-                   "frontal only)"):
+                   "frontal only)", recorded=False):
     """--data-dir, --split, --split-seed, --keep-laterals: which data and which split, the same
-    in every script."""
-    parser.add_argument("--data-dir", default="data",
+    in every script. recorded: unset flags are None, for what a record says (report.py reads
+    the predictions' own), and --no-keep-laterals can say no to a recorded yes."""
+    first = "what the predictions' record says, else " if recorded else ""
+    parser.add_argument("--data-dir", default=None if recorded else "data",
                         help="ChestX-ray14 (images/ and the label table), CheXpert (train.csv, "
-                             "valid.csv) or MIMIC-CXR-JPG directory (default: data)")
-    parser.add_argument("--split", default="auto",
+                             f"valid.csv) or MIMIC-CXR-JPG directory (default: {first}data)")
+    parser.add_argument("--split", default=None if recorded else "auto",
                         help="auto | chexnet | random | official | DIR with the three list files "
-                             "(default auto: the data dir's own lists, else the CheXNet split)")
-    parser.add_argument("--split-seed", type=seed, default=0,
-                        help="seed of the random/official patient-level split")
-    parser.add_argument("--keep-laterals", action="store_true", help=laterals_help)
+                             f"(default: {first}auto: the data dir's own lists, else the CheXNet "
+                             "split)")
+    parser.add_argument("--split-seed", type=seed, default=None if recorded else 0,
+                        help=f"seed of the random/official patient-level split (default: {first}0)")
+    parser.add_argument("--keep-laterals", default=None if recorded else False,
+                        action=argparse.BooleanOptionalAction if recorded else "store_true",
+                        help=laterals_help)
 
 
 def add_device_args(parser, what=""):

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from common import ArgumentParser, DataError, atomic_path, one_line, os_reason
+from images import CENTRE_CROP
 from report import SAMPLE_NOTICE, trained_on_sample
 
 TENSORBOARD_DIR = "tensorboard"
@@ -164,7 +165,7 @@ def write_figure(out_dir, path=None):
     auc_ax.axhline(0.5, color="0.4", ls=":", lw=1, label="chance (0.5)")
     auc_ax.legend()
     auc_ax.set(xlabel="epoch", ylabel="mean ROC-AUC over classes",
-               title="Val mean AUC (one centre crop per image)")
+               title=f"Val mean AUC ({CENTRE_CROP} per image)")
     for ax in (loss_ax, auc_ax):
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
@@ -196,8 +197,8 @@ def newest_run(runs=Path("runs")):
 def main(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("out_dir", nargs="?", default=None,
-                   help="a training's --out-dir (holding metrics.jsonl; default: the newest "
-                        "under runs/, as infer.sh picks its checkpoint)")
+                   help="a training's --out-dir (holding metrics.jsonl; default: the run under "
+                        "runs/ whose metrics.jsonl was written last)")
     p.add_argument("--out", default=None, help="the PNG to write (default: OUT_DIR/curves.png)")
     args = p.parse_args(argv)
     try:

@@ -430,11 +430,14 @@ def average_crops(outputs, crops_per_image=TEN_CROPS):
     return outputs.reshape(-1, crops_per_image, *outputs.shape[1:]).mean(1)
 
 
+CENTRE_CROP = "one centre crop"  # training's quick val AUC (main.py, curves.py), not ten crops
+
+
 def protocol_name(resize, crop, ten_crop=True):
     """The evaluation protocol in words, for every printed AUROC to name its own: 'ten crops
     of 224 from images resized to 256' (infer.py, the export's check) or 'one centre crop ...'
     (training's validation after each epoch): they give different numbers for one model."""
-    crops = "ten crops" if ten_crop else "one centre crop"
+    crops = "ten crops" if ten_crop else CENTRE_CROP
     return f"{crops} of {crop} from images resized to {resize}"
 
 

@@ -192,10 +192,10 @@ def evaluate(args, rt=None):
     if args.part == "val":  # its entry is chosen again; the file must take it
         from report import read_operating_points
         read_operating_points(args.model_dir)
-        points, why, points_key = None, None, args.mode + elsewhere
+        points, why = None, None
     else:
-        points, why, points_key = evaluation_points(args.model_dir, args.mode + elsewhere,
-                                                    args.mode, model_id, columns[2])
+        points, why = evaluation_points(args.model_dir, args.mode + elsewhere, args.mode,
+                                        model_id, columns[2])
     if args.calibrated and points is None and args.part != "val":
         raise InferError(f"--calibrated: {why}")
     key = {"model": model_id, "mode": args.mode, "names": hashlib.sha256(
@@ -212,7 +212,7 @@ def evaluate(args, rt=None):
         if not is_main:
             return None
         result = report_evaluation(args, out_csv, list_path, images, probs, readable, model_id,
-                                   model_classes, columns, (points, why, points_key), elsewhere,
+                                   model_classes, columns, (points, why), elsewhere,
                                    timing, sample_notice(args, meta), demographics)
         chunks.remove()
         return result
@@ -236,14 +236,13 @@ def evaluated_classes(model_classes, images, list_path, class_map):
 
 def evaluation_points(model_dir, key, own_key, model_id, classes):
     """(the operating points chosen on val for this evaluation: those chosen on this data set,
-    else the model's own if the classes fit; or None and why not; their key in
-    operating_points.json). A damaged file is an error here, before any image is predicted."""
+    else the model's own if the classes fit; or None and why not). A damaged file is an error
+    here, before any image is predicted."""
     from report import operating_points_for
     points, why = operating_points_for(model_dir, key, model_id, classes)
     if points is None and key != own_key:
         points, why = operating_points_for(model_dir, own_key, model_id, classes)
-        key = own_key
-    return points, why, key
+    return points, why
 
 
 def predict_in_chunks(predictor, n, chunk_size, chunks, rt, log):
@@ -295,7 +294,9 @@ def report_evaluation(args, out_csv, list_path, images, probs, readable, model_i
     """Score the predictions against the list's labels: on val, choose and save the operating
     points; write the predictions CSV and the report; print the summary. notice: sample_notice's
     dict, carried into the report."""
+    from predictions import write_predictions
     from report import (
+        PROBABILITIES_SHORT,
         build_report,
         calibrate,
         choose_operating_points,
@@ -303,11 +304,10 @@ def report_evaluation(args, out_csv, list_path, images, probs, readable, model_i
         platt_notes,
         save_operating_points,
         summary,
-        write_predictions,
         write_report,
     )
     model_cols, list_cols, classes = columns
-    points, why, points_key = points_why
+    points, why = points_why
     names = [nm for nm, ok in zip(images.names, readable) if ok]
     labels, probs = images.labels[readable][:, list_cols], probs[readable][:, model_cols]
     if not np.isfinite(probs).all():
@@ -340,12 +340,18 @@ def report_evaluation(args, out_csv, list_path, images, probs, readable, model_i
                 f"{BACKEND_NAMES[args.mode]}")
     context = dict(mode=args.mode, part=args.part, list=str(list_path), protocol=protocol,
                    **(notice or {}))
+    split = Path(args.split)  # a folder of lists, resolved: report.py may run elsewhere
     write_predictions(out_csv, names, classes, written, source={
         **context, "made_by": "infer.py", "calibrated": bool(args.calibrated),
-        "data_dir": str(Path(args.data_dir).resolve()), "split": str(args.split),
+        "data_dir": str(Path(args.data_dir).resolve()),
+        "split": str(split.resolve()) if split.is_dir() else str(args.split),
         "split_seed": args.split_seed, "keep_laterals": bool(args.keep_laterals),
-        "class_map": args.class_map, "model_dir": str(Path(args.model_dir).resolve()),
-        "model": model_id, "operating_points": points_key if scored is not None else None})
+        "model_dir": str(Path(args.model_dir).resolve()), "model": model_id,
+        # the points themselves, as chosen (raw): a later --part val must not change them
+        "operating_points": points if scored is not None else None,
+        "no_subgroups": bool(args.no_subgroups),
+        "patients_table": (str(Path(args.patients_table).resolve())
+                           if args.patients_table else None)})
     report = build_report(names, labels, written, classes, scored, args.n_boot, args.boot_seed,
                           args.calibrated, predictions=str(out_csv), demographics=demographics,
                           made_by="infer.py", **context)
@@ -360,7 +366,7 @@ def report_evaluation(args, out_csv, list_path, images, probs, readable, model_i
               f"{predicted} images predicted now in {seconds:.1f} s")
     for note in notes:
         print(note)
-    print(f"predictions: {out_csv}" + (" (Platt-calibrated)" if args.calibrated else ""))
+    print(f"predictions: {out_csv} ({PROBABILITIES_SHORT[bool(args.calibrated)]})")
     for path in write_report(out_csv.with_suffix(""), report, labels, written, classes, scored,
                              figures=not args.no_figures,
                              platt=None if args.calibrated else scored):
@@ -373,7 +379,8 @@ def report_evaluation(args, out_csv, list_path, images, probs, readable, model_i
 def classify_images(args):
     """Each image's 14 probabilities (ten-crop), most likely first; positive / negative by the
     operating points chosen on val when there are some for this model and mode."""
-    from report import calibrate, operating_points_for, thresholds_note, thresholds_of
+    from report import (calibrate, on_calibrated, operating_points_for, thresholds_note,
+                        thresholds_of)
     if args.cam:  # before any work: no matplotlib, or a file where the folder should be
         from optional import pyplot
         pyplot("--cam")
@@ -399,6 +406,9 @@ def classify_images(args):
     if notice:
         print(notice)
     known_labels = image_labels(args, {Path(path).name for path in args.image})
+    if points is not None:  # thresholds as they apply to the probabilities printed
+        shown_thresholds = thresholds_of(on_calibrated(points) if args.calibrated else points,
+                                         args.rule)
     for path in args.image:
         crops = np.concatenate([eval_input(path, args.resize, args.crop_size)]
                                * args.images_per_request)
@@ -412,11 +422,11 @@ def classify_images(args):
         print(f"{path}:")
         for k in np.argsort(-probs):
             line = f"  {classes[k]:<{width}}{shown[k]:.4f}"
-            if points is not None:
+            if points is not None:  # the decision is the raw one's; the threshold as shown
                 t = thresholds_of(points, args.rule)[k]
                 line += (f"  {'positive' if probs[k] >= t else 'negative'} (threshold "
-                         f"{calibrate(np.array([[t] * len(classes)]), points)[0, k] if args.calibrated else t:.4f})"
-                         if np.isfinite(t) else "  n/a (no threshold)")
+                         f"{shown_thresholds[k]:.4f})" if np.isfinite(t) else
+                         "  n/a (no threshold)")
             print(line)
         if Path(path).name in known_labels:  # after the 14 lines, which scripts read
             print(f"  labels in {known_labels[Path(path).name]}")
@@ -430,7 +440,9 @@ def classify_images(args):
         thresholds = None if points is None else thresholds_of(points, args.rule)
         for path in write_cams(backend, args.image, args.cam, args.resize, args.crop_size,
                                args.mode, args.cam_method, args.data_dir, args.images_per_request,
-                               thresholds, args.rule, notice):
+                               thresholds, args.rule, notice,
+                               calibrate=(lambda raw: calibrate(raw[None], points)[0])
+                               if args.calibrated else None):
             print(f"heatmap: {path}")
 
 

@@ -32,7 +32,8 @@ from common import (ArgumentParser, DataError, Progress, add_device_args, atomic
                     nonnegative_int, one_line, positive_float, positive_int, seed)
 from curves import TENSORBOARD_DIR, Board, write_figure
 from dataset import TRAIN_SIZE, XrayDataset, add_data_args, check_data_dir, collate, to_model_input
-from images import protocol_name
+from backends import BACKEND_NAMES
+from images import CENTRE_CROP, protocol_name
 from labels import UNCERTAIN_POLICIES
 from metrics import mean_auc, roc_aucs
 from model import ARCH_NAMES, build_model, train_mode
@@ -637,7 +638,7 @@ def _train(args, rt, lists, train_set, val_set, global_batch, out_dir, log):
            "steps)" if lr.peak != args.lr else "") + f"; out-dir {out_dir}")
     # training's own val AUC is not the evaluation's: say which it is, once
     log(f"val mean AUC after each epoch: {len(val_set)} val images, "
-        f"{protocol_name(args.resize, args.crop_size, ten_crop=False)}, PyTorch "
+        f"{protocol_name(args.resize, args.crop_size, ten_crop=False)}, {BACKEND_NAMES['torch']} "
         f"{precision_of(args)} (quick; `infer.py --part val` scores ten crops, the published "
         "protocol, and gives another number)")
     if state["epoch"] >= args.epochs:
@@ -686,7 +687,7 @@ def _train(args, rt, lists, train_set, val_set, global_batch, out_dir, log):
                 write_metrics(out_dir, state["history"])
             log(f"epoch {epoch + 1}/{args.epochs}  batches {t.steps_per_epoch}  train loss "
                 f"{record['train_loss']:.4f}  val loss {val['loss']:.4f}  val mean AUC "
-                f"{val['mean_auc']:.4f} (centre crop)  {record['seconds']:.1f}s  "
+                f"{val['mean_auc']:.4f} ({CENTRE_CROP})  {record['seconds']:.1f}s  "
                 f"{record['images_per_s']:.1f} img/s  loader wait "
                 f"{record['loader_wait_share']:.0%}")
             if args.max_steps and state["step"] >= args.max_steps and epoch + 1 < args.epochs:
@@ -694,7 +695,7 @@ def _train(args, rt, lists, train_set, val_set, global_batch, out_dir, log):
                     "--out-dir")
                 return t.model
     log(f"done: best val mean AUC {state['best_auc']:.4f} (epoch {state['best_epoch']}; "
-        f"{len(val_set)} val images, one centre crop), "
+        f"{len(val_set)} val images, {CENTRE_CROP}), "
         f"checkpoints in {out_dir}")
     if rt.is_main:
         figure(out_dir, log)

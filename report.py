@@ -2,11 +2,12 @@
 disease's prevalence, operating points chosen on validation and scored on test, calibration,
 figures; and the paired comparison of two prediction files.
 
-    python report.py compare A.csv B.csv [--data-dir data --split auto]
+    python report.py compare A.csv B.csv [--data-dir DIR --split SPLIT]
         AUC(B) - AUC(A) per disease and for the mean, with a paired patient-level bootstrap
         interval, on the images both files hold (they must hold the same ones);
-    python report.py PREDICTIONS.csv [--data-dir data --split auto]
+    python report.py PREDICTIONS.csv [--data-dir DIR --split SPLIT]
         the full report of an existing predictions file.
+The data directory and split default to what the (first) file's record says.
 
 infer.py writes a report beside every evaluation's predictions: <csv stem>_report.json (every
 number), <stem>_report.md (a table to paste), <stem>_roc.png, _pr.png and _reliability.png;
@@ -16,22 +17,22 @@ record, so that its report is the evaluation's own again, and writes under its o
 <stem>_rerun_*: an evaluation's report is never replaced by another tool's.
 Torch-free: matplotlib (Agg, no display) for the figures, numpy and scikit-learn for the rest.
 """
-import csv
+import glob
 import json
-import re
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from common import (REPO_DIR, ArgumentParser, DataError, add_split_args, atomic_path,
-                    atomic_write_text, one_line, os_reason, seed, strict_json)
+                    atomic_write_text, one_line, seed, strict_json)
 from labels import (NIH_CLASSES, evaluation_labels, list_header, patient_of, read_list,
                     shared_classes)
 from metrics import (N_BOOT, N_BOOT_RANGE, RULE_MEANING, RULES, apply_platt, at_threshold,
                      auc_collapsed, auprcs, bootstrap_aucs, calibration_errors,
                      choose_thresholds, fit_platt_monotone, interval, known, mean_auc,
                      paired_auc_difference, reliability, roc_aucs)
+from predictions import read_predictions, read_source, source_path
 from splitting import resolve_split
 from optional import MissingPackage, pyplot
 from subgroups import (add_subgroup_args, demographics_for, markdown_section, subgroup_section,
@@ -224,8 +225,9 @@ def calibrate(probs, points):
 def on_calibrated(points):
     """The operating points as they apply to probabilities already Platt-calibrated with
     them: each threshold mapped through its class's calibration (the map is increasing, so
-    every decision is the one the raw probability and its raw threshold give), and no
-    calibration left to apply."""
+    every decision is the one the raw probability and its raw threshold give, except within
+    1e-7 of 0 or 1, where the logit is clipped and the map flat), and no calibration left to
+    apply."""
     k = len(points["platt"]["a"])
     thresholds = {rule: [None if t is None else float(calibrate(np.full((1, k), t), points)[0, d])
                          for d, t in enumerate(values)]
@@ -235,8 +237,13 @@ def on_calibrated(points):
             "calibrated": True}
 
 
+# What the probabilities of a report are, in its words (None: a predictions file without the
+# record that says, e.g. written before records were; never guessed raw)
 PROBABILITIES = {False: "raw (as the model gives them)",
-                 True: "Platt-calibrated (the calibration fitted on val)"}
+                 True: "Platt-calibrated (the calibration fitted on val)",
+                 None: "not recorded (raw or calibrated: no <stem>_source.json beside the file)"}
+PROBABILITIES_SHORT = {False: "raw probabilities", True: "Platt-calibrated probabilities",
+                       None: "probabilities not recorded as raw or calibrated"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,8 +254,8 @@ def build_report(names, labels, probs, class_names, points=None, n_boot=N_BOOT, 
     """Every number of one evaluation, as a JSON-ready dict. points: operating points chosen
     on val, as they apply to `probs` (on_calibrated's where those are calibrated; None: no
     thresholds are reported). calibrated: whether `probs` are Platt-calibrated (the report
-    says which, everywhere). demographics: subgroups.Demographics of the images (None: no
-    subgroup section)."""
+    says which, everywhere; None: not known). demographics: subgroups.Demographics of the
+    images (None: no subgroup section)."""
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
     groups = patient_groups(names)
     aucs = roc_aucs(labels, probs)
@@ -257,8 +264,8 @@ def build_report(names, labels, probs, class_names, points=None, n_boot=N_BOOT, 
     mlo, mhi = interval(boot_mean[:, None])
     ap = auprcs(labels, probs)
     ece = calibration_errors(labels, probs)
-    report = {**context, "calibrated": bool(calibrated),
-              "probabilities": PROBABILITIES[bool(calibrated)],
+    calibrated = None if calibrated is None else bool(calibrated)
+    report = {**context, "calibrated": calibrated, "probabilities": PROBABILITIES[calibrated],
               "images": int(len(names)), "patients": int(len(set(groups))),
               "bootstrap": {"resamples": n_boot, "seed": seed, "by": "patient", "interval": 0.95},
               "mean": {"auc": mean_auc(aucs), "auc_ci": [float(mlo[0]), float(mhi[0])]},
@@ -451,8 +458,7 @@ def _figure_title(what, report):
     if not report:
         return what
     where = [str(report[k]) for k in ("mode", "part") if report.get(k)]
-    where.append("Platt-calibrated probabilities" if report.get("calibrated")
-                 else "raw probabilities")
+    where.append(PROBABILITIES_SHORT[report.get("calibrated", False)])
     return f"{what}, {', '.join(where)}: {report['images']} images" + (
         f"\n{report['notice']}" if report.get("notice") else "")
 
@@ -608,101 +614,6 @@ def reliability_figure(plt, labels, probs, class_names, report=None, platt=None,
     return fig
 
 
-# ---------------------------------------------------------------------------------------------
-# Prediction files
-
-def write_predictions(path, names, class_names, probs, source=None):
-    """The predictions CSV: 'Image Index' and the class names, then a row per image, each
-    probability to every digit; quoted where a name needs it (a comma in a file name), so
-    read_predictions reads it back exactly.
-    source: what the evaluation knew, written beside it (<stem>_source.json, read_source)."""
-    import hashlib
-    import io
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["Image Index", *class_names])
-    # every digit (the shortest text that reads back as the same float): a report made again
-    # from the file (report.py) is the evaluation's, not one of rounded probabilities whose
-    # new ties moved the AUROC in its 4th decimal
-    writer.writerows([name, *(repr(float(p)) for p in row)] for name, row in zip(names, probs))
-    atomic_write_text(path, text.getvalue(), "predictions")
-    if source is not None:
-        record = {**source, "predictions": str(path),
-                  "sha256": hashlib.sha256(text.getvalue().encode()).hexdigest()}
-        atomic_write_text(source_path(path), json.dumps(strict_json(record), indent=1) + "\n",
-                          "predictions record")
-
-
-def source_path(csv_path):
-    csv_path = Path(csv_path)
-    return csv_path.with_name(f"{csv_path.stem}_source.json")
-
-
-def read_source(csv_path):
-    """What the evaluation that wrote this predictions file knew (write_predictions' source:
-    data directory, split, model, operating points, raw or calibrated), or None: no record, an
-    unreadable one, or one of another version of the file (its SHA-256 differs)."""
-    import hashlib
-    try:
-        record = json.loads(source_path(csv_path).read_text())
-        digest = hashlib.sha256(Path(csv_path).read_bytes()).hexdigest()
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(record, dict) or record.get("sha256") != digest:
-        return None
-    return record
-
-
-def read_predictions(path):
-    """(names, probs [N, K], class names) from a predictions CSV, checked: the header, exactly
-    one name and K numbers in [0, 1] per row. The classes are the header's columns after
-    'Image Index'."""
-    if not Path(path).exists():
-        made_by = re.fullmatch(r"predictions_(torch|fp32|int8)(_val)?(_on_\w+)?\.csv", Path(path).name)
-        how = (f"; `python infer.py --mode {made_by[1]}" + (" --part val" if made_by[2] else "")
-               + "` writes it" if made_by else "")
-        raise DataError(f"{path}: no such predictions file{how}")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:  # a byte-order mark is no name
-            reader = csv.reader(f)
-            rows, lines = [], []
-            start = 1
-            for row in reader:  # a row's line: where it starts (a quoted field may span lines)
-                rows.append(row)
-                lines.append(start)
-                start = reader.line_num + 1
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read predictions ({os_reason(e)})") from None
-    except csv.Error as e:
-        raise DataError(f"{path}:{reader.line_num + 1}: not CSV ({e})") from None
-    if not rows or rows[0][:1] != ["Image Index"]:
-        raise DataError(f"{path}: not a predictions file (its first column must be 'Image Index')")
-    classes = rows[0][1:]
-    if not classes or len(set(classes)) != len(classes) or not all(classes):
-        raise DataError(f"{path}: its header must name each class once after 'Image Index'")
-    columns = list(range(1, len(classes) + 1))
-    names, probs = [], []
-    for line, row in zip(lines[1:], rows[1:]):
-        if not row:
-            continue
-        try:
-            if len(row) != len(classes) + 1:
-                raise ValueError(len(row))
-            values = [float(row[c]) for c in columns]
-        except (ValueError, IndexError):
-            raise DataError(f"{path}:{line}: expected an image name and {len(classes)} "
-                            f"probabilities, got {len(row)} fields") from None
-        if not all(0 <= v <= 1 for v in values):  # NaN fails this too
-            raise DataError(f"{path}:{line}: probabilities must be numbers in [0, 1]")
-        names.append(row[0])
-        probs.append(values)
-    if not names:
-        raise DataError(f"{path}: no predictions")
-    if len(set(names)) != len(names):
-        raise DataError(f"{path}: an image is listed twice")
-    return names, np.array(probs), classes
-
-
 def labels_for(names, lists, what, classes):
     """The evaluation labels [N, len(classes)] of these images (NaN: uncertain, left out), from
     whichever list of the split holds them, the list's columns matched to `classes` by name
@@ -725,6 +636,25 @@ def labels_for(names, lists, what, classes):
     return np.stack([table[n] for n in names])
 
 
+def recorded_split(args, csv_path):
+    """(the record of csv_path, the lists of its split, the data directory): --data-dir,
+    --split, --split-seed, --keep-laterals where given, else what the record says, else the
+    defaults; said before the split is read (an error then names what the record said)."""
+    source, note = read_source(csv_path)
+    if note:
+        print(f"note: {note}")
+
+    def setting(name, default):  # the flag where given, else the record's, else the default
+        value = getattr(args, name)
+        return value if value is not None else source.get(name, default)
+    data_dir, split = setting("data_dir", "data"), setting("split", "auto")
+    if source:
+        print(f"using what {source.get('made_by', 'the evaluation')} recorded in "
+              f"{source_path(csv_path)}: data {data_dir}, split {split}")
+    return source, resolve_split(split, data_dir, setting("split_seed", 0),
+                                 bool(setting("keep_laterals", False))), data_dir
+
+
 def compare(args):
     names_a, probs_a, classes = read_predictions(args.a)
     names_b, probs_b, classes_b = read_predictions(args.b)
@@ -739,8 +669,7 @@ def compare(args):
                         f"{only[0]}): a paired comparison needs the same images")
     order = {n: i for i, n in enumerate(names_b)}
     probs_b = probs_b[[order[n] for n in names_a]]
-    lists = resolve_split(args.split, args.data_dir, args.split_seed,
-                          getattr(args, "keep_laterals", False))
+    _, lists, _ = recorded_split(args, args.a)
     labels = labels_for(names_a, lists, args.a, classes)
     result = paired_auc_difference(labels, probs_a, probs_b, patient_groups(names_a),
                                    args.n_boot, args.boot_seed)
@@ -762,25 +691,28 @@ def compare(args):
     return result
 
 
+def rerun_stem(csv_path):
+    """<stem>_rerun, else <stem>_rerun2, 3, ...: the first name no earlier rerun's files hold
+    (a rerun with other flags never replaces another's report, nor leaves its figures beside
+    a new JSON they do not match)."""
+    stem = Path(csv_path).with_suffix("")
+    for n in range(1, 10_000):
+        name = f"{stem.name}_rerun{n if n > 1 else ''}"
+        if not any(stem.parent.glob(f"{glob.escape(name)}_*")):
+            return stem.with_name(name)
+    raise DataError(f"{stem}: 9,999 reruns already; delete some")
+
+
 def report_file(args):
     """report.py PREDICTIONS.csv: the report again, from what the evaluation recorded beside
-    the predictions (read_source: its data directory, split and operating points, raw or
-    calibrated), flags given here winning; written as <stem>_rerun_* (never over infer.py's
-    own report)."""
+    the predictions (read_source: its data directory, split, the operating points it applied,
+    raw or calibrated), flags given here winning; written as <stem>_rerun* (never over
+    infer.py's own report, nor over an earlier rerun)."""
     names, probs, classes = read_predictions(args.predictions)
-    source = read_source(args.predictions) or {}
-    knew = [] if not source else [f"what {source.get('made_by', 'the evaluation')} recorded in "
-                                  f"{source_path(args.predictions)}"]
-
-    def setting(name, default):  # the flag where given, else the record's, else the default
-        value = getattr(args, name)
-        return value if value is not None else source.get(name, default)
-    data_dir, split = setting("data_dir", "data"), setting("split", "auto")
-    lists = resolve_split(split, data_dir, setting("split_seed", 0),
-                          bool(setting("keep_laterals", False)))
+    source, lists, data_dir = recorded_split(args, args.predictions)
     labels = labels_for(names, lists, args.predictions, classes)
-    calibrated = bool(source.get("calibrated", False))
-    points, why = None, None
+    calibrated = source.get("calibrated")  # None: not recorded, the report says so
+    points = None
     if args.val_predictions is not None:  # operating points chosen on val, never on test
         if calibrated:
             raise DataError(f"--val-predictions: {args.predictions} holds calibrated "
@@ -790,6 +722,14 @@ def report_file(args):
         if val_classes != classes:
             raise DataError(f"--val-predictions {args.val_predictions}: predicts other classes "
                             f"than {args.predictions}")
+        val_source, _ = read_source(args.val_predictions)
+        if val_source.get("calibrated"):
+            raise DataError(f"--val-predictions {args.val_predictions}: holds calibrated "
+                            "probabilities; thresholds are chosen on the raw ones")
+        if None not in (val_source.get("model"), source.get("model")) and \
+                val_source["model"] != source["model"]:
+            raise DataError(f"--val-predictions {args.val_predictions}: predicted by another "
+                            f"model than {args.predictions} (their records say so)")
         shared = set(val_names) & set(names)
         if shared:
             raise DataError(f"--val-predictions {args.val_predictions}: shares {len(shared)} "
@@ -798,14 +738,20 @@ def report_file(args):
         val_labels = labels_for(val_names, lists, args.val_predictions, classes)
         points = choose_operating_points(val_labels, val_probs, None, args.val_predictions,
                                          classes)
-    elif source.get("operating_points"):  # those the evaluation applied
-        key, model_dir = source["operating_points"], source.get("model_dir", "")
-        points, why = operating_points_for(model_dir, key, source.get("model"), classes)
-        if points is not None and calibrated:
+        print(f"operating points chosen on the {points['images']} images of "
+              f"{args.val_predictions}")
+    elif source.get("operating_points"):  # those the evaluation applied, as it applied them
+        points = source["operating_points"]
+        check_operating_points(points, source.get("mode", "?"), source_path(args.predictions))
+        if points.get("class_names", classes) != classes:
+            raise DataError(f"{source_path(args.predictions)}: its operating points are for "
+                            f"other classes than {args.predictions}'s columns")
+        if calibrated:
             points = on_calibrated(points)
-    if why:
-        print(f"note: {why}")
-    demographics = demographics_for(data_dir, args.no_subgroups, args.patients_table)
+    no_subgroups = args.no_subgroups or bool(source.get("no_subgroups"))
+    table = (args.patients_table if args.patients_table is not None or no_subgroups
+             else source.get("patients_table"))
+    demographics = demographics_for(data_dir, no_subgroups, table)
     notice = {"notice": SAMPLE_NOTICE} if source.get("notice") or trained_on_sample(
         _exported_from(Path(args.predictions).parent)) else {}
     context = {k: source[k] for k in ("mode", "part", "list", "protocol") if k in source}
@@ -813,14 +759,9 @@ def report_file(args):
                           seed=args.boot_seed, calibrated=calibrated, demographics=demographics,
                           predictions=str(args.predictions), made_by="report.py", **context,
                           **notice)
-    if knew:
-        print(f"using {knew[0]}: data {data_dir}, split {split}"
-              + (f", operating points chosen on {points['images']} val images" if points
-                 else ""))
     print(summary(report))
-    stem = Path(args.predictions).with_suffix("")
-    for path in write_report(f"{stem}_rerun", report, labels, probs, classes, points,
-                             figures=not args.no_figures,
+    for path in write_report(rerun_stem(args.predictions), report, labels, probs, classes,
+                             points, figures=not args.no_figures,
                              platt=None if calibrated else points):
         print(f"wrote {path}")
     return report
@@ -867,7 +808,7 @@ def main(argv=None):
         parser.add_argument("b", help="predictions CSV of model B, same images")
     else:
         parser.add_argument("predictions", help="a predictions CSV written by infer.py")
-    add_split_args(parser, "CheXpert, MIMIC-CXR: the split with lateral views")
+    add_split_args(parser, "CheXpert, MIMIC-CXR: the split with lateral views", recorded=True)
     if argv[:1] != ["compare"]:
         parser.add_argument("--no-figures", action="store_true",
                             help="the report's JSON and Markdown only")
@@ -876,8 +817,6 @@ def main(argv=None):
                                  "the subgroups' TPR/FPR) at thresholds chosen there")
         add_subgroup_args(parser)
     add_report_args(parser)
-    if argv[:1] != ["compare"]:  # unset: what the evaluation recorded (report_file)
-        parser.set_defaults(data_dir=None, split=None, split_seed=None, keep_laterals=None)
     args = parser.parse_args(argv)
     try:
         return compare(args) if argv[:1] == ["compare"] else report_file(args)

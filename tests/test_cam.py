@@ -230,7 +230,8 @@ def test_grad_cam_plus_plus(small_model, nih_dir, tmp_path):
 
 def blob_data_dir(root, n_train=96, n_val=48, n_test=48, size=128, seed=0):
     """Images whose only label, Atelectasis, is a bright disc at a random place; the box file
-    holds the discs of the val and test images (the model never sees a box)."""
+    holds the discs of the val and test images (the model never sees a box), in NIH's frame:
+    the released 1024x1024 image, of which these are resized copies."""
     rng = np.random.default_rng(seed)
     (root / "images").mkdir(parents=True)
     yy, xx = np.mgrid[:size, :size]
@@ -244,7 +245,8 @@ def blob_data_dir(root, n_train=96, n_val=48, n_test=48, size=128, seed=0):
             cx, cy = rng.uniform(r, size - r, 2)
             img += 110 * (((xx - cx) ** 2 + (yy - cy) ** 2) < r * r)
             if i >= n_train:
-                rows.append(f"{name},Atelectasis,{cx - r:.1f},{cy - r:.1f},{2 * r:.1f},{2 * r:.1f}")
+                x, y, w = (v * 1024 / size for v in (cx - r, cy - r, 2 * r))
+                rows.append(f"{name},Atelectasis,{x:.1f},{y:.1f},{w:.1f},{w:.1f}")
         Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / "images" / name)
         names.append(name)
     a, b = n_train, n_train + n_val
@@ -290,7 +292,7 @@ def test_localization_bad_input(tmp_path, capsys, small_model):
     boxes.write_text("\n".join(rows[:1] + [rows[1].rsplit(",", 1)[0]] + rows[2:]) + "\n")
     assert_clean_error(run_main(capsys, *args, module="infer"), "BBox_List_2017.csv:2",
                        "an image, a disease and 4 numbers")
-    boxes.write_text("\n".join(rows[:1] + [",".join(rows[1].split(",")[:2] + ["50", "50", "30", "30"])] + rows[2:]) + "\n")
+    boxes.write_text("\n".join(rows[:1] + [",".join(rows[1].split(",")[:2] + ["1000", "1000", "60", "60"])] + rows[2:]) + "\n")
     assert_clean_error(run_main(capsys, *args, module="infer"), "is outside the 64x64 image")
     boxes.write_text(rows[0] + "\n" + "\n".join(r for r in rows[1:] if int(r[:8]) >= 8) + "\n")
     assert_clean_error(run_main(capsys, *args, module="infer"), "val_list.txt: none of its images has a box")

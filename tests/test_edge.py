@@ -157,9 +157,16 @@ def test_images_heatmaps_and_localization(edge_python, edge_model, nih_dir, imag
     probs = {path: probabilities(proc.stdout, path) for path in paths}
     assert probs[images["j2k"]] == probs[images["png"]]  # lossless: the PNG's pixels
     # The same JPEG bytes, through pydicom's JPEG decoder and through Pillow's: two decoders
-    # may round the inverse DCT differently, by a grey level here and there.
+    # round the inverse DCT differently, by one grey level on 3% of the pixels (measured);
+    # the pixels are what must agree. A tiny model trained on the sample moves by up to 0.012
+    # for that (measured), a trained one far less.
+    pixels = ok(run(edge_python, "-c", "import sys; import numpy as np; from PIL import Image; "
+                    "from images import load_gray; a, b = (np.asarray(Image.open(p) if i else "
+                    "load_gray(p), np.int16) for i, p in enumerate(sys.argv[1:])); "
+                    "print(int(np.abs(a - b).max()))", images["jpeg_dicom"], images["jpeg"]))
+    assert int(pixels.stdout) <= 1, pixels.stdout
     a, b = probs[images["jpeg_dicom"]], probs[images["jpeg"]]
-    assert a.keys() == b.keys() and max(abs(a[k] - b[k]) for k in a) < 0.01, (a, b)
+    assert a.keys() == b.keys() and max(abs(a[k] - b[k]) for k in a) < 0.03, (a, b)
     # heatmaps of the compressed DICOM (drawing them for all four costs a minute, and the
     # decoders are what differs between the four)
     cams = ok(run(edge_python, "infer.py", "--mode", "int8", "--model-dir", edge_model,

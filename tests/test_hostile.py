@@ -447,7 +447,7 @@ def test_dicom_skip_bad_images_in_every_command(dicom_data_dir, small_model, tmp
 # What infer.py writes, report.py reads back exactly; the box file is read the same way
 
 def test_predictions_csv_round_trip(tmp_path):
-    from report import read_predictions, write_predictions
+    from predictions import read_predictions, write_predictions
     names = ['a,b.png', 'say "hi".png', "plain.png", "ünï.png"]
     probs = np.array([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6], [1.0, 0.0]])
     path = tmp_path / "p.csv"

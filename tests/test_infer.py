@@ -107,7 +107,7 @@ def test_int8_keeps_auc_and_reports_with_operating_points_from_val(small_model, 
     assert any(abs(u - t) > 1e-3 for u, t in zip(used, on_test) if u is not None)
     for d, name in enumerate(NIH_CLASSES):  # sensitivity and specificity: a direct count
         t = report["diseases"][name]["thresholds"]["youden"]
-        positive = probs[:, d] >= np.float64(t["threshold"]) - 5e-7  # the CSV's 6 decimals
+        positive = probs[:, d] >= np.float64(t["threshold"]) - 5e-7  # float32 rounding of the thresholds
         if t["sensitivity"][0] is not None:
             assert t["sensitivity"][0] == pytest.approx(positive[labels[:, d] == 1].mean(), abs=0.02)
             assert t["specificity"][0] == pytest.approx((~positive)[labels[:, d] == 0].mean(), abs=0.02)
@@ -120,8 +120,7 @@ def test_int8_keeps_auc_and_reports_with_operating_points_from_val(small_model, 
 
 def test_torch_batched_equals_one_image_path_and_torchrun(small_model, nih_dir, tmp_path):
     """Batched through loader workers, and under torchrun with 2 processes on an odd number of
-    images: the one-image CPU path's probabilities (to 2e-6, the CSV's 6 decimals and float
-    summation order), each image once, in list order."""
+    images: the one-image CPU path's probabilities (to 2e-6: float summation order), each image once, in list order."""
     from backends import TorchModel
     work, _ = small_model
     checkpoint = work / "run" / "best.pt"

@@ -1,7 +1,8 @@
 """A researcher's outputs (issue 32): never silently replaced, each saying what it is.
 
     what                                         where                                      test
-    report.py replacing the evaluation's report  report.report_file (_rerun_*, the record)   test_report_py_*
+    report.py replacing the evaluation's report  report.report_file, rerun_stem,            test_report_py_*
+                                                 predictions.read_source (the record)
     --calibrated replacing the raw predictions    infer.evaluate (_calibrated), build_report  test_calibrated_*
     three val AUCs, none saying what it is        images.protocol_name in main, export, infer test_every_auc_*
     --localize on resized images                  cam.box_scale, scaled_boxes                 test_localize_*
@@ -38,12 +39,15 @@ def test_report_py_finds_what_the_evaluation_knew_and_never_replaces_its_report(
     """`python report.py models/predictions_int8.csv` (README), run where data/ does not
     exist: it used to overwrite the evaluation's report with one without thresholds or
     subgroups ('no demographics'). Now it reads the record beside the predictions (data
-    directory, split, operating points), gives the same numbers, and writes _rerun_* files;
-    the evaluation's own files are untouched."""
+    directory, split, the operating points applied), gives the same numbers, and writes
+    _rerun_* files, a second rerun _rerun2_*; the evaluation's own files are untouched. A
+    record of another version of the file is said and not used; a file without one is
+    reported as 'not recorded', never guessed raw; an edited record is one line."""
     csv = evaluated / "predictions_int8.csv"
     source = json.loads((evaluated / "predictions_int8_source.json").read_text())
     assert source["made_by"] == "infer.py" and source["data_dir"] == str(nih_dir.resolve())
-    assert source["operating_points"] == "int8" and source["calibrated"] is False
+    stored = json.loads((evaluated / "operating_points.json").read_text())["int8"]
+    assert source["operating_points"] == stored and source["calibrated"] is False
     own = {p.name: p.read_bytes() for p in evaluated.glob("predictions_int8_*")
            if "_val" not in p.name}
     assert {"predictions_int8_report.json", "predictions_int8_roc.png"} <= set(own)
@@ -62,12 +66,44 @@ def test_report_py_finds_what_the_evaluation_knew_and_never_replaces_its_report(
     assert rerun["mean"] == first["mean"] and rerun["diseases"] == first["diseases"]
     for kind in ("roc", "pr", "reliability"):
         assert (evaluated / f"predictions_int8_rerun_{kind}.png").is_file()
-    # a predictions file changed since its record: the record is not trusted
+    # operating points chosen again on val since: the rerun keeps those the evaluation applied
+    points_file = evaluated / "operating_points.json"
+    kept = points_file.read_bytes()
+    points_file.write_text(json.dumps({}))
+    proc = run_main(capsys, csv, "--n-boot", "100", "--no-figures", module="report")
+    points_file.write_bytes(kept)
+    assert proc.returncode == 0, proc.stderr
+    second = json.loads((evaluated / "predictions_int8_rerun2_report.json").read_text())
+    assert second["diseases"] == first["diseases"]
+    assert not (evaluated / "predictions_int8_rerun2_roc.png").exists()
+    assert (evaluated / "predictions_int8_rerun_roc.png").is_file()  # the first's, kept
+    # a predictions file changed since its record: said, and the record not used
+    empty = evaluated.parent / "no-data"
+    empty.mkdir()
     changed = evaluated / "changed.csv"
     changed.write_text(csv.read_text().replace("0.", "0.0", 1))
     shutil.copy(evaluated / "predictions_int8_source.json", evaluated / "changed_source.json")
-    proc = run_main(capsys, changed, "--n-boot", "100", "--no-figures", module="report")
-    assert proc.returncode != 0 and "using what" not in proc.stdout  # data/ is not here
+    proc = run_main(capsys, changed, "--n-boot", "100", "--no-figures", "--data-dir", empty,
+                    module="report")
+    assert (f"note: {evaluated / 'changed_source.json'} is the record of another version of "
+            f"{changed}; not used") in proc.stdout
+    assert proc.returncode != 0 and "using what" not in proc.stdout
+    # no record at all: the report says it does not know raw from calibrated
+    bare = evaluated / "bare.csv"
+    shutil.copy(csv, bare)
+    proc = run_main(capsys, bare, "--n-boot", "100", "--no-figures", "--data-dir", nih_dir,
+                    module="report")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((evaluated / "bare_rerun_report.json").read_text())
+    assert report["calibrated"] is None and report["probabilities"].startswith("not recorded")
+    # an edited record: one line naming the file and the field
+    edited = {**source, "calibrated": "false"}
+    (evaluated / "predictions_int8_source.json").write_text(json.dumps(edited))
+    proc = run_main(capsys, csv, "--no-figures", module="report")
+    assert proc.returncode != 0
+    assert (f"{evaluated / 'predictions_int8_source.json'}: calibrated is not a bool ('false')"
+            in proc.stderr)
+    (evaluated / "predictions_int8_source.json").write_text(json.dumps(source))
 
 
 def test_calibrated_predictions_are_their_own_file_and_say_so(evaluated, nih_dir, capsys):
@@ -81,8 +117,8 @@ def test_calibrated_predictions_are_their_own_file_and_say_so(evaluated, nih_dir
     proc = run_script("infer.py", "--mode", "int8", "--calibrated", "--model-dir", evaluated,
                       "--data-dir", nih_dir, "--n-boot", "100")
     assert proc.returncode == 0, proc.stderr
-    assert f"predictions: {evaluated / 'predictions_int8_calibrated.csv'} (Platt-calibrated)" \
-        in proc.stdout
+    assert (f"predictions: {evaluated / 'predictions_int8_calibrated.csv'} (Platt-calibrated "
+            "probabilities)") in proc.stdout
     for name, data in raw.items():
         assert (evaluated / name).read_bytes() == data, name
     calibrated = json.loads((evaluated / "predictions_int8_calibrated_report.json").read_text())
@@ -119,7 +155,7 @@ def test_every_auc_says_what_it_is(small_model, evaluated, nih_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert ("val mean AUC after each epoch: 40 val images, one centre crop of 56 from images "
             "resized to 64, PyTorch") in proc.stdout
-    assert "val mean AUC" in proc.stdout and "(centre crop)" in proc.stdout
+    assert "val mean AUC" in proc.stdout and "(one centre crop)" in proc.stdout
     assert "done: best val mean AUC" in proc.stdout and "one centre crop)" in proc.stdout
     proc = run_script("infer.py", "--mode", "int8", "--part", "val", "--model-dir", evaluated,
                       "--data-dir", nih_dir, "--n-boot", "100", "--no-figures",
@@ -135,9 +171,15 @@ def test_localize_places_nih_boxes_on_the_sample_s_256_pixel_images(small_model,
     --localize said a box lay outside the image, as if the data were corrupt. Now the boxes
     are scaled to the image read (the sample holds boxed images in val and test); an image
     they cannot be placed on (not square: a crop, another image) is left out and said."""
-    from cam import box_scale, scaled_boxes
+    from cam import box_scale, image_boxes, scaled_boxes
     from common import DataError
     assert box_scale("x.png", (256, 256)) == (0.25, 0.25)
+    notes = []  # a heatmap of a boxed image that is not square: drawn without them, and said
+    assert image_boxes(None, "00002578_000.png", (256, 300), notes.append) == {}
+    assert notes == ["note: cannot place NIH's boxes on 00002578_000.png: it is 300x256, not "
+                     "the released 1024x1024 image nor a resized copy (a crop or another "
+                     "image); the heatmap is drawn without them"]
+    assert image_boxes(None, "00002578_000.png", (256, 256), notes.append)
     assert scaled_boxes({"Nodule": [(800, 320, 80, 60)]}, (0.25, 0.25)) == {
         "Nodule": [(200, 80, 20, 15)]}
     with pytest.raises(DataError, match="cannot place NIH's boxes on x.png: it is 300x256"):
@@ -161,9 +203,10 @@ def test_heatmaps_say_the_decision_and_the_sample_notice(small_model, monkeypatc
     work, _ = small_model
     models = work / "models"
     backend = load_openvino(models, "int8", read_metadata(models), 56, 1)
+    from PIL import Image
     titles = []
     monkeypatch.setattr(cam, "overlay", lambda gray, heat, title, *a: titles.append(title)
-                        or __import__("PIL.Image").Image.new("RGB", (8, 8)))
+                        or Image.new("RGB", (8, 8)))
     monkeypatch.setattr(cam, "grid", lambda gray, heats, names, path, title, boxes:
                         titles.append((title, names)))
     thresholds = np.full(len(backend.class_names), 0.0)
@@ -178,6 +221,17 @@ def test_heatmaps_say_the_decision_and_the_sample_notice(small_model, monkeypatc
     assert names[0].endswith(" +") and names[1].endswith(" -") and names[2][-1].isdigit()
     assert cam.decision_words(0.3, np.nan, "f1") == \
         "p = 0.300, no decision (no threshold chosen on val)"
+    # infer.py --image --cam --calibrated: the titles show what the terminal shows (calibrated
+    # probability and threshold), the decision still the raw probability's at the raw threshold
+    titles.clear()
+    cam.write_cams(backend, [REPO / "sample" / "images" / "00000100_000.png"], tmp_path, 64,
+                   56, "int8", thresholds=thresholds, rule="youden",
+                   calibrate=lambda raw: np.full_like(raw, 0.25))
+    overlays, (grid_title, names) = titles[:-1], titles[-1]
+    assert all("p = 0.250, positive (youden threshold 0.250)" in t and "Platt-calibrated p"
+               in t for t in overlays)
+    assert "Platt-calibrated probability beside each finding" in grid_title
+    assert names[0].endswith("0.250 +") and names[1].endswith("0.250 -")
 
 
 def test_subgroup_figure_says_the_sample_notice_and_the_family(monkeypatch, tmp_path):

@@ -317,7 +317,9 @@ def test_report_py_on_prediction_files_of_nih_images(nih_dir, tmp_path, capsys):
     # --no-subgroups: no section; thresholds must come from other images than the report's.
     proc = run_main(capsys, out["test"], "--data-dir", nih_dir, "--no-subgroups", "--no-figures",
                     "--n-boot", "100", module="report")
-    assert "subgroups" not in json.loads((tmp_path / "test_rerun_report.json").read_text())
+    # a second rerun: its own files (test_rerun2_*), the first's untouched
+    assert "subgroups" not in json.loads((tmp_path / "test_rerun2_report.json").read_text())
+    assert "subgroups" in json.loads((tmp_path / "test_rerun_report.json").read_text())
     assert_clean_error(run_main(capsys, out["test"], "--data-dir", nih_dir, "--val-predictions",
                                 out["test"], module="report"), "shares 340 image(s)")
 
