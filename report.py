@@ -759,6 +759,9 @@ def report_file(args):
                           seed=args.boot_seed, calibrated=calibrated, demographics=demographics,
                           predictions=str(args.predictions), made_by="report.py", **context,
                           **notice)
+    # what these AUCs are, as infer.py says it before its own (a rerun's stdout alone says so)
+    print(f"{report['images']} images, {PROBABILITIES_SHORT[calibrated]}"
+          + (f", {report['protocol']}" if report.get("protocol") else ", protocol not recorded"))
     print(summary(report))
     for path in write_report(rerun_stem(args.predictions), report, labels, probs, classes,
                              points, figures=not args.no_figures,

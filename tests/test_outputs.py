@@ -55,6 +55,8 @@ def test_report_py_finds_what_the_evaluation_knew_and_never_replaces_its_report(
     assert proc.returncode == 0, proc.stderr
     assert f"using what infer.py recorded in {evaluated / 'predictions_int8_source.json'}" \
         in proc.stdout
+    assert ("340 images, raw probabilities, ten crops of 56 from images resized to 64, "
+            "OpenVINO INT8") in proc.stdout
     for name, data in own.items():  # nothing of the evaluation's replaced
         assert (evaluated / name).read_bytes() == data, name
     rerun = json.loads((evaluated / "predictions_int8_rerun_report.json").read_text())
