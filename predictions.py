@@ -60,7 +60,9 @@ def read_source(csv_path):
         digest = hashlib.sha256(Path(csv_path).read_bytes()).hexdigest()
     except (OSError, ValueError, UnicodeDecodeError) as e:
         return {}, f"{path} cannot be read ({os_reason(e)}); not used"
-    if not isinstance(record, dict) or record.get("sha256") != digest:
+    if not isinstance(record, dict):
+        return {}, f"{path} is not a predictions record (not a JSON object); not used"
+    if record.get("sha256") != digest:
         return {}, f"{path} is the record of another version of {csv_path}; not used"
     for field, kind in RECORD_FIELDS.items():
         value = record.get(field)

@@ -19,6 +19,7 @@ Torch-free: matplotlib (Agg, no display) for the figures, numpy and scikit-learn
 """
 import glob
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -694,12 +695,19 @@ def compare(args):
 def rerun_stem(csv_path):
     """<stem>_rerun, else <stem>_rerun2, 3, ...: the first name no earlier rerun's files hold
     (a rerun with other flags never replaces another's report, nor leaves its figures beside
-    a new JSON they do not match)."""
+    a new JSON they do not match). The name is claimed by creating its report JSON (O_EXCL):
+    two reruns at once get two names; write_report then replaces the empty claim."""
     stem = Path(csv_path).with_suffix("")
     for n in range(1, 10_000):
         name = f"{stem.name}_rerun{n if n > 1 else ''}"
-        if not any(stem.parent.glob(f"{glob.escape(name)}_*")):
-            return stem.with_name(name)
+        if any(stem.parent.glob(f"{glob.escape(name)}_*")):
+            continue
+        try:
+            os.close(os.open(stem.with_name(f"{name}_report.json"),
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+        except FileExistsError:  # another rerun claimed it between the two calls
+            continue
+        return stem.with_name(name)
     raise DataError(f"{stem}: 9,999 reruns already; delete some")
 
 
@@ -763,9 +771,16 @@ def report_file(args):
     print(f"{report['images']} images, {PROBABILITIES_SHORT[calibrated]}"
           + (f", {report['protocol']}" if report.get("protocol") else ", protocol not recorded"))
     print(summary(report))
-    for path in write_report(rerun_stem(args.predictions), report, labels, probs, classes,
-                             points, figures=not args.no_figures,
-                             platt=None if calibrated else points):
+    stem = rerun_stem(args.predictions)
+    try:
+        written = write_report(stem, report, labels, probs, classes, points,
+                               figures=not args.no_figures, platt=None if calibrated else points)
+    except BaseException:  # no empty claim left behind to push the next rerun to another name
+        claim = Path(f"{stem}_report.json")
+        if claim.exists() and claim.stat().st_size == 0:
+            claim.unlink()
+        raise
+    for path in written:
         print(f"wrote {path}")
     return report
 

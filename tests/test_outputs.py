@@ -12,6 +12,7 @@
 """
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,6 +80,12 @@ def test_report_py_finds_what_the_evaluation_knew_and_never_replaces_its_report(
     assert second["diseases"] == first["diseases"]
     assert not (evaluated / "predictions_int8_rerun2_roc.png").exists()
     assert (evaluated / "predictions_int8_rerun_roc.png").is_file()  # the first's, kept
+    # two reruns at once: each claims its own name (the report JSON, created exclusively)
+    from report import rerun_stem
+    claims = [rerun_stem(csv), rerun_stem(csv)]
+    assert [c.name for c in claims] == ["predictions_int8_rerun3", "predictions_int8_rerun4"]
+    for claim in claims:
+        Path(f"{claim}_report.json").unlink()
     # a predictions file changed since its record: said, and the record not used
     empty = evaluated.parent / "no-data"
     empty.mkdir()
