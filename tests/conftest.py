@@ -22,8 +22,57 @@ TINY = ["--data-dir", REPO / "sample", "--pretrained", "none", "--resize", "64",
         "--train-size", "64", "--crop-size", "56", "--batch-size", "8", "--workers", "0"]
 
 
+# Three tiers, by what a test needs (README, Tests): `unit` (no model, no process, no script run:
+# the whole tier in under a minute), `integration` (scripts run in this process or as one
+# process, on the tiny models trained once per pytest run), `system` (torchrun, kill -9,
+# Orthanc and DCMTK, the edge environment, run.sh). A test without a tier mark is a unit test,
+# and the guard below fails it if it starts a process or runs a script; a test that is not
+# `system` fails if it starts what only system tests may.
+TIERS = ("unit", "integration", "system")
+SYSTEM_PROGRAMS = ("torchrun", "torch.distributed.run", "Orthanc", "storescu", "storescp",
+                   "findscu", "movescu", "dsrdump", "dciodvfy", "run.sh", ".venv-edge")
+
+
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: over ~20 s (deselect with -m 'not slow')")
+    config.addinivalue_line("markers", "unit: no model, no process (the default tier)")
+    config.addinivalue_line("markers", "integration: runs scripts on the shared tiny models")
+    config.addinivalue_line("markers", "system: torchrun, kill -9, Orthanc, the edge venv")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        marked = [t for t in TIERS if item.get_closest_marker(t)]
+        if len(marked) > 1:
+            raise pytest.UsageError(f"{item.nodeid}: marked {' and '.join(marked)}: one tier")
+        if not marked:
+            item.add_marker(pytest.mark.unit)
+
+
+def tier(request):
+    return next(t for t in TIERS if request.node.get_closest_marker(t))
+
+
+@pytest.fixture(autouse=True)
+def _tier_guard(request, monkeypatch):
+    """A unit test that starts a process, or a test below `system` that starts torchrun,
+    Orthanc, DCMTK, the edge python or run.sh, fails saying which tier it belongs to."""
+    this = tier(request)
+    if this == "system":
+        return
+    popen_init = subprocess.Popen.__init__
+
+    def guarded(self, args, *a, **k):
+        command = " ".join(map(str, args)) if isinstance(args, (list, tuple)) else str(args)
+        if this == "unit":
+            pytest.fail(f"a unit test starts a process ({command[:80]}): mark it integration")
+        if any(p in command for p in SYSTEM_PROGRAMS):
+            pytest.fail(f"an integration test starts {command[:80]}: mark it system")
+        popen_init(self, args, *a, **k)
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
+    monkeypatch.setattr(sys.modules[__name__], "UNIT", this == "unit")
+
+
+UNIT = False  # True while a unit test runs: run_main refuses (a script run is integration)
 
 
 def run_script(*args, env=None, timeout=600, cwd=REPO):
@@ -37,6 +86,8 @@ def run_main(capsys, *argv, module="main"):
     """A script's main() in this process (no interpreter start-up, ~5 s here with torch):
     returns returncode/stdout/stderr like run_script, and the value main() returned."""
     import importlib
+    if UNIT:
+        pytest.fail(f"a unit test runs {module}.main(): mark it integration")
     script = importlib.import_module(module)
     capsys.readouterr()
     try:

@@ -6,11 +6,11 @@ import torch
 
 from conftest import TINY, assert_clean_error, run_main, run_script
 
-pytestmark = pytest.mark.slow  # every test here trains or exports a model
 
 timm = pytest.importorskip("timm")
 
 
+@pytest.mark.integration
 def test_densenetblur121d_trains_resumes_exports_and_maps(tmp_path, capsys, monkeypatch,
                                                          nih_dir):
     from safetensors.torch import save_file

@@ -421,7 +421,7 @@ def snapshot(paths):
     return state
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input(name, tmp_path, nih_dir, small_model, nih_images, capsys):
     module, fragments, build = CASES[name]
@@ -436,6 +436,7 @@ def test_bad_input(name, tmp_path, nih_dir, small_model, nih_images, capsys):
         assert not list((tmp_path / "data").glob("store/*"))
 
 
+@pytest.mark.integration
 def test_stats_on_names_that_are_not_nih(tmp_path, capsys):
     lists = {s: read_list(REPO / "sample" / f"{s}_list.txt") for s in ("train", "val", "test")}
     for s, (names, labels) in lists.items():
@@ -445,6 +446,7 @@ def test_stats_on_names_that_are_not_nih(tmp_path, capsys):
     assert proc.stdout.splitlines()[-1].split() == ["patients", "n/a", "n/a", "n/a"]
 
 
+@pytest.mark.integration
 def test_infer_sh_without_a_checkpoint(tmp_path):
     import os
     proc = subprocess.run(["bash", "infer.sh", tmp_path / "missing.pt"], cwd=REPO,

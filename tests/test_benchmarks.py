@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO, run_script
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_gpu_benchmark_runs_tiny_on_a_cpu(tmp_path, shared):
     out = tmp_path / "table.md"
     proc = run_script("benchmarks/gpu.py", "--device", "cpu", "--n", "4",

@@ -77,6 +77,7 @@ def test_official_split_keeps_nih_test_list(full_table_dir):
     assert 0.11 < len(names["val"]) / len(trainval) < 0.14
 
 
+@pytest.mark.integration
 def test_stats_prints_shipped_split_on_fresh_clone():
     proc = run_script("stats.py", cwd=REPO)
     assert proc.returncode == 0, proc.stderr
@@ -87,6 +88,7 @@ def test_stats_prints_shipped_split_on_fresh_clone():
     assert [ln.split()[0] for ln in lines[2:16]] == NIH_CLASSES
 
 
+@pytest.mark.integration
 def test_stats_on_a_fresh_random_split(full_table_dir):
     proc = run_script("stats.py", "--data-dir", full_table_dir, "--split", "random")
     assert proc.returncode == 0, proc.stderr
@@ -160,11 +162,13 @@ def test_training_augmentation_is_seeded_by_epoch_and_index(nih_data_dir):
 
 # ---- bad input: one clear line naming the file, no traceback --------------------------------
 
+@pytest.mark.integration
 def test_missing_data_dir_says_how_to_get_data(tmp_path):
     proc = run_script("dataset.py", "check", "--data-dir", tmp_path / "data")
     assert_clean_error(proc, "data", "batch_download.sh", "--data-dir sample")
 
 
+@pytest.mark.integration
 def test_data_dir_without_images_or_label_table(tmp_path, nih_data_dir):
     (tmp_path / "empty" / "images").mkdir(parents=True)
     assert_clean_error(run_script("dataset.py", "check", "--data-dir", tmp_path / "empty"),
@@ -174,6 +178,7 @@ def test_data_dir_without_images_or_label_table(tmp_path, nih_data_dir):
                        "no label table")
 
 
+@pytest.mark.integration
 def test_missing_listed_images_are_counted(nih_data_dir):
     names = read_list(nih_data_dir / "train_list.txt")[0]
     for n in names[:4]:
@@ -183,6 +188,7 @@ def test_missing_listed_images_are_counted(nih_data_dir):
     assert names[0] in line
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("damage", ["truncated", "not_png"])
 def test_unreadable_image_is_named(nih_data_dir, damage):
     name = read_list(nih_data_dir / "val_list.txt")[0][1]
@@ -213,6 +219,7 @@ print("SEEN", seen, len(ds))
 """
 
 
+@pytest.mark.integration
 def test_unreadable_image_in_a_loader_worker(nih_data_dir, tmp_path):
     """Errors from DataLoader workers reach the user as the original one line. Run in a process
     of its own: loader workers in the pytest process, then OpenVINO and torch inference with
@@ -232,6 +239,7 @@ def test_unreadable_image_in_a_loader_worker(nih_data_dir, tmp_path):
     assert len(warnings) == 1 and name in warnings[0]  # one line, not a Python warning
 
 
+@pytest.mark.integration
 def test_label_table_missing_column(nih_data_dir):
     table = nih_data_dir / "Data_Entry_2017_v2020.csv"
     table.write_text(table.read_text().replace("Patient ID", "Patient"))
@@ -239,6 +247,7 @@ def test_label_table_missing_column(nih_data_dir):
     assert_clean_error(proc, str(table), "'Patient ID'")
 
 
+@pytest.mark.integration
 def test_label_table_unknown_disease(nih_data_dir):
     table = nih_data_dir / "Data_Entry_2017_v2020.csv"
     lines = table.read_text().splitlines()
@@ -248,6 +257,7 @@ def test_label_table_unknown_disease(nih_data_dir):
     assert_clean_error(proc, f"{table}:6", "'Flu'")
 
 
+@pytest.mark.integration
 def test_list_line_with_wrong_field_count(nih_data_dir):
     path = nih_data_dir / "val_list.txt"
     lines = path.read_text().splitlines()
@@ -259,10 +269,12 @@ def test_list_line_with_wrong_field_count(nih_data_dir):
         read_list(path)
 
 
+@pytest.mark.integration
 def test_unknown_split_name():
     assert_clean_error(run_script("stats.py", "--split", "nonsense"), "--split nonsense")
 
 
+@pytest.mark.integration
 def test_bundled_sample_is_a_valid_data_dir():
     proc = run_script("dataset.py", "check", "--data-dir", "sample", "--decode")
     assert proc.returncode == 0, proc.stderr

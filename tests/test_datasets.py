@@ -130,7 +130,7 @@ def test_metrics_leave_uncertain_labels_out():
     assert np.isfinite(boot).all()
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("which", ["chexpert", "mimic"])
 def test_train_export_and_evaluate_on_each_layout(which, layouts, tmp_path, capsys, nih_dir):
     """Trained with --uncertain ignore (masked loss), the checkpoint and the exported model
@@ -162,7 +162,7 @@ def test_train_export_and_evaluate_on_each_layout(which, layouts, tmp_path, caps
     assert csv[0] == "Image Index," + ",".join(CHEXPERT_CLASSES)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_an_nih_model_evaluates_on_chexpert_over_the_shared_classes(layouts, small_model,
                                                                        tmp_path):
     chexpert, _ = layouts
@@ -187,6 +187,7 @@ def test_an_nih_model_evaluates_on_chexpert_over_the_shared_classes(layouts, sma
     assert "Hernia = Fracture" in none.stdout
 
 
+@pytest.mark.integration
 def test_bad_tables_are_one_line_errors(layouts, tmp_path):
     chexpert, _ = layouts
     bad = tmp_path / "CheXpert-v1.0-small"
@@ -203,6 +204,7 @@ def test_bad_tables_are_one_line_errors(layouts, tmp_path):
     assert_clean_error(proc, "train.csv: table lacks column(s) 'Frontal/Lateral'")
 
 
+@pytest.mark.integration
 def test_stats_of_a_chexpert_split(layouts):
     chexpert, _ = layouts
     proc = run_script("stats.py", "--data-dir", chexpert)
@@ -211,6 +213,7 @@ def test_stats_of_a_chexpert_split(layouts):
     assert proc.stdout.splitlines()[0].endswith("chexpert-official-seed0")
 
 
+@pytest.mark.integration
 def test_more_bad_tables_and_maps(layouts, tmp_path):
     chexpert, _ = layouts
     bad = tmp_path / "CheXpert-v1.0-small"
@@ -240,7 +243,7 @@ def test_more_bad_tables_and_maps(layouts, tmp_path):
         with pytest.raises(DataError, match=says):
             shared_classes(NIH_CLASSES, CHEXPERT_CLASSES, mapping)
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_check_and_evaluation_follow_the_trained_split(layouts, tmp_path, capsys):
     """dataset.py check reads the nested layout; a checkpoint trained on a seeded random split
     is evaluated on that split's test list, never on images it trained on."""

@@ -172,6 +172,7 @@ except DataError as e:
 """
 
 
+@pytest.mark.integration
 def test_a_compressed_dicom_without_its_decoder_says_what_to_install(tmp_path):
     pytest.importorskip("openjpeg", reason="writing the file needs pylibjpeg-openjpeg")
     path = write_dicom(PNG, tmp_path / "j2k.dcm", "jpeg2000")
@@ -202,7 +203,7 @@ def dicom_dir(tmp_path_factory):
     return root
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_dicom_data_dir_gives_the_store_training_and_evaluation_the_png_pixels(
         dicom_dir, small_model, tmp_path, capsys):
     """The store prepared from DICOMs holds the very rows of the one prepared from the PNGs;

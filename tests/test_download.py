@@ -118,6 +118,7 @@ def prepared_target(tmp_path, table_text, name="data"):
     return target
 
 
+@pytest.mark.integration
 def test_full_run_then_a_second_run_downloads_nothing(tmp_path, server, nih_images):
     www, url = server
     listing, names, table = make_archives(www, nih_images)
@@ -140,7 +141,7 @@ def test_full_run_then_a_second_run_downloads_nothing(tmp_path, server, nih_imag
     assert "downloading" not in again.stdout and len(RangeHandler.ranges) == requests
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_killed_mid_download_resumes_to_identical_files(tmp_path, server, nih_images):
     www, url = server
     listing, names, table = make_archives(www, nih_images, per_archive=(12,))
@@ -166,6 +167,7 @@ def test_killed_mid_download_resumes_to_identical_files(tmp_path, server, nih_im
     assert snapshot(target) == snapshot(fresh)
 
 
+@pytest.mark.integration
 def test_corrupted_archive_is_reported_and_not_extracted(tmp_path, server, nih_images):
     www, url = server
     listing, names, table = make_archives(www, nih_images)
@@ -185,6 +187,7 @@ def test_corrupted_archive_is_reported_and_not_extracted(tmp_path, server, nih_i
     assert sorted(p.name for p in (target / "images").iterdir()) == names
 
 
+@pytest.mark.integration
 def test_archive_escaping_the_target_is_refused(tmp_path, server, nih_images):
     www, url = server
     listing, names, table = make_archives(www, nih_images, per_archive=(2,))
@@ -206,6 +209,7 @@ def test_archive_escaping_the_target_is_refused(tmp_path, server, nih_images):
     assert not (target / ".download" / "images_01.tar.gz.extracted").exists()
 
 
+@pytest.mark.integration
 def test_first_n_and_space_check(tmp_path, server, nih_images):
     www, url = server
     listing, names, table = make_archives(www, nih_images)
@@ -220,6 +224,7 @@ def test_first_n_and_space_check(tmp_path, server, nih_images):
     assert proc.returncode == 1 and "GB free, about" in proc.stderr and "--no-space-check" in proc.stderr
 
 
+@pytest.mark.integration
 def test_http_error_on_a_partial_download_keeps_it(tmp_path, server, nih_images):
     """A server error while continuing a partial download is not "complete": the .part stays,
     and the next run continues it instead of starting from zero."""
@@ -255,6 +260,7 @@ GOOD_SHA = "a" * 64
     ("images_01.tar.gz\thttps://x.invalid/a\t" + GOOD_SHA + "\t5\n"
      "images_01.tar.gz\thttps://x.invalid/b\t" + GOOD_SHA + "\t5", ":3: archive images_01.tar.gz is listed twice"),
 ])
+@pytest.mark.integration
 def test_archive_list_is_checked_before_any_work(tmp_path, row, fragment):
     listing = tmp_path / "downloads.tsv"
     listing.write_text("archive\turl\tsha256\timages\n" + row + "\n")
@@ -266,6 +272,7 @@ def test_archive_list_is_checked_before_any_work(tmp_path, row, fragment):
     assert str(listing) in errors[0] and not target.exists()
 
 
+@pytest.mark.integration
 def test_crlf_list_zip_archive_and_repeated_members(tmp_path, server, nih_images):
     """A list with Windows line ends works; a zip named .tar.gz is refused in one line; a file
     that appears twice in an archive is one image."""

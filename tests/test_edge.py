@@ -106,6 +106,7 @@ EDGE_MODULES = ["openvino", "numpy", "PIL", "sklearn", "scipy.ndimage", "pandas"
                 "highdicom"]
 
 
+@pytest.mark.system
 def test_the_edge_environment_has_what_the_edge_needs_and_no_torch(edge_python):
     code = (f"import importlib, importlib.util\n"
             f"for m in {EDGE_MODULES!r}: importlib.import_module(m)\n"
@@ -117,7 +118,7 @@ def test_the_edge_environment_has_what_the_edge_needs_and_no_torch(edge_python):
 # ---------------------------------------------------------------------------------------------
 # Every command of the README's edge section, in the edge environment
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_evaluation_report_and_compare(edge_python, edge_model, nih_dir, tmp_path):
     """Both OpenVINO modes on val (operating points, calibration) and test (--calibrated too),
     each with its report and figures; report.py on a predictions file; report.py compare."""
@@ -148,7 +149,7 @@ def test_evaluation_report_and_compare(edge_python, edge_model, nih_dir, tmp_pat
     assert "paired bootstrap" in compare.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_images_heatmaps_and_localization(edge_python, edge_model, nih_dir, images, tmp_path):
     """--image on PNG, JPEG and two compressed DICOMs, --cam on one; --localize on NIH's boxes."""
     paths = [images[k] for k in ("png", "jpeg", "j2k", "jpeg_dicom")]
@@ -191,6 +192,7 @@ def probabilities(stdout, path):
     return {m[1]: float(m[2]) for m in (re.match(r"  (.+?)\s+(\d\.\d{4})", ln) for ln in lines)}
 
 
+@pytest.mark.system
 def test_stats_and_its_figures(edge_python, nih_dir, tmp_path):
     ok(run(edge_python, "stats.py", "--data-dir", nih_dir))
     proc = ok(run(edge_python, "stats.py", "--plot", tmp_path))  # the shipped split and table
@@ -230,6 +232,7 @@ def hiding(tmp_path):
     return run_hiding
 
 
+@pytest.mark.system
 def test_the_hiding_works(hiding):
     proc = hiding("matplotlib", "-c", "import matplotlib")
     assert "No module named 'matplotlib'" in proc.stderr
@@ -243,7 +246,7 @@ def test_the_hiding_works(hiding):
     ("openvino", ["--image", "PNG"],
      "error: --mode fp32/int8 needs the openvino package: pip install openvino"),
 ])
-@pytest.mark.slow
+@pytest.mark.system
 def test_a_missing_package_is_one_line(hiding, small_model, images, tmp_path, hidden, command,
                                        message):
     args = [{"PNG": images["png"], "DICOM": images["j2k"], "CAMS": tmp_path}.get(a, a)
@@ -254,6 +257,7 @@ def test_a_missing_package_is_one_line(hiding, small_model, images, tmp_path, hi
     assert not list(tmp_path.glob("*.png"))
 
 
+@pytest.mark.system
 def test_stats_without_matplotlib_or_pandas(hiding, tmp_path):
     assert "error: --plot needs the matplotlib package: pip install matplotlib" in \
         assert_clean_error(hiding("matplotlib", "stats.py", "--plot", tmp_path))
@@ -262,7 +266,7 @@ def test_stats_without_matplotlib_or_pandas(hiding, tmp_path):
     assert not list(tmp_path.glob("*.png"))  # nothing half done: not one of the two figures
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_openvino_numpy_pillow_scikit_learn_alone(hiding, small_model, nih_dir, images, tmp_path):
     """What the README once said an edge box needs: evaluation (its figures a one-line note)
     and --image on PNG and JPEG work; a broken matplotlib says which dependency is missing."""
@@ -286,6 +290,7 @@ def test_openvino_numpy_pillow_scikit_learn_alone(hiding, small_model, nih_dir, 
             "pip install matplotlib") in assert_clean_error(broken)
 
 
+@pytest.mark.system
 def test_a_broken_package_says_why(tmp_path):
     """A package that is there but fails to load (a system library missing) names the reason."""
     fake = tmp_path / "site" / "matplotlib"
@@ -299,7 +304,7 @@ def test_a_broken_package_says_why(tmp_path):
             "such file or directory): pip install matplotlib") in assert_clean_error(proc)
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_the_dicom_node_runs_in_the_edge_environment(edge_python, edge_model, images, tmp_path):
     """serve.py in the edge environment (no torch): it starts, answers GET /health and POST
     /predict with the probabilities infer.py --image gives there for the same PNG."""

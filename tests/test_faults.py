@@ -17,7 +17,6 @@ from conftest import REPO, TINY, assert_clean_error, run_main, run_script
 from model import load_file
 from test_observe import assert_curves_continue, assert_points, event_scalars
 
-pytestmark = pytest.mark.slow  # every test here trains or exports a model
 
 # Runs a script with os.replace patched to die like kill -9 (os._exit: no cleanup at all)
 # right after the rename that KILL_AFTER names: "<file name>:<condition>".
@@ -62,6 +61,7 @@ def assert_consistent_run(out):
     assert_points(scalars["val/mean_auc"], [(r["steps"], r["val_mean_auc"]) for r in records])
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("kill_after", ["last.pt:improved", "best.pt:always"])
 def test_kill_at_the_checkpoint_set_boundary(tmp_path, kill_after, capsys):
     """Killed right after last.pt of an improved epoch (before best.pt and metrics.jsonl), or
@@ -86,6 +86,7 @@ def _perturbed(checkpoint, path):
     return path
 
 
+@pytest.mark.system
 def test_kill_during_export_never_mixes_models(tmp_path, small_model, nih_dir, capsys):
     """An export killed while moving its files in: the model whose files were replaced is
     refused in one line, the other still works; the next export repairs the set. A killed
@@ -112,6 +113,7 @@ def test_kill_during_export_never_mixes_models(tmp_path, small_model, nih_dir, c
         assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.system
 def test_two_runs_on_one_directory(tmp_path, small_model, nih_dir, capsys):
     """A second training in the same --out-dir, or a second export into the same --model-dir,
     stops with one line while the first goes on."""
@@ -181,6 +183,7 @@ def run_limited(megabytes, *args):
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+@pytest.mark.system
 def test_a_full_disk_costs_nothing_already_written(tmp_path, small_model, nih_dir,
                                                    nih_data_dir, capsys):
     """Writes that fail for lack of space (here a file-size limit: the same error to the
@@ -207,6 +210,7 @@ def test_a_full_disk_costs_nothing_already_written(tmp_path, small_model, nih_di
     assert not list(models.glob(".export-*"))
 
 
+@pytest.mark.system
 def test_ctrl_c_says_how_to_resume(tmp_path):
     out = tmp_path / "run"
     job = subprocess.Popen([sys.executable, "main.py", *map(str, TINY), "--epochs", "50",

@@ -135,6 +135,7 @@ def test_few_positives_are_counted_and_flagged():
     assert FEW_NOTE not in markdown(report) and FEW_NOTE not in summary(report)
 
 
+@pytest.mark.integration
 def test_sample_notice_in_every_report(tmp_path, nih_dir, capsys):
     from report import SAMPLE_NOTICE, build_report, markdown, summary, trained_on_sample
     assert trained_on_sample(REPO / "sample") and trained_on_sample("sample")
@@ -212,6 +213,7 @@ def test_heatmap_beside_the_xray_with_colour_bar_and_boxes(nih_dir):
     assert small.shape[1] > 512
 
 
+@pytest.mark.integration
 def test_stats_titles_name_no_absolute_path(tmp_path, capsys, drawn):
     proc = run_main(capsys, "--plot", tmp_path, module="stats")
     assert proc.returncode == 0, proc.stderr
@@ -240,7 +242,7 @@ def test_stats_titles_name_no_absolute_path(tmp_path, capsys, drawn):
             assert (t.get_color() == "black") == (light >= 0.45), (t.get_text(), light)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_sample_model_results_say_so_and_figures_never_collide(small_model, nih_dir, tmp_path):
     """The small model was trained on the bundled sample: evaluation, --image and the report
     say so; val, fp32 and int8 figures go to separate files."""

@@ -235,6 +235,7 @@ def load_in_child(path):
     return error, int(peak_kb)
 
 
+@pytest.mark.integration
 def test_dicom_bomb_is_refused_before_decoding(tmp_path):
     """A compressed file of a few KB declaring 65535x65535: refused from its header, in well
     under the memory its pixels would take (the decoder is never called)."""
@@ -268,6 +269,7 @@ SYNTAXES = {"JPEG Baseline": "1.2.840.10008.1.2.4.50", "JPEG-LS": "1.2.840.10008
             "JPEG 2000": "1.2.840.10008.1.2.4.90"}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("codec", list(SYNTAXES))
 def test_a_codestream_declaring_another_size_is_refused_before_decoding(codec, tmp_path):
     """The DICOM header says 256x256, the stream's own frame header 65500x65500 (a 122 KB file
@@ -341,6 +343,7 @@ def test_codestreams_read_as_their_standards_write_them():
                                                    struct.pack(">II", 512, 256), 1), j2k)
 
 
+@pytest.mark.integration
 def test_a_truncated_dicom_fails_infer_image(small_model, tmp_path, capsys):
     from dicom_files import compressed_dicom
     work, _ = small_model
@@ -351,6 +354,7 @@ def test_a_truncated_dicom_fails_infer_image(small_model, tmp_path, capsys):
     assert_clean_error(proc, str(cut), "is truncated (it does not end with its end-of-image")
 
 
+@pytest.mark.integration
 def test_a_deflate_bomb_is_refused_without_inflating_it(tmp_path):
     """A deflated data set of 2 MB that inflates to 512 MiB: pydicom inflates the whole data
     set at once; it is measured in pieces first and refused past the limit (images: the
@@ -377,6 +381,7 @@ def test_a_class_map_pair_wins_over_a_same_named_class_in_any_order():
 @pytest.mark.parametrize("mapping, named", [
     ("Effusion=Pleural Effusion,Effusion=Edema", "model class 'Effusion'"),
     ("Effusion=Edema,Pneumonia=Edema", "list class 'Edema'")])
+@pytest.mark.integration
 def test_a_class_map_naming_a_class_twice_is_refused(mapping, named, capsys, tmp_path):
     """A dict kept the last of two pairs: the model's Effusion scored as Edema, a column gone,
     without a word. Now refused as the flag is read, before any model is loaded."""
@@ -416,6 +421,7 @@ def dicom_data_dir(tmp_path):
     return root, bad
 
 
+@pytest.mark.integration
 def test_dicom_skip_bad_images_in_every_command(dicom_data_dir, small_model, tmp_path, capsys):
     """check --decode, prepare and an evaluation stop with one line naming the file without
     --skip-bad-images, and skip exactly the two damaged files with it."""
@@ -528,7 +534,7 @@ def test_chunks_prove_their_images(tmp_path):
     assert done == 1 and "(7, 2) probabilities for 10 images" in said[0]
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_chunks_copied_in_a_real_evaluation_are_predicted_again(small_model, nih_dir, tmp_path,
                                                                  capsys):
     """An evaluation killed after 3 chunks; chunk 0 copied over chunk 1: the rerun notes it,
@@ -557,7 +563,7 @@ def test_chunks_copied_in_a_real_evaluation_are_predicted_again(small_model, nih
 # ---------------------------------------------------------------------------------------------
 # Heatmaps: names never collide; memory follows the crop size
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_heatmap_names_never_collide(full_size_model, tmp_path):
     """Two images called 1.png in two folders, in two modes: four sets of files, none
     overwritten; --cam where a file is: one line, before any work."""
@@ -587,6 +593,7 @@ def test_heatmap_names_never_collide(full_size_model, tmp_path):
     assert (tmp_path / "file").read_text() == "precious\n"
 
 
+@pytest.mark.integration
 def test_heatmaps_of_a_huge_image_take_the_memory_of_a_small_one(full_size_model, tmp_path):
     """A 5000x5000 PNG: overlays capped at 1024 px, peak memory that of an NIH image."""
     big = tmp_path / "big.png"
@@ -610,6 +617,7 @@ def test_heatmaps_of_a_huge_image_take_the_memory_of_a_small_one(full_size_model
     assert peaks["big"] < peaks["small"] + 400, peaks  # was +4.8 GB
 
 
+@pytest.mark.integration
 def test_localize_reads_dicom_images(tmp_path, capsys, small_model):
     """--localize on a data set of DICOMs (its box file naming them), with a fixed --localize-tau
     that is not on the grid of thresholds tried on val: scored at exactly that value."""
@@ -634,6 +642,7 @@ def test_localize_reads_dicom_images(tmp_path, capsys, small_model):
 # ---------------------------------------------------------------------------------------------
 # Parameters: validated up front, never silently changed
 
+@pytest.mark.integration
 @pytest.mark.parametrize("value", ["1", "99", "1000000000", "-5", "1e3"])
 def test_n_boot_out_of_range_is_refused_up_front(value, capsys, tmp_path):
     proc = run_main(capsys, str(tmp_path / "p.csv"), "--n-boot", value, module="report")
@@ -665,6 +674,7 @@ OPERATING_POINT_DAMAGE = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", list(OPERATING_POINT_DAMAGE))
 def test_evaluation_checks_operating_points_before_the_first_image(small_model, nih_dir,
                                                                    tmp_path, capsys, case):
@@ -696,6 +706,7 @@ def test_evaluation_checks_operating_points_before_the_first_image(small_model, 
         assert val.returncode == 0, val.stderr
 
 
+@pytest.mark.integration
 def test_evaluation_checks_the_class_map_before_the_first_image(small_model, tmp_path, capsys):
     from other_datasets import make_chexpert
     data = make_chexpert(tmp_path, sorted((REPO / "sample" / "images").glob("*.png"))[:30],
@@ -729,6 +740,7 @@ with exclusive_lock(sys.argv[1], "another evaluation", "wait"):
 """
 
 
+@pytest.mark.system
 def test_lock_is_released_when_its_holder_is_killed_while_a_child_lives(tmp_path):
     from common import exclusive_lock
     lock = tmp_path / ".p.csv.lock"
@@ -756,6 +768,7 @@ def test_lock_is_released_when_its_holder_is_killed_while_a_child_lives(tmp_path
 # ---------------------------------------------------------------------------------------------
 # The store: a file name with a space
 
+@pytest.mark.integration
 def test_store_with_a_space_in_a_file_name(tmp_path, capsys):
     from store import open_store
     data = tmp_path / "data"
@@ -789,7 +802,7 @@ def _descendants(pid):
     return found
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_torchrun_evaluation_resumes_after_kill_9_of_all_ranks(small_model, nih_dir, tmp_path):
     work, _ = small_model
     out = tmp_path / "ddp.csv"

@@ -19,7 +19,6 @@ from images import eval_input
 from labels import NIH_CLASSES, read_list
 from model import build_model
 
-pytestmark = pytest.mark.slow  # every test here trains or exports a model
 
 
 def read_csv(path):
@@ -28,6 +27,7 @@ def read_csv(path):
     return [r[0] for r in rows[1:]], np.array([[float(v) for v in r[1:]] for r in rows[1:]])
 
 
+@pytest.mark.integration
 def test_infer_sh_writes_fp32_int8_and_a_manifest(small_model, nih_dir):
     work, export = small_model
     models = work / "models"
@@ -48,6 +48,7 @@ def test_infer_sh_writes_fp32_int8_and_a_manifest(small_model, nih_dir):
     assert not list(models.glob(".export-*"))
 
 
+@pytest.mark.integration
 def test_fp32_matches_pytorch_and_int8_stays_close(full_size_model, nih_dir):
     from backends import OpenVINOModel, TorchModel
     names = read_list(nih_dir / "test_list.txt")[0]
@@ -74,6 +75,7 @@ def _mean_auc(stdout):
     return float(next(ln for ln in stdout.splitlines() if ln.startswith("mean")).split()[1])
 
 
+@pytest.mark.integration
 def test_int8_keeps_auc_and_reports_with_operating_points_from_val(small_model, nih_dir):
     """fp32 and int8 on the 340 test images; int8 first on val, which chooses the operating
     points that the test report then applies unchanged."""
@@ -118,6 +120,7 @@ def test_int8_keeps_auc_and_reports_with_operating_points_from_val(small_model, 
             assert im.format == "PNG" and im.size[0] > 800
 
 
+@pytest.mark.system
 def test_torch_batched_equals_one_image_path_and_torchrun(small_model, nih_dir, tmp_path):
     """Batched through loader workers, and under torchrun with 2 processes on an odd number of
     images: the one-image CPU path's probabilities (to 2e-6: float summation order), each image once, in list order."""
@@ -144,6 +147,7 @@ def test_torch_batched_equals_one_image_path_and_torchrun(small_model, nih_dir, 
     assert ddp_names == names and np.abs(ddp_probs - probs).max() <= 2e-6
 
 
+@pytest.mark.system
 def test_killed_evaluation_resumes_to_the_same_csv(small_model, nih_dir, tmp_path):
     work, _ = small_model
     common = ["--limit", "60", "--chunk-size", "6", "--workers", "1"]
@@ -183,6 +187,7 @@ def test_killed_evaluation_resumes_to_the_same_csv(small_model, nih_dir, tmp_pat
     assert "starting afresh" in other.stdout and "12 test images" in other.stdout
 
 
+@pytest.mark.integration
 def test_store_fed_evaluation_equals_png_fed(small_model, nih_dir, tmp_path):
     from store import prepare_store
     prepare_store(nih_dir, (64,), workers=2, progress=False)
@@ -199,6 +204,7 @@ def test_store_fed_evaluation_equals_png_fed(small_model, nih_dir, tmp_path):
         shutil.rmtree(nih_dir / "store")
 
 
+@pytest.mark.integration
 def test_int8_runs_without_torch(small_model, nih_dir):
     proc = _run_infer("int8", small_model, nih_dir, "--limit", "40", python=("-c", BLOCK_TORCH),
                       figures=True)
@@ -208,6 +214,7 @@ def test_int8_runs_without_torch(small_model, nih_dir):
     assert_clean_error(blocked, "--mode torch needs PyTorch")
 
 
+@pytest.mark.integration
 def test_image_mode_prints_sorted_probabilities_and_decisions(small_model, nih_dir):
     images = [nih_dir / "images" / "00000100_000.png", REPO / "sample" / "images" / "00000284_000.png"]
     proc = _run_infer("fp32", small_model, nih_dir, "--image", *images)
@@ -229,6 +236,7 @@ def test_image_mode_prints_sorted_probabilities_and_decisions(small_model, nih_d
     assert note.endswith(": those decisions are rough") and "Hernia (" in note
 
 
+@pytest.mark.integration
 def test_accuracy_controlled_quantization_validates_on_other_images(small_model, nih_dir, tmp_path):
     work, _ = small_model
     proc = subprocess.run(
@@ -243,6 +251,7 @@ def test_accuracy_controlled_quantization_validates_on_other_images(small_model,
     assert meta["calibration"]["max_auc_drop"] == 0.5
 
 
+@pytest.mark.integration
 def test_device_errors(small_model, nih_dir, capsys):
     if not torch.cuda.is_available():
         assert_clean_error(run_main(capsys, "--mode", "torch", "--device", "cuda", "--checkpoint",

@@ -19,7 +19,6 @@ import pytest
 
 from conftest import REPO, TINY, run_main, run_script
 
-pytestmark = pytest.mark.slow  # each runs an exported model
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +34,7 @@ def evaluated(small_model, nih_dir, tmp_path_factory):
     return models
 
 
+@pytest.mark.integration
 def test_report_py_finds_what_the_evaluation_knew_and_never_replaces_its_report(
         evaluated, nih_dir, capsys):
     """`python report.py models/predictions_int8.csv` (README), run where data/ does not
@@ -115,6 +115,7 @@ def test_report_py_finds_what_the_evaluation_knew_and_never_replaces_its_report(
     (evaluated / "predictions_int8_source.json").write_text(json.dumps(source))
 
 
+@pytest.mark.integration
 def test_calibrated_predictions_are_their_own_file_and_say_so(evaluated, nih_dir, capsys):
     """--calibrated overwrote predictions_int8.csv, its report byte-identical to the raw run's
     and silent about which it was. Now: predictions_int8_calibrated.csv and its own report
@@ -153,6 +154,7 @@ def test_calibrated_predictions_are_their_own_file_and_say_so(evaluated, nih_dir
     assert again["calibrated"] is True and again["diseases"] == calibrated["diseases"]
 
 
+@pytest.mark.integration
 def test_every_auc_says_what_it_is(small_model, evaluated, nih_dir, tmp_path):
     """Training's val AUC (one centre crop, after each epoch), the export's INT8 check (the
     held-out val images, ten crops) and the evaluation's (ten crops, the back end): three
@@ -175,6 +177,7 @@ def test_every_auc_says_what_it_is(small_model, evaluated, nih_dir, tmp_path):
     assert report["protocol"] == "ten crops of 56 from images resized to 64, OpenVINO INT8"
 
 
+@pytest.mark.integration
 def test_localize_places_nih_boxes_on_the_sample_s_256_pixel_images(small_model, capsys):
     """NIH's boxes are in the released 1024x1024 pixels; the sample's images are 256x256:
     --localize said a box lay outside the image, as if the data were corrupt. Now the boxes
@@ -202,6 +205,7 @@ def test_localize_places_nih_boxes_on_the_sample_s_256_pixel_images(small_model,
     assert "Nodule" in proc.stdout and "Pneumonia" in proc.stdout
 
 
+@pytest.mark.integration
 def test_heatmaps_say_the_decision_and_the_sample_notice(small_model, monkeypatch, tmp_path):
     """Every heatmap's title: the finding, its probability and the decision at the val
     threshold (or that there is none), and the sample model's notice; the grid marks each
@@ -265,6 +269,7 @@ def test_subgroup_figure_says_the_sample_notice_and_the_family(monkeypatch, tmp_
     assert titles[0].endswith(SAMPLE_NOTICE) and "would be by chance alone" in titles[0]
 
 
+@pytest.mark.integration
 def test_curves_py_without_an_argument_draws_the_newest_run(tmp_path):
     """`python curves.py runs/chexnet` (README) failed after the Quick start, which writes
     runs/sample-demo: with no argument it now draws the newest run under runs/."""

@@ -104,6 +104,7 @@ def _predictions(path, names, probs):
     return path
 
 
+@pytest.mark.integration
 def test_compare_identical_and_clearly_worse_models(nih_dir, tmp_path, capsys):
     names, labels = read_list(nih_dir / "test_list.txt")
     rng = np.random.default_rng(6)
@@ -130,6 +131,7 @@ def test_compare_identical_and_clearly_worse_models(nih_dir, tmp_path, capsys):
     ("nan", "b.csv:3: probabilities must be numbers in [0, 1]"),
     ("unknown image", "in no list of the split"),
 ])
+@pytest.mark.integration
 def test_bad_prediction_files(nih_dir, tmp_path, capsys, damage, fragment):
     names, labels = read_list(nih_dir / "test_list.txt")
     probs = np.full(labels.shape, 0.5)
@@ -150,6 +152,7 @@ def test_bad_prediction_files(nih_dir, tmp_path, capsys, damage, fragment):
                        fragment)
 
 
+@pytest.mark.integration
 def test_stats_plot_writes_the_figures(tmp_path, capsys):
     proc = run_main(capsys, "--plot", tmp_path, module="stats")
     assert proc.returncode == 0, proc.stderr
@@ -158,6 +161,7 @@ def test_stats_plot_writes_the_figures(tmp_path, capsys):
             assert im.format == "PNG" and im.size[0] > 400
 
 
+@pytest.mark.integration
 def test_a_missing_predictions_file_says_which_command_writes_it(tmp_path, capsys):
     missing = tmp_path / "predictions_fp32.csv"
     proc = run_main(capsys, "compare", missing, tmp_path / "predictions_int8.csv",

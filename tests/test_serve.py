@@ -20,7 +20,6 @@ import pytest
 from conftest import REPO, assert_clean_error, run_script
 from dicom_files import dcmtk, sr_findings
 
-pytestmark = pytest.mark.slow
 
 # serve.py run as a script with torch, torchvision and nncf made to fail on import.
 NO_TORCH = """
@@ -266,6 +265,7 @@ def infer_image(model_dir, *files):
 
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.system
 def test_reports_reach_the_pacs_with_infer_probabilities(model_dir, dx_files, pacs, tmp_path,
                                                          nih_images):
     """storescu -> node -> Orthanc: each image's SR (same study, referencing it) holds the
@@ -371,6 +371,7 @@ def test_reports_reach_the_pacs_with_infer_probabilities(model_dir, dx_files, pa
         node.stop()
 
 
+@pytest.mark.system
 def test_kill_9_during_a_burst_then_restart_answers_each_image_once(model_dir, dx_files, pacs,
                                                                       tmp_path):
     """kill -9 while images arrive, and again while results are being sent; each restart
@@ -419,6 +420,7 @@ def test_kill_9_during_a_burst_then_restart_answers_each_image_once(model_dir, d
         node.stop()
 
 
+@pytest.mark.system
 def test_results_wait_for_a_pacs_that_is_down(model_dir, dx_files, pacs, tmp_path):
     """Orthanc stopped while images arrive: the results wait in the outbox, retried with
     backoff; Orthanc back: they arrive."""
@@ -437,6 +439,7 @@ def test_results_wait_for_a_pacs_that_is_down(model_dir, dx_files, pacs, tmp_pat
         node.stop()
 
 
+@pytest.mark.system
 def test_refusals_and_quarantine_keep_the_node_serving(model_dir, dx_files, pacs, tmp_path):
     """A caller outside the allow-list, one association too many, a PDU longer than the node
     accepts, a non-image SOP class, a declared 65535x65535 image, a truncated object, a
@@ -537,6 +540,7 @@ def test_refusals_and_quarantine_keep_the_node_serving(model_dir, dx_files, pacs
         node.stop()
 
 
+@pytest.mark.system
 def test_tls(model_dir, dx_files, pacs, tmp_path):
     """--tls-cert/--tls-key/--tls-ca: a sender with a certificate the CA signed is served; a
     plain-TCP sender is not. --destination-tls-ca: the results reach a PACS that speaks DICOM
@@ -595,6 +599,7 @@ def test_tls(model_dir, dx_files, pacs, tmp_path):
                 process.stop()
 
 
+@pytest.mark.integration
 def test_bad_settings_fail_with_one_line(model_dir, tmp_path):
     """Settings a user gets wrong: one line naming the flag or file, before listening."""
     port = str(free_port())
@@ -630,6 +635,7 @@ def test_bad_settings_fail_with_one_line(model_dir, tmp_path):
     assert_clean_error(run_script(*base, *ok, "--model-dir", damaged), "chexnet_int8.bin")
 
 
+@pytest.mark.system
 def test_results_the_destination_refuses_go_to_failed(model_dir, dx_files, tmp_path):
     """A destination that answers but refuses a result (here every C-STORE, 0xA700): after 5
     refusals the result moves to SPOOL/failed/ with its reason instead of blocking the outbox."""
@@ -653,6 +659,7 @@ def test_results_the_destination_refuses_go_to_failed(model_dir, dx_files, tmp_p
         refusing.shutdown()
 
 
+@pytest.mark.system
 def test_results_reach_a_destination_that_takes_implicit_vr_only(model_dir, dx_files,
                                                                   tmp_path):
     """The node sends its result files as written (Explicit VR Little Endian, heatmaps JPEG
@@ -705,6 +712,7 @@ def test_results_reach_a_destination_that_takes_implicit_vr_only(model_dir, dx_f
         implicit.shutdown()
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("failure", ["abort", "status"])
 def test_a_destination_that_fails_on_jpeg_gets_the_heatmaps_decompressed(model_dir, dx_files,
                                                                          tmp_path, failure):
@@ -745,6 +753,7 @@ def test_a_destination_that_fails_on_jpeg_gets_the_heatmaps_decompressed(model_d
         picky.shutdown()
 
 
+@pytest.mark.system
 def test_a_destination_without_secondary_capture_is_named_once(model_dir, dx_files, tmp_path):
     """A destination that stores reports but no Secondary Capture: the reports arrive, the log
     says once that heatmaps cannot be sent (they go to failed/ after their refusals)."""
@@ -764,6 +773,7 @@ def test_a_destination_without_secondary_capture_is_named_once(model_dir, dx_fil
         reports_only.shutdown()
 
 
+@pytest.mark.system
 def test_a_burst_goes_over_few_associations_each_released(model_dir, dx_files, tmp_path):
     """A burst's results, which come one at a time, go over one association per sending
     association while images are waiting, not one association each (a negotiation each, and
@@ -802,6 +812,7 @@ def test_a_burst_goes_over_few_associations_each_released(model_dir, dx_files, t
         server.shutdown()
 
 
+@pytest.mark.system
 def test_two_nodes_on_one_spool_refused(model_dir, tmp_path):
     """A second node on the same spool would process the same inbox twice: refused."""
     from common import exclusive_lock  # the lock a running node holds (POSIX, not flock)
@@ -861,6 +872,7 @@ def divide(a, b):
     return in_worker(lambda: a / b)()
 
 
+@pytest.mark.system
 def test_a_task_that_kills_its_worker_is_singled_out_the_others_finish(tmp_path):
     """A worker process that dies (a crash in a decoder) takes every running task of the pool
     with it: each is tried again alone; the one that kills its process again is reported
@@ -917,6 +929,7 @@ def worker_processes(node):
     return found
 
 
+@pytest.mark.system
 def test_a_worker_killed_during_a_burst_loses_nothing(model_dir, dx_files, pacs, tmp_path):
     """kill -9 of a worker process (decoding, building results) while a burst is processed:
     its tasks are done again in new processes; every image has one report at the PACS,

@@ -36,7 +36,6 @@ from dicom_files import (compressed_dicom, declare_size, deflate_bomb, dx_file, 
 from test_serve import (NODE_AE, NO_TORCH, SR_CLASS, SC_CLASS, NodeProcess,  # noqa: F401
                         dx_files, free_port, model_dir, uid_of, wait_for)
 
-pytestmark = pytest.mark.slow
 
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 
@@ -150,6 +149,7 @@ def pacs_of(dest):
 
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.system
 def test_hostile_objects_are_refused_at_the_door_and_every_real_one_answered(
         model_dir, nih_images, down_destination, tmp_path):
     """One node, a destination down at first:
@@ -241,6 +241,7 @@ def test_hostile_objects_are_refused_at_the_door_and_every_real_one_answered(
         node.stop()
 
 
+@pytest.mark.system
 def test_idle_connections_lock_no_sender_out_and_words_are_right(model_dir, dx_files,
                                                                  down_destination, tmp_path):
     """20 TCP connections that send nothing held every association slot (8) until --timeout,
@@ -324,6 +325,7 @@ def test_idle_connections_lock_no_sender_out_and_words_are_right(model_dir, dx_f
         node.stop()
 
 
+@pytest.mark.system
 def test_http_lengths_are_parsed_strictly_and_the_bearer_scheme_in_any_case(
         model_dir, down_destination, tmp_path):
     """Content-Length: -1 read the body to the end of the connection (300 MiB held, past
@@ -375,6 +377,7 @@ def test_http_lengths_are_parsed_strictly_and_the_bearer_scheme_in_any_case(
         node.stop()
 
 
+@pytest.mark.system
 def test_a_full_disk_loses_no_accepted_image(model_dir, dx_files, down_destination, tmp_path):
     """The spool on a small file system (tmpfs), nearly full: the image is accepted (it fits),
     its results do not (ENOSPC), nor would its quarantine entry. It used to be removed from
@@ -431,6 +434,7 @@ def small_disk(path, size):
     return path
 
 
+@pytest.mark.system
 def test_results_are_sent_once_while_their_record_cannot_be_written(model_dir, dx_files,
                                                                     down_destination, tmp_path):
     """done/ full (its own small file system), the rest of the spool not: the results were
@@ -495,6 +499,7 @@ def test_an_error_building_a_result_is_no_full_disk(tmp_path):
     assert not isinstance(e.value, SpoolError) and not list(spool.outbox.iterdir())
 
 
+@pytest.mark.integration
 def test_serve_without_a_dicom_package_is_one_line(tmp_path):
     """The edge docs promise one line naming what to install; it was a traceback."""
     code = NO_TORCH.replace('("torch", "torchvision", "nncf")',
@@ -538,6 +543,7 @@ def worker_settings(tmp_path, memory_mb):
                                    "decision": None}]}
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("syntax", [JPEG_BASELINE, "1.2.840.10008.1.2.1"])
 def test_the_largest_image_and_its_heatmaps_fit_the_default_limit(syntax, tmp_path, nih_images):
     """An 8192x8192 16-bit DX, the largest --max-image-mb allows (128 MiB of pixels), decoded
@@ -585,6 +591,7 @@ def test_the_largest_image_and_its_heatmaps_fit_the_default_limit(syntax, tmp_pa
         workers.shutdown()
 
 
+@pytest.mark.system
 def test_a_worker_that_allocates_without_bound_fails_alone(tmp_path):
     """A decoder that ignores every size check and allocates what the stream says (the 15 GB
     of the hostile JPEG) fails in its worker with the worker's limit named, and the pool works
@@ -612,6 +619,7 @@ def crash_then_sleep(marker, seconds):
     return "done"
 
 
+@pytest.mark.system
 def test_a_stop_during_a_lone_retry_is_stopping_never_a_failure(tmp_path):
     """shutdown() stops the lone retry's pool too: the task then ends in Stopping (its image
     stays in the inbox for the next start), never in an error that would quarantine it."""
@@ -690,6 +698,7 @@ def alive(pid):
     return state != "Z"
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("how", ["kill -9", "shutdown"])
 def test_workers_die_with_the_node_even_when_stuck(how, tmp_path):
     """A worker stuck in a call that holds its interpreter lock never ran the thread that

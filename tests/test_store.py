@@ -20,6 +20,7 @@ def prepared(nih_data_dir):
     return nih_data_dir, {size: open_store(nih_data_dir, size) for size in (256, 512)}
 
 
+@pytest.mark.integration
 def test_prepare_writes_complete_stores(prepared):
     data_dir, stores = prepared
     for size, store in stores.items():
@@ -56,7 +57,7 @@ def test_store_training_batches_are_ready_crops(prepared):
     assert not all(torch.equal(train[i][0], images[i]) for i in range(4))
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_training_runs_from_store_and_from_pngs(prepared, tmp_path, capsys):
     data_dir, _ = prepared
     args = ["--data-dir", data_dir, "--pretrained", "none", "--crop-size", "64",
@@ -100,6 +101,7 @@ def test_interrupted_prepare_resumes(tmp_path, nih_images):
         assert np.array_equal(resumed[size], np.array(open_store(data_dir, size).array))
 
 
+@pytest.mark.integration
 def test_prepare_can_skip_unreadable_images(nih_data_dir, tmp_path, capsys):
     bad = sorted((nih_data_dir / "images").iterdir())[3]
     bad.write_bytes(b"not a png")
@@ -122,6 +124,7 @@ def test_prepare_can_skip_unreadable_images(nih_data_dir, tmp_path, capsys):
     assert open_store(nih_data_dir, 64).skipped == set()
 
 
+@pytest.mark.integration
 def test_stale_damaged_or_partial_store_is_never_used_silently(prepared, tmp_path, capsys):
     data_dir, _ = prepared
     extra = data_dir / "images" / "99999999_000.png"

@@ -280,6 +280,7 @@ def _predictions(path, names, probs):
     return path
 
 
+@pytest.mark.integration
 def test_report_py_on_prediction_files_of_nih_images(nih_dir, tmp_path, capsys):
     """The real NIH table's demographics for the 340 test images of the shared NIH sample;
     scores in which women's Infiltration, Effusion and Atelectasis are found less often, and
@@ -330,6 +331,7 @@ def test_report_py_on_prediction_files_of_nih_images(nih_dir, tmp_path, capsys):
                                  "listed twice (or pass --no-subgroups)"),
     ("empty table", "label table is empty"),
 ])
+@pytest.mark.integration
 def test_bad_demographics_are_one_line(case, fragment, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
@@ -349,7 +351,7 @@ def test_bad_demographics_are_one_line(case, fragment, tmp_path, capsys):
                                 module="report"), fragment)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_infer_writes_the_subgroup_section_of_nih_images(small_model, nih_dir, tmp_path):
     """infer.py --part val chooses the thresholds, the test report then has the section,
     its Markdown tables and the figure; --no-subgroups leaves it out."""

@@ -33,7 +33,7 @@ def assert_same_weights(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_one_process_run_writes_checkpoints_and_metrics(tmp_path, capsys):
     proc = run_main(capsys, *TINY, "--epochs", "2", "--out-dir", tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -89,7 +89,7 @@ def torchrun(*args, extra=(), env=None, wait=True):
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_torchrun_resumes_a_one_process_run_by_images_seen(tmp_path, capsys):
     """One process (global batch 8) stops 2 steps into epoch 2; torchrun with 2 processes
     (global batch 16) finishes epoch 2 and runs epoch 3. Ranks get disjoint shards, every image
@@ -148,7 +148,7 @@ def _two_nodes(probe, args, restarts=0):
     return [torchrun(probe, *args, extra=extra, wait=False) for _ in range(2)]
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_two_nodes_train_identical_weights(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE.format(repo=str(REPO), out=str(tmp_path)))
@@ -172,7 +172,7 @@ def _children(pid):
     return kids
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_two_nodes_survive_a_killed_worker(tmp_path):
     """One node's worker is killed after the first checkpoint: with --max-restarts both nodes'
     workers restart, resume from last.pt and finish with the same weights."""
@@ -196,7 +196,7 @@ def test_two_nodes_survive_a_killed_worker(tmp_path):
     assert_same_weights(torch.load(tmp_path / "rank0.pt"), ckpt["model"])
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_stop_and_resume_gives_the_same_weights(tmp_path, capsys):
     """Stopped mid-epoch 1 (step 2 of 6), then mid-epoch 2 at step 8, but rolled back to the
     checkpoint of step 2, as if killed before the checkpoint of step 8 was written while
@@ -260,7 +260,7 @@ def _synthetic_data_dir(root, n_train=192, n_val=128):
     return root
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_the_loop_learns_labels_visible_in_the_pixels(tmp_path, capsys):
     data = _synthetic_data_dir(tmp_path / "synthetic")
     proc = run_main(capsys, "--data-dir", data, "--pretrained", "none", "--resize", "64",
@@ -273,7 +273,7 @@ def test_the_loop_learns_labels_visible_in_the_pixels(tmp_path, capsys):
     assert max(r["val_mean_auc"] for r in records) > 0.95, proc.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_freeze_backbone_trains_only_the_head(tmp_path, capsys):
     proc = run_main(capsys, *TINY, "--limit", "24", "--epochs", "1", "--freeze-backbone",
                     "--seed", "3", "--out-dir", tmp_path)
@@ -323,7 +323,7 @@ class _Exploit:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_imagenet_weights_come_from_the_torch_cache_safely(tmp_path, capsys, monkeypatch):
     """torchvision's own file (pre-0.4.1 names and buffers) in the torch cache is used as it
     is; a pickle with code there is refused without running; a corrupt one is named corrupt;
@@ -348,7 +348,7 @@ def test_imagenet_weights_come_from_the_torch_cache_safely(tmp_path, capsys, mon
                        "--weights", "--pretrained none")
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_resume_from_another_run_into_a_new_out_dir_offline(tmp_path, capsys, monkeypatch):
     """--resume FILE --out-dir NEW continues that run in NEW; a resumed run takes its weights
     from the checkpoint, so it needs no ImageNet download (offline here)."""
@@ -365,7 +365,7 @@ def test_resume_from_another_run_into_a_new_out_dir_offline(tmp_path, capsys, mo
     assert (tmp_path / "b" / "best.pt").is_file()
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     proc = run_main(capsys, *TINY, "--epochs", "2", "--lr", "1e30", "--save-every", "1",
                     "--out-dir", tmp_path)
@@ -377,7 +377,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_weights_that_diverge_at_the_end_of_an_epoch(tmp_path, capsys):
     """One step with a huge lr: the loss was finite, the validation outputs are not."""
     proc = run_main(capsys, *TINY, "--batch-size", "120", "--epochs", "1", "--lr", "1e30",
@@ -385,6 +385,7 @@ def test_weights_that_diverge_at_the_end_of_an_epoch(tmp_path, capsys):
     assert_clean_error(proc, "validation outputs are non-finite", "epoch 1", "nothing saved")
 
 
+@pytest.mark.integration
 def test_device_errors(capsys):
     assert_clean_error(run_main(capsys, "--hpu", "--data-dir", "sample"),
                        "--hpu", "habana_frameworks", "Gaudi")
@@ -406,7 +407,7 @@ def _run_sh(*args, env=None, path_prefix=None):
                           text=True, env=full_env, timeout=600)
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_run_sh_without_data_runs_the_sample_demo(tmp_path):
     tiny = [a for a in TINY if a not in ("--data-dir", REPO / "sample")]
     proc = _run_sh(*tiny, "--epochs", "1", "--limit", "16", "--out-dir", tmp_path,
@@ -420,7 +421,7 @@ def test_run_sh_without_data_runs_the_sample_demo(tmp_path):
     assert (tmp_path / "last.pt").is_file() and (tmp_path / "metrics.jsonl").is_file()
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_run_sh_finds_gpus_and_stops_bad_input_once(tmp_path, nih_data_dir):
     """Two (pretend) NVIDIA GPUs: one process each on CUDA; an error is one line, shown once,
     before torchrun (which would restart a failing job MAX_RESTARTS times)."""
