@@ -4,7 +4,7 @@ local file), training, resume, OpenVINO FP32/INT8 export and class activation ma
 import pytest
 import torch
 
-from conftest import TINY, assert_clean_error, run_main, run_script
+from conftest import TINY, assert_clean_error, run_main
 
 
 timm = pytest.importorskip("timm")
@@ -46,16 +46,16 @@ def test_densenetblur121d_trains_resumes_exports_and_maps(tmp_path, capsys, monk
     assert state["epoch"] == 2 and state["args"]["arch"] == "densenetblur121d"
     assert all(k.startswith(("features.", "classifier.")) for k in state["model"])
 
-    export = run_script("infer.py", "--export", "--checkpoint", run / "best.pt", "--model-dir",
-                        tmp_path / "models", "--data-dir", nih_dir, "--calibration-size", "8",
-                        "--validation-size", "4")
+    export = run_main(capsys, "--export", "--checkpoint", run / "best.pt", "--model-dir",
+                      tmp_path / "models", "--data-dir", nih_dir, "--calibration-size", "8",
+                      "--validation-size", "4", module="infer")
     assert export.returncode == 0, export.stdout + export.stderr
     image = nih_dir / "images" / "00000100_000.png"
     outputs = {}
     for mode in ("torch", "fp32", "int8"):
-        proc = run_script("infer.py", "--mode", mode, "--model-dir", tmp_path / "models",
-                          "--checkpoint", run / "best.pt", "--image", image,
-                          *(["--cam", tmp_path / "cams"] if mode == "int8" else []))
+        proc = run_main(capsys, "--mode", mode, "--model-dir", tmp_path / "models",
+                        "--checkpoint", run / "best.pt", "--image", image,
+                        *(["--cam", tmp_path / "cams"] if mode == "int8" else []), module="infer")
         assert proc.returncode == 0, proc.stderr
         outputs[mode] = {ln.split()[0]: float(ln.split()[1])
                          for ln in proc.stdout.split(":\n")[1].splitlines()[:14]}

@@ -215,11 +215,11 @@ def test_heatmaps_of_an_image_in_every_mode(full_size_model, nih_dir, tmp_path):
 
 
 @pytest.mark.integration
-def test_grad_cam_plus_plus(small_model, nih_dir, tmp_path):
+def test_grad_cam_plus_plus(small_model, nih_dir, tmp_path, capsys):
     image = REPO / "sample" / "images" / "00000284_000.png"
-    proc = run_script("infer.py", "--mode", "torch", "--checkpoint", small_model[0] / "run" / "best.pt",
-                      "--model-dir", small_model[0] / "models", "--image", image, "--cam", tmp_path,
-                      "--cam-method", "gradcam++")
+    proc = run_main(capsys, "--mode", "torch", "--checkpoint", small_model[0] / "run" / "best.pt",
+                    "--model-dir", small_model[0] / "models", "--image", image, "--cam", tmp_path,
+                    "--cam-method", "gradcam++", module="infer")
     assert proc.returncode == 0, proc.stderr
     assert len(list(tmp_path.glob("00000284_000_*.png"))) == 4
     overlay = next(p for p in tmp_path.glob("00000284_000_*.png") if not p.stem.endswith("_all"))

@@ -136,7 +136,7 @@ def test_train_export_and_evaluate_on_each_layout(which, layouts, tmp_path, caps
     """Trained with --uncertain ignore (masked loss), the checkpoint and the exported model
     carry CheXpert's 14 classes, evaluation reports them; the store works on the nested layout."""
     data = layouts[0] if which == "chexpert" else layouts[1]
-    prepared = run_script("dataset.py", "prepare", "--data-dir", data, "--size", "64")
+    prepared = run_main(capsys, "prepare", "--data-dir", data, "--size", "64", module="dataset")
     assert prepared.returncode == 0, prepared.stderr
     run = tmp_path / "run"
     trained = run_main(capsys, *_args(data), "--uncertain", "ignore", "--epochs", "1",
@@ -148,14 +148,14 @@ def test_train_export_and_evaluate_on_each_layout(which, layouts, tmp_path, caps
     refused = run_main(capsys, *_args(data), "--uncertain", "ones", "--epochs", "2",
                        "--out-dir", run)
     assert_clean_error(refused, "--uncertain ignore, not ones")
-    export = run_script("infer.py", "--export", "--checkpoint", run / "best.pt",
-                        "--model-dir", tmp_path / "models", "--calibration-size", "2",
-                        "--validation-size", "2")
+    export = run_main(capsys, "--export", "--checkpoint", run / "best.pt",
+                      "--model-dir", tmp_path / "models", "--calibration-size", "2",
+                      "--validation-size", "2", module="infer")
     assert export.returncode == 0, export.stdout + export.stderr
     assert json.loads((tmp_path / "models" / "chexnet.json").read_text())["class_names"] == \
         CHEXPERT_CLASSES
-    evaluated = run_script("infer.py", "--mode", "int8", "--model-dir", tmp_path / "models",
-                           "--no-figures", "--n-boot", "100")
+    evaluated = run_main(capsys, "--mode", "int8", "--model-dir", tmp_path / "models",
+                         "--no-figures", "--n-boot", "100", module="infer")
     assert evaluated.returncode == 0, evaluated.stderr
     assert "Pleural Effusion" in evaluated.stdout and "Support Devices" in evaluated.stdout
     csv = next((tmp_path / "models").glob("predictions_*.csv")).read_text().splitlines()
@@ -164,13 +164,13 @@ def test_train_export_and_evaluate_on_each_layout(which, layouts, tmp_path, caps
 
 @pytest.mark.integration
 def test_an_nih_model_evaluates_on_chexpert_over_the_shared_classes(layouts, small_model,
-                                                                       tmp_path):
+                                                                       tmp_path, capsys):
     chexpert, _ = layouts
     work, _ = small_model
     models = tmp_path / "models"
     shutil.copytree(work / "models", models)
-    proc = run_script("infer.py", "--mode", "fp32", "--model-dir", models, "--data-dir",
-                      chexpert, "--no-figures", "--n-boot", "100")
+    proc = run_main(capsys, "--mode", "fp32", "--model-dir", models, "--data-dir",
+                    chexpert, "--no-figures", "--n-boot", "100", module="infer")
     assert proc.returncode == 0, proc.stderr
     shared = ["Atelectasis", "Cardiomegaly", "Pleural Effusion", "Pneumonia", "Pneumothorax",
               "Consolidation", "Edema"]
@@ -181,8 +181,8 @@ def test_an_nih_model_evaluates_on_chexpert_over_the_shared_classes(layouts, sma
         (work / "models" / "predictions_fp32.csv").read_text()
         == (models / "predictions_fp32.csv").read_text())  # the NIH evaluation is untouched
     assert header == ["Image Index", *shared]
-    none = run_script("infer.py", "--mode", "fp32", "--model-dir", models, "--data-dir",
-                      chexpert, "--class-map", "Hernia=Fracture", "--no-figures")
+    none = run_main(capsys, "--mode", "fp32", "--model-dir", models, "--data-dir",
+                    chexpert, "--class-map", "Hernia=Fracture", "--no-figures", module="infer")
     assert none.returncode == 0, none.stderr  # an explicit map replaces the built-in one
     assert "Hernia = Fracture" in none.stdout
 
@@ -248,14 +248,14 @@ def test_check_and_evaluation_follow_the_trained_split(layouts, tmp_path, capsys
     """dataset.py check reads the nested layout; a checkpoint trained on a seeded random split
     is evaluated on that split's test list, never on images it trained on."""
     chexpert, _ = layouts
-    proc = run_script("dataset.py", "check", "--data-dir", chexpert, "--decode", "--workers", "1")
+    proc = run_main(capsys, "check", "--data-dir", chexpert, "--decode", "--workers", "1", module="dataset")
     assert proc.returncode == 0, proc.stderr
     assert "ok, 36 train, 4 val, 10 test images decoded" in proc.stdout
     run = tmp_path / "run"
     trained = run_main(capsys, *_args(chexpert), "--split", "random", "--split-seed", "3",
                        "--epochs", "1", "--limit", "16", "--out-dir", run)
     assert trained.returncode == 0, trained.stderr
-    evaluated = run_script("infer.py", "--mode", "torch", "--checkpoint", run / "best.pt",
-                           "--model-dir", tmp_path / "models", "--no-figures", "--n-boot", "100")
+    evaluated = run_main(capsys, "--mode", "torch", "--checkpoint", run / "best.pt",
+                         "--model-dir", tmp_path / "models", "--no-figures", "--n-boot", "100", module="infer")
     assert evaluated.returncode == 0, evaluated.stderr
     assert "chexpert-random-seed3/test_list.txt" in evaluated.stdout

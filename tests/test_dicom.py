@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, TINY, run_main, run_script
+from conftest import REPO, TINY, run_main
 
 pydicom = pytest.importorskip("pydicom")
 from dicom_files import KINDS, write_dicom  # noqa: E402
@@ -212,7 +212,7 @@ def test_dicom_data_dir_gives_the_store_training_and_evaluation_the_png_pixels(
     png_dir = tmp_path / "png"
     shutil.copytree(REPO / "sample", png_dir)
     prepare_store(png_dir, (64,), workers=1, progress=False)
-    proc = run_script("dataset.py", "prepare", "--data-dir", dicom_dir, "--size", "64")
+    proc = run_main(capsys, "prepare", "--data-dir", dicom_dir, "--size", "64", module="dataset")
     assert proc.returncode == 0, proc.stderr
     png_store, dicom_store = open_store(png_dir, 64), open_store(dicom_dir, 64)
     assert [n.replace(".png", ".dcm") for n in png_store.names] == list(dicom_store.names)
@@ -221,16 +221,16 @@ def test_dicom_data_dir_gives_the_store_training_and_evaluation_the_png_pixels(
     args = [a if a != REPO / "sample" else dicom_dir for a in TINY]
     run = run_main(capsys, *args, "--epochs", "1", "--limit", "16", "--out-dir", tmp_path / "run")
     assert run.returncode == 0, run.stderr
-    evaluation = run_script("infer.py", "--mode", "torch", "--checkpoint", tmp_path / "run" / "best.pt",
-                            "--data-dir", dicom_dir, "--model-dir", tmp_path / "models",
-                            "--no-figures")
+    evaluation = run_main(capsys, "--mode", "torch", "--checkpoint", tmp_path / "run" / "best.pt",
+                          "--data-dir", dicom_dir, "--model-dir", tmp_path / "models",
+                          "--no-figures", module="infer")
     assert evaluation.returncode == 0, evaluation.stderr
     assert "mean" in evaluation.stdout
 
     work, _ = small_model
     dcm = dicom_dir / "images" / PNG.with_suffix(".dcm").name
-    outputs = [run_script("infer.py", "--mode", "fp32", "--model-dir", work / "models", "--image",
-                          path) for path in (PNG, dcm)]
+    outputs = [run_main(capsys, "--mode", "fp32", "--model-dir", work / "models", "--image",
+                        path, module="infer") for path in (PNG, dcm)]
     assert all(o.returncode == 0 for o in outputs), outputs[1].stderr
     def probabilities(out):  # the 14 lines (the PNG's NIH name also gets its list's labels)
         return [ln for ln in out.split(":\n", 1)[1].splitlines() if not ln.startswith("  labels")]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, run_main, run_script
+from conftest import REPO, run_main
 from labels import NIH_CLASSES, read_list
 
 
@@ -243,7 +243,7 @@ def test_stats_titles_name_no_absolute_path(tmp_path, capsys, drawn):
 
 
 @pytest.mark.integration
-def test_sample_model_results_say_so_and_figures_never_collide(small_model, nih_dir, tmp_path):
+def test_sample_model_results_say_so_and_figures_never_collide(small_model, nih_dir, tmp_path, capsys):
     """The small model was trained on the bundled sample: evaluation, --image and the report
     say so; val, fp32 and int8 figures go to separate files."""
     from report import SAMPLE_NOTICE
@@ -255,8 +255,8 @@ def test_sample_model_results_say_so_and_figures_never_collide(small_model, nih_
     assert "torch.jit.trace" not in export.stderr
     runs = [("fp32", "val"), ("fp32", "test"), ("int8", "test")]
     for mode, part in runs:
-        proc = run_script("infer.py", "--mode", mode, "--part", part, "--model-dir", models,
-                          "--data-dir", nih_dir, "--n-boot", "100", "--limit", "60")
+        proc = run_main(capsys, "--mode", mode, "--part", part, "--model-dir", models,
+                        "--data-dir", nih_dir, "--n-boot", "100", "--limit", "60", module="infer")
         assert proc.returncode == 0, proc.stderr
         assert SAMPLE_NOTICE in proc.stdout
     pngs = sorted(p.name for p in models.glob("*.png"))
@@ -270,8 +270,8 @@ def test_sample_model_results_say_so_and_figures_never_collide(small_model, nih_
             == SAMPLE_NOTICE
         assert SAMPLE_NOTICE in stem.with_name(stem.name + "_report.md").read_text()
     image = nih_dir / "images" / read_list(nih_dir / "test_list.txt")[0][0]
-    proc = run_script("infer.py", "--mode", "int8", "--model-dir", models, "--data-dir",
-                      nih_dir, "--image", image)
+    proc = run_main(capsys, "--mode", "int8", "--model-dir", models, "--data-dir",
+                    nih_dir, "--image", image, module="infer")
     assert proc.returncode == 0, proc.stderr
     assert f"mode int8: {models / 'chexnet_int8.xml'}" in proc.stdout
     assert SAMPLE_NOTICE in proc.stdout

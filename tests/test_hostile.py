@@ -246,7 +246,7 @@ def test_dicom_bomb_is_refused_before_decoding(tmp_path):
     ds.Rows = ds.Columns = 65535
     ds.save_as(path)
     error, peak_kb = load_in_child(path)
-    assert error.startswith(f"DataError {path}: declares a 65535x65535 image"), proc.stdout
+    assert error.startswith(f"DataError {path}: declares a 65535x65535 image"), error
     assert peak_kb < 600_000, f"peak {peak_kb / 1e3:.0f} MB"
 
 

@@ -124,8 +124,8 @@ def test_calibrated_predictions_are_their_own_file_and_say_so(evaluated, nih_dir
     decisions: every sensitivity equal to the raw report's)."""
     raw = {p.name: p.read_bytes() for p in evaluated.glob("predictions_int8*")
            if "calibrated" not in p.name and "rerun" not in p.name}
-    proc = run_script("infer.py", "--mode", "int8", "--calibrated", "--model-dir", evaluated,
-                      "--data-dir", nih_dir, "--n-boot", "100")
+    proc = run_main(capsys, "--mode", "int8", "--calibrated", "--model-dir", evaluated,
+                    "--data-dir", nih_dir, "--n-boot", "100", module="infer")
     assert proc.returncode == 0, proc.stderr
     assert (f"predictions: {evaluated / 'predictions_int8_calibrated.csv'} (Platt-calibrated "
             "probabilities)") in proc.stdout
@@ -155,22 +155,22 @@ def test_calibrated_predictions_are_their_own_file_and_say_so(evaluated, nih_dir
 
 
 @pytest.mark.integration
-def test_every_auc_says_what_it_is(small_model, evaluated, nih_dir, tmp_path):
+def test_every_auc_says_what_it_is(small_model, evaluated, nih_dir, tmp_path, capsys):
     """Training's val AUC (one centre crop, after each epoch), the export's INT8 check (the
     held-out val images, ten crops) and the evaluation's (ten crops, the back end): three
     numbers for one model, each now printed with its images, crops and protocol."""
     _, export = small_model
     assert ("INT8 vs FP32 on 40 held-out val images (the val images not calibrated on; ten "
             "crops of 56 from images resized to 64)") in export.stdout
-    proc = run_script("main.py", *TINY, "--epochs", "1", "--out-dir", tmp_path / "run")
+    proc = run_main(capsys, *TINY, "--epochs", "1", "--out-dir", tmp_path / "run", module="main")
     assert proc.returncode == 0, proc.stderr
     assert ("val mean AUC after each epoch: 40 val images, one centre crop of 56 from images "
             "resized to 64, PyTorch") in proc.stdout
     assert "val mean AUC" in proc.stdout and "(one centre crop)" in proc.stdout
     assert "done: best val mean AUC" in proc.stdout and "one centre crop)" in proc.stdout
-    proc = run_script("infer.py", "--mode", "int8", "--part", "val", "--model-dir", evaluated,
-                      "--data-dir", nih_dir, "--n-boot", "100", "--no-figures",
-                      "--out-csv", tmp_path / "val.csv")
+    proc = run_main(capsys, "--mode", "int8", "--part", "val", "--model-dir", evaluated,
+                    "--data-dir", nih_dir, "--n-boot", "100", "--no-figures",
+                    "--out-csv", tmp_path / "val.csv", module="infer")
     assert ("100 val images of " in proc.stdout and ", ten crops of 56 from images resized to "
             "64, OpenVINO INT8" in proc.stdout), proc.stdout
     report = json.loads((tmp_path / "val_report.json").read_text())
