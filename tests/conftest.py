@@ -46,17 +46,43 @@ def pytest_collection_modifyitems(config, items):
             raise pytest.UsageError(f"{item.nodeid}: marked {' and '.join(marked)}: one tier")
         if not marked:
             item.add_marker(pytest.mark.unit)
+    # unit first, then integration, then system: a broken function fails in the first minute
+    items.sort(key=lambda item: TIERS.index(tier_of(item)))
 
 
-def tier(request):
-    return next(t for t in TIERS if request.node.get_closest_marker(t))
+def tier_of(item):
+    return next(t for t in TIERS if item.get_closest_marker(t))
+
+
+TIER_SECONDS = {}  # tier: [tests, seconds of setup + call + teardown]
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "setup":
+        TIER_SECONDS.setdefault(report.tier, [0, 0.0])[0] += 1
+    TIER_SECONDS[report.tier][1] += report.duration
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    outcome.get_result().tier = tier_of(item)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if TIER_SECONDS:
+        terminalreporter.write_sep("=", "time per tier (a shared model counts where first used)")
+        for name in TIERS:
+            if name in TIER_SECONDS:
+                count, seconds = TIER_SECONDS[name]
+                terminalreporter.write_line(f"{name:<12} {count:4d} tests {seconds / 60:6.1f} min")
 
 
 @pytest.fixture(autouse=True)
 def _tier_guard(request, monkeypatch):
     """A unit test that starts a process, or a test below `system` that starts torchrun,
     Orthanc, DCMTK, the edge python or run.sh, fails saying which tier it belongs to."""
-    this = tier(request)
+    this = tier_of(request.node)
     if this == "system":
         return
     popen_init = subprocess.Popen.__init__

@@ -141,9 +141,10 @@ def test_grayscale_and_rgba_match_torchvision_tencrop(nih_data_dir):
     names = sum((read_list(p)[0] for p in lists.values()), [])
     modes = {n: Image.open(nih_data_dir / "images" / n).mode for n in names}
     assert set(modes.values()) == {"L", "RGBA"}
+    chosen = [n for n in names if modes[n] == "RGBA"] + [n for n in names if modes[n] == "L"][:3]
     for split, path in lists.items():
         ds = XrayDataset(nih_data_dir, path, mode="ten_crop", normalize=True)
-        for i in range(len(ds)):
+        for i in (i for i, n in enumerate(ds.names) if n in chosen):  # each mode, all splits
             x = ds[i][0]
             with Image.open(nih_data_dir / "images" / ds.names[i]) as im:
                 expected = reference(im.convert("RGB"))
