@@ -238,7 +238,7 @@ def evaluation_points(model_dir, key, own_key, model_id, classes):
     """(the operating points chosen on val for this evaluation: those chosen on this data set,
     else the model's own if the classes fit; or None and why not). A damaged file is an error
     here, before any image is predicted."""
-    from report import operating_points_for
+    from operating_points import operating_points_for
     points, why = operating_points_for(model_dir, key, model_id, classes)
     if points is None and key != own_key:
         points, why = operating_points_for(model_dir, own_key, model_id, classes)
@@ -379,8 +379,8 @@ def report_evaluation(args, out_csv, list_path, images, probs, readable, model_i
 def classify_images(args):
     """Each image's 14 probabilities (ten-crop), most likely first; positive / negative by the
     operating points chosen on val when there are some for this model and mode."""
-    from report import (calibrate, on_calibrated, operating_points_for, thresholds_note,
-                        thresholds_of)
+    from operating_points import calibrate, operating_points_for, thresholds_of
+    from report import on_calibrated, thresholds_note
     if args.cam:  # before any work: no matplotlib, or a file where the folder should be
         from optional import pyplot
         pyplot("--cam")

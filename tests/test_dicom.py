@@ -252,22 +252,22 @@ def test_dicoms_without_a_suffix_go_into_the_store(tmp_path):
 
 
 def test_the_node_s_socket_reads_what_arrives_and_stops_where_the_peer_closes():
-    """serve._recv, the node's reading of a PDU: every byte of a 3 MB PDU sent in pieces, in
-    order; where the peer closes early, what arrived (pynetdicom then reports a PDU shorter
-    than declared and ends the association), with no memory taken for a length merely
-    declared; a PDU over the node's maximum is not read at all; one dripped a byte at a time,
-    or begun and then silent, is given up at its deadline (--timeout plus its length at the
-    minimum rate), never held for as long as the peer likes."""
+    """node.pynetdicom_internals._recv, the node's reading of a PDU: every byte of a 3 MB PDU
+    sent in pieces, in order; where the peer closes early, what arrived (pynetdicom then
+    reports a PDU shorter than declared and ends the association), with no memory taken for a
+    length merely declared; a PDU over the node's maximum is not read at all; one dripped a
+    byte at a time, or begun and then silent, is given up at its deadline (--timeout plus its
+    length at the minimum rate), never held for as long as the peer likes."""
     import socket
     import threading
 
-    import serve
+    from node import pynetdicom_internals as internals
 
     def stand_in(sock, timeout=30.0):  # pynetdicom's AssociationSocket, as _recv uses it
         return type("Socket", (), {"socket": sock, "assoc": type("Assoc", (), {
             "network_timeout": timeout})()})()
     data = np.random.default_rng(0).integers(0, 256, 3 * 2 ** 20 + 17, np.uint8).tobytes()
-    for declared, sent in ((len(data), data), (serve.MAX_PDU_BYTES, data[:1000]), (10, b"")):
+    for declared, sent in ((len(data), data), (internals.MAX_PDU_BYTES, data[:1000]), (10, b"")):
         ours, peer = socket.socketpair()
 
         def send(sent=sent, peer=peer):
@@ -276,19 +276,19 @@ def test_the_node_s_socket_reads_what_arrives_and_stops_where_the_peer_closes():
             peer.close()
         sender = threading.Thread(target=send)
         sender.start()
-        assert bytes(serve._recv(stand_in(ours), declared)) == sent
+        assert bytes(internals._recv(stand_in(ours), declared)) == sent
         sender.join()
         assert ours.gettimeout() is None  # as it was
         ours.close()
     # a PDU longer than the node accepts (a peer may declare 4 GB, then send it): not read
     ours, peer = socket.socketpair()
     peer.sendall(b"x" * 1000)
-    assert serve._recv(stand_in(ours), serve.MAX_PDU_BYTES + 1) == b""
+    assert internals._recv(stand_in(ours), internals.MAX_PDU_BYTES + 1) == b""
     assert len(ours.recv(2000)) == 1000  # untouched
     ours.close()
     peer.close()
     # dripped, and begun then silent: 1 s (the timeout) + 1000 bytes at 1000 B/s
-    rate, serve.MIN_RECV_RATE = serve.MIN_RECV_RATE, 1000
+    rate, internals.MIN_RECV_RATE = internals.MIN_RECV_RATE, 1000
     try:
         for drips in (True, False):
             ours, peer = socket.socketpair()
@@ -301,32 +301,33 @@ def test_the_node_s_socket_reads_what_arrives_and_stops_where_the_peer_closes():
             dripper = threading.Thread(target=drip)
             dripper.start()
             started = time.monotonic()
-            got = serve._recv(stand_in(ours, 1.0), 1000)
+            got = internals._recv(stand_in(ours, 1.0), 1000)
             assert 3 <= len(got) < 1000 and 1.9 < time.monotonic() - started < 4, drips
             stop.set()
             dripper.join()
             ours.close()
             peer.close()
     finally:
-        serve.MIN_RECV_RATE = rate
+        internals.MIN_RECV_RATE = rate
 
 
 def test_the_node_s_fast_report_is_highdicom_s_report(tmp_path):
-    """serve.ReportWriter (a template of the content tree, this image's values spliced in)
-    gives the report build_sr builds with highdicom, element for element: across sources
+    """node.results.ReportWriter (a template of the content tree, this image's values spliced
+    in) gives the report build_sr builds with highdicom, element for element: across sources
     (DX and CR, other character sets, names that need them), findings with and without
     thresholds and calibration, and values at the edges of their range."""
     import io
 
     from pydicom.uid import JPEGBaseline8Bit, generate_uid
 
-    import serve
     from dicom_files import dx_file
+    from node import results
+    from node.dicom import CR
     pngs = sorted((REPO / "sample" / "images").glob("*.png"))
     plain = pydicom.dcmread(dx_file(pngs[0], tmp_path / "a.dcm", generate_uid(), generate_uid(),
                                     1), stop_before_pixels=True)
     other = pydicom.dcmread(dx_file(pngs[1], tmp_path / "b.dcm", generate_uid(), generate_uid(),
-                                    7, sop_class=serve.CR), stop_before_pixels=True)
+                                    7, sop_class=CR), stop_before_pixels=True)
     other.SpecificCharacterSet, other.PatientName = "ISO_IR 192", "Müller^Jürgen"
     other.PatientAge, other.OtherPatientIDs = "045Y", ["X1", "X2"]
     # a character set the standard allows and highdicom refuses: the results are in UTF-8
@@ -362,7 +363,7 @@ def test_the_node_s_fast_report_is_highdicom_s_report(tmp_path):
     edges = findings(nih)  # thresholds a saturated model or a hand-written file may hold
     edges[0].update(threshold=1.0, decision="negative")
     edges[1].update(threshold=0.0, decision="positive")
-    writer = serve.ReportWriter(identity, "youden rule, 100 validation images", "1.2.826.1.")
+    writer = results.ReportWriter(identity, "youden rule, 100 validation images", "1.2.826.1.")
     cases = [(plain, findings(nih)), (plain, findings(nih)), (other, findings(nih)),
              (plain, findings(nih, values=[0.0, 1.0, 1e-12, 1 / 3, 0.5, 1 - 1e-9])),
              (other, findings(["Épanchement", "Nodule"], thresholds=False, calibrated=False)),
@@ -370,14 +371,14 @@ def test_the_node_s_fast_report_is_highdicom_s_report(tmp_path):
              (plain, edges)]
     for source, rows in cases:
         fast = writer(source, rows)
-        reference = serve.build_sr(source, rows, identity, writer.points_note, writer.uid_root)
+        reference = results.build_sr(source, rows, identity, writer.points_note, writer.uid_root)
         assert content(fast) == content(reference)
     assert len(writer.templates) == 6 and all(writer.templates.values())  # none fell back
     report = pydicom.dcmread(io.BytesIO(writer(japanese, findings(nih))))
     assert report.SpecificCharacterSet == "ISO_IR 192"
     assert report.PatientName == "Yamada^Tarou=山田^太郎"
-    [(_, heatmap)] = serve.build_heatmaps(japanese, [(0, np.zeros((16, 16, 3), np.uint8))],
-                                          identity, "1.2.826.1.", JPEGBaseline8Bit)
+    [(_, heatmap)] = results.build_heatmaps(japanese, [(0, np.zeros((16, 16, 3), np.uint8))],
+                                            identity, "1.2.826.1.", JPEGBaseline8Bit)
     assert pydicom.dcmread(io.BytesIO(heatmap)).PatientName == "Yamada^Tarou=山田^太郎"
     for value, charset in ((None, None), ("ISO_IR 100", "ISO_IR 100"), ("GB18030", "GB18030"),
                            ("ISO 2022 IR 100", "ISO_IR 192"), ("ISO_IR 999", "ISO_IR 192"),
@@ -385,7 +386,7 @@ def test_the_node_s_fast_report_is_highdicom_s_report(tmp_path):
         source = pydicom.Dataset()
         if value is not None:
             source.SpecificCharacterSet = value
-        assert serve.result_charset(source, ()) == charset, value
+        assert results.result_charset(source, ()) == charset, value
     # class names the source's character set cannot hold: the results are in UTF-8
     for value, names, charset in ((None, ["Effusion"], None),
                                   (None, ["Épanchement"], "ISO_IR 192"),
@@ -395,10 +396,10 @@ def test_the_node_s_fast_report_is_highdicom_s_report(tmp_path):
         source = pydicom.Dataset()
         if value is not None:
             source.SpecificCharacterSet = value
-        assert serve.result_charset(source, names) == charset, (value, names)
-    assert serve.class_name_problem(["Effusion", "Épanchement 胸水"]) is None
+        assert results.result_charset(source, names) == charset, (value, names)
+    assert results.class_name_problem(["Effusion", "Épanchement 胸水"]) is None
     for names, why in ((["A", "A"], "repeat"), (["a\nb"], "control"), ([" "], "empty")):
-        assert why in serve.class_name_problem(names), names
+        assert why in results.class_name_problem(names), names
 
 
 def test_the_node_s_heatmaps_after_an_image_s_first_are_highdicom_s(tmp_path):
@@ -409,8 +410,8 @@ def test_the_node_s_heatmaps_after_an_image_s_first_are_highdicom_s(tmp_path):
 
     from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 
-    import serve
     from dicom_files import dx_file
+    from node import results
     png = sorted((REPO / "sample" / "images").glob("*.png"))[0]
     oriented = pydicom.dcmread(dx_file(png, tmp_path / "a.dcm", generate_uid(), generate_uid(),
                                        1), stop_before_pixels=True)
@@ -429,10 +430,10 @@ def test_the_node_s_heatmaps_after_an_image_s_first_are_highdicom_s(tmp_path):
 
     for source in (oriented, unknown):
         for syntax in (JPEGBaseline8Bit, ExplicitVRLittleEndian):
-            together = list(serve.build_heatmaps(source, overlays, identity, "1.2.826.1.",
-                                                 syntax))
+            together = list(results.build_heatmaps(source, overlays, identity, "1.2.826.1.",
+                                                   syntax))
             assert [k for k, _ in together] == [0, 3, 13]
             for (k, data), overlay in zip(together, overlays):
-                [(_, alone)] = serve.build_heatmaps(source, [overlay], identity, "1.2.826.1.",
-                                                    syntax)
+                [(_, alone)] = results.build_heatmaps(source, [overlay], identity,
+                                                      "1.2.826.1.", syntax)
                 assert content(data) == content(alone), (k, syntax)

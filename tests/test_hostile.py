@@ -2,7 +2,7 @@
 resume. One test per class of failure, each at the mechanism that owns it:
 
     class                                   mechanism                                 test
-    calibration reverses a ranking          metrics.fit_platt_monotone, report.check_operating_points   test_platt_*
+    calibration reverses a ranking          metrics.fit_platt_monotone, operating_points.check_operating_points   test_platt_*
     paths from tables/lists leave data dir  labels.name_problem (tables.check_names, read_list, list_header)   test_names_*
     DICOM transform not well defined        images._dicom_pixels / _voi / _finite, load_gray: DataError only   test_dicom_*
     decompression bombs                     images.MAX_DECODED_BYTES, check_declared_size (header first)      test_dicom_*

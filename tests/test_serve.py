@@ -691,7 +691,7 @@ def test_results_reach_a_destination_that_takes_implicit_vr_only(model_dir, dx_f
         assert len(reports) == 3
         expected = set()  # each positive finding's heatmap, under the UID the node derives
         sys.path.insert(0, str(REPO))
-        from serve import result_uid
+        from node.results import result_uid
         for sr in reports:
             findings, source, _ = sr_findings(sr)
             record = json.loads((spool / "done" / f"{source}.json").read_text())
@@ -827,7 +827,7 @@ def test_two_nodes_on_one_spool_refused(model_dir, tmp_path):
 
 def test_done_records_pruned_by_age(tmp_path):
     """--keep-done-days: records older than that go, younger ones stay."""
-    from serve import Spool
+    from node.spool import Spool
     spool = Spool(tmp_path / "spool")
     old, young = spool.done / "1.2.3.json", spool.done / "1.2.4.json"
     for path in (old, young):
@@ -842,7 +842,7 @@ def test_outbox_listing_skips_a_result_sent_meanwhile(tmp_path, monkeypatch):
     """The sending associations and GET /health list the outbox while another association
     removes a folder it sent: the listing skips it, it never fails (a sending thread died of
     that once, and its share of the results waited forever)."""
-    from serve import Spool
+    from node.spool import Spool
     spool = Spool(tmp_path / "spool")
     for uid in ("1.2.3", "1.2.4", "1.2.5"):
         (spool.outbox / uid).mkdir()
@@ -858,7 +858,7 @@ def test_outbox_listing_skips_a_result_sent_meanwhile(tmp_path, monkeypatch):
 
 
 def stop_own_process(crash, seconds=0.0):
-    """A task for serve.Workers: sleeps, then kills its own process (as a decoder's crash
+    """A task for node.workers.Workers: sleeps, then kills its own process (as a decoder's crash
     would) or returns its process id."""
     time.sleep(seconds)
     if crash:
@@ -867,8 +867,8 @@ def stop_own_process(crash, seconds=0.0):
 
 
 def divide(a, b):
-    """A task for serve.Workers, its errors handled as serve.in_worker's tasks' are."""
-    from serve import in_worker
+    """A task for node.workers.Workers, its errors handled as in_worker's tasks' are."""
+    from node.workers import in_worker
     return in_worker(lambda: a / b)()
 
 
@@ -880,7 +880,8 @@ def test_a_task_that_kills_its_worker_is_singled_out_the_others_finish(tmp_path)
     pool works on."""
     import threading
 
-    from serve import VERSION, Stopping, WorkerDied, Workers
+    from node.dicom import VERSION
+    from node.workers import Stopping, WorkerDied, Workers
     identity = {"name": "test", "mode": "int8", "files": {}, "sha256": "0" * 64,
                 "exported": None, "version": VERSION, "runtime": "none", "classes": ["A"]}
     workers = Workers(2, {"spool": str(tmp_path / "spool"), "identity": identity,

@@ -2,16 +2,16 @@
 round found, at the mechanism that owns it.
 
     class                                         mechanism                                   test
-    a stream declaring 65500x65500 (15 GB)        serve.image_problem -> images.pixel_data_problem  test_hostile_objects_*
-    a decoder that ignores the check anyway       serve.limit_memory (RLIMIT_AS in each worker)     test_a_worker_*
-    a worker outliving the node                   serve.die_with_parent, Workers' spawner thread    test_workers_die_*
+    a stream declaring 65500x65500 (15 GB)        node.checks.image_problem -> images.pixel_data_problem  test_hostile_objects_*
+    a decoder that ignores the check anyway       node.workers.limit_memory (RLIMIT_AS in each worker)  test_a_worker_*
+    a worker outliving the node                   node.workers.die_with_parent, Workers' spawner thread  test_workers_die_*
     a truncated stream classified                 codestreams.frame_problem (end marker)            test_hostile_objects_*
-    a deflate bomb parsed in the node             serve.read_dataset -> codestreams.inflated_problem test_hostile_objects_*
-    a full disk losing an accepted image          Spool (SpoolError), Node._cannot_write            test_a_full_disk_*
-    idle sockets holding every slot               serve.Doorman, _recv's A-ASSOCIATE deadline        test_idle_connections_*
-    HTTP lengths and the bearer scheme            serve.body_length, start_http.authorised          test_http_*
+    a deflate bomb parsed in the node             node.checks.read_dataset -> codestreams.inflated_problem test_hostile_objects_*
+    a full disk losing an accepted image          Spool (SpoolError), Node._later                   test_a_full_disk_*
+    idle sockets holding every slot               node.network.Doorman, _recv's A-ASSOCIATE deadline  test_idle_connections_*
+    HTTP lengths and the bearer scheme            node.http.body_length, start_http.authorised      test_http_*
     words: called AE, /health, a missing package  on_rejected (the RJ sent), Node.trouble, optional  test_*_words_*
-    a de-identified image without type 2          serve.with_type2                                  test_hostile_objects_*
+    a de-identified image without type 2          node.results.with_type2                           test_hostile_objects_*
     an 8-bit image without VOI read as stored     images._stored_range                              test_hostile_objects_*
 """
 import base64
@@ -488,7 +488,8 @@ def test_an_error_building_a_result_is_no_full_disk(tmp_path):
     """pydicom's writer raises OSError for a value it cannot encode: that was taken for a full
     spool, and the image retried forever with /health 'ok'. Now it is the results' error
     (quarantined with the reason); nothing of them is left in the outbox."""
-    from serve import ResultsError, Spool, SpoolError
+    from node.dicom import ResultsError, SpoolError
+    from node.spool import Spool
 
     def files():
         yield "0-sr.dcm", b"report"
@@ -518,9 +519,9 @@ def test_serve_without_a_dicom_package_is_one_line(tmp_path):
 # The worker processes: bounded memory, and none outlives the node
 
 def allocate(gigabytes):
-    """A task for serve.Workers that allocates (and touches) this much, as a decoder misled
+    """A task for node.workers.Workers that allocates (and touches) this much, as a decoder misled
     by a stream's declared size would."""
-    from serve import in_worker
+    from node.workers import in_worker
     return in_worker(lambda: np.ones(int(gigabytes * 2 ** 30), np.uint8).sum())()
 
 
@@ -533,7 +534,7 @@ def address_space():
 
 
 def worker_settings(tmp_path, memory_mb):
-    from serve import VERSION
+    from node.dicom import VERSION
     identity = {"name": "test", "mode": "int8", "files": {}, "sha256": "0" * 64,
                 "exported": None, "version": VERSION, "runtime": "none", "classes": ["A"]}
     return {"spool": str(tmp_path / "spool"), "identity": identity, "points_note": "none",
@@ -553,8 +554,10 @@ def test_the_largest_image_and_its_heatmaps_fit_the_default_limit(syntax, tmp_pa
     import pydicom
     from PIL import Image
 
-    from serve import (DX_PRESENTATION, Spool, Workers, decode_in_worker, read_dataset,
-                       results_in_worker)
+    from node.checks import read_dataset
+    from node.dicom import DX_PRESENTATION
+    from node.spool import Spool
+    from node.workers import Workers, decode_in_worker, results_in_worker
     image_dir, _ = nih_images
     png = sorted(image_dir.glob("*.png"))[0]
     path = dx_file(png, tmp_path / "small.dcm", "1.2.3.4", "1.2.3.5", 1)
@@ -597,7 +600,7 @@ def test_a_worker_that_allocates_without_bound_fails_alone(tmp_path):
     of the hostile JPEG) fails in its worker with the worker's limit named, and the pool works
     on: the host's memory is never at stake."""
     from common import DataError
-    from serve import Workers
+    from node.workers import Workers
     workers = Workers(1, worker_settings(tmp_path, 512))
     try:
         started = time.monotonic()
@@ -625,7 +628,7 @@ def test_a_stop_during_a_lone_retry_is_stopping_never_a_failure(tmp_path):
     stays in the inbox for the next start), never in an error that would quarantine it."""
     import threading
 
-    from serve import Stopping, Workers
+    from node.workers import Stopping, Workers
     workers = Workers(1, worker_settings(tmp_path, 1024))
     outcome = {}
 
@@ -651,7 +654,7 @@ def test_a_stop_during_a_lone_retry_is_stopping_never_a_failure(tmp_path):
 HOLD_WORKERS = """
 import ctypes, os, sys, time
 sys.path.insert(0, ".")
-from serve import Workers
+from node.workers import Workers
 sys.path.insert(0, "tests")
 from test_serve_hostile import worker_settings, stuck
 from pathlib import Path
