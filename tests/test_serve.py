@@ -121,13 +121,27 @@ class Orthanc:
         return [pydicom.dcmread(io.BytesIO(self.get(f"/instances/{i}/file"))) for i in ids]
 
 
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    """One Orthanc for the module's tests (each starts in 1-2 s; `pacs` empties it)."""
+    node_port = free_port()
+    server = Orthanc(tmp_path_factory.mktemp("pacs"), node_port)
+    server.node_port = node_port
+    yield server
+    server.stop()
+
+
 @pytest.fixture
-def pacs(tmp_path):
-    ports = {"node": free_port()}
-    orthanc = Orthanc(tmp_path / "pacs", ports["node"])
-    orthanc.node_port = ports["node"]
-    yield orthanc
-    orthanc.stop()
+def pacs(orthanc):
+    """The module's Orthanc, running and empty: what a test left there is deleted."""
+    if orthanc.proc is None or orthanc.proc.poll() is not None:
+        orthanc.start()  # a test stops it to play a PACS that is down
+    for patient in json.loads(orthanc.get("/patients")):
+        request = urllib.request.Request(f"http://127.0.0.1:{orthanc.http}/patients/{patient}",
+                                         method="DELETE")
+        urllib.request.urlopen(request, timeout=10).close()
+    assert json.loads(orthanc.get("/instances")) == []
+    return orthanc
 
 
 # ---------------------------------------------------------------------------------------------
