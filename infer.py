@@ -175,7 +175,7 @@ def evaluate(args, rt=None):
         from runtime import autocast
         checkpoint = torch_checkpoint(args.checkpoint, meta)
         predictor = TorchPredictor(checkpoint, images, rt, args.crop_size, args.batch_size,
-                                   args.workers, args.channels_last, lambda: autocast(rt, args))
+                                   args.workers, args.channels_last, lambda: autocast(rt.device.type, args.amp, args.amp_dtype))
         model_id = file_digest(checkpoint)
         model_classes = predictor.class_names
     else:
