@@ -36,7 +36,7 @@ from images import CENTRE_CROP, protocol_name
 from labels import UNCERTAIN_POLICIES
 from model import ARCH_NAMES, build_model
 from runtime import SetupError, default_precision, setup
-from splitting import resolve_split
+from splitting import Data
 from store import image_names, open_store
 
 # Training recipes. Defaults reproduce the best published DenseNet-121 on the shipped split;
@@ -129,14 +129,14 @@ def get_args(argv=None):
 
 # ---------------------------------------------------------------------------------------------
 
-def make_datasets(args, lists, log):
+def make_datasets(args, data, log):
     """Training crops from the store of --train-size, validation crops from the store of
     --resize, each where `python dataset.py prepare` made it, else from the PNGs: the same
-    pixels either way."""
-    names = None if args.no_store else image_names(args.data_dir)
+    pixels either way. data: the run's splitting.Data, its split resolved."""
+    names = None if args.no_store else image_names(data.data_dir, data.dataset)
     stores = {}
-    for size in sorted({args.train_size, args.resize}):
-        stores[size] = None if args.no_store else open_store(args.data_dir, size, names)
+    for size in sorted({args.train_size, data.resize}):
+        stores[size] = None if args.no_store else open_store(data.data_dir, size, names)
         if stores[size] is not None:
             log(f"reading the preprocessed store {stores[size].dir}/")
     missing = [size for size, store in stores.items() if store is None]
@@ -144,14 +144,15 @@ def make_datasets(args, lists, log):
     # the training run says it.
     if missing and not args.no_store and not args.check:
         log(f"note: no store for {' or '.join(f'{s}x{s}' for s in missing)}: decoding PNGs "
-            f"(`python dataset.py prepare --data-dir {args.data_dir} --size "
+            f"(`python dataset.py prepare --data-dir {data.data_dir} --size "
             f"{' '.join(map(str, missing))}` makes loading far cheaper)")
-    common = dict(crop=args.crop_size, skip_bad_images=args.skip_bad_images, limit=args.limit)
-    return (XrayDataset(args.data_dir, lists["train"], "train", args.train_size, seed=args.seed,
+    common = dict(crop=data.crop_size, skip_bad_images=args.skip_bad_images, limit=args.limit)
+    lists = data.lists
+    return (XrayDataset(data.data_dir, lists["train"], "train", args.train_size, seed=args.seed,
                         crop_scale=(args.crop_scale, 1.0), crop_ratio=args.crop_ratio,
                         store=stores[args.train_size], uncertain=args.uncertain, **common),
-            XrayDataset(args.data_dir, lists["val"], "center", args.resize,
-                        store=stores[args.resize], **common))
+            XrayDataset(data.data_dir, lists["val"], "center", data.resize,
+                        store=stores[data.resize], **common))
 
 
 def main(argv=None):
@@ -183,7 +184,9 @@ def run(args, rt):
     if rt.device.type == "hpu" and args.amp and args.amp_dtype == "fp16":
         raise SetupError("--amp-dtype fp16: Gaudi trains in bf16 (no fp16 gradient scaler); "
                          "use --amp alone")
-    check_data_dir(args.data_dir)
+    data = Data(args.data_dir, args.split, args.split_seed, args.keep_laterals, args.resize,
+                args.crop_size)
+    check_data_dir(data.data_dir, data.dataset)
     # --amp and --channels-last left unset follow the CPU (bf16 + NHWC where it has AMX), or
     # a resumed run's checkpoint
     precision, note, defaulted = default_precision(rt.device.type, args.amp, args.channels_last,
@@ -193,11 +196,11 @@ def run(args, rt):
     # applied, and the note and defaults the record has always held beside them
     flags = {**vars(args), "amp": precision.amp, "channels_last": precision.channels_last,
              "precision_note": note, "precision_defaults": defaulted}
-    lists = resolve_split(args.split, args.data_dir, args.split_seed, args.keep_laterals)
-    train_set, val_set = make_datasets(args, lists, log)
+    data = data.resolved()
+    train_set, val_set = make_datasets(args, data, log)
     global_batch = args.batch_size * rt.world_size
     if len(train_set) < global_batch:
-        raise DataError(f"{lists['train']}: {len(train_set)} images, fewer than one batch "
+        raise DataError(f"{data.lists['train']}: {len(train_set)} images, fewer than one batch "
                         f"({args.batch_size} x {rt.world_size} processes)")
     out_dir = Path(args.out_dir)
     with ExitStack() as stack:
@@ -209,7 +212,7 @@ def run(args, rt):
                 out_dir / ".lock", "another training", "use another --out-dir"))
             for stale in out_dir.glob(".*.tmp"):  # temp files of a writer killed mid-write
                 stale.unlink(missing_ok=True)
-        return _train(args, rt, precision, flags, lists, train_set, val_set, global_batch,
+        return _train(args, rt, precision, flags, data, train_set, val_set, global_batch,
                       out_dir, log)
 
 
@@ -397,7 +400,7 @@ def epoch_record(t, args, rt, state, epoch, stats, val, seconds, global_batch):
     return record
 
 
-def _train(args, rt, precision, flags, lists, train_set, val_set, global_batch, out_dir, log):
+def _train(args, rt, precision, flags, data, train_set, val_set, global_batch, out_dir, log):
     torch.manual_seed(args.seed)
     data_ids = data_identity(train_set, val_set)
     last, best = out_dir / "last.pt", out_dir / "best.pt"
@@ -429,7 +432,7 @@ def _train(args, rt, precision, flags, lists, train_set, val_set, global_batch, 
            "steps)" if lr.peak != args.lr else "") + f"; out-dir {out_dir}")
     # training's own val AUC is not the evaluation's: say which it is, once
     log(f"val mean AUC after each epoch: {len(val_set)} val images, "
-        f"{protocol_name(args.resize, args.crop_size, ten_crop=False)}, {BACKEND_NAMES['torch']} "
+        f"{protocol_name(data.resize, data.crop_size, ten_crop=False)}, {BACKEND_NAMES['torch']} "
         f"{precision} (quick; `infer.py --part val` scores ten crops, the published "
         "protocol, and gives another number)")
     if state["epoch"] >= args.epochs:

@@ -136,8 +136,8 @@ def eval_row(device, root, crop, resize, batch, workers, n, flags=("--amp", "--c
     from backends import TorchPredictor
     from runtime import autocast
     predictor = TorchPredictor(checkpoint, images, device.rt, crop, batch, workers,
-                               args.channels_last, lambda: autocast(device.rt.device.type, args.amp,
-                                                               args.amp_dtype))
+                               args.channels_last,
+                               lambda: autocast(device.rt.device.type, args.amp, args.amp_dtype))
     indices = list(range(min(n, len(images))))
     predictor(indices[:batch])  # warm-up
     device.reset_peak()
