@@ -5,7 +5,6 @@ directory's manifest; batched ten-crop prediction for each.
     backend = load_openvino(model_dir, mode, read_metadata(model_dir), crop)  # or TorchModel(path)
     backend.run_all([(key, crops)], on_result)                # (n, 3, crop, crop) -> (n, K)
 """
-import argparse
 import collections
 import hashlib
 import json
@@ -19,6 +18,7 @@ from common import DataError, one_line
 from dataset import SkippedImage
 from images import TEN_CROPS, average_crops, normalize_gray
 from labels import NIH_CLASSES
+from splitting import Data
 
 MODEL_NAMES = {"fp32": "chexnet_fp32.xml", "int8": "chexnet_int8.xml"}
 METADATA = "chexnet.json"
@@ -79,15 +79,23 @@ def verify_model_files(model_dir, xml, meta):
                              "interrupted export); run `bash infer.sh` again")
 
 
-def with_data_defaults(args, source, where="the defaults"):
-    """A copy of `args` whose unset data flags come from `source` (the checkpoint's flags, or
-    the exported model's metadata; `where` names it), each checked, else from the fallbacks;
-    `trained_on` is the data directory the model came from."""
-    settings = {"trained_on": source.get("data_dir")}
-    fallback = {"data_dir": "data", "split": "auto", "resize": 256, "crop_size": 224,
-                "split_seed": 0, "keep_laterals": False}
-    for key, value in fallback.items():
-        if getattr(args, key, None) is None:
+# What an evaluation or export falls back on for a data flag that neither the command line nor
+# the model's own record gives
+DATA_FALLBACKS = {"data_dir": "data", "split": "auto", "resize": 256, "crop_size": 224,
+                  "split_seed": 0, "keep_laterals": False}
+
+
+def data_defaults(source, where="the defaults", data_dir=None, split=None, split_seed=None,
+                  keep_laterals=None, resize=None, crop_size=None):
+    """The splitting.Data of an evaluation or export (its split not yet resolved): each data
+    flag as given (not None), else as `source` records it (the checkpoint's training flags, or
+    the exported model's metadata; `where` names it), checked, else DATA_FALLBACKS'. The data
+    directory the model came from is source.get('data_dir')."""
+    given = {"data_dir": data_dir, "split": split, "resize": resize, "crop_size": crop_size,
+             "split_seed": split_seed, "keep_laterals": keep_laterals}
+    settings = {}
+    for key, value in DATA_FALLBACKS.items():
+        if given[key] is None:
             value = source.get(key, value)
             kind = {"data_dir": str, "split": str, "keep_laterals": bool}.get(key, int)
             usable = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
@@ -96,11 +104,13 @@ def with_data_defaults(args, source, where="the defaults"):
             if not usable:
                 raise DataError(f"{where}: its {key} is {value!r}, not a usable setting; pass "
                                 f"--{key.replace('_', '-')} or export the model again")
-            settings[key] = value
-    args = argparse.Namespace(**{**vars(args), **settings})
-    if args.crop_size > args.resize:
-        raise DataError(f"--crop-size {args.crop_size} is larger than --resize {args.resize}")
-    return args
+        else:
+            value = given[key]
+        settings[key] = value
+    if settings["crop_size"] > settings["resize"]:
+        raise DataError(f"--crop-size {settings['crop_size']} is larger than --resize "
+                        f"{settings['resize']}")
+    return Data(**settings)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -78,16 +78,17 @@ def read_training_flags(path):
 # ---------------------------------------------------------------------------------------------
 # Writing: last.pt, best.pt and metrics.jsonl are one record
 
-def save_checkpoint(path, model, optimizer, scheduler, scaler, args, **state):
+def save_checkpoint(path, model, optimizer, scheduler, scaler, flags, **state):
     """Atomically (unique temp file + rename): a kill never leaves a broken checkpoint, a full
     disk leaves the previous one. Holds the bare model's state dict (no DDP or compile
-    prefixes) and everything needed to resume."""
+    prefixes) and everything needed to resume; flags: the training flags (a dict), recorded
+    as "args"."""
     for name, p in model.state_dict().items():
         if p.is_floating_point() and not torch.isfinite(p).all():
             raise NonFiniteLoss(f"weights became non-finite ({name}); {path} not overwritten")
     payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-               "args": vars(args), **state}
+               "args": dict(flags), **state}
     buffer = io.BytesIO()  # serialised first: a failed write is then an OSError naming its cause
     torch.save(payload, buffer)
     with atomic_path(path, "checkpoint") as tmp:
@@ -133,9 +134,10 @@ def uses_scaler(flags):
     return bool(flags.get("amp")) and flags.get("amp_dtype") == "fp16"
 
 
-def load_checkpoint(path, model, optimizer, scheduler, scaler, args, data):
+def load_checkpoint(path, model, optimizer, scheduler, scaler, flags, data):
     """Resume: load last.pt's state into the run's model and optimizer after checking that it
-    is the same experiment (arch, flags, lists, classes)."""
+    is the same experiment (arch, flags, lists, classes). flags: this run's training flags (a
+    dict, as save_checkpoint records them); data: data_identity's."""
     ckpt = load_file(path, "checkpoint")
     if not (isinstance(ckpt, dict) and "model" in ckpt and "optimizer" in ckpt):
         raise CheckpointError(f"{path}: not a training checkpoint of main.py (no model/optimizer "
@@ -143,12 +145,13 @@ def load_checkpoint(path, model, optimizer, scheduler, scaler, args, data):
     trained = training_flags(ckpt)
     how = (f"resume with the flags it was trained with, or start a new --out-dir (--weights "
            f"{path} starts from its weights)")
-    if trained.get("arch", args.arch) != args.arch:
-        raise CheckpointError(f"{path}: trained with --arch {trained['arch']}, not {args.arch}; {how}")
-    if bool(trained.get("freeze_backbone")) != args.freeze_backbone:
+    if trained.get("arch", flags["arch"]) != flags["arch"]:
+        raise CheckpointError(f"{path}: trained with --arch {trained['arch']}, not "
+                              f"{flags['arch']}; {how}")
+    if bool(trained.get("freeze_backbone")) != flags["freeze_backbone"]:
         flag = "with" if trained.get("freeze_backbone") else "without"
         raise CheckpointError(f"{path}: trained {flag} --freeze-backbone; {how}")
-    if uses_scaler(trained) != uses_scaler(vars(args)):
+    if uses_scaler(trained) != uses_scaler(flags):
         raise CheckpointError(f"{path}: trained {'with' if uses_scaler(trained) else 'without'} "
                               f"--amp --amp-dtype fp16 (its gradient scaler); {how}")
     if "epoch_images" not in ckpt:
@@ -157,9 +160,9 @@ def load_checkpoint(path, model, optimizer, scheduler, scaler, args, data):
     for key in RESUME_FLAGS:
         if key == "uncertain" and data["classes"] == NIH_CLASSES:
             continue  # NIH's labels hold nothing uncertain: the policy changes nothing
-        if key in trained and trained[key] != getattr(args, key):
+        if key in trained and trained[key] != flags[key]:
             raise CheckpointError(f"{path}: trained with --{key.replace('_', '-')} "
-                                  f"{trained[key]}, not {getattr(args, key)}; {how}")
+                                  f"{trained[key]}, not {flags[key]}; {how}")
     for part in ("train", "val"):
         if ckpt.get("data", data).get(part) != data[part]:
             raise CheckpointError(f"{path}: trained on another {part} list (a different --split, "
@@ -173,7 +176,7 @@ def load_checkpoint(path, model, optimizer, scheduler, scaler, args, data):
                               f"{classes[k] if k < len(classes) else 'none'!r} vs "
                               f"{data['classes'][k] if k < len(data['classes']) else 'none'!r}); "
                               f"{how}")
-    load_weights(model, ckpt["model"], path, args.arch, len(classes))
+    load_weights(model, ckpt["model"], path, flags["arch"], len(classes))
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])

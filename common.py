@@ -202,10 +202,31 @@ def add_split_args(parser, laterals_help="CheXpert, MIMIC-CXR: keep lateral view
 
 
 def add_device_args(parser, what=""):
-    """--device and --hpu (main.py, and infer.py's --mode torch)."""
+    """--device and --hpu (main.py, and infer.py's --mode torch). --hpu means --device hpu
+    wherever it stands among the flags: the parsed device is final."""
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "hpu"],
+                        action=_Device,
                         help=f"{what}where to run (auto: a GPU or Gaudi if there is one)")
-    parser.add_argument("--hpu", action="store_true", help="shorthand for --device hpu (Intel Gaudi)")
+    parser.add_argument("--hpu", action=_Hpu, help="shorthand for --device hpu (Intel Gaudi)")
+
+
+class _Device(argparse.Action):
+    """--device, unless --hpu came before it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, "hpu" if namespace.hpu else values)
+
+
+class _Hpu(argparse.Action):
+    """--hpu: True, and the device hpu."""
+
+    def __init__(self, option_strings, dest, default=False, required=False, help=None):
+        super().__init__(option_strings, dest, nargs=0, const=True, default=default,
+                         required=required, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, True)
+        namespace.device = "hpu"
 
 
 def positive_int(text):

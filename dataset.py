@@ -21,7 +21,7 @@ from common import ArgumentParser, DataError, add_split_args, one_line, os_reaso
 from images import (CROP_RATIO, CROP_SCALE, crop_gray, draw_train_box, fit_square, load_gray,
                     normalize_gray, resize_shorter, train_crop, train_rng)
 from labels import evaluation_labels, list_header, read_list, training_targets
-from splitting import resolve_split
+from splitting import Data
 from store import is_image, open_store
 from tables import HOW_TO_GET_DATA, detect_dataset, find_label_table
 
@@ -30,12 +30,14 @@ from tables import HOW_TO_GET_DATA, detect_dataset, find_label_table
 TRAIN_SIZE, EVAL_SIZE = 512, 256
 
 
-def check_data_dir(data_dir):
-    """Fail fast, before any long work, on a data directory that cannot be used."""
+def check_data_dir(data_dir, dataset=None):
+    """Fail fast, before any long work, on a data directory that cannot be used. dataset: the
+    kind of data set it holds where the caller knows it (Data.dataset); detected otherwise."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"data directory {data_dir}/ not found: {HOW_TO_GET_DATA}")
-    if detect_dataset(data_dir) != "nih":  # CheXpert, MIMIC: their lists name every image
+    dataset = dataset or detect_dataset(data_dir)
+    if dataset != "nih":  # CheXpert, MIMIC: their lists name every image
         return
     image_dir = data_dir / "images"
     try:
@@ -131,16 +133,15 @@ class ImageList:
         return crop_gray(self.source(index, square=False), crop, ten_crop)
 
 
-def split_images(data_dir, split, split_seed, keep_laterals, part, size, use_store=True,
-                 skip_bad_images=False, limit=None, log=None):
-    """(list path, ImageList) of one part of a split: evaluation's and export's images, from
-    the store of `size` where `dataset.py prepare` made one."""
-    check_data_dir(data_dir)
-    lists = resolve_split(split, data_dir, split_seed, keep_laterals)
-    store = open_store(data_dir, size) if use_store else None
+def split_images(data, part, use_store=True, skip_bad_images=False, limit=None, log=None):
+    """(list path, ImageList) of one part of the resolved split of `data` (splitting.Data):
+    evaluation's and export's images at data.resize, from the store of that size where
+    `dataset.py prepare` made one."""
+    store = open_store(data.data_dir, data.resize, dataset=data.dataset) if use_store else None
     if store is not None and log is not None:
         log(f"reading the preprocessed store {store.dir}/")
-    return lists[part], ImageList(data_dir, lists[part], size, store, skip_bad_images, limit)
+    path = data.lists[part]
+    return path, ImageList(data.data_dir, path, data.resize, store, skip_bad_images, limit)
 
 
 class SkippedImage(DataError):
@@ -243,13 +244,14 @@ def add_data_args(parser):
                         help="skip unreadable images with a warning instead of stopping")
 
 
-def check(data_dir, lists, decode=False, workers=None, skip_bad_images=False):
-    """Check a data directory against a split before a long run: every listed image present
-    and, with decode, every one decodable. Returns {split: image count}."""
-    check_data_dir(data_dir)
+def check(data, decode=False, workers=None, skip_bad_images=False):
+    """Check a data directory against its resolved split (splitting.Data) before a long run:
+    every listed image present and, with decode, every one decodable. Returns {split: image
+    count}."""
+    check_data_dir(data.data_dir, data.dataset)
     counts = {}
-    for split, path in lists.items():
-        image_dir = Path(data_dir) / list_header(path)[1]
+    for split, path in data.lists.items():
+        image_dir = Path(data.data_dir) / list_header(path)[1]
         names, _ = read_list(path)
         check_images_present(image_dir, names, path)
         counts[split] = len(names)
@@ -298,23 +300,24 @@ def main(argv=None):
     try:
         if args.command == "prepare":
             from store import prepare_store
-            check_data_dir(args.data_dir)
+            data = Data(args.data_dir)
+            check_data_dir(data.data_dir, data.dataset)
             start = time.perf_counter()
-            done = prepare_store(args.data_dir, args.size, args.workers,
+            done = prepare_store(data.data_dir, args.size, args.workers,
                                  progress=sys.stderr.isatty(),
-                                 skip_bad_images=args.skip_bad_images)
+                                 skip_bad_images=args.skip_bad_images, dataset=data.dataset)
             for size, (directory, written, skipped) in sorted(done.items()):
                 print(f"{directory}/: {size}x{size}, {written} images decoded now"
                       + (f", {len(skipped)} unreadable left out" if skipped else "")
                       + f" ({time.perf_counter() - start:.1f} s)")
             return
-        lists = resolve_split(args.split, args.data_dir, args.split_seed,
-                          getattr(args, "keep_laterals", False))
+        data = Data(args.data_dir, args.split, args.split_seed, args.keep_laterals, args.resize,
+                    args.crop_size).resolved()
         if args.command == "split":
-            for s, path in lists.items():
+            for s, path in data.lists.items():
                 print(f"{s:<5} {len(read_list(path)[0]):>7} images  {path}")
         else:
-            counts = check(args.data_dir, lists, args.decode, args.workers, args.skip_bad_images)
+            counts = check(data, args.decode, args.workers, args.skip_bad_images)
             print(f"{args.data_dir}: ok, " + ", ".join(f"{n} {s}" for s, n in counts.items())
                   + (" images decoded" if args.decode else " images present"))
     except DataError as e:

@@ -20,38 +20,58 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from backends import (METADATA, MODEL_NAMES, InferError, OpenVINOModel, file_digest, ov_reason,
-                      with_data_defaults)
+from backends import (METADATA, MODEL_NAMES, InferError, OpenVINOModel, data_defaults,
+                      file_digest, ov_reason)
 from common import (DataError, atomic_write_text, check_writable_dir, exclusive_lock, os_reason,
                     strict_json)
-from dataset import SkippedImage, split_images
+from dataset import SkippedImage, check_data_dir, split_images
 from images import TEN_CROPS, average_crops, normalize_gray, protocol_name
-from metrics import mean_auc, paired_auc_difference, roc_aucs
+from metrics import N_BOOT, mean_auc, paired_auc_difference, roc_aucs
 
 
-def held_out_val_crops(args):
-    """Ten-crop uint8 crops of the val images: the first ones calibrate INT8, the next ones
-    (never the same) check it. Decoded before any conversion, so bad data fails first."""
-    val_list, images = split_images(args.data_dir, args.split, args.split_seed,
-                                    args.keep_laterals, "val", args.resize, not args.no_store,
-                                    args.skip_bad_images)
+@dataclass(frozen=True)
+class ExportSettings:
+    """What an export is asked for (infer.py --export's flags but the data's, which come with
+    the checkpoint): which checkpoint, where to, how many val images calibrate INT8 and how
+    many others check it (and, with max_auc_drop, the largest mean-AUC drop NNCF's accuracy
+    control allows), decoding threads, OpenVINO streams, the store or the PNGs, unreadable
+    images skipped or not, the bootstrap of the INT8-vs-FP32 check."""
+    checkpoint: str
+    model_dir: str = "models"
+    calibration_size: int = 300
+    validation_size: int = 300
+    max_auc_drop: float = None
+    workers: int = 1
+    streams: int = None
+    use_store: bool = True
+    skip_bad_images: bool = False
+    n_boot: int = N_BOOT
+    boot_seed: int = 0
+
+
+def held_out_val_crops(data, settings):
+    """Ten-crop uint8 crops of the val images of `data` (splitting.Data, its split resolved):
+    the first ones calibrate INT8, the next ones (never the same) check it. Decoded before any
+    conversion, so bad data fails first."""
+    val_list, images = split_images(data, "val", settings.use_store, settings.skip_bad_images)
     n = len(images)
-    calibration, validation = args.calibration_size, args.validation_size
+    calibration, validation = settings.calibration_size, settings.validation_size
     if calibration + validation > n:  # a small val split: half and half at most
         calibration = min(calibration, max(1, n // 2))
         validation = min(validation, n - calibration)
 
     def crops(i):
         try:
-            return images.eval_crops(i, args.crop_size)
+            return images.eval_crops(i, data.crop_size)
         except SkippedImage:
             return None
 
-    with ThreadPoolExecutor(args.workers) as pool:
+    with ThreadPoolExecutor(settings.workers) as pool:
         decoded = list(pool.map(crops, range(calibration + validation)))
     keep = [i for i, c in enumerate(decoded) if c is not None]
     cal = [i for i in keep if i < calibration]
@@ -63,7 +83,11 @@ def held_out_val_crops(args):
             {"split": str(val_list), "images": len(cal), "held_out_images": len(val)})
 
 
-def export(args):
+def export(settings, data_dir=None, split=None, split_seed=None, keep_laterals=None, resize=None,
+           crop_size=None):
+    """Export settings.checkpoint (ExportSettings) into settings.model_dir; the data flags given
+    (not None) win over the checkpoint's own, which it is calibrated on otherwise. Returns the
+    metadata written (chexnet.json)."""
     quiet_cuda_home()  # before anything imports torch.utils.cpp_extension
     import openvino as ov
     import torch
@@ -71,22 +95,25 @@ def export(args):
     from checkpoint import load_for_inference
     from model import WithCAM
 
-    model, classes, trained = load_for_inference(args.checkpoint)
-    args = with_data_defaults(args, trained, args.checkpoint)  # calibrate on its own data
-    model_dir = Path(args.model_dir)
+    model, classes, trained = load_for_inference(settings.checkpoint)
+    data = data_defaults(trained, settings.checkpoint, data_dir, split, split_seed, keep_laterals,
+                         resize, crop_size)  # calibrate on its own data
+    model_dir = Path(settings.model_dir)
     check_writable_dir(model_dir, "--model-dir")
     with exclusive_lock(model_dir / ".export.lock", "another export",
                         "use another --model-dir"):
         for stale in model_dir.glob(".export-*"):  # left by a killed export
             shutil.rmtree(stale, ignore_errors=True)
-        print(f"exporting {args.checkpoint} ({args.crop_size}x{args.crop_size} crops); INT8 "
-              f"calibration on val images of {args.data_dir}/ (split {args.split})")
-        calibration, held_out, held_out_info, info = held_out_val_crops(args)
+        print(f"exporting {settings.checkpoint} ({data.crop_size}x{data.crop_size} crops); INT8 "
+              f"calibration on val images of {data.data_dir}/ (split {data.split})")
+        check_data_dir(data.data_dir, data.dataset)
+        data = data.resolved()
+        calibration, held_out, held_out_info, info = held_out_val_crops(data, settings)
         held_out_labels = held_out_info["labels"]
         staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=".export-"))
         try:
             t0 = time.perf_counter()
-            crop = args.crop_size
+            crop = data.crop_size
             # Two outputs: the probabilities and the class activation maps (cam.py).
             with quiet_tracing():
                 ov_model = ov.convert_model(WithCAM(model), example_input=torch.zeros(
@@ -97,18 +124,20 @@ def export(args):
             save_model(ov_model, staging / MODEL_NAMES["fp32"])
             print(f"FP32 model converted in {time.perf_counter() - t0:.1f} s")
             t0 = time.perf_counter()
-            int8 = quantize(ov_model, calibration, held_out, held_out_labels, args, info)
+            int8 = quantize(ov_model, calibration, held_out, held_out_labels,
+                            settings.max_auc_drop, info)
             save_model(int8, staging / MODEL_NAMES["int8"])
             print(f"INT8 model quantized in {time.perf_counter() - t0:.1f} s ({info['images']} "
                   "val images for calibration)")
-            info["int8_vs_fp32"] = compare(staging, held_out, held_out_info, classes, args)
-            meta = {"checkpoint": str(args.checkpoint),
+            info["int8_vs_fp32"] = compare(staging, held_out, held_out_info, classes, crop,
+                                           settings)
+            meta = {"checkpoint": str(settings.checkpoint),
                     "arch": trained.get("arch", "densenet121"),
-                    "class_names": classes, "data_dir": str(args.data_dir),
+                    "class_names": classes, "data_dir": str(data.data_dir),
                     # what it was trained on (data_dir: what it was calibrated on)
                     "trained_on": trained.get("data_dir"),
-                    "split": args.split, "split_seed": args.split_seed,
-                    "keep_laterals": bool(args.keep_laterals), "resize": args.resize,
+                    "split": data.split, "split_seed": data.split_seed,
+                    "keep_laterals": bool(data.keep_laterals), "resize": data.resize,
                     "crop_size": crop,
                     "calibration": info, "exported": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "files": {name: file_digest(staging / name) for name in _model_files()}}
@@ -174,17 +203,17 @@ def quiet_cuda_home():
         lambda record: not record.getMessage().startswith("No CUDA runtime is found"))
 
 
-def quantize(ov_model, calibration, held_out, labels, args, info):
+def quantize(ov_model, calibration, held_out, labels, max_auc_drop, info):
     """NNCF post-training quantization calibrated on val images (never test): each image's
-    10 crops are one calibration sample. With --max-auc-drop, NNCF's accuracy control checks
-    the mean AUC on the held-out val images, not on the calibration ones."""
+    10 crops are one calibration sample. With max_auc_drop (--max-auc-drop), NNCF's accuracy
+    control checks the mean AUC on the held-out val images, not on the calibration ones."""
     import nncf
 
     def as_input(crops):
         return normalize_gray(crops)  # (10, 3, crop, crop) float32
 
     dataset = nncf.Dataset(calibration, as_input)
-    if args.max_auc_drop is None:
+    if max_auc_drop is None:
         try:
             return nncf.quantize(ov_model, dataset, subset_size=len(calibration))
         except RuntimeError as e:
@@ -202,30 +231,31 @@ def quantize(ov_model, calibration, held_out, labels, args, info):
         return (mean_auc(roc_aucs(np.stack([y for _, y in data]), np.stack(probs))),
                 [[p] for p in probs])
 
-    info["max_auc_drop"] = args.max_auc_drop
+    info["max_auc_drop"] = max_auc_drop
     return nncf.quantize_with_accuracy_control(
-        ov_model, dataset, validation, val_mean_auc, max_drop=args.max_auc_drop,
+        ov_model, dataset, validation, val_mean_auc, max_drop=max_auc_drop,
         drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calibration))
 
 
-def compare(staging, held_out, held_out_info, class_names, args):
-    """INT8 against FP32 on the held-out val images: the mean AUC difference with a paired
-    patient-level bootstrap interval, and the largest probability difference."""
+def compare(staging, held_out, held_out_info, class_names, crop_size, settings):
+    """INT8 against FP32 on the held-out val images (crop_size crops): the mean AUC difference
+    with a paired patient-level bootstrap interval (settings: ExportSettings' n_boot,
+    boot_seed), and the largest probability difference."""
     if not held_out:
         return {"images": 0}
     from report import patient_groups
     probs = {}
     for mode in ("fp32", "int8"):
-        model = OpenVINOModel(staging / MODEL_NAMES[mode], args.crop_size, TEN_CROPS, class_names,
-                              args.streams)
+        model = OpenVINOModel(staging / MODEL_NAMES[mode], crop_size, TEN_CROPS, class_names,
+                              settings.streams)
         out = {}
         batches = ((i, normalize_gray(c)) for i, c in enumerate(held_out))
         model.run_all(batches, lambda i, p: out.__setitem__(i, average_crops(p)[0]))
         probs[mode] = np.stack([out[i] for i in range(len(held_out))])
     labels = held_out_info["labels"]
     paired = paired_auc_difference(labels, probs["fp32"], probs["int8"],
-                                   patient_groups(held_out_info["names"]), args.n_boot,
-                                   args.boot_seed)
+                                   patient_groups(held_out_info["names"]), settings.n_boot,
+                                   settings.boot_seed)
     diff, lo, hi = paired["mean"]
     return {"images": len(held_out), "fp32_mean_auc": mean_auc(paired["a"]),
             "int8_mean_auc": mean_auc(paired["b"]), "difference": diff, "difference_ci": [lo, hi],

@@ -12,31 +12,30 @@ probabilities averaged over the 10 crops; per-disease ROC-AUC; predictions to a 
 chunks as they are made: the same command after a kill continues after the last complete chunk.
 Crops come from the preprocessed store of --resize when there is one (the same pixels).
 The OpenVINO modes import no torch: an edge box needs openvino, numpy, pillow, scikit-learn.
-The models themselves (OpenVINO, PyTorch) and their batched prediction live in backends.py.
+The models themselves (OpenVINO, PyTorch) and their batched prediction live in backends.py,
+the chunks of predictions (Chunks, predict_in_chunks) in predictions.py.
 """
 import hashlib
 import json
 import os
-import shutil
 import sys
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
 from backends import (BACKEND_NAMES, METADATA, MODEL_NAMES, InferError, TorchModel,
-                      TorchPredictor, export_id, file_digest, import_torch, load_openvino,
-                      predict_openvino, read_metadata, torch_checkpoint, with_data_defaults)
-from common import (ArgumentParser, DataError, Progress, SetupError, add_device_args, atomic_path,
-                    atomic_write_text, check_writable_file, exclusive_lock, fraction, one_line,
-                    positive_int, strict_json)
+                      TorchPredictor, data_defaults, export_id, file_digest, import_torch,
+                      load_openvino, predict_openvino, read_metadata, torch_checkpoint)
+from common import (ArgumentParser, DataError, SetupError, add_device_args, atomic_write_text,
+                    check_writable_file, exclusive_lock, fraction, one_line, positive_int,
+                    strict_json)
 from dataset import add_data_args, check_data_dir, split_images
 from images import TEN_CROPS, average_crops, eval_input, protocol_name
 from labels import parse_class_map, shared_classes
 from metrics import mean_auc, roc_aucs
+from predictions import Chunks, predict_in_chunks
 from report import add_report_args
-from splitting import resolve_split
 from tables import detect_dataset
 from subgroups import add_subgroup_args, demographics_for
 
@@ -51,146 +50,61 @@ def class_map(text):
 
 
 # ---------------------------------------------------------------------------------------------
-# Predictions in chunks: written as they are made, resumed after a kill
-
-class Chunks:
-    """<out-csv>.partial/: key.json (what is being predicted) and chunk-NNNNN.npz files, each
-    the probabilities of `size` consecutive images, written atomically. The same command after a
-    kill continues after the last complete chunk; a different model, list or protocol starts
-    afresh. Removed once the CSV is written.
-
-    Each chunk proves which images it holds: its index range (start, stop), the SHA-256 of
-    those images' names and its row count are saved in it and checked when the evaluation
-    resumes. A chunk copied over another, truncated, of the wrong length or unreadable is
-    predicted again (with a note), never merged."""
-
-    def __init__(self, out_csv, key, size, names, log):
-        self.dir = Path(f"{out_csv}.partial")
-        self.size, self.names = size, list(names)
-        self.count = -(-len(self.names) // size)
-        old = None
-        try:
-            old = json.loads((self.dir / "key.json").read_text())
-        except (OSError, ValueError, UnicodeDecodeError):
-            pass
-        if old != key:
-            if self.dir.exists():
-                log(f"note: {self.dir}/ holds predictions of another model, list or protocol: "
-                    "starting afresh")
-                shutil.rmtree(self.dir, ignore_errors=True)
-            atomic_write_text(self.dir / "key.json", json.dumps(key) + "\n", "predictions")
-        self.done, width = 0, None
-        while self.done < self.count and self.path(self.done).is_file():
-            problem, width = self.problem(self.done, width)
-            if problem:
-                log(f"note: {self.path(self.done)}: {problem}; predicting its images again")
-                for later in range(self.done, self.count):
-                    self.path(later).unlink(missing_ok=True)
-                break
-            self.done += 1
-
-    def path(self, index):
-        return self.dir / f"chunk-{index:05d}.npz"
-
-    def proof(self, index):
-        """(start, stop, SHA-256 of the names) of the images chunk `index` holds."""
-        start, stop = index * self.size, min(len(self.names), (index + 1) * self.size)
-        digest = hashlib.sha256("\n".join(self.names[start:stop]).encode()).hexdigest()
-        return start, stop, digest
-
-    def write(self, index, probs, readable):
-        start, stop, digest = self.proof(index)
-        if len(probs) != stop - start or len(readable) != stop - start:
-            raise ValueError(f"chunk {index}: {len(probs)} rows for images {start}..{stop}")
-        with atomic_path(self.path(index), "predictions") as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, probs=probs, readable=readable, start=start, stop=stop,
-                         names_sha256=digest)
-
-    def _load(self, index):
-        with np.load(self.path(index), allow_pickle=False) as z:
-            return {k: z[k] for k in ("probs", "readable", "start", "stop", "names_sha256")}
-
-    def problem(self, index, width=None):
-        """(None or why chunk `index` cannot be used, its number of classes)."""
-        try:
-            z = self._load(index)
-        except Exception as e:  # OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError...
-            return f"unreadable ({type(e).__name__}: {one_line(e)[:80]})", width
-        start, stop, digest = self.proof(index)
-        probs, readable = z["probs"], z["readable"]
-        if (int(z["start"]), int(z["stop"])) != (start, stop) or str(z["names_sha256"]) != digest:
-            return (f"holds images {int(z['start'])}..{int(z['stop'])} or other names, not "
-                    f"images {start}..{stop} of this list (a copied chunk?)"), width
-        if (probs.ndim != 2 or len(probs) != stop - start or readable.shape != (stop - start,)
-                or readable.dtype != bool or (width is not None and probs.shape[1] != width)):
-            return (f"holds {probs.shape} probabilities for {stop - start} images (a truncated "
-                    "or damaged chunk?)"), width
-        return None, probs.shape[1]
-
-    def read(self, index):
-        problem, _ = self.problem(index)
-        if problem:  # changed while this run was using it
-            raise DataError(f"{self.path(index)}: {problem}; run the same command again to "
-                            "predict it again")
-        z = self._load(index)
-        return z["probs"], z["readable"]
-
-    def remove(self):
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------------
 # Evaluation
 
-def evaluation_suffix(part, trained_on, data_dir):
+def evaluation_suffix(part, trained_on, dataset):
     """'' for the test part of the data set the model was trained on; '_val' for val; and
     '_on_<dataset>' for another data set's evaluation (CheXpert for an NIH model...), whose
-    predictions and operating points never replace those of the model's own data set."""
-    dataset = detect_dataset(data_dir)
+    predictions and operating points never replace those of the model's own data set.
+    dataset: the kind of data set evaluated (Data.dataset); trained_on: the model's data
+    directory."""
     elsewhere = isinstance(trained_on, str) and detect_dataset(trained_on) != dataset
     return ("" if part == "test" else f"_{part}"), (f"_on_{dataset}" if elsewhere else "")
 
 
-def evaluate(args, rt=None):
-    """Predict every image of the chosen part of the split (in chunks, resumable), then report.
-    Everything a report needs (classes, operating points) is checked before the first image."""
+def evaluate(args, data, trained_on, rt=None):
+    """Predict every image of the chosen part of the split of `data` (splitting.Data: the data
+    flags, the model's own where not given) in chunks, resumable, then report; trained_on:
+    the data directory the model came from. Everything a report needs (classes, operating
+    points) is checked before the first image."""
     is_main = rt is None or rt.is_main
     log = (lambda *a, **k: print(*a, **k)) if is_main else (lambda *a, **k: None)
     meta = read_metadata(args.model_dir)
-    part_suffix, elsewhere = evaluation_suffix(args.part, args.trained_on, args.data_dir)
+    part_suffix, elsewhere = evaluation_suffix(args.part, trained_on, data.dataset)
     # named by what it holds: calibrated probabilities never replace the raw ones
     out_csv = Path(args.out_csv or Path(args.model_dir) /
                    f"predictions_{args.mode}{part_suffix}{elsewhere}"
                    f"{'_calibrated' if args.calibrated else ''}.csv")
     if is_main:
         check_writable_file(out_csv, "--out-csv")
-    list_path, images = split_images(args.data_dir, args.split, args.split_seed,
-                                     args.keep_laterals, args.part, args.resize,
-                                     not args.no_store, args.skip_bad_images, args.limit, log)
+    check_data_dir(data.data_dir, data.dataset)
+    data = data.resolved()
+    list_path, images = split_images(data, args.part, not args.no_store, args.skip_bad_images,
+                                     args.limit, log)
     # read now: a bad demographics table stops here, before predicting
-    demographics = (demographics_for(args.data_dir, args.no_subgroups, args.patients_table, log)
-                    if is_main else None)
+    demographics = (demographics_for(data.data_dir, args.no_subgroups, args.patients_table, log,
+                                     data.dataset) if is_main else None)
     if args.mode == "torch":
         from runtime import autocast
         checkpoint = torch_checkpoint(args.checkpoint, meta)
-        predictor = TorchPredictor(checkpoint, images, rt, args.crop_size, args.batch_size,
-                                   args.workers, args.channels_last, lambda: autocast(rt, args))
+        predictor = TorchPredictor(checkpoint, images, rt, data.crop_size, args.batch_size,
+                                   args.workers, args.channels_last,
+                                   lambda: autocast(rt.device.type, args.amp, args.amp_dtype))
         model_id = file_digest(checkpoint)
         model_classes = predictor.class_names
     else:
-        backend = load_openvino(args.model_dir, args.mode, meta, args.crop_size,
+        backend = load_openvino(args.model_dir, args.mode, meta, data.crop_size,
                                 args.images_per_request, args.streams)
         model_id = export_id(args.model_dir, args.mode)
         model_classes = backend.class_names
 
         def predictor(indices):
-            return predict_openvino(backend, images, indices, args.crop_size,
+            return predict_openvino(backend, images, indices, data.crop_size,
                                     args.images_per_request, args.workers)
 
     columns = evaluated_classes(model_classes, images, list_path, args.class_map)
     if args.part == "val":  # its entry is chosen again; the file must take it
-        from report import read_operating_points
+        from operating_points import read_operating_points
         read_operating_points(args.model_dir)
         points, why = None, None
     else:
@@ -199,9 +113,8 @@ def evaluate(args, rt=None):
     if args.calibrated and points is None and args.part != "val":
         raise InferError(f"--calibrated: {why}")
     key = {"model": model_id, "mode": args.mode, "names": hashlib.sha256(
-        "\n".join(images.names).encode()).hexdigest(), "resize": args.resize,
-        "crop": args.crop_size, "chunk": args.chunk_size,
-        "amp": bool(getattr(args, "amp", False)) and args.amp_dtype}
+        "\n".join(images.names).encode()).hexdigest(), "resize": data.resize,
+        "crop": data.crop_size, "chunk": args.chunk_size, "amp": args.amp and args.amp_dtype}
     with ExitStack() as stack:
         if is_main:  # one evaluation per predictions file: they would share its chunks
             stack.enter_context(exclusive_lock(out_csv.parent / f".{out_csv.name}.lock",
@@ -211,9 +124,9 @@ def evaluate(args, rt=None):
                                                     chunks, rt, log)
         if not is_main:
             return None
-        result = report_evaluation(args, out_csv, list_path, images, probs, readable, model_id,
-                                   model_classes, columns, (points, why), elsewhere,
-                                   timing, sample_notice(args, meta), demographics)
+        result = report_evaluation(args, data, out_csv, list_path, images, probs, readable,
+                                   model_id, model_classes, columns, (points, why), elsewhere,
+                                   timing, sample_notice(args, meta, trained_on), demographics)
         chunks.remove()
         return result
 
@@ -245,60 +158,27 @@ def evaluation_points(model_dir, key, own_key, model_id, classes):
     return points, why
 
 
-def predict_in_chunks(predictor, n, chunk_size, chunks, rt, log):
-    """Every image's probabilities, a chunk at a time, each chunk saved as it is made (rank 0
-    holds `chunks`; under torchrun every rank predicts its share and rank 0 gathers). Returns
-    (probs, readable, (images predicted now, seconds)) on rank 0, (None, None, timing)
-    elsewhere."""
-    is_main = chunks is not None
-    n_chunks = -(-n // chunk_size)
-    done = chunks.done if is_main else 0
-    if rt is not None and rt.distributed:  # rank 0 alone knows what is saved
-        import torch.distributed as dist
-        shared = [done]
-        dist.broadcast_object_list(shared, src=0)
-        done = shared[0]
-    if done and is_main:  # only rank 0 holds the chunks (and prints)
-        log(f"continuing after {min(done * chunk_size, n)} images already predicted "
-            f"({chunks.dir}/)")
-    progress = Progress(n, min(done * chunk_size, n), is_main)
-    start = time.perf_counter()
-    for c in range(done, n_chunks):
-        indices = list(range(c * chunk_size, min(n, (c + 1) * chunk_size)))
-        probs, readable = predictor(indices)
-        if is_main:
-            chunks.write(c, probs, readable)
-        progress.update(len(indices))
-    progress.close()
-    timing = (n - min(done * chunk_size, n), time.perf_counter() - start)
-    if not is_main:
-        return None, None, timing
-    parts = [chunks.read(c) for c in range(n_chunks)]
-    return (np.concatenate([p for p, _ in parts]), np.concatenate([r for _, r in parts]),
-            timing)
-
-
-def sample_notice(args, meta):
+def sample_notice(args, meta, trained_on):
     """{'notice': one line} when the model was trained on the bundled sample, else {}: the
-    checkpoint's data directory (--mode torch --checkpoint), else the export's record of it
-    (older exports: the directory they were exported with)."""
+    checkpoint's data directory (trained_on, for --mode torch --checkpoint), else the export's
+    record of it (older exports: the directory they were exported with, trained_on)."""
     from report import SAMPLE_NOTICE, trained_on_sample
-    trained = args.trained_on if args.mode == "torch" and args.checkpoint else meta.get(
-        "trained_on", args.trained_on)
+    trained = trained_on if args.mode == "torch" and args.checkpoint else meta.get(
+        "trained_on", trained_on)
     return {"notice": SAMPLE_NOTICE} if trained_on_sample(trained) else {}
 
 
-def report_evaluation(args, out_csv, list_path, images, probs, readable, model_id,
+def report_evaluation(args, data, out_csv, list_path, images, probs, readable, model_id,
                       model_classes, columns, points_why, elsewhere, timing, notice=None,
                       demographics=None):
     """Score the predictions against the list's labels: on val, choose and save the operating
-    points; write the predictions CSV and the report; print the summary. notice: sample_notice's
-    dict, carried into the report."""
+    points; write the predictions CSV and the report; print the summary. data: the evaluation's
+    splitting.Data; notice: sample_notice's dict, carried into the report."""
     from predictions import write_predictions
+    from operating_points import calibrate
     from report import (
         PROBABILITIES_SHORT,
         build_report,
-        calibrate,
         choose_operating_points,
         on_calibrated,
         platt_notes,
@@ -336,16 +216,16 @@ def report_evaluation(args, out_csv, list_path, images, probs, readable, model_i
     scored = points if args.part == "test" else None
     if scored is not None and args.calibrated:
         scored = on_calibrated(scored)
-    protocol = (f"{protocol_name(args.resize, args.crop_size)}, "
+    protocol = (f"{protocol_name(data.resize, data.crop_size)}, "
                 f"{BACKEND_NAMES[args.mode]}")
     context = dict(mode=args.mode, part=args.part, list=str(list_path), protocol=protocol,
                    **(notice or {}))
-    split = Path(args.split)  # a folder of lists, resolved: report.py may run elsewhere
+    split = Path(data.split)  # a folder of lists, resolved: report.py may run elsewhere
     write_predictions(out_csv, names, classes, written, source={
         **context, "made_by": "infer.py", "calibrated": bool(args.calibrated),
-        "data_dir": str(Path(args.data_dir).resolve()),
-        "split": str(split.resolve()) if split.is_dir() else str(args.split),
-        "split_seed": args.split_seed, "keep_laterals": bool(args.keep_laterals),
+        "data_dir": str(Path(data.data_dir).resolve()),
+        "split": str(split.resolve()) if split.is_dir() else str(data.split),
+        "split_seed": data.split_seed, "keep_laterals": bool(data.keep_laterals),
         "model_dir": str(Path(args.model_dir).resolve()), "model": model_id,
         # the points themselves, as chosen (raw): a later --part val must not change them
         "operating_points": points if scored is not None else None,
@@ -376,9 +256,11 @@ def report_evaluation(args, out_csv, list_path, images, probs, readable, model_i
             "seconds": seconds, "report": report}
 
 
-def classify_images(args):
-    """Each image's 14 probabilities (ten-crop), most likely first; positive / negative by the
-    operating points chosen on val when there are some for this model and mode."""
+def classify_images(args, data, trained_on):
+    """Each image's 14 probabilities (ten-crop at data's sizes), most likely first; positive /
+    negative by the operating points chosen on val when there are some for this model and
+    mode. data: the data flags (splitting.Data, its split unresolved: the labels of the
+    images, where its lists hold them); trained_on: the data directory the model came from."""
     from operating_points import calibrate, operating_points_for, thresholds_of
     from report import on_calibrated, thresholds_note
     if args.cam:  # before any work: no matplotlib, or a file where the folder should be
@@ -391,7 +273,7 @@ def classify_images(args):
         checkpoint = torch_checkpoint(args.checkpoint, meta)
         backend, model_id = TorchModel(checkpoint), file_digest(checkpoint)
     else:
-        backend = load_openvino(args.model_dir, args.mode, meta, args.crop_size,
+        backend = load_openvino(args.model_dir, args.mode, meta, data.crop_size,
                                 args.images_per_request, args.streams)
         model_id = export_id(args.model_dir, args.mode)
     classes = backend.class_names
@@ -400,17 +282,17 @@ def classify_images(args):
         raise InferError(f"--calibrated: {why}")
     width = max(20, max(map(len, classes)) + 2)
     model = checkpoint if args.mode == "torch" else Path(args.model_dir) / MODEL_NAMES[args.mode]
-    print(f"mode {args.mode}: {model} ({len(classes)} classes, ten {args.crop_size}x"
-          f"{args.crop_size} crops of the image resized to {args.resize})")
-    notice = sample_notice(args, meta).get("notice")
+    print(f"mode {args.mode}: {model} ({len(classes)} classes, ten {data.crop_size}x"
+          f"{data.crop_size} crops of the image resized to {data.resize})")
+    notice = sample_notice(args, meta, trained_on).get("notice")
     if notice:
         print(notice)
-    known_labels = image_labels(args, {Path(path).name for path in args.image})
+    known_labels = image_labels(data, {Path(path).name for path in args.image})
     if points is not None:  # thresholds as they apply to the probabilities printed
         shown_thresholds = thresholds_of(on_calibrated(points) if args.calibrated else points,
                                          args.rule)
     for path in args.image:
-        crops = np.concatenate([eval_input(path, args.resize, args.crop_size)]
+        crops = np.concatenate([eval_input(path, data.resize, data.crop_size)]
                                * args.images_per_request)
         result = {}
         backend.run_all([(0, crops)],
@@ -438,23 +320,21 @@ def classify_images(args):
     if args.cam:
         from cam import write_cams
         thresholds = None if points is None else thresholds_of(points, args.rule)
-        for path in write_cams(backend, args.image, args.cam, args.resize, args.crop_size,
-                               args.mode, args.cam_method, args.data_dir, args.images_per_request,
+        for path in write_cams(backend, args.image, args.cam, data.resize, data.crop_size,
+                               args.mode, args.cam_method, data.data_dir, args.images_per_request,
                                thresholds, args.rule, notice,
                                calibrate=(lambda raw: calibrate(raw[None], points)[0])
                                if args.calibrated else None):
             print(f"heatmap: {path}")
 
 
-def image_labels(args, wanted):
+def image_labels(data, wanted):
     """{image name: "list: its findings"} for the names in `wanted` that the lists of the
-    split (--data-dir, --split) hold; {} when there is no such split here."""
+    split of `data` (--data-dir, --split) hold; {} when there is no such split here."""
     from labels import list_header, read_list
     found = {}
     try:
-        lists = resolve_split(args.split, args.data_dir, args.split_seed,
-                              getattr(args, "keep_laterals", False))
-        for path in lists.values():
+        for path in data.resolved().lists.values():
             names, labels = read_list(path)
             classes = list_header(path)[0]
             for i in (i for i, name in enumerate(names) if name in wanted):
@@ -465,21 +345,22 @@ def image_labels(args, wanted):
     return found
 
 
-def localize(args):
-    """The localization benchmark (cam.py) for this mode's model, as a table and a JSON."""
+def localize(args, data):
+    """The localization benchmark (cam.py) for this mode's model on the split of `data`
+    (splitting.Data), as a table and a JSON."""
     from cam import format_localization
     from cam import localize as run
     meta = read_metadata(args.model_dir)
     backend = (TorchModel(torch_checkpoint(args.checkpoint, meta)) if args.mode == "torch"
-               else load_openvino(args.model_dir, args.mode, meta, args.crop_size,
+               else load_openvino(args.model_dir, args.mode, meta, data.crop_size,
                                   args.images_per_request, args.streams))
-    check_data_dir(args.data_dir)
-    lists = resolve_split(args.split, args.data_dir, args.split_seed,
-                          getattr(args, "keep_laterals", False))
+    check_data_dir(data.data_dir, data.dataset)
+    data = data.resolved()
+    lists = data.lists
     out = Path(args.out_csv).parent if args.out_csv else Path(args.model_dir)
     target = out / f"localization_{args.mode}.json"
     check_writable_file(target, "--out-csv")
-    result = run(backend, args.data_dir, lists, args.resize, args.crop_size, args.cam_method,
+    result = run(backend, data.data_dir, lists, data.resize, data.crop_size, args.cam_method,
                  args.localize_tau, args.images_per_request, args.skip_bad_images, args.limit)
     result.update(mode=args.mode, cam_method=args.cam_method, split=str(lists["test"].parent))
     atomic_write_text(target, json.dumps(strict_json(result), indent=1, allow_nan=False) + "\n",
@@ -571,10 +452,11 @@ def get_args(argv=None):
     if len(modes) > 1:  # each is its own command: never one silently winning over the other
         p.error(f"argument {modes[1]}: not allowed with {modes[0]} (one of --export, --image, "
                 "--localize, or none for an evaluation)")
-    if args.hpu:
-        args.device = "hpu"
     if args.workers is None and (args.mode != "torch" or args.export or args.image):
-        args.workers = max(1, (os.cpu_count() or 1) // 4)
+        # decoding threads: a quarter of the cores by default, a default that depends on the
+        # other flags (parsed again with it: nothing is written into the parsed flags)
+        p.set_defaults(workers=max(1, (os.cpu_count() or 1) // 4))
+        args = p.parse_args(argv)
     if args.mode != "torch" and args.device not in ("auto", "cpu") and not args.export:
         p.error(f"argument --device: {args.device} is for --mode torch; OpenVINO runs on the CPU")
     if args.cam and not args.image:
@@ -591,27 +473,40 @@ def main(argv=None):
     args = get_args(argv)
     rt = None
     try:
+        # The data flags as given; unset ones (None) come from the checkpoint or the export
+        given = dict(data_dir=args.data_dir, split=args.split, split_seed=args.split_seed,
+                     keep_laterals=args.keep_laterals, resize=args.resize,
+                     crop_size=args.crop_size)
         if args.export:
             if not args.checkpoint:
                 raise InferError("--export needs --checkpoint")
             import_torch()
-            from export import export
-            return export(args)
+            from export import ExportSettings, export
+            return export(ExportSettings(
+                args.checkpoint, args.model_dir, calibration_size=args.calibration_size,
+                validation_size=args.validation_size, max_auc_drop=args.max_auc_drop,
+                workers=args.workers, streams=args.streams, use_store=not args.no_store,
+                skip_bad_images=args.skip_bad_images, n_boot=args.n_boot,
+                boot_seed=args.boot_seed), **given)
         meta = read_metadata(args.model_dir)
         if args.mode == "torch":
             import_torch()
         if args.mode == "torch" and args.checkpoint:  # this checkpoint, not the exported one
             from checkpoint import read_training_flags
-            args = with_data_defaults(args, read_training_flags(args.checkpoint), args.checkpoint)
+            source, where = read_training_flags(args.checkpoint), args.checkpoint
         else:
-            args = with_data_defaults(args, meta, Path(args.model_dir) / METADATA)
+            source, where = meta, Path(args.model_dir) / METADATA
+        data = data_defaults(source, where, **given)
+        trained_on = source.get("data_dir")  # the data directory the model came from
         if args.mode == "torch":
             if not (args.image or args.localize):
                 from runtime import setup
                 rt = setup(args.device)
         if args.localize:
-            return localize(args)
-        return classify_images(args) if args.image else evaluate(args, rt)
+            return localize(args, data)
+        if args.image:
+            return classify_images(args, data, trained_on)
+        return evaluate(args, data, trained_on, rt)
     except (DataError, SetupError) as e:  # DataError includes model.py's CheckpointError
         if rt is None or rt.is_main:
             print(f"error: {one_line(e)}", file=sys.stderr)

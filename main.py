@@ -9,37 +9,34 @@ metrics.jsonl, TensorBoard curves under OUT_DIR/tensorboard/: see curves.py). St
 with the same --out-dir resumes from its last.pt; torchrun --max-restarts=K does that for you
 after a worker dies (export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 first: pytorch#135712).
 """
-import argparse
 import math
 import sys
 import time
 from argparse import BooleanOptionalAction
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from checkpoint import (NonFiniteLoss, data_identity, load_checkpoint, read_training_flags,
-                        repair_outputs, save_checkpoint, uses_scaler, write_metrics)
+                        repair_outputs, save_checkpoint, write_metrics)
 from common import (ArgumentParser, DataError, Progress, add_device_args, atomic_copy,
                     check_writable_dir, exclusive_lock, fraction, nonnegative_float,
                     nonnegative_int, one_line, positive_float, positive_int, seed)
 from curves import TENSORBOARD_DIR, Board, write_figure
-from dataset import TRAIN_SIZE, XrayDataset, add_data_args, check_data_dir, collate, to_model_input
+from dataset import TRAIN_SIZE, XrayDataset, add_data_args, check_data_dir
 from backends import BACKEND_NAMES
+from fitting import (RECIPE_BATCH, LearningRate, MaskedBCE, StepSettings, epoch_order,
+                     evaluate, make_loader, rank_indices, train_one_epoch)
 from images import CENTRE_CROP, protocol_name
 from labels import UNCERTAIN_POLICIES
-from metrics import mean_auc, roc_aucs
-from model import ARCH_NAMES, build_model, train_mode
-from runtime import (SetupError, autocast, cpu_fast_path, device_type, gather_from_ranks,
-                     setup)
-from splitting import resolve_split
+from model import ARCH_NAMES, build_model
+from runtime import SetupError, default_precision, setup
+from splitting import Data
 from store import image_names, open_store
 
 # Training recipes. Defaults reproduce the best published DenseNet-121 on the shipped split;
@@ -56,8 +53,6 @@ RECIPES = {
     "chexnet": dict(lr=1e-3, weight_decay=0.0, patience=1, epochs=100, crop_scale=1.0,
                     crop_ratio=(1.0, 1.0)),
 }
-RECIPE_BATCH = 16  # the global batch both recipes were tuned at
-WARMUP_STEPS = 500  # at most, and never more than one epoch
 
 
 def get_args(argv=None):
@@ -121,22 +116,11 @@ def get_args(argv=None):
     p.add_argument("--check", action="store_true",
                    help="check data, weights, checkpoint and out-dir, then exit (run.sh does "
                         "this once before torchrun)")
+    # --amp and --channels-last stay None when not given: run() resolves the precision (the
+    # CPU's default, or a resumed run's). The recipe's values are the defaults of the flags
+    # left unset, so the flags are parsed twice: nothing is written into them afterwards.
+    p.set_defaults(**RECIPES[p.parse_args(argv).recipe])
     args = p.parse_args(argv)
-    if args.hpu:
-        args.device = "hpu"
-    fast = cpu_fast_path(device_type(args.device))  # bf16 + NHWC where the CPU has AMX
-    args.precision_note = None
-    # Flags left to their default: a resumed run takes them from its checkpoint instead.
-    args.precision_defaults = [k for k in ("amp", "channels_last") if getattr(args, k) is None]
-    if fast and (args.amp is None or args.channels_last is None):
-        args.precision_note = ("this CPU has AMX: bf16 autocast and channels_last are on by "
-                               "default (--no-amp --no-channels-last: fp32)")
-    args.amp = (fast and args.amp_dtype == "bf16") if args.amp is None else args.amp
-    args.channels_last = fast if args.channels_last is None else args.channels_last
-    recipe = RECIPES[args.recipe]
-    for key, value in recipe.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
     for flag, size in (("--resize", args.resize), ("--train-size", args.train_size)):
         if args.crop_size > size:
             p.error(f"argument --crop-size: {args.crop_size} is larger than {flag} {size}")
@@ -144,205 +128,15 @@ def get_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# The order of an epoch: one permutation for all ranks, consumed by global batches
 
-def epoch_order(n, seed, epoch):
-    """The epoch's permutation of the n training images: DistributedSampler's
-    (torch.randperm seeded with seed + epoch), the same on every rank and world size."""
-    g = torch.Generator()
-    g.manual_seed(seed + epoch)
-    return torch.randperm(n, generator=g).tolist()
-
-
-def rank_indices(order, start, world_size, rank, batch_size):
-    """This rank's images for the rest of an epoch that has used order[:start]: global batches
-    of world_size x batch_size, rank r taking every world_size-th image from r on (as
-    DistributedSampler with drop_last does), the last incomplete global batch dropped.
-    Position in the epoch is a count of images, so a run resumes exactly where it stopped
-    even with another world size or batch size."""
-    rest = order[start:]
-    steps = len(rest) // (world_size * batch_size)
-    return rest[rank:steps * world_size * batch_size:world_size]
-
-
-# ---------------------------------------------------------------------------------------------
-# Train and evaluate
-
-class LearningRate:
-    """The recipe's lr scaled by sqrt(global batch / 16) (Adam's square-root rule), reached
-    by a linear warm-up from the recipe's own lr over the first steps; ReduceLROnPlateau's
-    divisions apply on top."""
-
-    def __init__(self, args, global_batch, steps_per_epoch):
-        self.base = args.lr
-        scale = 1.0 if args.no_lr_scaling else math.sqrt(global_batch / RECIPE_BATCH)
-        self.peak = args.lr * scale
-        self.warmup = min(WARMUP_STEPS, steps_per_epoch) if scale > 1 else 0
-
-    def at(self, step):
-        """The lr for optimizer step `step` (0-based) during the warm-up, else None."""
-        if step >= self.warmup:
-            return None
-        return self.base + (self.peak - self.base) * (step + 1) / self.warmup
-
-
-_END = object()  # the end of a loader (a batch of only unreadable images is None)
-
-
-def train_one_epoch(model, loader, criterion, optimizer, scaler, rt, args, epoch, step,
-                    on_step=None, lr=None, on_log=None, progress=None):
-    """One pass over this rank's shard. `step` counts optimizer steps over the whole run;
-    on_step(step, batches, check) is called after each, on_log(step, {tag: value}) with the
-    loss of the last --log-every steps and the lr, progress.update(images) after each step.
-    Returns the epoch's metrics: loss_sum, images, batches, step, seconds, and loader_wait:
-    the seconds spent in next(loader) (worker start-up included), loader_wait_share of the
-    loop's wall time: near 0 when the loader keeps up, near 1 when the device waits for data.
-
-    Nothing here waits for the device except every --log-every steps, a progress line and
-    before a checkpoint: the loss is summed and checked for finiteness on the device, and the
-    loader wait is read on host clocks around next(loader) alone."""
-    train_mode(model, args.freeze_backbone)
-    images, batches, start = 0, 0, time.perf_counter()
-    loss_sum = torch.zeros((), device=rt.device)  # sum over images of the batch-mean loss
-    first_bad = torch.full((), -1, dtype=torch.long, device=rt.device)  # first non-finite step
-    step_counter = torch.full((), step, dtype=torch.long, device=rt.device)
-    amp = autocast(rt, args)
-    logged = [0.0, 0]  # loss sum and images at the last on_log
-
-    def check():
-        """Wait for the device: raise if any loss so far was non-finite."""
-        bad = int(first_bad)
-        if bad >= 0:
-            raise NonFiniteLoss(f"loss is non-finite at epoch {epoch + 1} step {bad}")
-        return float(loss_sum) / max(images, 1)
-
-    def details():
-        share = waited / max(time.perf_counter() - start, 1e-9)
-        return f"step {step}  loss {check():.4f}  loader wait {share:.0%}"
-
-    waited = 0.0
-    batches_of = iter(loader)
-    waited += time.perf_counter() - start  # a new worker pool starts here
-    while True:
-        before = time.perf_counter()
-        batch = next(batches_of, _END)
-        waited += time.perf_counter() - before
-        if batch is _END:
-            break
-        batches += 1
-        if batch is None:  # evaluation only: training batches are always full
-            continue
-        warm = lr.at(step) if lr is not None else None
-        if warm is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = warm
-        x, y = to_device(batch, rt, args)  # (B, 3, crop, crop) float, (B, 14)
-        with amp:
-            loss = criterion(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        rt.mark_step()
-        scaler.step(optimizer)
-        scaler.update()
-        rt.mark_step()
-        step += 1
-        step_counter += 1
-        loss = loss.detach().float()
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step_counter, first_bad)
-        loss_sum += loss * x.shape[0]
-        images += x.shape[0]
-        last = args.max_steps and step >= args.max_steps
-        if on_log is not None and (step % args.log_every == 0 or last):
-            total = check() * images
-            on_log(step, {"train/loss": (total - logged[0]) / max(images - logged[1], 1),
-                          "train/lr": optimizer.param_groups[0]["lr"]})
-            logged[:] = [total, images]
-        if progress is not None:
-            progress.update(x.shape[0] * rt.world_size, details)
-        if on_step is not None:
-            on_step(step, batches, check)
-        if last:
-            break
-    train_loss = check()
-    seconds = time.perf_counter() - start
-    return {"loss_sum": train_loss * images, "images": images, "batches": batches, "step": step,
-            "seconds": seconds, "loader_wait": waited,
-            "loader_wait_share": waited / max(seconds, 1e-9)}
-
-
-@torch.no_grad()
-def evaluate(model, loader, rt, args, pos_weight=None):
-    """Loss and per-disease ROC-AUC over the whole split: every rank's predictions gathered,
-    the duplicates DistributedSampler pads with dropped, in the order of the list."""
-    model.eval()
-    logits, labels, names = [], [], []
-    amp = autocast(rt, args)
-    for batch in tqdm(loader, desc="val", leave=False,
-                      disable=not (rt.is_main and sys.stderr.isatty())):
-        if batch is None:
-            continue
-        x, _ = to_device(batch, rt, args)
-        with amp:
-            out = model(x)
-        rt.mark_step()
-        logits.append(out.float())
-        labels.append(batch[1].numpy())
-        names.extend(batch[2])
-    empty = np.zeros((0, len(loader.dataset.class_names)), np.float32)
-    logits = torch.cat(logits).cpu().numpy() if logits else empty  # one wait, at the end
-    logits, labels, names = gather_from_ranks(
-        rt, logits, np.concatenate(labels) if labels else empty, np.array(names, dtype=object))
-    position = {n: i for i, n in enumerate(loader.dataset.names)}
-    _, first = np.unique(names, return_index=True)
-    keep = sorted(first, key=lambda i: position[names[i]])
-    logits, labels, names = logits[keep], labels[keep], names[keep]
-    if not np.isfinite(logits).all():
-        raise NonFiniteLoss("validation outputs are non-finite: the weights diverged")
-    loss = MaskedBCE(None if pos_weight is None else pos_weight.cpu())(
-        torch.from_numpy(logits), torch.from_numpy(labels.astype(np.float32))).item()
-    probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-    aucs = roc_aucs(labels, probs)
-    return {"loss": loss, "auc": aucs, "mean_auc": mean_auc(aucs), "images": len(labels),
-            "names": names, "probs": probs}
-
-
-class MaskedBCE(torch.nn.Module):
-    """BCEWithLogitsLoss over the entries whose target is known: a NaN target (an uncertain
-    or unmentioned label under --uncertain ignore, an uncertain one in evaluation) adds
-    nothing to the loss and gets no gradient. Without NaN it is BCEWithLogitsLoss exactly."""
-
-    def __init__(self, pos_weight=None):
-        super().__init__()
-        self.pos_weight = pos_weight
-
-    def forward(self, logits, targets):  # (B, K), (B, K) with NaN where ignored
-        known = ~torch.isnan(targets)
-        loss = F.binary_cross_entropy_with_logits(
-            logits, torch.where(known, targets, 0.0), pos_weight=self.pos_weight,
-            reduction="none")
-        return torch.where(known, loss, 0.0).sum() / known.sum().clamp(min=1)
-
-
-def to_device(batch, rt, args):
-    """A loader batch -> model input and labels on the device. Images travel as uint8, one
-    channel; channel expansion and normalisation happen on the device."""
-    x, y = batch[0].to(rt.device, non_blocking=True), batch[1].to(rt.device, non_blocking=True)
-    x = to_model_input(x)
-    if args.channels_last and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, y
-
-
-# ---------------------------------------------------------------------------------------------
-
-def make_datasets(args, lists, log):
+def make_datasets(args, data, log):
     """Training crops from the store of --train-size, validation crops from the store of
     --resize, each where `python dataset.py prepare` made it, else from the PNGs: the same
-    pixels either way."""
-    names = None if args.no_store else image_names(args.data_dir)
+    pixels either way. data: the run's splitting.Data, its split resolved."""
+    names = None if args.no_store else image_names(data.data_dir, data.dataset)
     stores = {}
-    for size in sorted({args.train_size, args.resize}):
-        stores[size] = None if args.no_store else open_store(args.data_dir, size, names)
+    for size in sorted({args.train_size, data.resize}):
+        stores[size] = None if args.no_store else open_store(data.data_dir, size, names)
         if stores[size] is not None:
             log(f"reading the preprocessed store {stores[size].dir}/")
     missing = [size for size, store in stores.items() if store is None]
@@ -350,22 +144,15 @@ def make_datasets(args, lists, log):
     # the training run says it.
     if missing and not args.no_store and not args.check:
         log(f"note: no store for {' or '.join(f'{s}x{s}' for s in missing)}: decoding PNGs "
-            f"(`python dataset.py prepare --data-dir {args.data_dir} --size "
+            f"(`python dataset.py prepare --data-dir {data.data_dir} --size "
             f"{' '.join(map(str, missing))}` makes loading far cheaper)")
-    common = dict(crop=args.crop_size, skip_bad_images=args.skip_bad_images, limit=args.limit)
-    return (XrayDataset(args.data_dir, lists["train"], "train", args.train_size, seed=args.seed,
+    common = dict(crop=data.crop_size, skip_bad_images=args.skip_bad_images, limit=args.limit)
+    lists = data.lists
+    return (XrayDataset(data.data_dir, lists["train"], "train", args.train_size, seed=args.seed,
                         crop_scale=(args.crop_scale, 1.0), crop_ratio=args.crop_ratio,
                         store=stores[args.train_size], uncertain=args.uncertain, **common),
-            XrayDataset(args.data_dir, lists["val"], "center", args.resize,
-                        store=stores[args.resize], **common))
-
-
-def make_loader(dataset, indices, args, rt, train):
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, sampler=indices, num_workers=args.workers,
-        collate_fn=collate, pin_memory=rt.device.type == "cuda", drop_last=train,
-        # A new worker pool each epoch picks up dataset.set_epoch() (seeded augmentation).
-        persistent_workers=False)
+            XrayDataset(data.data_dir, lists["val"], "center", data.resize,
+                        store=stores[data.resize], **common))
 
 
 def main(argv=None):
@@ -397,14 +184,23 @@ def run(args, rt):
     if rt.device.type == "hpu" and args.amp and args.amp_dtype == "fp16":
         raise SetupError("--amp-dtype fp16: Gaudi trains in bf16 (no fp16 gradient scaler); "
                          "use --amp alone")
-    check_data_dir(args.data_dir)
-    args = keep_trained_precision(args, log)
-    lists = resolve_split(args.split, args.data_dir, args.split_seed,
-                          getattr(args, "keep_laterals", False))
-    train_set, val_set = make_datasets(args, lists, log)
+    data = Data(args.data_dir, args.split, args.split_seed, args.keep_laterals, args.resize,
+                args.crop_size)
+    check_data_dir(data.data_dir, data.dataset)
+    # --amp and --channels-last left unset follow the CPU (bf16 + NHWC where it has AMX), or
+    # a resumed run's checkpoint
+    precision, note, defaulted = default_precision(rt.device.type, args.amp, args.channels_last,
+                                                   args.amp_dtype)
+    precision, note = keep_trained_precision(args, precision, note, defaulted, log)
+    # The training flags every checkpoint records ("args"): the flags, the precision as
+    # applied, and the note and defaults the record has always held beside them
+    flags = {**vars(args), "amp": precision.amp, "channels_last": precision.channels_last,
+             "precision_note": note, "precision_defaults": defaulted}
+    data = data.resolved()
+    train_set, val_set = make_datasets(args, data, log)
     global_batch = args.batch_size * rt.world_size
     if len(train_set) < global_batch:
-        raise DataError(f"{lists['train']}: {len(train_set)} images, fewer than one batch "
+        raise DataError(f"{data.lists['train']}: {len(train_set)} images, fewer than one batch "
                         f"({args.batch_size} x {rt.world_size} processes)")
     out_dir = Path(args.out_dir)
     with ExitStack() as stack:
@@ -416,26 +212,28 @@ def run(args, rt):
                 out_dir / ".lock", "another training", "use another --out-dir"))
             for stale in out_dir.glob(".*.tmp"):  # temp files of a writer killed mid-write
                 stale.unlink(missing_ok=True)
-        return _train(args, rt, lists, train_set, val_set, global_batch, out_dir, log)
+        return _train(args, rt, precision, flags, data, train_set, val_set, global_batch,
+                      out_dir, log)
 
 
-def keep_trained_precision(args, log):
-    """A copy of args in which a resumed run keeps the precision (autocast, channels_last) its
-    checkpoint was trained in, unless a flag says otherwise: the defaults follow the CPU, and a
-    run resumed on another machine (or node) would otherwise change precision half-way."""
+def keep_trained_precision(args, precision, note, defaulted, log):
+    """(precision, note): a resumed run keeps the precision (autocast, channels_last) its
+    checkpoint was trained in for the flags left to their default (`defaulted`), unless a flag
+    says otherwise: the defaults follow the CPU, and a run resumed on another machine (or
+    node) would otherwise change precision half-way. No note then: the checkpoint decided."""
     last = Path(args.out_dir) / "last.pt"
     resume = args.resume or (last if last.is_file() else None)
-    if not resume or not args.precision_defaults:
-        return args
+    if not resume or not defaulted:
+        return precision, note
     trained = read_training_flags(resume)
-    kept = {k: bool(trained[k]) for k in args.precision_defaults
-            if k in trained and bool(trained[k]) != getattr(args, k)}
+    kept = {k: bool(trained[k]) for k in defaulted
+            if k in trained and bool(trained[k]) != getattr(precision, k)}
     if not kept:
-        return args
+        return precision, note
     log(f"note: {resume} was trained with " + ", ".join(
         f"--{'' if v else 'no-'}{k.replace('_', '-')}" for k, v in kept.items())
         + ": resuming the same way (pass the flag to change it)")
-    return argparse.Namespace(**{**vars(args), **kept, "precision_note": None})
+    return replace(precision, **kept), None
 
 
 @dataclass
@@ -450,10 +248,11 @@ class Training:
     lr: LearningRate
     pos_weight: object
     steps_per_epoch: int
+    settings: StepSettings  # how its steps run (precision, frozen backbone, ...)
     net: object = None
 
 
-def build_training(args, rt, train_set, resume, out_dir, global_batch):
+def build_training(args, rt, precision, train_set, resume, out_dir, global_batch):
     """The model (random, ImageNet or --weights; a resumed run's come from its checkpoint),
     on the device, with its optimizer, lr schedule, gradient scaler and loss."""
     # One download of the ImageNet weights per node: local rank 0 first, the others after.
@@ -469,17 +268,17 @@ def build_training(args, rt, train_set, resume, out_dir, global_batch):
         params = sum(p.numel() * p.element_size() for p in model.parameters())
         check_writable_dir(out_dir, "--out-dir", need_bytes=2 * 3 * params)
     model = model.to(rt.device)
-    if args.channels_last:
+    if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     steps_per_epoch = len(train_set) // global_batch
-    lr = LearningRate(args, global_batch, steps_per_epoch)
+    lr = LearningRate(args.lr, global_batch, steps_per_epoch, scaling=not args.no_lr_scaling)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
                                  lr=args.lr if lr.warmup else lr.peak, betas=(0.9, 0.999),
                                  weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.1,
                                                            patience=args.patience)
     scaler = torch.amp.GradScaler(rt.device.type if rt.device.type != "hpu" else "cpu",
-                                  enabled=uses_scaler(vars(args)))
+                                  enabled=precision.uses_scaler)
     pos_weight = None
     if args.pos_weight:
         targets = train_set.labels.astype(np.float64)  # NaN: ignored
@@ -489,11 +288,12 @@ def build_training(args, rt, train_set, resume, out_dir, global_batch):
     # Plain BCE for labels that are all known (NIH's); the masked one where some are ignored
     masked = train_set.labels.dtype != np.uint8 and np.isnan(train_set.labels).any()
     criterion = (MaskedBCE if masked else torch.nn.BCEWithLogitsLoss)(pos_weight=pos_weight)
+    settings = StepSettings(precision, args.freeze_backbone, args.max_steps, args.log_every)
     return Training(model, optimizer, scheduler, scaler, criterion, lr, pos_weight,
-                    steps_per_epoch)
+                    steps_per_epoch, settings)
 
 
-def resume_state(args, rt, t, resume, out_dir, data_ids, global_batch, log):
+def resume_state(args, rt, t, flags, resume, out_dir, data_ids, global_batch, log):
     """The run's state: fresh, or the checkpoint's (its weights and optimizer loaded into t)."""
     if rt.distributed:  # every rank must resume from the same file, or none
         seen = [None] * rt.world_size
@@ -508,7 +308,7 @@ def resume_state(args, rt, t, resume, out_dir, data_ids, global_batch, log):
     if not resume:
         return state
     last = out_dir / "last.pt"
-    ckpt = load_checkpoint(resume, t.model, t.optimizer, t.scheduler, t.scaler, args, data_ids)
+    ckpt = load_checkpoint(resume, t.model, t.optimizer, t.scheduler, t.scaler, flags, data_ids)
     state.update({k: ckpt[k] for k in state if k in ckpt})
     log(f"resuming from {resume}: epoch {state['epoch']}, step {state['step']}")
     if rt.is_main and Path(resume).resolve() == last.resolve():
@@ -528,12 +328,6 @@ def resume_state(args, rt, t, resume, out_dir, data_ids, global_batch, log):
     return state
 
 
-def precision_of(args):
-    parts = ([f"{args.amp_dtype} autocast"] if args.amp else ["fp32"]) + (
-        ["channels_last"] if args.channels_last else [])
-    return " + ".join(parts)
-
-
 def train_epoch(t, args, rt, train_set, state, epoch, global_batch, save, board):
     """Train epoch `epoch` from where `state` says it stopped (a resumed run continues after
     the images it has seen); state takes the new step, position and partial loss. Returns
@@ -544,7 +338,7 @@ def train_epoch(t, args, rt, train_set, state, epoch, global_batch, save, board)
     start_images = state["epoch_images"]
     indices = rank_indices(epoch_order(n, args.seed, epoch), start_images, rt.world_size,
                            rt.rank, args.batch_size)
-    loader = make_loader(train_set, indices, args, rt, train=True)
+    loader = make_loader(train_set, indices, args.batch_size, args.workers, rt, train=True)
     partial = dict(state["partial"])
 
     def on_step(step, batches, check):
@@ -560,9 +354,9 @@ def train_epoch(t, args, rt, train_set, state, epoch, global_batch, save, board)
                         every=args.progress_every, label=f"epoch {epoch + 1}",
                         final_line=False, leave=False)
     try:
-        stats = train_one_epoch(t.net, loader, t.criterion, t.optimizer, t.scaler, rt, args,
-                                epoch, state["step"], on_step, t.lr, on_log=board.scalars,
-                                progress=progress)
+        stats = train_one_epoch(t.net, loader, t.criterion, t.optimizer, t.scaler, rt,
+                                t.settings, epoch, state["step"], on_step, t.lr,
+                                on_log=board.scalars, progress=progress)
     except NonFiniteLoss as e:
         kept = f"{last} keeps the last good weights" if last.is_file() else "nothing saved"
         raise NonFiniteLoss(f"{e}; training stopped, {kept}") from None
@@ -579,7 +373,7 @@ def validate(t, val_loader, rt, args, epoch):
     """evaluate() at the end of an epoch; diverged weights stop the run in one line."""
     last = Path(args.out_dir) / "last.pt"
     try:
-        return evaluate(t.net, val_loader, rt, args, t.pos_weight)
+        return evaluate(t.net, val_loader, rt, t.settings.precision, t.pos_weight)
     except NonFiniteLoss as e:
         kept = f"{last} keeps the last good weights" if last.is_file() else "nothing saved"
         raise NonFiniteLoss(f"{e} at epoch {epoch + 1}; training stopped, {kept}") from None
@@ -606,13 +400,13 @@ def epoch_record(t, args, rt, state, epoch, stats, val, seconds, global_batch):
     return record
 
 
-def _train(args, rt, lists, train_set, val_set, global_batch, out_dir, log):
+def _train(args, rt, precision, flags, data, train_set, val_set, global_batch, out_dir, log):
     torch.manual_seed(args.seed)
     data_ids = data_identity(train_set, val_set)
     last, best = out_dir / "last.pt", out_dir / "best.pt"
     resume = args.resume or (last if last.is_file() else None)
-    t = build_training(args, rt, train_set, resume, out_dir, global_batch)
-    state = resume_state(args, rt, t, resume, out_dir, data_ids, global_batch, log)
+    t = build_training(args, rt, precision, train_set, resume, out_dir, global_batch)
+    state = resume_state(args, rt, t, flags, resume, out_dir, data_ids, global_batch, log)
     n = len(train_set)
     if args.check:
         log(f"ok: {n} train / {len(val_set)} val images, {args.arch}, out-dir {out_dir}"
@@ -627,26 +421,26 @@ def _train(args, rt, lists, train_set, val_set, global_batch, out_dir, log):
         t.net = DDP(t.net, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
     val_sampler = torch.utils.data.DistributedSampler(
         val_set, num_replicas=rt.world_size, rank=rt.rank, shuffle=False)
-    val_loader = make_loader(val_set, val_sampler, args, rt, train=False)
+    val_loader = make_loader(val_set, val_sampler, args.batch_size, args.workers, rt, train=False)
     lr = t.lr
-    if args.precision_note:
-        log(f"note: {args.precision_note}")
-    log(f"{args.arch} on {rt.world_size} x {rt.device.type}, {precision_of(args)}: {n} train / "
+    if flags["precision_note"]:
+        log(f"note: {flags['precision_note']}")
+    log(f"{args.arch} on {rt.world_size} x {rt.device.type}, {precision}: {n} train / "
         f"{len(val_set)} val images; global batch {global_batch} ({args.batch_size} x "
         f"{rt.world_size}), {t.steps_per_epoch} steps per epoch; lr {lr.peak:.3g}"
         + (f" (recipe {args.lr:.3g} x sqrt({global_batch}/{RECIPE_BATCH}), {lr.warmup} warm-up "
            "steps)" if lr.peak != args.lr else "") + f"; out-dir {out_dir}")
     # training's own val AUC is not the evaluation's: say which it is, once
     log(f"val mean AUC after each epoch: {len(val_set)} val images, "
-        f"{protocol_name(args.resize, args.crop_size, ten_crop=False)}, {BACKEND_NAMES['torch']} "
-        f"{precision_of(args)} (quick; `infer.py --part val` scores ten crops, the published "
+        f"{protocol_name(data.resize, data.crop_size, ten_crop=False)}, {BACKEND_NAMES['torch']} "
+        f"{precision} (quick; `infer.py --part val` scores ten crops, the published "
         "protocol, and gives another number)")
     if state["epoch"] >= args.epochs:
         log(f"nothing to do: {resume} already holds epoch {state['epoch']} of {args.epochs}")
         return t.model
 
     def save(path, **extra):
-        save_checkpoint(path, t.model, t.optimizer, t.scheduler, t.scaler, args,
+        save_checkpoint(path, t.model, t.optimizer, t.scheduler, t.scaler, flags,
                         **{**state, "world_size": rt.world_size, "batch_size": args.batch_size,
                            "data": data_ids, **extra})
 

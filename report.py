@@ -36,7 +36,7 @@ from metrics import (N_BOOT, N_BOOT_RANGE, RULE_MEANING, RULES, at_threshold,
 from operating_points import (OPERATING_POINTS, calibrate, check_operating_points,
                               read_operating_points, thresholds_of)
 from predictions import read_predictions, read_source, source_path
-from splitting import resolve_split
+from splitting import Data
 from optional import MissingPackage, pyplot
 from subgroups import (add_subgroup_args, demographics_for, markdown_section, subgroup_section,
                        summary_lines, write_figure)
@@ -543,22 +543,23 @@ def labels_for(names, lists, what, classes):
 
 
 def recorded_split(args, csv_path):
-    """(the record of csv_path, the lists of its split, the data directory): --data-dir,
+    """(the record of csv_path, the splitting.Data of its split, resolved): --data-dir,
     --split, --split-seed, --keep-laterals where given, else what the record says, else the
     defaults; said before the split is read (an error then names what the record said)."""
     source, note = read_source(csv_path)
     if note:
         print(f"note: {note}")
+    given = {"data_dir": args.data_dir, "split": args.split, "split_seed": args.split_seed,
+             "keep_laterals": args.keep_laterals}
 
     def setting(name, default):  # the flag where given, else the record's, else the default
-        value = getattr(args, name)
-        return value if value is not None else source.get(name, default)
+        return given[name] if given[name] is not None else source.get(name, default)
     data_dir, split = setting("data_dir", "data"), setting("split", "auto")
     if source:
         print(f"using what {source.get('made_by', 'the evaluation')} recorded in "
               f"{source_path(csv_path)}: data {data_dir}, split {split}")
-    return source, resolve_split(split, data_dir, setting("split_seed", 0),
-                                 bool(setting("keep_laterals", False))), data_dir
+    return source, Data(data_dir, split, setting("split_seed", 0),
+                        bool(setting("keep_laterals", False))).resolved()
 
 
 def compare(args):
@@ -575,8 +576,8 @@ def compare(args):
                         f"{only[0]}): a paired comparison needs the same images")
     order = {n: i for i, n in enumerate(names_b)}
     probs_b = probs_b[[order[n] for n in names_a]]
-    _, lists, _ = recorded_split(args, args.a)
-    labels = labels_for(names_a, lists, args.a, classes)
+    _, data = recorded_split(args, args.a)
+    labels = labels_for(names_a, data.lists, args.a, classes)
     result = paired_auc_difference(labels, probs_a, probs_b, patient_groups(names_a),
                                    args.n_boot, args.boot_seed)
     print(f"{len(names_a)} images, {len(set(patient_groups(names_a)))} patients; "
@@ -622,7 +623,8 @@ def report_file(args):
     raw or calibrated), flags given here winning; written as <stem>_rerun* (never over
     infer.py's own report, nor over an earlier rerun)."""
     names, probs, classes = read_predictions(args.predictions)
-    source, lists, data_dir = recorded_split(args, args.predictions)
+    source, data = recorded_split(args, args.predictions)
+    lists = data.lists
     labels = labels_for(names, lists, args.predictions, classes)
     calibrated = source.get("calibrated")  # None: not recorded, the report says so
     points = None
@@ -664,7 +666,7 @@ def report_file(args):
     no_subgroups = args.no_subgroups or bool(source.get("no_subgroups"))
     table = (args.patients_table if args.patients_table is not None or no_subgroups
              else source.get("patients_table"))
-    demographics = demographics_for(data_dir, no_subgroups, table)
+    demographics = demographics_for(data.data_dir, no_subgroups, table, dataset=data.dataset)
     notice = {"notice": SAMPLE_NOTICE} if source.get("notice") or trained_on_sample(
         _exported_from(Path(args.predictions).parent)) else {}
     context = {k: source[k] for k in ("mode", "part", "list", "protocol") if k in source}

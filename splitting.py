@@ -1,21 +1,66 @@
 """Patient-level splits: made from a data set's table (random, official), shipped (CheXNet's)
 or a directory of list files; resolved from --split, and checked so that no image and no
-patient is in two splits.
+patient is in two splits. `Data`: the data an entry point works on, its split resolved once.
 
     split         three list files, train_list.txt, val_list.txt, test_list.txt
 """
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from common import REPO_DIR, DataError, one_line, os_reason
-from labels import check_disjoint, write_list
+from labels import check_disjoint, list_header, write_list
 from tables import (CHEXPERT_CLASSES, HOW_TO_GET_DATA, detect_dataset, find_label_table,
                     read_chexpert, read_label_table, read_mimic)
 
 SPLITS = ("train", "val", "test")
 # arnoweng/CheXNet's published 70/10/20 split (Stanford never released the paper's own).
 SHIPPED_SPLIT_DIR = REPO_DIR / "splits" / "chexnet"
+
+
+@dataclass(frozen=True)
+class Data:
+    """The facts about the data an entry point works on, resolved once from its flags and
+    passed down: the directory, the kind of data set it holds ('nih', 'chexpert' or 'mimic':
+    detected once, when this is made), the split (--split, --split-seed, --keep-laterals; once
+    resolved(), its three list files and the classes they label), and the evaluation sizes
+    (--resize, --crop-size; None where the entry point crops nothing: stats.py, report.py).
+    data_dir stays as given: messages name it as the user wrote it."""
+    data_dir: object = "data"
+    split: str = "auto"
+    split_seed: int = 0
+    keep_laterals: bool = False
+    resize: object = None
+    crop_size: object = None
+    dataset: str = None
+    list_files: tuple = None  # (train, val, test) list paths, once resolved
+    classes: tuple = None  # the classes they label, once resolved
+
+    def __post_init__(self):
+        if self.dataset is None:
+            object.__setattr__(self, "dataset", dataset_of(self.data_dir))
+
+    @property
+    def lists(self):
+        """{'train': Path, 'val': Path, 'test': Path}: the resolved split's list files."""
+        if self.list_files is None:
+            raise ValueError("the split is not resolved yet: Data.resolved() first")
+        return dict(zip(SPLITS, self.list_files))
+
+    def resolved(self):
+        """A copy with the split resolved (resolve_split: made and written where it is made
+        from the data set's tables, checked for leaks) and its classes read."""
+        lists = resolve_split(self.split, self.data_dir, self.split_seed, self.keep_laterals,
+                              self.dataset)
+        return replace(self, list_files=tuple(lists[s] for s in SPLITS),
+                       classes=tuple(list_header(lists["train"])[0]))
+
+
+def dataset_of(data_dir):
+    """The kind of data set a data directory holds (tables.detect_dataset); 'nih' where there
+    is no such directory (the shipped split needs none)."""
+    return detect_dataset(data_dir) if data_dir is not None and Path(data_dir).is_dir() else "nih"
 
 
 def patient_split(patients, fractions=(0.7, 0.1, 0.2), seed=0):
@@ -94,7 +139,7 @@ def make_official_split(data_dir, seed=0, val_fraction=0.125):
                         "official")
 
 
-def resolve_split(split="auto", data_dir=None, seed=0, keep_laterals=False):
+def resolve_split(split="auto", data_dir=None, seed=0, keep_laterals=False, dataset=None):
     """Where the list files of a split live: {'train': Path, 'val': Path, 'test': Path}.
 
     split:
@@ -107,10 +152,11 @@ def resolve_split(split="auto", data_dir=None, seed=0, keep_laterals=False):
                out by patient; CheXpert's train.csv / valid.csv; MIMIC's split file)
       DIR      a directory holding train_list.txt, val_list.txt, test_list.txt
     The lists are checked to share no image and no patient. CheXpert and MIMIC lists hold
-    frontal views only unless keep_laterals.
+    frontal views only unless keep_laterals. dataset: the kind of data set data_dir holds,
+    where the caller knows it (Data.dataset); detected here otherwise.
     """
-    dataset = detect_dataset(data_dir) if data_dir is not None and Path(data_dir).is_dir() \
-        else "nih"
+    if dataset is None:
+        dataset = dataset_of(data_dir)
     if split == "auto":
         present = [s for s in SPLITS if data_dir is not None
                    and (Path(data_dir) / f"{s}_list.txt").exists()]

@@ -15,7 +15,7 @@ import numpy as np
 
 from common import ArgumentParser, DataError, add_split_args, one_line
 from labels import list_header, patient_of, read_list
-from splitting import resolve_split
+from splitting import Data
 from tables import SHIPPED_LABEL_TABLE, find_label_table, read_label_table
 
 
@@ -170,8 +170,8 @@ def main(argv=None):
                         help="also write the prevalence and co-occurrence figures (to plots/)")
     args = parser.parse_args(argv)
     try:
-        lists = resolve_split(args.split, args.data_dir, args.split_seed,
-                          getattr(args, "keep_laterals", False))
+        data = Data(args.data_dir, args.split, args.split_seed, args.keep_laterals).resolved()
+        lists = data.lists
         stats = split_stats(lists)
         print(f"split: {lists['train'].parent}")
         print(format_table(stats))  # resolve_split refused any image or patient in two splits

@@ -50,10 +50,12 @@ def store_dir(data_dir, size):
     return Path(data_dir) / "store" / str(size)
 
 
-def source_dir(data_dir):
+def source_dir(data_dir, dataset=None):
     """Where the images are: NIH's flat images/, or the data directory itself for the nested
-    layouts of CheXpert (train/patient*/...) and MIMIC-CXR-JPG (files/p*/...)."""
-    return Path(data_dir) / "images" if detect_dataset(data_dir) == "nih" else Path(data_dir)
+    layouts of CheXpert (train/patient*/...) and MIMIC-CXR-JPG (files/p*/...). dataset: the
+    kind of data set, where the caller knows it (splitting.Data.dataset); detected otherwise."""
+    dataset = dataset or detect_dataset(data_dir)
+    return Path(data_dir) / "images" if dataset == "nih" else Path(data_dir)
 
 
 def is_image(path):
@@ -75,9 +77,9 @@ def _one_line(name):
     return "\n" not in name and "\r" not in name
 
 
-def image_names(data_dir):
+def image_names(data_dir, dataset=None):
     """Every image of the data set, as the list files name it (relative to source_dir)."""
-    image_dir = source_dir(data_dir)
+    image_dir = source_dir(data_dir, dataset)
     try:
         if image_dir.name == "images":
             return sorted(n for n in os.listdir(image_dir)
@@ -121,10 +123,11 @@ def _read_meta(directory):
     return None
 
 
-def open_store(data_dir, size, names=None):
+def open_store(data_dir, size, names=None, dataset=None):
     """The complete store for this image size, None if there is none, or a DataError when one
     is there but partial, damaged or stale: a store is never used silently.
-    names: the sorted PNG names of <data-dir>/images (listed here if not given)."""
+    names: the sorted PNG names of <data-dir>/images (listed here if not given); dataset: as
+    source_dir's."""
     directory = store_dir(data_dir, size)
     if not directory.is_dir():
         return None
@@ -143,7 +146,7 @@ def open_store(data_dir, size, names=None):
     if len(stored) != meta["count"] or nbytes != meta["count"] * size * size:
         raise DataError(f"{directory}/: damaged store (sizes do not match meta.json); {how} "
                         "to repair it")
-    names = image_names(data_dir) if names is None else names
+    names = image_names(data_dir, dataset) if names is None else names
     if names != stored:
         raise DataError(f"{directory}/: stale store ({len(stored)} images, {data_dir}/images/ "
                         f"has {len(names)} different ones); {how} to bring it up to date")
@@ -258,18 +261,21 @@ def retry_skipped(store, image_dir):
     return len(fixed), sorted(store.skipped - set(fixed))
 
 
-def prepare_store(data_dir, sizes=(256,), workers=None, progress=True, skip_bad_images=False):
+def prepare_store(data_dir, sizes=(256,), workers=None, progress=True, skip_bad_images=False,
+                  dataset=None):
     """Decode every image (PNG, JPEG, DICOM) of <data-dir>/images once, in parallel, into the store of each size.
     Resumable: rows already written are kept when the same images are prepared again; a store
     only counts as complete once its meta.json is written (atomically, last). A complete store
     of the same images is left alone; a stale or damaged one is prepared anew.
-    Returns {size: (directory, images decoded now, names skipped as unreadable)}."""
+    Returns {size: (directory, images decoded now, names skipped as unreadable)}. dataset: as
+    source_dir's."""
     from multiprocessing import Pool
 
     from tqdm import tqdm
 
-    image_dir = source_dir(data_dir)
-    names = image_names(data_dir)
+    dataset = dataset or detect_dataset(data_dir)  # once, for both
+    image_dir = source_dir(data_dir, dataset)
+    names = image_names(data_dir, dataset)
     if not names:
         raise DataError(f"{image_dir}/: no images (PNG, JPEG or DICOM)")
     for size in sizes:

@@ -189,10 +189,12 @@ def mimic_demographics(path):
     return Demographics(path, "patient", sex, age)
 
 
-def load_demographics(data_dir, patients_table=None):
+def load_demographics(data_dir, patients_table=None, dataset=None):
     """(Demographics or None, why none). Bad tables are a DataError; a data set without
-    demographics is None with the reason."""
-    dataset = detect_dataset(data_dir) if data_dir and Path(data_dir).is_dir() else "nih"
+    demographics is None with the reason. dataset: the kind of data set data_dir holds, where
+    the caller knows it (splitting.Data.dataset); detected otherwise."""
+    if dataset is None:
+        dataset = detect_dataset(data_dir) if data_dir and Path(data_dir).is_dir() else "nih"
     if patients_table is not None and dataset != "mimic":
         raise DataError(f"--patients-table: MIMIC-IV's patients table is for MIMIC-CXR; "
                         f"{data_dir} is {dataset}")
@@ -611,15 +613,16 @@ def add_subgroup_args(parser):
                              "subject_id, gender, anchor_age) for the subgroup section")
 
 
-def demographics_for(data_dir, no_subgroups=False, patients_table=None, log=print):
+def demographics_for(data_dir, no_subgroups=False, patients_table=None, log=print, dataset=None):
     """What a script passes on: the Demographics, or None (with a note why) when the section
-    is off or the data set has none. Read before anything expensive: a bad table stops here."""
+    is off or the data set has none. Read before anything expensive: a bad table stops here.
+    dataset: as load_demographics's."""
     if no_subgroups:
         if patients_table is not None:
             raise DataError("--patients-table: not used with --no-subgroups")
         return None
     try:
-        found, why = load_demographics(data_dir, patients_table)
+        found, why = load_demographics(data_dir, patients_table, dataset)
     except MissingPackage as e:  # a box that installed less: the report without the section
         found, why = None, one_line(e)
     except DataError as e:

@@ -4,7 +4,7 @@
     python benchmarks/gpu.py --hpu            # an Intel Gaudi (inside its PyTorch container)
     python benchmarks/gpu.py --tiny           # a toy-sized run (automatic on a CPU): tests use it
 
-Rows: DenseNet-121 training images/s at 224x224 (main.train_one_epoch on in-memory batches,
+Rows: DenseNet-121 training images/s at 224x224 (fitting.train_one_epoch on in-memory batches,
 forward + backward + Adam) in fp32, bf16 autocast, bf16 + channels_last and bf16 +
 channels_last + torch.compile, each at the largest batch of --batch-sizes that fits; the
 training loader's images/s (main.py's default workers) decoding PNGs and reading the 512 store
@@ -136,7 +136,8 @@ def eval_row(device, root, crop, resize, batch, workers, n, flags=("--amp", "--c
     from backends import TorchPredictor
     from runtime import autocast
     predictor = TorchPredictor(checkpoint, images, device.rt, crop, batch, workers,
-                               args.channels_last, lambda: autocast(device.rt, args))
+                               args.channels_last,
+                               lambda: autocast(device.rt.device.type, args.amp, args.amp_dtype))
     indices = list(range(min(n, len(images))))
     predictor(indices[:batch])  # warm-up
     device.reset_peak()

@@ -23,8 +23,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import infer  # noqa: E402
-from backends import TorchModel, load_openvino, read_metadata, with_data_defaults  # noqa: E402
-from export import export  # noqa: E402
+from backends import TorchModel, data_defaults, load_openvino, read_metadata  # noqa: E402
 from images import eval_input  # noqa: E402
 from labels import write_list  # noqa: E402
 from tables import read_label_table  # noqa: E402
@@ -81,9 +80,10 @@ def main():
         torch.manual_seed(0)
         checkpoint = work / "random.pt"
         torch.save(build_model(pretrained="none").state_dict(), checkpoint)
-    export(infer.get_args(["--export", "--checkpoint", str(checkpoint), "--model-dir",
-                           str(work / "models"), "--data-dir", str(work), "--calibration-size",
-                           str(a.calibration_size), "--validation-size", "1"]))
+    infer.main(["--export", "--checkpoint", str(checkpoint), "--model-dir", str(work / "models"),
+                "--data-dir", str(work), "--calibration-size", str(a.calibration_size),
+                "--validation-size", "1"])
+    crop = data_defaults(read_metadata(work / "models")).crop_size  # the export's
 
     crops = eval_input(image_dir / names[test][0])
     rows, device, batch = {}, None, None
@@ -93,17 +93,16 @@ def main():
         if mode == "torch":
             argv += ["--device", a.device] + (["--batch-size", a.batch_size] if a.batch_size else [])
         args = infer.get_args(argv)
-        args = with_data_defaults(args, read_metadata(args.model_dir))
         rt = setup(args.device) if mode == "torch" else None
         if rt is not None:
             device = (torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda"
                       else f"{rt.device.type}, {torch.get_num_threads()} threads")
-        result = infer.evaluate(args, rt)  # loads the model first; times the predictions
+        result = infer.main(argv)  # loads the model first; times the predictions
         batch = (args.batch_size or (1 if rt.device.type == "cpu" else 32)) if mode == "torch" \
             else batch  # TorchPredictor's default
         backend = (TorchModel(checkpoint) if mode == "torch"
                    else load_openvino(args.model_dir, mode, read_metadata(args.model_dir),
-                                      args.crop_size, args.images_per_request, args.streams))
+                                      crop, args.images_per_request, args.streams))
         rows[mode] = {"e2e": len(result["names"]) / result["seconds"],
                       "model": model_only(backend, crops, 3 if mode == "torch" else 20),
                       "auc": result["mean_auc"]}

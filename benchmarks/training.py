@@ -3,7 +3,7 @@
     python benchmarks/training.py [--steps 6] [--batch-size 16] [--device auto]
     python benchmarks/training.py --data-dir DIR [--steps 200] [--workers 8]
 
-The first form runs main.train_one_epoch on in-memory batches (the model's number, not the
+The first form runs fitting.train_one_epoch on in-memory batches (the model's number, not the
 data loader's) for fp32, channels_last, bf16 autocast and both, and prints one table; add
 --compile to also try torch.compile. The second trains for real with main.py (--amp
 --channels-last) on DIR, once decoding PNGs and once from the preprocessed store (prepared
@@ -20,9 +20,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import fitting  # noqa: E402
 import main  # noqa: E402
 from benchmarks.data_loading import cpu_name  # noqa: E402
+from fitting import StepSettings  # noqa: E402
 from model import build_model  # noqa: E402
+from runtime import Precision, setup  # noqa: E402
 
 # Explicit both ways: main.py's defaults depend on the CPU (bf16 + channels_last with AMX).
 VARIANTS = {"fp32": ["--no-amp", "--no-channels-last"],
@@ -32,8 +35,10 @@ VARIANTS = {"fp32": ["--no-amp", "--no-channels-last"],
 
 
 def throughput(flags, rt, steps, batch_size, crop, warmup=None):
-    """Images/s of main.train_one_epoch on in-memory batches, after `warmup` steps."""
+    """Images/s of fitting.train_one_epoch on in-memory batches, after `warmup` steps."""
     args = main.get_args(["--batch-size", str(batch_size), "--crop-size", str(crop), *flags])
+    # the flags are explicit both ways (VARIANTS): no CPU default to resolve
+    settings = StepSettings(Precision(args.amp, args.amp_dtype, args.channels_last))
     torch.manual_seed(0)
     model = build_model(pretrained="none").to(rt.device)
     if args.channels_last:
@@ -50,8 +55,8 @@ def throughput(flags, rt, steps, batch_size, crop, warmup=None):
     def run(n):
         sync()
         start = time.perf_counter()
-        main.train_one_epoch(net, batches * n, criterion, optimizer, scaler, rt, args, 0, 0,
-                             lambda *a: None)
+        fitting.train_one_epoch(net, batches * n, criterion, optimizer, scaler, rt, settings,
+                                0, 0, lambda *a: None)
         sync()
         return time.perf_counter() - start
 
@@ -101,7 +106,7 @@ def end_to_end(a):
     if open_store(a.data_dir, 256) is None:
         prepare_store(a.data_dir, 256)
     results = {}
-    train_one_epoch = main.train_one_epoch
+    train_one_epoch = fitting.train_one_epoch  # main.py's name for it is timed below
     for path, flags in (("PNG", ["--no-store"]), ("store", [])):
         epochs = []
 
@@ -141,7 +146,7 @@ def main_():
     a = p.parse_args()
     if a.data_dir:
         return end_to_end(a)
-    rt = main.setup(a.device)
+    rt = setup(a.device)
     name = (torch.cuda.get_device_name() if rt.device.type == "cuda"
             else f"{cpu_name()}, {torch.get_num_threads()} threads" if rt.device.type == "cpu"
             else rt.device.type)

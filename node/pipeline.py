@@ -8,12 +8,11 @@ import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
-from backends import (METADATA, MODEL_NAMES, file_digest, load_openvino, metadata_classes,
-                      read_metadata, with_data_defaults)
+from backends import (METADATA, MODEL_NAMES, data_defaults, file_digest, load_openvino,
+                      metadata_classes, read_metadata)
 from images import TEN_CROPS, average_crops
 from node.dicom import VERSION, ServeError
 from node.logs import log
@@ -68,8 +67,8 @@ class Model:
         from operating_points import operating_points_for
         meta = read_metadata(model_dir, required=True)
         # serve.py has none of the data flags (resize, crop size...): each is the export's
-        settings = with_data_defaults(SimpleNamespace(), meta, Path(model_dir) / METADATA)
-        self.resize, self.crop = settings.resize, settings.crop_size
+        data = data_defaults(meta, Path(model_dir) / METADATA)
+        self.resize, self.crop = data.resize, data.crop_size
         problem = class_name_problem(metadata_classes(meta, model_dir))
         if problem:  # before the model is compiled
             raise ServeError(f"{Path(model_dir) / METADATA}: {problem}")

@@ -103,7 +103,7 @@ def test_uncertainty_policies_and_evaluation_labels():
 
 
 def test_masked_loss_ignores_what_it_should():
-    from main import MaskedBCE
+    from fitting import MaskedBCE
     logits = torch.randn(4, 3, requires_grad=True)
     targets = torch.tensor([[1, 0, float("nan")]] * 4)
     loss = MaskedBCE()(logits, targets)

@@ -7,10 +7,10 @@ resume. One test per class of failure, each at the mechanism that owns it:
     DICOM transform not well defined        images._dicom_pixels / _voi / _finite, load_gray: DataError only   test_dicom_*
     decompression bombs                     images.MAX_DECODED_BYTES, check_declared_size (header first)      test_dicom_*
     prediction CSV / box file round trip    report.write/read_predictions, cam.read_boxes                  test_*_round_trip
-    chunk proves its images                 infer.Chunks (start, stop, SHA-256 of names, rows)            test_chunks_*
+    chunk proves its images                 predictions.Chunks (start, stop, SHA-256 of names, rows)      test_chunks_*
     output names collide                    cam.cam_stem, check_writable_dir before work                  test_heatmap_*
     parameters changed or meaningless       report.n_boot type, cam.Tally(taus)                           test_*_flags
-    torchrun resume                         infer.predict_in_chunks (rank 0 alone touches chunks)         test_torchrun_*
+    torchrun resume                         predictions.predict_in_chunks (rank 0 alone touches chunks)   test_torchrun_*
     lock kept by an orphaned worker         common.exclusive_lock (fcntl.lockf: not inherited by fork)    test_lock_*
     store names with spaces                 store.read_names / names_text (one name per line)             test_store_*
     operating points / class map checked    infer.evaluate: checked before Chunks and the first image     test_evaluation_*
@@ -491,7 +491,7 @@ def test_box_file_round_trip(tmp_path):
 # Saved chunks prove which images they hold
 
 def test_chunks_prove_their_images(tmp_path):
-    from infer import Chunks
+    from predictions import Chunks
     names = [f"{i:08d}_000.png" for i in range(25)]
     notes = []
     key = {"model": "m"}

@@ -3,7 +3,6 @@ non-terminal log, TensorBoard event files read back with TensorBoard's own reade
 the run, and the CPU precision defaults."""
 import json
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -58,17 +57,15 @@ class SlowLoader:
 
 
 def one_epoch(loader, log_every=50, lr=1e-3, **kwargs):
-    """main.train_one_epoch with a tiny model on the CPU."""
-    import main
+    """fitting.train_one_epoch with a tiny model on the CPU."""
+    from fitting import StepSettings, train_one_epoch
     from runtime import Runtime
     torch.manual_seed(0)
     model = TinyNet()
-    args = SimpleNamespace(freeze_backbone=False, amp=False, channels_last=False, max_steps=0,
-                           log_every=log_every)
-    return main.train_one_epoch(model, loader, torch.nn.BCEWithLogitsLoss(),
-                                torch.optim.Adam(model.parameters(), lr=lr),
-                                torch.amp.GradScaler(enabled=False), Runtime(torch.device("cpu")),
-                                args, 0, 0, **kwargs)
+    return train_one_epoch(model, loader, torch.nn.BCEWithLogitsLoss(),
+                           torch.optim.Adam(model.parameters(), lr=lr),
+                           torch.amp.GradScaler(enabled=False), Runtime(torch.device("cpu")),
+                           StepSettings(log_every=log_every), 0, 0, **kwargs)
 
 
 def batches(n=20):
@@ -208,35 +205,41 @@ def test_without_the_tensorboard_package_training_goes_on(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # What the CPU has
 
-def test_precision_defaults_follow_the_cpu(capsys, monkeypatch):
+def test_precision_defaults_follow_the_cpu(monkeypatch):
     import main
     import runtime
-    monkeypatch.setattr(runtime, "cpu_has_amx", lambda: True)
-    monkeypatch.setattr(main, "cpu_fast_path", lambda device: device == "cpu")
-    args = main.get_args(["--device", "cpu"])
-    assert args.amp and args.channels_last and "AMX" in args.precision_note
-    args = main.get_args(["--device", "cpu", "--no-amp"])
-    assert not args.amp and args.channels_last
-    args = main.get_args(["--device", "cpu", "--no-amp", "--no-channels-last"])
-    assert not args.amp and not args.channels_last and args.precision_note is None
-    monkeypatch.setattr(main, "cpu_fast_path", lambda device: False)
-    args = main.get_args(["--device", "cpu"])  # no AMX: fp32 as before
-    assert not args.amp and not args.channels_last and args.precision_note is None
+    from runtime import Precision, default_precision
+    args = main.get_args(["--device", "cpu"])  # unset: main.run resolves them
+    assert args.amp is None and args.channels_last is None
     args = main.get_args(["--device", "cpu", "--amp", "--channels-last"])  # old command lines
     assert args.amp and args.channels_last
+    monkeypatch.setattr(runtime, "cpu_has_amx", lambda: True)
+    precision, note, defaulted = default_precision("cpu")
+    assert precision == Precision(amp=True, channels_last=True) and "AMX" in note
+    assert defaulted == ["amp", "channels_last"]
+    assert default_precision("cuda")[0] == Precision()  # GPUs take --amp explicitly
+    precision, note, defaulted = default_precision("cpu", amp=False)
+    assert not precision.amp and precision.channels_last and defaulted == ["channels_last"]
+    precision, note, defaulted = default_precision("cpu", amp=False, channels_last=False)
+    assert precision == Precision() and note is None and defaulted == []
+    monkeypatch.setattr(runtime, "cpu_has_amx", lambda: False)
+    precision, note, _ = default_precision("cpu")  # no AMX: fp32 as before
+    assert precision == Precision() and note is None
+    assert default_precision("cpu", True, True)[0] == Precision(amp=True, channels_last=True)
+    assert str(Precision(amp=True, channels_last=True)) == "bf16 autocast + channels_last"
 
 
 @pytest.mark.integration
 def test_a_resumed_run_keeps_the_precision_it_was_trained_in(tmp_path, capsys, monkeypatch):
     """Trained in fp32, resumed on a CPU whose default is bf16 + channels_last: it goes on in
     fp32 and says so; a flag given on resume still wins."""
-    import main
+    import runtime
     out = tmp_path / "run"
     common = [*TINY, "--limit", "16", "--out-dir", out, "--no-tensorboard"]
-    monkeypatch.setattr(main, "cpu_fast_path", lambda device: False)
+    monkeypatch.setattr(runtime, "cpu_fast_path", lambda device: False)
     first = run_main(capsys, *common, "--epochs", "1")
     assert first.returncode == 0, first.stderr
-    monkeypatch.setattr(main, "cpu_fast_path", lambda device: device == "cpu")  # now "AMX"
+    monkeypatch.setattr(runtime, "cpu_fast_path", lambda device: device == "cpu")  # now "AMX"
     resumed = run_main(capsys, *common, "--epochs", "2")
     assert resumed.returncode == 0, resumed.stderr
     assert "was trained with --no-amp, --no-channels-last: resuming the same way" in resumed.stdout

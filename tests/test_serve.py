@@ -338,14 +338,12 @@ def test_reports_reach_the_pacs_with_infer_probabilities(model_dir, dx_files, pa
         record = json.loads((tmp_path / "spool" / "done" / f"{uid_of(files[0])}.json").read_text())
         sys.path.insert(0, str(REPO))
         from images import eval_input
-        from backends import load_openvino, read_metadata, with_data_defaults
+        from backends import data_defaults, load_openvino, read_metadata
         from images import average_crops
-        from infer import get_args
-        args = get_args(["--mode", "int8", "--model-dir", str(model_dir), "--image", "x"])
-        args = with_data_defaults(args, read_metadata(model_dir))
-        backend = load_openvino(model_dir, "int8", read_metadata(model_dir), args.crop_size)
+        data = data_defaults(read_metadata(model_dir))  # infer.py --image without data flags
+        backend = load_openvino(model_dir, "int8", read_metadata(model_dir), data.crop_size)
         out = {}
-        backend.run_all([(0, eval_input(files[0], args.resize, args.crop_size))],
+        backend.run_all([(0, eval_input(files[0], data.resize, data.crop_size))],
                         lambda k, o: out.update(p=np.asarray(average_crops(o[:10])[0], np.float64)))
         assert [row["probability"] for row in record["findings"]] == out["p"].tolist()
 

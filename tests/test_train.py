@@ -19,8 +19,11 @@ import torchvision
 from PIL import Image
 
 from conftest import REPO, TINY, assert_clean_error, pre_041_state, run_main
+from dataset import XrayDataset
+from fitting import epoch_order, evaluate, make_loader
 from labels import NIH_CLASSES, read_list, write_list
 from model import build_model, load_file, with_sigmoid
+from runtime import default_precision, setup
 
 
 def weights(path):
@@ -61,10 +64,10 @@ sys.path.insert(0, {repo!r})
 import main
 seen, evaluated = [], []
 make_loader, evaluate = main.make_loader, main.evaluate
-def spy_loader(dataset, indices, args, rt, train):
+def spy_loader(dataset, indices, batch_size, workers, rt, train):
     if train:
         seen.append([dataset.names[i] for i in indices])
-    return make_loader(dataset, indices, args, rt, train)
+    return make_loader(dataset, indices, batch_size, workers, rt, train)
 def spy_evaluate(*a, **k):
     out = evaluate(*a, **k)
     evaluated.append({{"names": list(out["names"]), "probs": out["probs"].tolist()}})
@@ -112,7 +115,7 @@ def test_torchrun_resumes_a_one_process_run_by_images_seen(tmp_path, capsys):
     assert_same_weights(ranks[0], weights(out / "last.pt"))
     probes = [json.loads((tmp_path / f"probe{r}.json").read_text()) for r in (0, 1)]
     train_names = read_list(REPO / "sample" / "train_list.txt")[0][:39]
-    order = main.epoch_order(39, 0, 1)
+    order = epoch_order(39, 0, 1)
     before = {train_names[i] for i in order[:16]}  # epoch 2 as far as the one process got
     after = probes[0]["seen"][0] + probes[1]["seen"][0]
     assert len(set(after)) == len(after) == 16 and not before & set(after)
@@ -123,13 +126,15 @@ def test_torchrun_resumes_a_one_process_run_by_images_seen(tmp_path, capsys):
     val_names = read_list(REPO / "sample" / "val_list.txt")[0][:39]
     ddp = probes[0]["evaluated"][-1]
     assert ddp["names"] == val_names and probes[1]["evaluated"][-1]["names"] == val_names
-    rt = main.setup("cpu")
+    rt = setup("cpu")
     margs = main.get_args([str(a) for a in args])
     model = build_model(pretrained="none")
     model.load_state_dict(ranks[0])
-    _, val_set = main.make_datasets(margs, {"train": REPO / "sample" / "train_list.txt",
-                                            "val": REPO / "sample" / "val_list.txt"}, print)
-    alone = main.evaluate(model, main.make_loader(val_set, None, margs, rt, False), rt, margs)
+    val_set = XrayDataset(REPO / "sample", REPO / "sample" / "val_list.txt", "center",
+                          margs.resize, crop=margs.crop_size, limit=margs.limit)
+    precision, _, _ = default_precision("cpu", margs.amp, margs.channels_last, margs.amp_dtype)
+    alone = evaluate(model, make_loader(val_set, None, margs.batch_size, margs.workers, rt,
+                                        False), rt, precision)
     assert list(alone["names"]) == val_names
     assert np.allclose(alone["probs"], ddp["probs"], atol=1e-5)
 

@@ -82,7 +82,7 @@ def test_ten_crop_boxes_say_where_each_crop_came_from():
 # ---- epoch order and sharding -------------------------------------------------------------
 
 def test_rank_indices_equal_distributed_sampler_batches():
-    from main import epoch_order, rank_indices
+    from fitting import epoch_order, rank_indices
     n, world, batch, seed, epoch = 103, 3, 4, 7, 2
     order = epoch_order(n, seed, epoch)
     for rank in range(world):
@@ -98,7 +98,7 @@ def test_rank_indices_equal_distributed_sampler_batches():
 def test_resume_by_images_seen_with_another_world_size():
     """Stopped after 5 global batches of 2 x 4, resumed on 3 ranks of 5: every image of the
     epoch is used once, none twice."""
-    from main import epoch_order, rank_indices
+    from fitting import epoch_order, rank_indices
     n = 100
     order = epoch_order(n, 0, 0)
     first = [rank_indices(order, 0, 2, r, 4)[:5 * 4] for r in range(2)]
@@ -110,16 +110,18 @@ def test_resume_by_images_seen_with_another_world_size():
 
 
 def test_learning_rate_scaling_and_warmup():
-    from main import LearningRate, get_args
+    from fitting import LearningRate
+    from main import get_args
     args = get_args([])
     assert args.lr == 1e-4 and args.weight_decay == 1e-5 and args.patience == 5
-    lr = LearningRate(args, 128, 1000)  # 8 GPUs x 16
+    lr = LearningRate(args.lr, 128, 1000)  # 8 GPUs x 16
     assert lr.peak == pytest.approx(1e-4 * 8 ** 0.5) and lr.warmup == 500
     assert lr.at(0) == pytest.approx(1e-4 + (lr.peak - 1e-4) / 500)
     assert lr.at(499) == pytest.approx(lr.peak) and lr.at(500) is None
-    assert LearningRate(args, 128, 100).warmup == 100  # never longer than an epoch
-    assert LearningRate(args, 16, 1000).warmup == 0
-    off = LearningRate(get_args(["--no-lr-scaling"]), 128, 1000)
+    assert LearningRate(args.lr, 128, 100).warmup == 100  # never longer than an epoch
+    assert LearningRate(args.lr, 16, 1000).warmup == 0
+    assert get_args(["--no-lr-scaling"]).no_lr_scaling
+    off = LearningRate(args.lr, 128, 1000, scaling=False)  # what --no-lr-scaling runs
     assert off.peak == 1e-4 and off.warmup == 0
     chexnet = get_args(["--recipe", "chexnet"])
     assert chexnet.lr == 1e-3 and chexnet.crop_scale == 1.0 and chexnet.patience == 1
@@ -165,7 +167,7 @@ def test_non_finite_weights_are_refused(tmp_path):
 
 def test_metrics_jsonl_is_strict_json(tmp_path):
     import json
-    from main import write_metrics
+    from checkpoint import write_metrics
     write_metrics(tmp_path, [{"epoch": 1, "val_mean_auc": float("nan"),
                               "val_auc": {"Hernia": float("nan"), "Mass": 0.5}}])
     text = (tmp_path / "metrics.jsonl").read_text()
