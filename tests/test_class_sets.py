@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY, run_main
+from conftest import REPO, TINY, run_script
 from labels import NIH_CLASSES, write_list
 from tables import read_label_table
 
@@ -58,26 +58,22 @@ def _header(path):
 @pytest.mark.integration
 @pytest.mark.parametrize("classes", [FIVE, ONE], ids=["5-classes", "1-class"])
 def test_a_model_of_any_class_count_goes_through_every_path(classes, tmp_path, shared,
-                                                              nih_images, capsys):
+                                                              nih_images):
     data = class_subset_dir(tmp_path / "data", shared, nih_images, classes)
-    run_dir, models = tmp_path / "run", tmp_path / "models"
-
-    def run(script, *argv):  # each script's main() in this process: no start-up cost
-        return run_main(capsys, *argv, module=script)
-
+    run, models = tmp_path / "run", tmp_path / "models"
     tiny = [str(a) for a in TINY]
     tiny[tiny.index("--data-dir") + 1] = str(data)
     # training, then resume for one more epoch
-    _ok(run("main", *tiny, "--epochs", "1", "--out-dir", run_dir))
-    resumed = _ok(run("main", *tiny, "--epochs", "2", "--out-dir", run_dir))
+    _ok(run_script("main.py", *tiny, "--epochs", "1", "--out-dir", run))
+    resumed = _ok(run_script("main.py", *tiny, "--epochs", "2", "--out-dir", run))
     assert "resuming from" in resumed.stdout
     import torch
-    ckpt = torch.load(run_dir / "last.pt", weights_only=True)
+    ckpt = torch.load(run / "last.pt", weights_only=True)
     assert ckpt["class_names"] == classes and ckpt["epoch"] == 2
     assert ckpt["model"]["classifier.weight"].shape[0] == len(classes)
     # export: FP32, INT8 (accuracy-controlled for the 5 classes), the INT8-vs-FP32 check
     extra = ["--max-auc-drop", "0.5"] if len(classes) == 5 else []
-    exported = _ok(run("infer", "--export", "--checkpoint", run_dir / "best.pt",
+    exported = _ok(run_script("infer.py", "--export", "--checkpoint", run / "best.pt",
                               "--model-dir", models, "--calibration-size", "20",
                               "--validation-size", "20", *extra))
     assert "INT8 vs FP32 on" in exported.stdout
@@ -85,35 +81,35 @@ def test_a_model_of_any_class_count_goes_through_every_path(classes, tmp_path, s
     assert meta["class_names"] == classes
     # the three evaluation modes; val first (operating points), then test, then calibrated
     for mode in ("fp32", "int8"):
-        _ok(run("infer", "--mode", mode, "--part", "val", "--model-dir", models,
+        _ok(run_script("infer.py", "--mode", mode, "--part", "val", "--model-dir", models,
                        "--n-boot", "100", "--no-figures"))
     for mode in ("fp32", "int8", "torch"):
-        evaluated = _ok(run("infer", "--mode", mode, "--model-dir", models,
+        evaluated = _ok(run_script("infer.py", "--mode", mode, "--model-dir", models,
                                    "--n-boot", "100", *(["--no-figures"] if mode != "fp32" else [])))
         assert _header(models / f"predictions_{mode}.csv") == classes
         report = json.loads((models / f"predictions_{mode}_report.json").read_text())
         assert list(report["diseases"]) == classes, evaluated.stdout
     assert (models / "predictions_fp32_roc.png").is_file()
-    calibrated = _ok(run("infer", "--mode", "int8", "--calibrated", "--model-dir",
+    calibrated = _ok(run_script("infer.py", "--mode", "int8", "--calibrated", "--model-dir",
                                 models, "--out-csv", tmp_path / "calibrated.csv", "--n-boot",
                                 "100", "--no-figures"))
     assert _header(tmp_path / "calibrated.csv") == classes, calibrated.stdout
     # --image with heatmaps, in an OpenVINO mode and in torch
     image = data / "images" / (data / "test_list.txt").read_text().splitlines()[3].split()[0]
     for mode in ("int8", "torch"):
-        shown = _ok(run("infer", "--mode", mode, "--model-dir", models, "--image",
+        shown = _ok(run_script("infer.py", "--mode", mode, "--model-dir", models, "--image",
                                image, "--cam", tmp_path / f"cams-{mode}"))
         assert all(c in shown.stdout for c in classes)
         assert len(list((tmp_path / f"cams-{mode}").glob("*.png"))) >= 2
     # the report of a predictions file, and the paired comparison
-    _ok(run("report", models / "predictions_fp32.csv", "--data-dir", data,
+    _ok(run_script("report.py", models / "predictions_fp32.csv", "--data-dir", data,
                    "--n-boot", "100", "--no-figures"))
-    compared = _ok(run("report", "compare", models / "predictions_fp32.csv",
+    compared = _ok(run_script("report.py", "compare", models / "predictions_fp32.csv",
                               models / "predictions_int8.csv", "--data-dir", data,
                               "--n-boot", "100"))
     assert all(c in compared.stdout for c in classes)
     # localization over the box findings the model shares with NIH
-    _ok(run("infer", "--mode", "fp32", "--model-dir", models, "--localize",
+    _ok(run_script("infer.py", "--mode", "fp32", "--model-dir", models, "--localize",
                    "--localize-tau", "0.5"))
     result = json.loads((models / "localization_fp32.json").read_text())
     scored = set(result["methods"]["model"]["test"]) - {"overall"}
