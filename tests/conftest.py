@@ -22,12 +22,13 @@ TINY = ["--data-dir", REPO / "sample", "--pretrained", "none", "--resize", "64",
         "--train-size", "64", "--crop-size", "56", "--batch-size", "8", "--workers", "0"]
 
 
-# Three tiers, by what a test needs (README, Tests): `unit` (no model, no process, no script run;
-# worker pools of multiprocessing are not caught here: such tests are marked `system` by hand), `integration` (scripts run in this process or as one
-# process, on the tiny models trained once per pytest run), `system` (torchrun, kill -9,
-# Orthanc and DCMTK, the edge environment, run.sh). A test without a tier mark is a unit test,
-# and the guard below fails it if it starts a process or runs a script; a test that is not
-# `system` fails if it starts what only system tests may.
+# Three tiers, by what a test needs (README, Tests): `unit` (no model, no process, no script
+# run), `integration` (scripts run in this process or as one process, on the tiny models trained
+# once per pytest run), `system` (torchrun, kill -9, Orthanc and DCMTK, the edge environment,
+# run.sh, the node's worker processes). A test without a tier mark is a unit test, and the guard
+# below fails it if it starts a process or runs a script; a test that is not `system` fails if
+# it starts what only system tests may. multiprocessing's workers are not seen by the guard:
+# tests that start them are marked `system` by hand.
 TIERS = ("unit", "integration", "system")
 SYSTEM_PROGRAMS = ("torchrun", "torch.distributed.run", "Orthanc", "storescu", "storescp",
                    "findscu", "movescu", "dsrdump", "dciodvfy", "run.sh", ".venv-edge")
