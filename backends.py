@@ -6,6 +6,7 @@ directory's manifest; batched ten-crop prediction for each.
     backend.run_all([(key, crops)], on_result)                # (n, 3, crop, crop) -> (n, K)
 """
 import collections
+import functools
 import hashlib
 import json
 import os
@@ -116,6 +117,18 @@ def data_defaults(source, where="the defaults", data_dir=None, split=None, split
 # ---------------------------------------------------------------------------------------------
 # Back ends
 
+@functools.cache
+def openvino_core():
+    """The process's one OpenVINO Core, never released. Each Core's CPU plugin gives the main
+    thread an alternate signal stack and, when released, puts back the one it found; Cores
+    released in any order but the reverse of their creation leave a freed stack installed, and
+    the next signal with a Python handler (Ctrl-C, torch's SIGCHLD for loader workers, the
+    node's SIGTERM) then kills the process with SIGSEGV. (NNCF's own short-lived Cores, made
+    and released in turn, keep this one's stack valid.)"""
+    from optional import openvino
+    return openvino().Core()
+
+
 class OpenVINOModel:
     """An exported model compiled for this CPU: float32 (n, 3, crop, crop) crops -> (n, K)
     probabilities of its K classes. FP32 really is FP32: this CPU would otherwise silently run
@@ -128,7 +141,7 @@ class OpenVINOModel:
         xml = Path(xml)
         if not xml.is_file():
             raise InferError(f"{xml} not found: run `bash infer.sh` to export the model first")
-        core = ov.Core()
+        core = openvino_core()
         with open(xml, "rb") as f:  # never hand a non-IR file to OpenVINO's other frontends
             head = f.read(4096)
         if b"<net" not in head:

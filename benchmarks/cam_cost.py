@@ -16,6 +16,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from backends import openvino_core  # noqa: E402
 from images import eval_input  # noqa: E402
 from model import WithCAM, build_model, with_sigmoid  # noqa: E402
 
@@ -50,8 +51,8 @@ def main():
         ov.save_model(nncf.quantize(converted, calibration, subset_size=len(crops)),
                       work / f"{name}_int8.xml", compress_to_fp16=False)
         for precision in ("fp32", "int8"):
-            compiled = ov.Core().compile_model(work / f"{name}_{precision}.xml", "CPU",
-                                               {"INFERENCE_PRECISION_HINT": "f32"})
+            compiled = openvino_core().compile_model(work / f"{name}_{precision}.xml", "CPU",
+                                                     {"INFERENCE_PRECISION_HINT": "f32"})
             probs[name, precision] = np.concatenate([compiled(c)[0] for c in crops[:4]])
     times = {}
     for _ in range(a.rounds):

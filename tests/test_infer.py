@@ -262,3 +262,35 @@ def test_device_errors(small_model, nih_dir, capsys):
                                 module="infer"), "--hpu", "habana_frameworks")
     assert_clean_error(run_main(capsys, "--mode", "int8", "--device", "cuda", module="infer"),
                        "--device", "--mode torch")
+
+
+SIGNAL_PROBE = """
+import gc, signal, subprocess, sys
+sys.path.insert(0, {repo!r})
+import numpy as np, openvino as ov
+from openvino import opset13 as ops
+from backends import OpenVINOModel
+x = ops.parameter([-1, 3, 8, 8], np.float32)
+weights = ops.constant(np.ones((2, 3, 8, 8), np.float32) / 192)
+logits = ops.reshape(ops.convolution(x, weights, [1, 1], [0, 0], [0, 0], [1, 1]), [-1, 2], False)
+ov.save_model(ov.Model([ops.sigmoid(logits)], [x]), {xml!r}, compress_to_fp16=False)
+first = OpenVINOModel({xml!r}, 8, 10, ["a", "b"])
+second = OpenVINOModel({xml!r}, 8, 10, ["a", "b"])
+del first; gc.collect()  # released before the later one, as a garbage collector may
+del second; gc.collect()
+signal.signal(signal.SIGCHLD, lambda *_: None)  # as torch's DataLoader sets for its workers
+subprocess.run(["true"])
+print("alive")
+"""
+
+
+@pytest.mark.integration
+def test_models_released_in_any_order_leave_signal_handling_working(tmp_path):
+    """Two models loaded and released, the first first, then a signal with a Python handler
+    arrives (a child exiting under torch's SIGCHLD handler; Ctrl-C): the process lives. With a
+    Core per model, OpenVINO's CPU plugin left a freed alternate signal stack installed and the
+    process died of SIGSEGV (the whole suite did, in CI)."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(SIGNAL_PROBE.format(repo=str(REPO), xml=str(tmp_path / "tiny.xml")))
+    proc = run_script(probe)
+    assert proc.returncode == 0 and proc.stdout.strip() == "alive", (proc.returncode, proc.stderr)
