@@ -93,8 +93,10 @@ class Model:
             "exported": meta.get("exported"), "version": VERSION,
             "runtime": f"OpenVINO {openvino.get_version()}",
             "classes": self.class_names,
-            # every output says so, as infer.py's and main.py's do
-            "notice": SAMPLE_NOTICE if trained_on_sample(meta.get("trained_on")) else None}
+            # every output says so, as infer.py's and main.py's do (older exports record only
+            # the data directory they were exported with)
+            "notice": SAMPLE_NOTICE if trained_on_sample(
+                meta.get("trained_on", meta.get("data_dir"))) else None}
         self.rule = rule
         self.thresholds = None
         if self.points is not None:

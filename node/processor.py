@@ -3,9 +3,9 @@ done/ record. Decoded in a worker process, its ten crops to the model's inferenc
 report and heatmaps built and written in a worker process, then recorded done. An image the
 node cannot classify is quarantined with the reason, and answered at the destination by a
 report saying so (the sender was told success: silence would leave the reader waiting); one
-the spool or the workers cannot take
-now waits in the inbox and is tried again (_later); one whose task kills its worker is tried
-again, and quarantined at the MAX_WORKER_DEATHS-th time."""
+the spool or the workers cannot take now waits in the inbox and is tried again (_later); one
+whose task kills its worker is tried again, and quarantined at the MAX_WORKER_DEATHS-th
+time."""
 import threading
 import time
 
@@ -148,8 +148,9 @@ class Processor:
                                     f"--worker-memory-mb {self.memory_mb:g})")
 
     def _quarantine_image(self, uid, reason):
-        """The image into the quarantine with its reason, then out of the inbox: in that
-        order, each durable, so that a full disk never loses it (_later)."""
+        """The report saying it was not classified into the outbox, the image into the
+        quarantine with its reason, then out of the inbox: in that order, each durable, so that
+        a full disk never loses it (_later)."""
         path = self.spool.image(uid)
         try:
             data = path.read_bytes()
@@ -159,10 +160,11 @@ class Processor:
             self._later(uid, SpoolError(f"{path}: cannot read ({os_reason(e)})"))
             return
         try:
-            self.spool.put_quarantine(data, uid, reason)
-            # its report in the outbox before the image leaves the inbox: a kill between the
-            # two quarantines it again and rewrites the same report
+            # its report in the outbox first, then the quarantine entry, then out of the inbox:
+            # a kill or a full disk between them redoes the image, rewriting the same report
+            # (same folder, same UID), never a second quarantine entry after a first
             answered = data is not None and self._answer_unclassified(uid, reason)
+            self.spool.put_quarantine(data, uid, reason)
             self.spool.finish(uid)  # no record: the same UID sent again is tried again
         except (SpoolError, NoWorkers) as e:
             self._later(uid, e)
@@ -170,17 +172,19 @@ class Processor:
         except Stopping:  # left in the inbox: finished at the next start
             return
         self._forget(uid)
-        if not answered:
-            with self.lock:
-                self.accepted_at.pop(uid, None)  # no results will be sent
+        with self.lock:
+            self.accepted_at.pop(uid, None)  # its results' times are not a classified image's
         self.trouble("spool", None)
         self.count("quarantined")
-        log.warning("quarantined %s: %s", uid, reason)
+        if answered:
+            self.count("unclassified_reported")
+        log.warning("quarantined %s: %s%s", uid, reason,
+                    "; a report saying so goes to the destination" if answered else "")
 
     def _answer_unclassified(self, uid, reason):
         """The report saying that the image was not classified, and why, into the outbox (in a
-        worker: its header is read there); whether it is. An image whose header cannot be read
-        has no study to put it in: only the log and the quarantine say so."""
+        worker: its header is read there); whether it is. An image whose header cannot be read,
+        or not encoded into a report, has none: the log and the quarantine say why."""
         try:
             self.workers.run(unclassified_in_worker, uid, reason)
         except (WorkerDied, DataError, RuntimeError) as e:
@@ -189,7 +193,6 @@ class Processor:
             return False
         for ready in self.results_ready:  # sent now
             ready.set()
-        self.count("unclassified_reported")
         return True
 
     def _forget(self, uid):

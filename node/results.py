@@ -29,6 +29,8 @@ def class_name_problem(names):
             return f"class name {name[:20]!r}... is longer than 64 characters"
         if any(unicodedata.category(c)[0] == "C" for c in name):
             return f"class name {name!r} holds a control character"
+        if "\\" in name:  # DICOM's value delimiter: one name would read as several
+            return f"class name {name!r} holds a backslash"
     repeated = sorted({name for name in names if names.count(name) > 1})
     return f"class names repeat: {', '.join(repeated)}" if repeated else None
 

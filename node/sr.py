@@ -100,16 +100,17 @@ def sr_content(source, findings, identity, points_note, uid_root):
     groups = []
     for row in findings:
         code = finding_code(row["finding"])
-        measurements = [hd.sr.Measurement(codes.DCM.Probability, row["probability"], NO_UNITS,
-                                          method=RAW)]
+        # floats, as ReportWriter writes them (highdicom writes an int without its float)
+        measurements = [hd.sr.Measurement(codes.DCM.Probability, float(row["probability"]),
+                                          NO_UNITS, method=RAW)]
         if row.get("calibrated_probability") is not None:
             measurements.append(hd.sr.Measurement(
-                codes.DCM.Probability, row["calibrated_probability"], NO_UNITS,
+                codes.DCM.Probability, float(row["calibrated_probability"]), NO_UNITS,
                 method=CALIBRATED))
         evaluations = []
         if row["decision"] is not None:
-            measurements.append(hd.sr.Measurement(codes.DCM.ThresholdValue, row["threshold"],
-                                                  NO_UNITS))
+            measurements.append(hd.sr.Measurement(codes.DCM.ThresholdValue,
+                                                  float(row["threshold"]), NO_UNITS))
             evaluations.append(hd.sr.QualitativeEvaluation(code,
                                                            DECISION_CODES[row["decision"]]))
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -303,7 +304,7 @@ class ReportWriter:
         if what == "tracking":
             return _explicit(0x0040A124, "UI", _uid(_tracking_uid(
                 source, findings[k]["finding"], self.identity, self.uid_root)))
-        value = findings[k][what]  # a NUM content item's value, as highdicom writes a float
+        value = float(findings[k][what])  # a NUM item's value, as highdicom writes a float
         number = str(DS(value, auto_format=True)).encode()
         return (_explicit(0x0040A161, "FD", struct.pack("<d", value))
                 + _explicit(0x0040A30A, "DS", number + b" " * (len(number) % 2)))

@@ -95,11 +95,12 @@ def dcmtk(binary):
     return None
 
 
-def dicom_errors(ds, path):
-    """dicom3tools' dciodvfy on the dataset (written to path): its error lines (warnings such
-    as 'unrecognized defined term' for this project's private coding scheme are not errors)."""
+def dicom_errors(dciodvfy, ds, path):
+    """dicom3tools' dciodvfy (its path) on the dataset, written to path: its error lines
+    (warnings such as 'unrecognized defined term' for this project's private coding scheme
+    are not errors)."""
     ds.save_as(path)
-    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    proc = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True)
     return [line for line in (proc.stdout + proc.stderr).splitlines()
             if line.startswith("Error")]
 

@@ -405,7 +405,7 @@ def test_the_node_s_fast_report_is_highdicom_s_report(tmp_path):
         assert results.result_charset(source, names) == charset, (value, names)
     assert results.class_name_problem(["Effusion", "Épanchement 胸水"]) is None
     for names, why in ((["A", "A"], "repeat"), (["a\nb"], "control"), ([" "], "empty"),
-                       (["x" * 65], "longer than 64")):
+                       (["x" * 65], "longer than 64"), (["a\\b"], "backslash")):
         assert why in results.class_name_problem(names), names
 
 
