@@ -323,3 +323,28 @@ def duration(seconds):
         return "?"
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+SAMPLE_NOTICE = ("note: a model trained on the bundled 200-image sample: these numbers mean "
+                 "nothing clinically")
+
+
+def trained_on_sample(data_dir):
+    """Whether `data_dir` (a model's training data, as its checkpoint or export records it) is
+    the repository's bundled sample/, wherever the clone was when it was trained."""
+    if not data_dir or not isinstance(data_dir, (str, Path)):  # a damaged record: no claim
+        return False
+    path = Path(data_dir)
+    if path.name != "sample":
+        return False
+    for where in ([path] if path.is_absolute() else [path, REPO_DIR / path]):
+        try:
+            if where.resolve() == (REPO_DIR / "sample").resolve():
+                return True
+            # another clone's sample: its README says what it is
+            with open(where / "README.md", encoding="utf-8") as f:
+                if f.read(100).startswith("# Bundled ChestX-ray14 sample"):
+                    return True
+        except (OSError, UnicodeDecodeError):
+            pass
+    return not path.exists()  # the clone it was trained in is gone: trust the name

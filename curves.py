@@ -19,9 +19,9 @@ import re
 import sys
 from pathlib import Path
 
-from common import ArgumentParser, DataError, atomic_path, one_line, os_reason
+from common import (SAMPLE_NOTICE, ArgumentParser, DataError, atomic_path, one_line, os_reason,
+                    trained_on_sample)
 from images import CENTRE_CROP
-from report import SAMPLE_NOTICE, trained_on_sample
 
 TENSORBOARD_DIR = "tensorboard"
 

@@ -162,7 +162,7 @@ def sample_notice(args, meta, trained_on):
     """{'notice': one line} when the model was trained on the bundled sample, else {}: the
     checkpoint's data directory (trained_on, for --mode torch --checkpoint), else the export's
     record of it (older exports: the directory they were exported with, trained_on)."""
-    from report import SAMPLE_NOTICE, trained_on_sample
+    from common import SAMPLE_NOTICE, trained_on_sample
     trained = trained_on if args.mode == "torch" and args.checkpoint else meta.get(
         "trained_on", trained_on)
     return {"notice": SAMPLE_NOTICE} if trained_on_sample(trained) else {}

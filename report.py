@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (REPO_DIR, ArgumentParser, DataError, add_split_args, atomic_path,
-                    atomic_write_text, one_line, seed, strict_json)
+from common import (SAMPLE_NOTICE, ArgumentParser, DataError, add_split_args, atomic_path,
+                    atomic_write_text, one_line, seed, strict_json, trained_on_sample)
 from labels import (NIH_CLASSES, evaluation_labels, list_header, patient_of, read_list,
                     shared_classes)
 from metrics import (N_BOOT, N_BOOT_RANGE, RULE_MEANING, RULES, at_threshold,
@@ -46,31 +46,6 @@ FEW_POSITIVES = 10  # fewer positives than this: intervals too wide to mean much
 FEW_MARK = "\u2020"  # the dagger that flags them
 FEW_NOTE = (f"{FEW_MARK} fewer than {FEW_POSITIVES} positives: the interval rests on too few "
             "cases to mean much")
-SAMPLE_NOTICE = ("note: a model trained on the bundled 200-image sample: these numbers mean "
-                 "nothing clinically")
-
-
-def trained_on_sample(data_dir):
-    """Whether `data_dir` (a model's training data, as its checkpoint or export records it) is
-    the repository's bundled sample/, wherever the clone was when it was trained."""
-    if not data_dir or not isinstance(data_dir, (str, Path)):  # a damaged record: no claim
-        return False
-    path = Path(data_dir)
-    if path.name != "sample":
-        return False
-    for where in ([path] if path.is_absolute() else [path, REPO_DIR / path]):
-        try:
-            if where.resolve() == (REPO_DIR / "sample").resolve():
-                return True
-            # another clone's sample: its README says what it is
-            with open(where / "README.md", encoding="utf-8") as f:
-                if f.read(100).startswith("# Bundled ChestX-ray14 sample"):
-                    return True
-        except (OSError, UnicodeDecodeError):
-            pass
-    return not path.exists()  # the clone it was trained in is gone: trust the name
-
-
 def patient_groups(names):
     """Bootstrap groups: NIH's patient id, or each image on its own for other names."""
     ids = [patient_of(n) for n in names]

@@ -59,7 +59,8 @@ class Node(Receiver, Processor, Sender):
         self.lock = threading.Lock()
         self.queued = set()  # UIDs accepted and not finished
         self.counters = {k: 0 for k in ("received", "duplicates", "processed", "quarantined",
-                                        "results_sent", "send_failures", "refused")}
+                                        "unclassified_reported", "results_sent", "send_failures",
+                                        "refused")}
         self.refusals = {}
         self.refused = {}  # result folder -> times the destination refused it
         self.stages = model.stages

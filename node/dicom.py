@@ -14,7 +14,9 @@ DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 DX_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
 XRAY_CLASSES = {CR: "CR", DX_PRESENTATION: "DX for presentation",
                 DX_PROCESSING: "DX for processing"}
-SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR (node/sr.py: TID 1500)
+# the reports of versions before TID 1500, which an outbox may still hold at an upgrade
+OLD_SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
 
 # DIMSE C-STORE statuses (PS3.4 B.2.3, PS3.7 C)

@@ -196,7 +196,8 @@ def predict_bytes(node, body):
         raise DataError("inference failed")
     return {"model": node.model.identity, "findings": node.model.findings(probs),
             "rule": node.settings.rule if node.model.points is not None else None,
-            "notice": "research use only, not for diagnosis"}
+            "notice": "; ".join(filter(None, ["research use only, not for diagnosis",
+                                              node.model.identity.get("notice")]))}
 
 
 def read_token(path):

@@ -13,6 +13,7 @@ import numpy as np
 
 from backends import (METADATA, MODEL_NAMES, data_defaults, file_digest, load_openvino,
                       metadata_classes, read_metadata)
+from common import SAMPLE_NOTICE, trained_on_sample
 from images import TEN_CROPS, average_crops
 from node.dicom import VERSION, ServeError
 from node.logs import log
@@ -91,7 +92,11 @@ class Model:
             "sha256": hashlib.sha256(model_id.encode()).hexdigest(),
             "exported": meta.get("exported"), "version": VERSION,
             "runtime": f"OpenVINO {openvino.get_version()}",
-            "classes": self.class_names}
+            "classes": self.class_names,
+            # every output says so, as infer.py's and main.py's do (older exports record only
+            # the data directory they were exported with)
+            "notice": SAMPLE_NOTICE if trained_on_sample(
+                meta.get("trained_on", meta.get("data_dir"))) else None}
         self.rule = rule
         self.thresholds = None
         if self.points is not None:

@@ -1,9 +1,11 @@
 """The process path: an accepted image from the inbox to its results in the outbox and its
 done/ record. Decoded in a worker process, its ten crops to the model's inference thread, its
 report and heatmaps built and written in a worker process, then recorded done. An image the
-node cannot classify is quarantined with the reason; one the spool or the workers cannot take
-now waits in the inbox and is tried again (_later); one whose task kills its worker is tried
-again, and quarantined at the MAX_WORKER_DEATHS-th time."""
+node cannot classify is quarantined with the reason, and answered at the destination by a
+report saying so (the sender was told success: silence would leave the reader waiting); one
+the spool or the workers cannot take now waits in the inbox and is tried again (_later); one
+whose task kills its worker is tried again, and quarantined at the MAX_WORKER_DEATHS-th
+time."""
 import threading
 import time
 
@@ -13,7 +15,8 @@ from common import DataError, one_line, os_reason
 from images import normalize_gray
 from node.dicom import SpoolError
 from node.logs import log
-from node.workers import NoWorkers, Stopping, WorkerDied, decode_in_worker, results_in_worker
+from node.workers import (NoWorkers, Stopping, WorkerDied, decode_in_worker, results_in_worker,
+                          unclassified_in_worker)
 
 MAX_WORKER_DEATHS = 3  # times an image's task stops its worker, alone, before quarantine
 
@@ -91,8 +94,7 @@ class Processor:
                 maps = None
             try:
                 names = self.workers.run(results_in_worker, uid, source, findings,
-                                         None if maps is None else maps[:, positive], positive,
-                                         probs)
+                                         None if maps is None else maps[:, positive], positive)
             except WorkerDied:
                 self._worker_died(uid, "building the results of")
                 return
@@ -146,8 +148,9 @@ class Processor:
                                     f"--worker-memory-mb {self.memory_mb:g})")
 
     def _quarantine_image(self, uid, reason):
-        """The image into the quarantine with its reason, then out of the inbox: in that
-        order, each durable, so that a full disk never loses it (_later)."""
+        """The report saying it was not classified into the outbox, the image into the
+        quarantine with its reason, then out of the inbox: in that order, each durable, so that
+        a full disk never loses it (_later)."""
         path = self.spool.image(uid)
         try:
             data = path.read_bytes()
@@ -157,17 +160,40 @@ class Processor:
             self._later(uid, SpoolError(f"{path}: cannot read ({os_reason(e)})"))
             return
         try:
+            # its report in the outbox first, then the quarantine entry, then out of the inbox:
+            # a kill or a full disk between them redoes the image, rewriting the same report
+            # (same folder, same UID), never a second quarantine entry after a first
+            answered = data is not None and self._answer_unclassified(uid, reason)
             self.spool.put_quarantine(data, uid, reason)
             self.spool.finish(uid)  # no record: the same UID sent again is tried again
-        except SpoolError as e:
+        except (SpoolError, NoWorkers) as e:
             self._later(uid, e)
+            return
+        except Stopping:  # left in the inbox: finished at the next start
             return
         self._forget(uid)
         with self.lock:
-            self.accepted_at.pop(uid, None)  # no results will be sent
+            self.accepted_at.pop(uid, None)  # its results' times are not a classified image's
         self.trouble("spool", None)
         self.count("quarantined")
-        log.warning("quarantined %s: %s", uid, reason)
+        if answered:
+            self.count("unclassified_reported")
+        log.warning("quarantined %s: %s%s", uid, reason,
+                    "; a report saying so goes to the destination" if answered else "")
+
+    def _answer_unclassified(self, uid, reason):
+        """The report saying that the image was not classified, and why, into the outbox (in a
+        worker: its header is read there); whether it is. An image whose header cannot be read,
+        or not encoded into a report, has none: the log and the quarantine say why."""
+        try:
+            self.workers.run(unclassified_in_worker, uid, reason)
+        except (WorkerDied, DataError, RuntimeError) as e:
+            log.warning("%s: no report that it was not classified (%s)", uid,
+                        "its worker stopped" if isinstance(e, WorkerDied) else one_line(e))
+            return False
+        for ready in self.results_ready:  # sent now
+            ready.set()
+        return True
 
     def _forget(self, uid):
         """The image is finished: nothing of it is kept in memory (but when it was accepted,

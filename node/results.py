@@ -1,22 +1,17 @@
-"""The results as DICOM: a Structured Report (highdicom; ReportWriter, the same report in a
-tenth of the time) and secondary-capture heatmaps, in the source's study, under UIDs derived
-from the source and the model; and the source's header as the results copy it (with_type2)."""
-import threading
+"""The results as DICOM beside the report (node/sr.py): secondary-capture heatmaps in the
+source's study; the UIDs derived from the source and the model; the results' character set;
+and the source's header as the results copy it (with_type2)."""
+import re
 import unicodedata
 
 # Imported by the node's process once, before any thread (serve.py imports node/ first): a
 # first import racing in several threads fails
 import highdicom as hd
-import pydicom
 import pydicom.pixels  # noqa: F401
 from highdicom.frame import encode_frame
 from pydicom.charset import python_encoding
 from pydicom.encaps import encapsulate
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
-from pydicom.sr.codedict import codes
 from pydicom.uid import JPEGBaseline8Bit
-from pydicom.valuerep import DS
 
 from node.dicom import VERSION, encode_file
 from node.logs import log
@@ -25,12 +20,17 @@ from node.logs import log
 def class_name_problem(names):
     """Why the model's class names cannot name findings in the reports and heatmaps, or None:
     each is a report's text value, a heatmap's Image Comments and the title burnt into it (one
-    line, not empty), and names its heatmap's UID (no two alike)."""
+    line, not empty), names its heatmap's UID (no two alike) and means its code in the report
+    (Code Meaning is LO: 64 characters at most)."""
     for name in names:
         if not name.strip():
             return f"class name {name!r} is empty"
+        if len(name) > 64:
+            return f"class name {name[:20]!r}... is longer than 64 characters"
         if any(unicodedata.category(c)[0] == "C" for c in name):
             return f"class name {name!r} holds a control character"
+        if "\\" in name:  # DICOM's value delimiter: one name would read as several
+            return f"class name {name!r} holds a backslash"
     repeated = sorted({name for name in names if names.count(name) > 1})
     return f"class names repeat: {', '.join(repeated)}" if repeated else None
 
@@ -40,69 +40,6 @@ def result_uid(source_uid, model_digest, what, root):
     sent twice (after a kill) is one instance at the PACS."""
     from pydicom.uid import generate_uid
     return generate_uid(prefix=root, entropy_srcs=[source_uid, model_digest, what])
-
-
-def _code(value, meaning):
-    from pydicom.sr.coding import Code
-    return Code(value, "99CHEXNET", meaning)
-
-
-DECISION_CODES = {"positive": codes.SCT.Present, "negative": codes.SCT.Absent}
-
-
-def sr_content(source, findings, identity, points_note):
-    """The report's content tree (highdicom): the findings, the model, the source image."""
-    contains = hd.sr.RelationshipTypeValues.CONTAINS
-    unit = hd.sr.CodedConcept("1", "UCUM", "no units")
-    items = [
-        hd.sr.TextContentItem(_code("RUO", "Intended use"),
-                              "RESEARCH USE ONLY - NOT FOR DIAGNOSIS. Not a medical device; "
-                              "findings must not be used for clinical decisions.", contains),
-        hd.sr.TextContentItem(codes.DCM.AlgorithmName, identity["name"], contains),
-        hd.sr.TextContentItem(codes.DCM.AlgorithmVersion,
-                              f"{identity['version']}; model sha256 {identity['sha256']}; "
-                              f"exported {identity['exported']}; {identity['runtime']}", contains),
-        hd.sr.TextContentItem(_code("MODEL-FILES", "Model files SHA-256"), "; ".join(
-            f"{k} {v}" for k, v in identity["files"].items()), contains),
-        hd.sr.TextContentItem(_code("OPERATING-POINTS", "Operating points"), points_note,
-                              contains),
-        _source_item(source),
-    ]
-    for row in findings:
-        group = hd.sr.ContainerContentItem(_code("FINDING-RESULT", "Finding result"),
-                                           relationship_type=contains)
-        children = [
-            hd.sr.TextContentItem(codes.DCM.Finding, row["finding"], contains),
-            hd.sr.NumContentItem(_code("PROBABILITY", "Probability"), row["probability"], unit,
-                                 relationship_type=contains)]
-        if row.get("calibrated_probability") is not None:
-            children.append(hd.sr.NumContentItem(
-                _code("CALIBRATED", "Calibrated probability (Platt)"),
-                row["calibrated_probability"], unit, relationship_type=contains))
-        if row["decision"] is None:
-            children.append(hd.sr.TextContentItem(_code("DECISION", "Decision"),
-                                                  "not determined (no threshold)", contains))
-        else:
-            children += [
-                hd.sr.NumContentItem(_code("THRESHOLD", "Decision threshold"), row["threshold"],
-                                     unit, relationship_type=contains),
-                hd.sr.CodeContentItem(_code("DECISION", "Decision"),
-                                      DECISION_CODES[row["decision"]], contains)]
-        group.ContentSequence = children
-        items.append(group)
-    return _root(items)
-
-
-def _source_item(source):
-    return hd.sr.ImageContentItem(codes.DCM.SourceOfMeasurement, source.SOPClassUID,
-                                  source.SOPInstanceUID,
-                                  relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-
-
-def _root(items):
-    root = hd.sr.ContainerContentItem(_code("CXR-AI", "Chest X-ray AI classification"))
-    root.ContentSequence = items
-    return root
 
 
 def result_charset(source, texts):
@@ -123,160 +60,6 @@ def result_charset(source, texts):
     except (UnicodeEncodeError, TypeError, LookupError):
         return "ISO_IR 192"
     return value
-
-
-def _sr_document(source, content, identity, uid_root):
-    """A Comprehensive SR in the source's study (patient and study copied by highdicom)."""
-    digest = identity["sha256"]
-    return hd.sr.ComprehensiveSR(
-        evidence=[source], content=content,
-        specific_character_set=result_charset(source, identity["classes"]),
-        series_instance_uid=result_uid(source.StudyInstanceUID, digest, "sr-series", uid_root),
-        series_number=9001, sop_instance_uid=result_uid(source.SOPInstanceUID, digest, "sr",
-                                                        uid_root),
-        instance_number=1, manufacturer="CheXNet toolkit", is_complete=True,
-        series_description="CheXNet AI findings - research use only", software_versions=VERSION)
-
-
-def build_sr(source, findings, identity, points_note, uid_root):
-    """The report, every part of it built by highdicom (ReportWriter's reference)."""
-    return encode_file(_sr_document(source, sr_content(source, findings, identity, points_note),
-                                 identity, uid_root))
-
-
-CONTENT_SEQUENCE = 0x0040A730  # (0040,A730): the report's content tree
-
-
-def _head(document):
-    """The document's encoding without its content tree (removed from it), None where an
-    element follows the tree (then the tree's bytes cannot simply follow the rest)."""
-    del document.ContentSequence
-    return None if max(document.keys()) > CONTENT_SEQUENCE else encode_file(document)
-
-
-class ReportWriter:
-    """build_sr's report (the same elements and values) in a tenth of its time.
-
-    highdicom builds and checks every content item, copies the tree twice and pydicom encodes
-    it element by element: 0.12-0.25 s of Python per report on this CPU, the node's largest
-    cost per image after inference. Every report of one model has the same content tree but
-    for the source image's reference and the values, so the tree is built once by highdicom
-    (sr_content) with a distinct stand-in in every place that changes, and encoded once (a
-    template) with its sequences and items of undefined length (PS3.5 7.5.2: delimited, so a
-    value of another length changes no length around it). A report is then highdicom's
-    document for this source (patient, study, evidence; the content tree is its last element)
-    followed by the template's bytes with this image's values, each encoded by pydicom.
-    Findings of another shape (a threshold or calibration more or less) or another character
-    set get their own template; a template whose stand-ins are not each found is not used
-    (build_sr is)."""
-    MAX_TEMPLATES = 16
-
-    def __init__(self, identity, points_note, uid_root):
-        self.identity, self.points_note, self.uid_root = identity, points_note, uid_root
-        self.lock = threading.Lock()
-        self.templates = {}
-        # a CODE item's value, as in the template (its sequence and item of undefined length)
-        self.decisions = {}
-        for decision, code in DECISION_CODES.items():
-            ds = pydicom.Dataset()
-            ds.ConceptCodeSequence = [hd.sr.CodedConcept.from_code(code)]
-            _undefined_lengths(ds["ConceptCodeSequence"])
-            self.decisions[decision] = _elements(ds)
-
-    def __call__(self, source, findings):
-        key = (str(source.get("SpecificCharacterSet")), tuple(
-            (row["finding"], row["threshold"], row["decision"] is None,
-             row.get("calibrated_probability") is not None) for row in findings))
-        with self.lock:
-            template = self.templates.get(key)
-        if template is None:
-            template = self._template(source, findings)
-            with self.lock:
-                if len(self.templates) >= self.MAX_TEMPLATES:
-                    self.templates.clear()
-                self.templates[key] = template
-        head = template and _head(_sr_document(source, _root([_source_item(source)]),
-                                               self.identity, self.uid_root))
-        if not head:
-            return build_sr(source, findings, self.identity, self.points_note, self.uid_root)
-        parts = [head]
-        for chunk, slot in template:
-            parts.append(chunk)
-            if slot is not None:
-                parts.append(self._slot(slot, source, findings))
-        return b"".join(parts)
-
-    def _slot(self, slot, source, findings):
-        what, k = slot
-        if what == "decision":
-            return self.decisions[findings[k]["decision"]]
-        ds = pydicom.Dataset()
-        if what == "image":
-            ds.ReferencedSOPClassUID = source.SOPClassUID
-            ds.ReferencedSOPInstanceUID = source.SOPInstanceUID
-        else:  # a NUM content item's value, as highdicom's NumContentItem writes a float
-            ds.FloatingPointValue = findings[k][what]
-            ds.NumericValue = DS(findings[k][what], auto_format=True)
-        return _elements(ds)
-
-    def _template(self, source, findings):
-        """[(bytes, slot or None)] of the encoded content tree; [] where it cannot be."""
-        stand_in = iter(range(7, 10 ** 6))  # n / 3 > 2: never a probability or threshold
-        rows = []
-        for row in findings:
-            row = dict(row, probability=next(stand_in) / 3)
-            if row.get("calibrated_probability") is not None:
-                row["calibrated_probability"] = next(stand_in) / 3
-            if row["decision"] is not None:
-                row["decision"] = "positive"
-            rows.append(row)
-        document = _sr_document(source, sr_content(source, rows, self.identity,
-                                                   self.points_note), self.identity,
-                                self.uid_root)
-        _undefined_lengths(document["ContentSequence"])
-        whole = encode_file(document)
-        head = _head(document)
-        content = whole[len(head or b""):]
-        if head is None or not content.startswith(b"\x40\x00\x30\xa7SQ"):
-            log.warning("report template not usable (the content tree is not the document's "
-                        "last element): every report is built by highdicom")
-            return []
-        slots = [("image", None)]
-        for k, row in enumerate(rows):
-            slots.append(("probability", k))
-            if row.get("calibrated_probability") is not None:
-                slots.append(("calibrated_probability", k))
-            if row["decision"] is not None:
-                slots.append(("decision", k))
-        template, at = [], 0
-        for slot in slots:
-            encoded = self._slot(slot, source, rows)
-            found = content.find(encoded, at)
-            if found < 0 or (slot[0] != "decision" and content.count(encoded) != 1):
-                log.warning("report template not usable (%s of finding %s): every report is "
-                            "built by highdicom", *slot)
-                return []
-            template.append((content[at:found], slot))
-            at = found + len(encoded)
-        template.append((content[at:], None))
-        return template
-
-
-def _undefined_lengths(sequence):
-    sequence.is_undefined_length = True
-    for item in sequence.value:
-        item.is_undefined_length_sequence_item = True
-        for element in item:
-            if element.VR == "SQ":
-                _undefined_lengths(element)
-
-
-def _elements(ds):
-    """The encoding of ds's elements, as in the reports (Explicit VR Little Endian)."""
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    write_dataset(fp, ds)
-    return fp.getvalue()
 
 
 def build_heatmaps(source, overlays, identity, uid_root, syntax):
@@ -309,7 +92,9 @@ def build_heatmaps(source, overlays, identity, uid_root, syntax):
         sc.InstanceNumber = k + 1
         if jpeg:  # PS3.3 C.7.6.1.1.5: a lossy image says so, for good (also once decompressed)
             sc.LossyImageCompressionRatio = f"{rgb.nbytes / len(sc.PixelData):.4g}"
-        sc.ImageComments = f"{name}: class activation map; research use only, not for diagnosis"
+        sc.ImageComments = "; ".join(filter(None, [
+            f"{name}: class activation map", "research use only, not for diagnosis",
+            identity.get("notice")]))
         yield k, encode_file(sc)
 
 
@@ -333,6 +118,13 @@ def _heatmap_dataset(source, rgb, uid, identity, uid_root, syntax):
     if not known:
         sc.PatientOrientation = None  # type 2: empty, unknown (never guessed)
     sc.BurnedInAnnotation = "YES"
+    # General Series' Laterality (2C) is needed unless the body part is known to be unpaired:
+    # the source's body part where it names one properly, else Laterality empty (unknown)
+    body_part = str(source.get("BodyPartExamined") or "")
+    if re.fullmatch(r"[A-Z0-9_ ]{1,16}", body_part):
+        sc.BodyPartExamined = body_part
+    else:
+        sc.Laterality = None
     if jpeg:
         sc.LossyImageCompression = "01"
         sc.LossyImageCompressionMethod = "ISO_10918_1"

@@ -15,7 +15,7 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
 
 from common import one_line
-from node.dicom import SC_CLASS, SR_CLASS, STORED_WARNINGS, SUCCESS, Refused
+from node.dicom import OLD_SR_CLASS, SC_CLASS, SR_CLASS, STORED_WARNINGS, SUCCESS, Refused
 from node.logs import log
 from node.pynetdicom_internals import quick_ack, tuned
 from node.results import uncompressed
@@ -75,7 +75,7 @@ class Sender:
         from pynetdicom import AE, evt
         ae_title, host, port = self.settings.destination
         ae = AE(ae_title=self.settings.ae_title)
-        for sop_class in (SR_CLASS, SC_CLASS):
+        for sop_class in (SR_CLASS, OLD_SR_CLASS, SC_CLASS):
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         # JPEG heatmaps in a context of their own: a destination that accepts it takes them as
         # written; one that does not still accepts the context above (_send_folder decompresses)

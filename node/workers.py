@@ -7,7 +7,7 @@ inference (OpenVINO runs without the lock).
 
 Here: the pool (Workers: a worker that dies or hangs is replaced, its task tried again alone),
 what each worker sets up (worker_setup: its log, memory limit, spool, report writer) and the
-tasks that run in it (decode_in_worker, results_in_worker)."""
+tasks that run in it (decode_in_worker, results_in_worker, unclassified_in_worker)."""
 import functools
 import os
 import signal
@@ -23,7 +23,8 @@ import pydicom
 from common import DataError, one_line
 from node.dicom import DX_PRESENTATION, ServeError, SpoolError
 from node.logs import log, setup_logging
-from node.results import ReportWriter, build_heatmaps, with_type2
+from node.results import build_heatmaps, with_type2
+from node.sr import ReportWriter, build_unclassified_sr
 from node.spool import Spool
 
 class WorkerDied(Exception):
@@ -232,8 +233,8 @@ def worker_setup(node_pid, settings):
         from matplotlib import colormaps  # noqa: F401
     # One report for a stand-in image, so that the first images of a burst do not wait for
     # highdicom's tables of the standard (loaded once per process) and the report template of
-    # images without a character set: 0.27 s idle, several times that under load (images in
-    # another character set build theirs at the first one, 5-10 ms more)
+    # images without a character set: about 0.5 s idle for 14 findings, several times that
+    # under load (images in another character set build theirs at the first one)
     stand_in = pydicom.Dataset()
     stand_in.SOPClassUID, stand_in.Modality = DX_PRESENTATION, "DX"
     stand_in.SOPInstanceUID = stand_in.StudyInstanceUID = stand_in.SeriesInstanceUID = "1.2.3"
@@ -303,7 +304,7 @@ def decode_in_worker(path, header=True):
 
 
 @in_worker
-def results_in_worker(uid, source, findings, maps, positive, probs):
+def results_in_worker(uid, source, findings, maps, positive):
     """The report, and a heatmap per positive finding where `maps` (10, len(positive), h, w)
     are given, written to the outbox: their file names."""
     identity = _work["identity"]
@@ -311,15 +312,39 @@ def results_in_worker(uid, source, findings, maps, positive, probs):
     def files():  # one at a time, each written before the next is built
         yield "0-sr.dcm", _work["report"](source, findings)
         if maps is not None:
-            overlays = _overlays(_work["spool"].image(uid), probs, maps, positive, identity,
-                                 _work["resize"], _work["crop"])
+            overlays = _overlays(_work["spool"].image(uid), findings, maps, positive,
+                                 identity, _work["resize"], _work["crop"])
             for k, data in build_heatmaps(source, overlays, identity, _work["uid_root"],
                                           _work["heatmap_syntax"]):
                 yield f"1-sc-{k:02d}.dcm", data
     return _work["spool"].put_results(uid, files())
 
 
-def _overlays(path, probs, maps, positive, identity, resize, crop):
+@in_worker
+def unclassified_in_worker(uid, reason):
+    """The report saying the accepted image `uid` (still in the inbox) got no result, and why,
+    written to the outbox: its file names. Its header is read here, as any image's is (a
+    hostile one stops a worker, not the node)."""
+    source = with_type2(pydicom.dcmread(_work["spool"].image(uid), stop_before_pixels=True))
+    # in a folder of its own: the image sent again and classified writes (and its sender
+    # removes) outbox/UID/, never this one
+    report = build_unclassified_sr(source, reason, _work["identity"], _work["uid_root"])
+    return _work["spool"].put_results(f"{uid}.unclassified", [("0-sr.dcm", report)])
+
+
+def heatmap_caption(row, identity):
+    """What a heatmap says of its finding: the report's probabilities, each labelled, and the
+    notices (the research use; the bundled sample, where the model was trained on it)."""
+    calibrated = row.get("calibrated_probability")
+    return "  ".join(filter(None, [
+        row["finding"], f"p = {row['probability']:.3f} raw" + (
+            f", {calibrated:.3f} calibrated" if calibrated is not None else ""),
+        f"(CAM, {identity['mode']}; red = most weight)",
+        identity.get("notice") and "BUNDLED-SAMPLE MODEL: MEANS NOTHING CLINICALLY",
+        "RESEARCH USE ONLY"]))
+
+
+def _overlays(path, findings, maps, positive, identity, resize, crop):
     """(k, (H, W, 3) uint8) heatmap overlays at the image's resolution (cam.py)."""
     from cam import registered_overlay, tencrop_heatmap
     from images import load_gray, shorter_to
@@ -327,6 +352,4 @@ def _overlays(path, probs, maps, positive, identity, resize, crop):
     # At the resized image's size: registered_overlay scales the colours to the X-ray's
     heat = tencrop_heatmap(maps, shorter_to(gray.shape[::-1], resize)[::-1], crop)
     for j, k in enumerate(positive):
-        title = (f"{identity['classes'][k]}  p = {probs[k]:.3f}  (CAM, "
-                 f"{identity['mode']}; red = most weight) RESEARCH USE ONLY")
-        yield k, registered_overlay(gray, heat[j], title)
+        yield k, registered_overlay(gray, heat[j], heatmap_caption(findings[k], identity))

@@ -95,27 +95,40 @@ def dcmtk(binary):
     return None
 
 
+def dicom_errors(dciodvfy, ds, path):
+    """dicom3tools' dciodvfy (its path) on the dataset, written to path: its error lines
+    (warnings such as 'unrecognized defined term' for this project's private coding scheme
+    are not errors)."""
+    ds.save_as(path)
+    proc = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True)
+    return [line for line in (proc.stdout + proc.stderr).splitlines()
+            if line.startswith("Error")]
+
+
+def evidence_uids(sr):
+    """The SOP Instance UIDs a report names as its evidence."""
+    return [str(item.ReferencedSOPInstanceUID)
+            for study in sr.get("CurrentRequestedProcedureEvidenceSequence", [])
+            for series in study.ReferencedSeriesSequence
+            for item in series.ReferencedSOPSequence]
+
+
 def sr_findings(sr):
-    """{finding: (probability, threshold, decision)} and the referenced image UID of an SR."""
-    out, source, texts = {}, None, {}
-    for item in sr.ContentSequence:
-        if item.ValueType == "IMAGE":
-            source = str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
-        elif item.ValueType == "TEXT":
-            texts[item.ConceptNameCodeSequence[0].CodeMeaning] = str(item.TextValue)
-        elif item.ValueType == "CONTAINER":
-            values = {}
-            for child in item.ContentSequence:
-                meaning = child.ConceptNameCodeSequence[0].CodeMeaning
-                if child.ValueType == "NUM":
-                    values[meaning] = float(child.MeasuredValueSequence[0].NumericValue)
-                elif child.ValueType == "CODE":
-                    values[meaning] = child.ConceptCodeSequence[0].CodeMeaning
-                else:
-                    values[meaning] = str(child.TextValue)
-            out[values["Finding"]] = (values["Probability"], values.get("Decision threshold"),
-                                      values["Decision"])
-    return out, source, texts
+    """{finding: (probability, threshold, decision)} and the referenced image UID of a report,
+    read by highdicom's TID 1500 reader, and {concept: its TEXT items' values joined by '; '}."""
+    from node.sr import read_sr
+    findings, source = read_sr(sr)
+    texts = {}
+
+    def walk(items):
+        for item in items:
+            if item.ValueType == "TEXT":
+                meaning = item.ConceptNameCodeSequence[0].CodeMeaning
+                texts[meaning] = "; ".join(filter(None, [texts.get(meaning), str(item.TextValue)]))
+            walk(item.get("ContentSequence", []))
+    walk(sr.ContentSequence)
+    return ({name: (p, threshold, decision) for name, (p, _, threshold, decision)
+             in findings.items()}, source, texts)
 
 
 def compressed_dicom(png, path, syntax, edit=None):

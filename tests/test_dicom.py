@@ -312,7 +312,7 @@ def test_the_node_s_socket_reads_what_arrives_and_stops_where_the_peer_closes():
 
 
 def test_the_node_s_fast_report_is_highdicom_s_report(tmp_path):
-    """node.results.ReportWriter (a template of the content tree, this image's values spliced
+    """node.sr.ReportWriter (a template of the content tree, this image's values spliced
     in) gives the report build_sr builds with highdicom, element for element: across sources
     (DX and CR, other character sets, names that need them), findings with and without
     thresholds and calibration, and values at the edges of their range."""
@@ -321,7 +321,7 @@ def test_the_node_s_fast_report_is_highdicom_s_report(tmp_path):
     from pydicom.uid import JPEGBaseline8Bit, generate_uid
 
     from dicom_files import dx_file
-    from node import results
+    from node import results, sr
     from node.dicom import CR
     pngs = sorted((REPO / "sample" / "images").glob("*.png"))
     plain = pydicom.dcmread(dx_file(pngs[0], tmp_path / "a.dcm", generate_uid(), generate_uid(),
@@ -363,7 +363,7 @@ def test_the_node_s_fast_report_is_highdicom_s_report(tmp_path):
     edges = findings(nih)  # thresholds a saturated model or a hand-written file may hold
     edges[0].update(threshold=1.0, decision="negative")
     edges[1].update(threshold=0.0, decision="positive")
-    writer = results.ReportWriter(identity, "youden rule, 100 validation images", "1.2.826.1.")
+    writer = sr.ReportWriter(identity, "youden rule, 100 validation images", "1.2.826.1.")
     cases = [(plain, findings(nih)), (plain, findings(nih)), (other, findings(nih)),
              (plain, findings(nih, values=[0.0, 1.0, 1e-12, 1 / 3, 0.5, 1 - 1e-9])),
              (other, findings(["Épanchement", "Nodule"], thresholds=False, calibrated=False)),
@@ -371,9 +371,15 @@ def test_the_node_s_fast_report_is_highdicom_s_report(tmp_path):
              (plain, edges)]
     for source, rows in cases:
         fast = writer(source, rows)
-        reference = results.build_sr(source, rows, identity, writer.points_note, writer.uid_root)
+        reference = sr.build_sr(source, rows, identity, writer.points_note, writer.uid_root)
         assert content(fast) == content(reference)
-    assert len(writer.templates) == 6 and all(writer.templates.values())  # none fell back
+        read, image = sr.read_sr(pydicom.dcmread(io.BytesIO(fast)))  # highdicom's reader
+        assert image == source.SOPInstanceUID
+        assert read == {row["finding"]: (row["probability"], row.get("calibrated_probability"),
+                                         row["threshold"], {"positive": "Present", "negative":
+                                                            "Absent", None: None}[row["decision"]])
+                        for row in rows}
+    assert len(writer.templates) == 5 and all(writer.templates.values())  # none fell back
     report = pydicom.dcmread(io.BytesIO(writer(japanese, findings(nih))))
     assert report.SpecificCharacterSet == "ISO_IR 192"
     assert report.PatientName == "Yamada^Tarou=山田^太郎"
@@ -398,8 +404,53 @@ def test_the_node_s_fast_report_is_highdicom_s_report(tmp_path):
             source.SpecificCharacterSet = value
         assert results.result_charset(source, names) == charset, (value, names)
     assert results.class_name_problem(["Effusion", "Épanchement 胸水"]) is None
-    for names, why in ((["A", "A"], "repeat"), (["a\nb"], "control"), ([" "], "empty")):
+    for names, why in ((["A", "A"], "repeat"), (["a\nb"], "control"), ([" "], "empty"),
+                       (["x" * 65], "longer than 64"), (["a\\b"], "backslash")):
         assert why in results.class_name_problem(names), names
+
+
+def test_every_finding_is_coded_from_the_dictionary_or_the_project_s_scheme():
+    """Each NIH and CheXpert/MIMIC finding's code in the reports is a concept of pydicom's DICOM
+    code dictionary (never a made-up SNOMED code) or of the private scheme, whose values fit a
+    Code Value (16 characters), mean the class name and are distinct; a class of any other set
+    gets one derived from its name."""
+    from pydicom.sr import _concepts_dict
+
+    from labels import NIH_CLASSES
+    from node import sr
+    from tables import CHEXPERT_CLASSES
+    names = list(dict.fromkeys(NIH_CLASSES + CHEXPERT_CLASSES)) + ["Épanchement 胸水", "A" * 64]
+    private = {}
+    for name in names:
+        code = sr.finding_code(name)
+        if code.scheme_designator == sr.PRIVATE_SCHEME:
+            assert len(code.value) <= 16 and code.meaning == name, code
+            assert code.value not in private, (name, private.get(code.value))
+            private[code.value] = name
+        else:  # the dictionary's own concept, meaning what the data sets' name means
+            known = {(value, meaning) for concepts in
+                     _concepts_dict.concepts[code.scheme_designator].values()
+                     for value, (meaning, _) in concepts.items()}
+            assert (code.value, code.meaning) in known, code
+    assert {n for n in names if sr.finding_code(n).scheme_designator != sr.PRIVATE_SCHEME} == {
+        "Cardiomegaly", "Effusion", "Pleural Effusion", "Nodule", "Mass", "Pneumothorax",
+        "Edema", "Fibrosis", "Infiltration"}
+    assert sr.finding_code("Épanchement 胸水") == sr.finding_code("Épanchement 胸水")
+
+
+def test_a_heatmap_s_caption_says_what_the_report_says():
+    """The caption burnt into a heatmap states the report's probabilities, each labelled raw or
+    calibrated, and the bundled-sample notice where the model was trained on it."""
+    from node.workers import heatmap_caption
+    identity = {"mode": "int8", "notice": None}
+    row = {"finding": "Effusion", "probability": 0.81234, "calibrated_probability": 0.4,
+           "threshold": 0.5, "decision": "positive"}
+    assert heatmap_caption(row, identity) == ("Effusion  p = 0.812 raw, 0.400 calibrated  "
+                                              "(CAM, int8; red = most weight)  RESEARCH USE ONLY")
+    row["calibrated_probability"] = None
+    caption = heatmap_caption(row, {**identity, "notice": "note: the sample"})
+    assert "p = 0.812 raw  " in caption and "calibrated" not in caption
+    assert "BUNDLED-SAMPLE MODEL" in caption
 
 
 def test_the_node_s_heatmaps_after_an_image_s_first_are_highdicom_s(tmp_path):

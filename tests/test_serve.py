@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, assert_clean_error, run_script
-from dicom_files import dcmtk, sr_findings
+from dicom_files import dcmtk, dicom_errors, evidence_uids, sr_findings
+from node.sr import unclassified_reason
 
 
 # serve.py run as a script with torch, torchvision and nncf made to fail on import.
@@ -46,7 +47,8 @@ def need(binary):
     found = dcmtk(binary) if binary in ("storescu", "storescp") else (
         shutil.which(binary) or shutil.which(binary, path="/usr/sbin:/usr/bin"))
     if found is None:
-        message = f"{binary} not installed (apt-get install orthanc dcmtk; .ci/run does it)"
+        message = (f"{binary} not installed (apt-get install orthanc dcmtk dicom3tools; "
+                   ".ci/run does it)")
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
@@ -204,7 +206,7 @@ def send(datasets, port, aet="SENDER", tls=None):
         assoc.release()
 
 
-SR_CLASS, SC_CLASS = "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.7"
+SR_CLASS, SC_CLASS = "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.7"  # 3D SR, SC
 
 
 def destination(contexts, on_store):
@@ -314,7 +316,8 @@ def test_reports_reach_the_pacs_with_infer_probabilities(model_dir, dx_files, pa
             assert sr.StudyInstanceUID == original.StudyInstanceUID
             assert sr.PatientID == original.PatientID
             assert "RESEARCH USE ONLY - NOT FOR DIAGNOSIS" in texts["Intended use"]
-            assert files_sha in texts["Model files SHA-256"]
+            assert "trained on the bundled 200-image sample" in texts["Notice"]
+            assert f"chexnet_int8.xml sha256 {files_sha}" in texts["Algorithm Parameters"]
             want = expected[str(path)]
             assert set(findings) == set(want)
             for name, (p, threshold, decision) in findings.items():
@@ -328,12 +331,25 @@ def test_reports_reach_the_pacs_with_infer_probabilities(model_dir, dx_files, pa
             assert sorted(sc.ImageComments.split(":")[0] for sc in mine) == positives
             for sc in mine:  # JPEG Baseline, marked lossy, on the source's pixel grid
                 assert (sc.Rows, sc.Columns) == (original.Rows, original.Columns)
+                assert "trained on the bundled 200-image sample" in sc.ImageComments
                 assert sc.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
                 assert (sc.LossyImageCompression, sc.LossyImageCompressionMethod) == \
                     ("01", "ISO_10918_1")
                 rgb = sc.pixel_array.astype(int)  # in colour: the jet map over the X-ray
                 assert rgb.shape == (sc.Rows, sc.Columns, 3)
                 assert np.abs(rgb[..., 0] - rgb[..., 2]).mean() > 20
+        # Read by other tools, as stored: the report and a heatmap are valid objects
+        # (dicom3tools' dciodvfy), DCMTK reads the report's TID 1500 tree with its codes
+        for ds in (srs[0], *scs[:1]):
+            assert dicom_errors(need("dciodvfy"), ds, tmp_path / "check.dcm") == [], \
+                ds.SOPClassUID
+        srs[0].save_as(tmp_path / "sr.dcm")
+        tree = subprocess.run([need("dsrdump"), tmp_path / "sr.dcm"], capture_output=True,
+                              text=True)
+        assert tree.returncode == 0 and not tree.stderr, tree.stderr
+        assert '<CONTAINER:(,,"Imaging Measurement Report")' in tree.stdout
+        assert '<contains CODE:(,,"Finding")=(287272002,SCT,"Cardiomegaly")>' in tree.stdout
+        assert '<has concept mod TEXT:(,,"Algorithm Name")="CheXNet' in tree.stdout
         # Full precision: the node's record equals what infer.py's code computes, bit for bit
         record = json.loads((tmp_path / "spool" / "done" / f"{uid_of(files[0])}.json").read_text())
         sys.path.insert(0, str(REPO))
@@ -356,6 +372,7 @@ def test_reports_reach_the_pacs_with_infer_probabilities(model_dir, dx_files, pa
         assert refused.value.code == 401
         request.add_header("Authorization", "Bearer s3cret")
         body = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        assert "trained on the bundled 200-image sample" in body["notice"]  # as every output
         want = infer_image(model_dir, png)[str(png)]
         for row in body["findings"]:
             assert round(row["probability"], 4) == pytest.approx(want[row["finding"]][0], abs=1e-12)
@@ -461,8 +478,9 @@ def test_refusals_and_quarantine_keep_the_node_serving(model_dir, dx_files, pacs
     from pydicom.uid import JPEG2000Lossless, generate_uid
     from pynetdicom import AE
     spool = tmp_path / "spool"
+    http = free_port()
     node = NodeProcess(model_dir, spool, pacs, "--max-associations", "2", "--max-queue", "1",
-                       "--max-image-mb", "64", "--no-heatmaps")
+                       "--max-image-mb", "64", "--no-heatmaps", "--http-port", http)
     try:
         # not on the allow-list: refused at association
         assert storescu(dx_files[:1], node.port, aet="INTRUDER").returncode != 0
@@ -528,6 +546,20 @@ def test_refusals_and_quarantine_keep_the_node_serving(model_dir, dx_files, pacs
         assert any("cannot classify" in r and "cannot decode" in r for r in reasons)
         assert any("its JPEG 2000 stream does not start with its SOC and SIZ" in r
                    for r in reasons)
+        # the one accepted (success went back) is answered: a report in its study, no
+        # findings, saying why; /health counts it
+        answers = wait_for(lambda: [(ds, sr_findings(ds)) for ds in pacs.instances("SR")
+                                    if unclassified_reason(ds)], 60, "a no-result report")
+        [(answer, (findings, source, texts))] = answers
+        assert answer.StudyInstanceUID == garbage.StudyInstanceUID and findings == {}
+        assert evidence_uids(answer) == [garbage.SOPInstanceUID]
+        assert "cannot classify" in unclassified_reason(answer)
+        assert "cannot decode" in unclassified_reason(answer)
+        assert "RESEARCH USE ONLY" in texts["Intended use"]
+        assert dicom_errors(need("dciodvfy"), answer, tmp_path / "answer.dcm") == []
+        health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{http}/health",
+                                                   timeout=10).read())
+        assert health["counters"]["unclassified_reported"] == 1
         bomb_kept = [p for p in (spool / "quarantine").glob("*.dcm")
                      if p.stat().st_size < 64 * 1024]  # its header, not 8 GiB
         assert bomb_kept

@@ -583,8 +583,7 @@ def test_the_largest_image_and_its_heatmaps_fit_the_default_limit(syntax, tmp_pa
                      "decision": "positive"} for c in classes[:3]] + [
             {"finding": "D", "probability": 0.1, "threshold": 0.5, "decision": "negative"}]
         maps = np.random.default_rng(0).random((10, 3, 7, 7)).astype(np.float32)
-        names = workers.run(results_in_worker, uid, source, findings, maps, [0, 1, 2],
-                            np.array([0.9, 0.9, 0.9, 0.1]))
+        names = workers.run(results_in_worker, uid, source, findings, maps, [0, 1, 2])
         assert len(names) == 4  # the report and three heatmaps
         heatmap = read_dataset((spool.outbox / uid / names[1]).read_bytes(), 128)
         assert (heatmap.Rows, heatmap.Columns) == (8192, 8192)
