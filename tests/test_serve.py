@@ -546,20 +546,35 @@ def test_refusals_and_quarantine_keep_the_node_serving(model_dir, dx_files, pacs
         assert any("cannot classify" in r and "cannot decode" in r for r in reasons)
         assert any("its JPEG 2000 stream does not start with its SOC and SIZ" in r
                    for r in reasons)
-        # the one accepted (success went back) is answered: a report in its study, no
-        # findings, saying why; /health counts it
-        answers = wait_for(lambda: [(ds, sr_findings(ds)) for ds in pacs.instances("SR")
-                                    if unclassified_reason(ds)], 60, "a no-result report")
-        [(answer, (findings, source, texts))] = answers
-        assert answer.StudyInstanceUID == garbage.StudyInstanceUID and findings == {}
-        assert evidence_uids(answer) == [garbage.SOPInstanceUID]
-        assert "cannot classify" in unclassified_reason(answer)
-        assert "cannot decode" in unclassified_reason(answer)
-        assert "RESEARCH USE ONLY" in texts["Intended use"]
+        # an image accepted (success went back) and not classified is answered: a report in
+        # its study, no findings, saying why; /health counts them. Undecodable, colour, and
+        # several frames (one at a time: the queue holds one)
+        colour = variant()
+        gray8 = (colour.pixel_array >> 4).astype(np.uint8)
+        colour.PixelData = np.repeat(gray8[..., None], 3, axis=2).tobytes()
+        colour.SamplesPerPixel, colour.PhotometricInterpretation = 3, "RGB"
+        colour.PlanarConfiguration, colour.BitsAllocated, colour.BitsStored = 0, 8, 8
+        colour.HighBit = 7
+        frames = variant(NumberOfFrames=2)
+        frames.PixelData = frames.PixelData * 2
+        for n, ds in enumerate((colour, frames), 2):
+            wait_for(lambda: not list((spool / "inbox").iterdir()), 60, "the inbox to empty")
+            assert send([ds], node.port) == [0x0000]
+            wait_for(lambda: len([d for d in pacs.instances("SR") if unclassified_reason(d)])
+                     == n, 60, f"{n} no-result reports")
+        answers = {evidence_uids(ds)[0]: ds for ds in pacs.instances("SR")
+                   if unclassified_reason(ds)}
+        for ds, why in ((garbage, "cannot decode"), (colour, "RGB DICOM"), (frames, "2 frames")):
+            answer = answers[ds.SOPInstanceUID]
+            findings, _, texts = sr_findings(answer)
+            assert answer.StudyInstanceUID == ds.StudyInstanceUID and findings == {}
+            reason = unclassified_reason(answer)
+            assert reason.startswith("cannot classify") and why in reason, reason
+            assert "RESEARCH USE ONLY" in texts["Intended use"]
         assert dicom_errors(need("dciodvfy"), answer, tmp_path / "answer.dcm") == []
         health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{http}/health",
                                                    timeout=10).read())
-        assert health["counters"]["unclassified_reported"] == 1
+        assert health["counters"]["unclassified_reported"] == 3
         bomb_kept = [p for p in (spool / "quarantine").glob("*.dcm")
                      if p.stat().st_size < 64 * 1024]  # its header, not 8 GiB
         assert bomb_kept
