@@ -122,16 +122,21 @@ def sr_content(source, findings, identity, points_note, uid_root):
             source_images=[_source_image(source)]))
     report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=PROCEDURE,
                                      imaging_measurements=groups)
-    # TID 1500 row 12: qualitative evaluations of the whole report; here, what it may be used for
-    intended = hd.sr.ContainerContentItem(QUALITATIVE_EVALUATIONS,
-                                          relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-    intended.ContentSequence = [hd.sr.TextContentItem(
-        INTENDED_USE, RESEARCH_USE, hd.sr.RelationshipTypeValues.CONTAINS)]
-    if identity.get("notice"):  # a model trained on the bundled sample
-        intended.ContentSequence.append(hd.sr.TextContentItem(
-            NOTICE, identity["notice"], hd.sr.RelationshipTypeValues.CONTAINS))
-    report[0].ContentSequence.append(intended)
+    report[0].ContentSequence.append(_evaluations(identity))
     return report
+
+
+def _evaluations(identity, *first):
+    """TID 1500 row 12, the qualitative evaluations of the whole report: `first` items, then
+    what it may be used for and, for a model trained on the bundled sample, that notice."""
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
+    container = hd.sr.ContainerContentItem(QUALITATIVE_EVALUATIONS, relationship_type=contains)
+    container.ContentSequence = [*first, hd.sr.TextContentItem(INTENDED_USE, RESEARCH_USE,
+                                                               contains)]
+    if identity.get("notice"):
+        container.ContentSequence.append(hd.sr.TextContentItem(NOTICE, identity["notice"],
+                                                               contains))
+    return container
 
 
 NOT_CLASSIFIED = (_private("RESULT", "Classification result"),
@@ -146,18 +151,16 @@ def build_unclassified_sr(source, reason, identity, uid_root):
     evaluations of the whole (row 12: a report without measurements is allowed one). Its UID
     is not the classified report's: a later result (the image sent again) comes beside it."""
     contains = hd.sr.RelationshipTypeValues.CONTAINS
+    # highdicom's MeasurementReport needs measurements: its root, language, observer and
+    # procedure, as it writes them, without
     root = hd.sr.ContainerContentItem(codes.DCM.ImagingMeasurementReport, template_id="1500")
-    evaluations = hd.sr.ContainerContentItem(QUALITATIVE_EVALUATIONS, relationship_type=contains)
-    evaluations.ContentSequence = [
-        hd.sr.CodeContentItem(*NOT_CLASSIFIED, contains),
-        hd.sr.TextContentItem(REASON, reason[:1000], contains),
-        hd.sr.TextContentItem(INTENDED_USE, RESEARCH_USE, contains)]
     root.ContentSequence = [
         *hd.sr.LanguageOfContentItemAndDescendants(DEFAULT_LANGUAGE),
         *_context(identity, uid_root),
         hd.sr.CodeContentItem(codes.DCM.ProcedureReported, PROCEDURE,
                               hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD),
-        evaluations]
+        _evaluations(identity, hd.sr.CodeContentItem(*NOT_CLASSIFIED, contains),
+                     hd.sr.TextContentItem(REASON, reason[:1000], contains))]
     return encode_file(_sr_document(source, root, identity, uid_root, "sr-unclassified"))
 
 
@@ -271,7 +274,7 @@ class ReportWriter:
 
     def __call__(self, source, findings):
         key = (str(source.get("SpecificCharacterSet")), tuple(
-            (row["finding"], row["threshold"] is None, row["decision"] is None,
+            (row["finding"], row["decision"] is None,
              row.get("calibrated_probability") is not None) for row in findings))
         with self.lock:
             template = self.templates.get(key)
@@ -334,8 +337,9 @@ class ReportWriter:
         found = []  # (offset, length, slot): where each value of this image lies
         for k, row in enumerate(rows):
             for what in ("tracking", "probability", "calibrated_probability", "threshold"):
-                if what in ("calibrated_probability", "threshold") and row.get(what) is None:
-                    continue
+                if (what == "calibrated_probability" and row.get(what) is None
+                        or what == "threshold" and row["decision"] is None):
+                    continue  # as sr_content: no threshold without a decision
                 encoded = self._slot((what, k), source, rows)
                 hits = _offsets(content, encoded)
                 if len(hits) != 1:

@@ -571,6 +571,7 @@ def test_refusals_and_quarantine_keep_the_node_serving(model_dir, dx_files, pacs
             reason = unclassified_reason(answer)
             assert reason.startswith("cannot classify") and why in reason, reason
             assert "RESEARCH USE ONLY" in texts["Intended use"]
+            assert "trained on the bundled 200-image sample" in texts["Notice"]
         assert dicom_errors(need("dciodvfy"), answer, tmp_path / "answer.dcm") == []
         health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{http}/health",
                                                    timeout=10).read())
