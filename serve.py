@@ -1,5 +1,6 @@
 """A DICOM node for the clinic: a Storage SCP that classifies every chest X-ray sent to it with
-the exported OpenVINO model (INT8 by default) and sends the results back by C-STORE.
+the exported OpenVINO model (INT8 by default) and sends the results back by C-STORE (or by
+STOW-RS to a DICOMweb service).
 
     python serve.py --model-dir models --ae-title CHEXNET --port 11112 \\
         --allow-ae PACS MODALITY1 --destination PACS@10.0.0.5:104 --spool /var/lib/chexnet
@@ -51,21 +52,43 @@ from node.logs import log, setup_logging  # noqa: E402
 from node.network import start_dicom  # noqa: E402
 from node.pipeline import Model  # noqa: E402
 from node.pynetdicom_internals import check_pynetdicom_version  # noqa: E402
-from node.settings import Destination, NodeSettings  # noqa: E402
+from node.settings import Destination, NodeSettings, WebDestination  # noqa: E402
 from node.spool import Spool  # noqa: E402
-from node.tls import destination_tls, tls_context  # noqa: E402
+from node.stow import authorization  # noqa: E402
+from node.tls import sending_tls, tls_context  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
 # The command line
 
 def destination(text):
-    """'AE@HOST:PORT' -> Destination (argparse type)."""
+    """'AE@HOST:PORT' -> Destination, 'https://HOST[:PORT]/PATH' (a DICOMweb service's root) ->
+    WebDestination (argparse type)."""
     import argparse
+    if re.match(r"(?i)https?://", text):
+        return web_destination(text)
     match = re.fullmatch(r"([^@]{1,16})@([^:]+):(\d{1,5})", text)
     if not match or not 0 < int(match.group(3)) < 65536:
         raise argparse.ArgumentTypeError(f"{text!r}: expected AE@HOST:PORT, e.g. PACS@10.0.0.5:104")
     return Destination(match.group(1), match.group(2), int(match.group(3)))
+
+
+def web_destination(text):
+    import argparse
+    from urllib.parse import urlsplit
+    try:
+        url = urlsplit(text)
+        port = url.port or (443 if url.scheme.lower() == "https" else 80)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    if url.username is not None or url.password is not None:
+        raise argparse.ArgumentTypeError(
+            f"{url.scheme}://{url.hostname}...: no credentials in the URL (a process list shows "
+            "them): --destination-token-file or --destination-basic-auth-file")
+    if not url.hostname or url.query or url.fragment:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected the DICOMweb service's root, "
+                                         "e.g. https://pacs.example.org/dicom-web")
+    return WebDestination(text, url.scheme.lower(), url.hostname, port, url.path or "/")
 
 
 def ae_title(text):
@@ -102,7 +125,8 @@ def get_args(argv=None):
     p.add_argument("--allow-any-ae", action="store_true",
                    help="accept any calling AE title (instead of --allow-ae)")
     p.add_argument("--destination", type=destination, default=None,
-                   help="where results go by C-STORE: AE@HOST:PORT (the PACS)")
+                   help="where results go: AE@HOST:PORT (the PACS, by C-STORE) or the root of "
+                        "a DICOMweb service, https://HOST/dicom-web (by STOW-RS)")
     p.add_argument("--max-associations", type=positive_int, default=8)
     p.add_argument("--max-queue", type=positive_int, default=1000,
                    help="images accepted and not yet classified; more are refused (0xA700)")
@@ -146,11 +170,17 @@ def get_args(argv=None):
                    help="TLS: CA certificates; senders must then present a certificate it signed")
     p.add_argument("--destination-tls-ca", default=None,
                    help="TLS to the destination: the CA certificates its certificate must be "
-                        "signed by")
+                        "signed by (an https:// destination without it: the system's CAs)")
     p.add_argument("--destination-tls-cert", default=None,
                    help="the certificate the node presents to the destination (default "
                         "--tls-cert; a client certificate may differ from the server's)")
     p.add_argument("--destination-tls-key", default=None, help="its private key (PEM)")
+    p.add_argument("--destination-token-file", default=None,
+                   help="an https:// destination: the bearer token, read from this file (at "
+                        "start and at every connection: a rotated token needs no restart)")
+    p.add_argument("--destination-basic-auth-file", default=None,
+                   help="an https:// destination: HTTP basic authentication, one line "
+                        "USER:PASSWORD in this file")
     p.add_argument("--http-port", type=port, default=None,
                    help="also serve POST /predict and GET /health on this port")
     p.add_argument("--http-token-file", default=None,
@@ -167,11 +197,27 @@ def get_args(argv=None):
     if args.uncompressed_heatmaps and args.no_heatmaps:
         p.error("argument --uncompressed-heatmaps: not with --no-heatmaps")
     if args.destination is None:
-        p.error("argument --destination: where should the results go? AE@HOST:PORT")
+        p.error("argument --destination: where should the results go? AE@HOST:PORT or "
+                "https://HOST/dicom-web")
+    web = isinstance(args.destination, WebDestination)
+    if args.destination_token_file and args.destination_basic_auth_file:
+        p.error("argument --destination-basic-auth-file: not with --destination-token-file")
+    credentials = args.destination_token_file or args.destination_basic_auth_file
+    if credentials and not web:
+        flag = ("--destination-token-file" if args.destination_token_file
+                else "--destination-basic-auth-file")
+        p.error(f"argument {flag}: only for a DICOMweb destination (https://...)")
+    if credentials and args.destination.scheme == "http" and args.destination.host not in (
+            "localhost", "127.0.0.1", "::1"):
+        p.error(f"argument --destination: {args.destination} is plain http: the credentials "
+                "would cross the network readable; use https://")
+    if web and args.destination.scheme == "http" and (
+            args.destination_tls_ca or args.destination_tls_cert):
+        p.error("argument --destination-tls-ca: TLS needs an https:// destination")
     if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_ca and not args.tls_cert):
         p.error("argument --tls-cert: TLS needs both --tls-cert and --tls-key")
     if bool(args.destination_tls_cert) != bool(args.destination_tls_key) or (
-            args.destination_tls_cert and not args.destination_tls_ca):
+            args.destination_tls_cert and not args.destination_tls_ca and not web):
         p.error("argument --destination-tls-cert: needs --destination-tls-key and "
                 "--destination-tls-ca")
     if not args.uid_root.endswith(".") or not UID_RE.match(args.uid_root[:-1]) \
@@ -211,9 +257,8 @@ def main(argv=None):
             if not settings.no_heatmaps:  # imported by the worker processes, checked here
                 optional.heatmaps()
             tls_context(settings.tls_cert, settings.tls_key, settings.tls_ca)
-            destination_tls(settings.destination.host, settings.destination_tls_ca,
-                            settings.destination_tls_cert, settings.destination_tls_key,
-                            settings.tls_cert, settings.tls_key)
+            sending_tls(settings)
+            authorization(settings.destination_token_file, settings.destination_basic_auth_file)
             read_token(settings.http_token_file)
             model = Model(settings.model_dir, settings.mode, settings.rule, settings.streams,
                           settings.workers, settings.no_operating_points)

@@ -16,7 +16,7 @@ from node.pipeline import Stages
 from node.processor import Processor
 from node.receiver import Receiver
 from node.sender import Sender
-from node.tls import destination_tls
+from node.tls import sending_tls
 from node.workers import Workers
 
 
@@ -64,9 +64,7 @@ class Node(Receiver, Processor, Sender):
         self.refusals = {}
         self.refused = {}  # result folder -> times the destination refused it
         self.stages = model.stages
-        self.destination_tls = destination_tls(
-            settings.destination.host, settings.destination_tls_ca, settings.destination_tls_cert,
-            settings.destination_tls_key, settings.tls_cert, settings.tls_key)
+        self.destination_tls = sending_tls(settings)
         self.accepted_at = {}  # UID -> when it was accepted (this run), for the total
         self.worker_deaths = {}  # UID -> times its task stopped its worker process, alone
         self.todo = queue.Queue()

@@ -1,9 +1,9 @@
-"""The send path: the results in the outbox to the destination by C-STORE, on
---send-associations associations, each sending its share (by the source UID's hash) one result
-after another, and lingering while more are coming. Accepted results leave the outbox; a
-network failure is retried with the backoff; a result refused MAX_REFUSALS times goes to
-SPOOL/failed/; JPEG heatmaps go decompressed to a destination that takes no JPEG, or fails
-on it."""
+"""The send path: the results in the outbox to the destination by C-STORE (or STOW-RS:
+node/stow.py), on --send-associations associations (or HTTP connections), each sending its
+share (by the source UID's hash) one result after another, and lingering while more are
+coming. Accepted results leave the outbox; a network failure is retried with the backoff; a
+result refused MAX_REFUSALS times goes to SPOOL/failed/; JPEG heatmaps go decompressed to a
+destination that takes no JPEG, or fails on it."""
 import os
 import shutil
 import time
@@ -19,6 +19,8 @@ from node.dicom import OLD_SR_CLASS, SC_CLASS, SR_CLASS, STORED_WARNINGS, SUCCES
 from node.logs import log
 from node.pynetdicom_internals import quick_ack, tuned
 from node.results import uncompressed
+from node.settings import WebDestination
+from node.stow import StowLink, authorization
 
 SEND_LINGER_SECONDS = 2.0  # how long an association to the destination waits for the next result
 MAX_REFUSALS = 5  # a result the destination refuses this often goes to SPOOL/failed/
@@ -65,13 +67,49 @@ class Sender:
                 if zlib.crc32(f.name.encode()) % share == i]
 
     def _send(self, i):
-        """One association to the destination: the results of sending association i, and those
-        that come while it is open, as long as images are waiting or in progress and the next
-        result comes within SEND_LINGER_SECONDS (at most half --timeout). In a burst results
-        come one at a time: an association each cost both ends a negotiation, here two
-        threads and in DCMTK's storescp a process (279 associations for 300 images, 0.02
-        CPU-s per image here); with nothing queued it is released at once (an open
-        association's thread polls every 1 ms)."""
+        """One association (or, to a STOW-RS destination, one HTTP connection: node/stow.py)
+        to the destination: the results of sending association i, and those that come while
+        it is open, as long as images are waiting or in progress and the next result comes
+        within SEND_LINGER_SECONDS (at most half --timeout). In a burst results come one at a
+        time: an association each cost both ends a negotiation, here two threads and in
+        DCMTK's storescp a process (279 associations for 300 images, 0.02 CPU-s per image
+        here); with nothing queued it is released at once (an open association's thread
+        polls every 1 ms)."""
+        link = self._open_link()
+        try:
+            ready = self.results_ready[i]
+            linger = min(SEND_LINGER_SECONDS, self.settings.timeout / 2)
+            idle_since = time.monotonic()
+            while not self.stopping.is_set() and link.is_open:
+                ready.clear()  # before the listing: a result written after it sets it again
+                pending = self._pending(i)
+                for folder in pending:
+                    try:
+                        self._send_folder(link, folder)
+                    except Refused as e:
+                        tries = self.refused.get(folder.name, 0) + 1
+                        self.refused[folder.name] = tries
+                        if tries < MAX_REFUSALS:
+                            raise ConnectionError(str(e)) from None
+                        self._give_up(folder, str(e))
+                    if self.stopping.is_set():
+                        return
+                if pending:
+                    idle_since = time.monotonic()
+                    continue
+                with self.lock:
+                    more = bool(self.queued)  # images accepted, their results not yet written
+                if not (more and ready.wait(idle_since + linger - time.monotonic())):
+                    return
+        finally:
+            link.close()
+
+    def _open_link(self):
+        if isinstance(self.settings.destination, WebDestination):
+            return StowLink(self.settings.destination, self.destination_tls,
+                            authorization(self.settings.destination_token_file,
+                                          self.settings.destination_basic_auth_file),
+                            self.settings.timeout)
         from pynetdicom import AE, evt
         ae_title, host, port = self.settings.destination
         ae = AE(ae_title=self.settings.ae_title)
@@ -93,36 +131,9 @@ class Sender:
                                   + (", or it accepts none of the node's presentation contexts:"
                                      " SR and SC in Explicit or Implicit VR Little Endian"
                                      if assoc.is_aborted else "") + ")")
-        try:
-            tuned(assoc)
-            self._tell_about_heatmaps(assoc)
-            ready = self.results_ready[i]
-            linger = min(SEND_LINGER_SECONDS, self.settings.timeout / 2)
-            idle_since = time.monotonic()
-            while not self.stopping.is_set() and assoc.is_established:
-                ready.clear()  # before the listing: a result written after it sets it again
-                pending = self._pending(i)
-                for folder in pending:
-                    try:
-                        self._send_folder(assoc, folder)
-                    except Refused as e:
-                        tries = self.refused.get(folder.name, 0) + 1
-                        self.refused[folder.name] = tries
-                        if tries < MAX_REFUSALS:
-                            raise ConnectionError(str(e)) from None
-                        self._give_up(folder, str(e))
-                    if self.stopping.is_set():
-                        return
-                if pending:
-                    idle_since = time.monotonic()
-                    continue
-                with self.lock:
-                    more = bool(self.queued)  # images accepted, their results not yet written
-                if not (more and ready.wait(idle_since + linger - time.monotonic())):
-                    return
-        finally:
-            if assoc.is_established:
-                assoc.release()
+        tuned(assoc)
+        self._tell_about_heatmaps(assoc)
+        return DimseLink(assoc)
 
     def _tell_about_heatmaps(self, assoc):
         """Once each: a destination that takes no Secondary Capture at all (every heatmap will
@@ -165,8 +176,21 @@ class Sender:
         raise ConnectionError(f"{path.name} of {folder.name}: JPEG heatmap failed ({failure}), "
                               "tried again")
 
-    def _send_folder(self, assoc, folder):
+    def _send_folder(self, link, folder):
         t0 = time.perf_counter()
+        if isinstance(link, StowLink):
+            files = sorted(folder.iterdir())
+            try:
+                link.store(files)
+            except Refused as e:
+                raise Refused(f"{folder.name}: {e}") from None
+            finally:  # those stored are gone from the folder, also where others were refused
+                self.count("results_sent", sum(not f.exists() for f in files))
+        else:
+            self._c_store_folder(link.assoc, folder)
+        self._sent(folder, t0)
+
+    def _c_store_folder(self, assoc, folder):
         # Results go as written (from the file, not decoded and encoded again: that cost as
         # much as building the report) where the destination accepted their transfer syntax
         accepted = {(cx.abstract_syntax, cx.transfer_syntax[0])
@@ -195,6 +219,9 @@ class Sender:
                 raise Refused(f"{path.name} of {folder.name} refused with status 0x{code:04X}")
             path.unlink()  # accepted: never sent again
             self.count("results_sent")
+
+    def _sent(self, folder, t0):
+        """Bookkeeping of a result folder the destination accepted whole."""
         folder.rmdir()
         self.refused.pop(folder.name, None)
         now = time.perf_counter()
@@ -220,3 +247,19 @@ class Sender:
         self.count("send_failures")
         log.error("results of %s refused %d times by %s (%s): moved to %s", folder.name,
                   MAX_REFUSALS, self.settings.destination, reason, target)
+
+
+class DimseLink:
+    """An association to the destination, as the send loop uses a link (node/stow.py's
+    StowLink the other)."""
+
+    def __init__(self, assoc):
+        self.assoc = assoc
+
+    @property
+    def is_open(self):
+        return self.assoc.is_established
+
+    def close(self):
+        if self.assoc.is_established:
+            self.assoc.release()

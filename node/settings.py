@@ -1,7 +1,7 @@
 """The node's settings as values: serve.py builds one NodeSettings from its flags, once, and
 the node's modules take it (or the few values they need) from there, never the flags."""
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple, Union
 
 
 class Destination(NamedTuple):
@@ -11,6 +11,19 @@ class Destination(NamedTuple):
 
     def __str__(self):
         return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class WebDestination(NamedTuple):
+    """A DICOMweb service's root (STOW-RS at <root>/studies): no credentials in it (they are
+    read from a file: --destination-token-file, --destination-basic-auth-file)."""
+    url: str
+    scheme: str  # http or https
+    host: str
+    port: int
+    path: str
+
+    def __str__(self):
+        return self.url
 
 
 @dataclass(frozen=True)
@@ -26,7 +39,7 @@ class NodeSettings:
     host: str
     port: int
     allow_ae: Optional[Tuple[str, ...]]  # None: any calling AE title (--allow-any-ae)
-    destination: Destination
+    destination: Union[Destination, WebDestination]
     max_associations: int
     max_queue: int
     max_image_mb: float
@@ -48,6 +61,8 @@ class NodeSettings:
     destination_tls_ca: Optional[str]
     destination_tls_cert: Optional[str]
     destination_tls_key: Optional[str]
+    destination_token_file: Optional[str]
+    destination_basic_auth_file: Optional[str]
     http_port: Optional[int]
     http_token_file: Optional[str]
     log_level: str

@@ -2,6 +2,7 @@
 127.0.0.1 with its own configuration, a real sender (DCMTK's storescu), DX files made from the
 real NIH images, the small exported model; the node itself runs with torch (and nncf) made
 impossible to import. Results are read back through Orthanc's REST API."""
+import base64
 import json
 import os
 import re
@@ -77,13 +78,20 @@ class Orthanc:
         self.root.mkdir(parents=True, exist_ok=True)
         self.http, self.dicom = free_port(), free_port()
         self.config = self.root / "orthanc.json"
-        self.config.write_text(json.dumps({**settings,
+        self.config.write_text(json.dumps({
             "Name": "test-pacs", "StorageDirectory": str(self.root / "db"),
             "IndexDirectory": str(self.root / "db"), "HttpPort": self.http,
             "DicomPort": self.dicom, "DicomAet": "PACS", "AuthenticationEnabled": False,
             "RemoteAccessAllowed": False, "HttpServerEnabled": True, "Plugins": [],
             "DicomModalities": {"chexnet": [NODE_AE, "127.0.0.1", node_port]},
-            "DicomAlwaysAllowStore": False}))  # only the modalities listed may store
+            "DicomAlwaysAllowStore": False,  # only the modalities listed may store
+            **settings}))
+        # the test reads Orthanc's REST API as its first registered user, over its TLS (the
+        # node's verification of Orthanc's certificate is what a test checks, not this)
+        self.base = f"{'https' if settings.get('SslEnabled') else 'http'}://127.0.0.1:{self.http}"
+        users = settings.get("RegisteredUsers") or {}
+        self.headers = {"Authorization": "Basic " + base64.b64encode(
+            ":".join(next(iter(users.items()))).encode()).decode()} if users else {}
         self.proc = None
         self.start()
 
@@ -105,14 +113,23 @@ class Orthanc:
             self.proc = None
 
     def get(self, path):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=10) as r:
+        with self._open(urllib.request.Request(self.base + path, headers=self.headers)) as r:
             return r.read()
 
     def post(self, path, body):
-        request = urllib.request.Request(f"http://127.0.0.1:{self.http}{path}",
-                                         data=json.dumps(body).encode())
-        with urllib.request.urlopen(request, timeout=10) as r:
+        request = urllib.request.Request(self.base + path, data=json.dumps(body).encode(),
+                                         headers=self.headers)
+        with self._open(request) as r:
             return json.loads(r.read())
+
+    def delete(self, path):
+        self._open(urllib.request.Request(self.base + path, method="DELETE",
+                                          headers=self.headers)).close()
+
+    def _open(self, request):
+        import ssl
+        return urllib.request.urlopen(request, timeout=10,
+                                      context=ssl._create_unverified_context())
 
     def instances(self, modality):
         """pydicom datasets of every instance of this modality Orthanc holds."""
@@ -139,9 +156,7 @@ def pacs(orthanc):
     if orthanc.proc is None or orthanc.proc.poll() is not None:
         orthanc.start()  # a test stops it to play a PACS that is down
     for patient in json.loads(orthanc.get("/patients")):
-        request = urllib.request.Request(f"http://127.0.0.1:{orthanc.http}/patients/{patient}",
-                                         method="DELETE")
-        urllib.request.urlopen(request, timeout=10).close()
+        orthanc.delete(f"/patients/{patient}")
     assert json.loads(orthanc.get("/instances")) == []
     return orthanc
 
