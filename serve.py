@@ -85,6 +85,9 @@ def web_destination(text):
         raise argparse.ArgumentTypeError(
             f"{url.scheme}://{url.hostname}...: no credentials in the URL (a process list shows "
             "them): --destination-token-file or --destination-basic-auth-file")
+    if url.port == 0 or any(c.isspace() or not c.isprintable() for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r}: a port 1-65535, no spaces or control "
+                                         "characters (percent-encode them)")
     if not url.hostname or url.query or url.fragment:
         raise argparse.ArgumentTypeError(f"{text!r}: expected the DICOMweb service's root, "
                                          "e.g. https://pacs.example.org/dicom-web")

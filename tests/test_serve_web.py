@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -174,9 +175,22 @@ class StowService:
                 else:
                     status, answer = service.answer(datasets)
                 data = json.dumps(answer).encode() if answer is not None else b""
+                if status == "drip":  # 200, then its body a byte a second
+                    self.send_response(200)
+                    self.send_header("Content-Length", "100000")
+                    self.end_headers()
+                    try:
+                        for _ in range(120):
+                            self.wfile.write(b" ")
+                            self.wfile.flush()
+                            time.sleep(1)
+                    except OSError:  # the node gave up on it
+                        return
                 self.send_response(status)
                 self.send_header("Content-Type", "application/dicom+json")
                 self.send_header("Content-Length", str(len(data)))
+                if status == 301:
+                    self.send_header("Location", "https://elsewhere.example.org/dicom-web")
                 self.end_headers()
                 self.wfile.write(data)
 
@@ -202,16 +216,17 @@ def referenced(uids, failed=False):
 @pytest.mark.system
 def test_stow_rs_outage_partial_store_and_refusal(model_dir, dx_files, tmp_path):
     """A bearer token goes with every request, the files go as one multipart/related request
-    per image; an outage (503) is retried and nothing is given up; a partial store (202) is
-    not sent again, only what was refused; a destination that refuses a result every time
-    (409) moves it to failed/ with the reason, after 5 tries."""
+    per image; an outage (503), a redirect, a size limit, an answer dripped past --timeout, a
+    409 without a body are retried and nothing is given up; a partial store (202) is not sent
+    again, only what was refused; a destination that refuses a result every time (409 naming
+    it) moves it to failed/ with the reason, after 5 tries."""
     service = StowService()
     token = tmp_path / "token"
     token.write_text("t0ken-1\n")
     spool = tmp_path / "spool"
     pacs = type("Pacs", (), {"node_port": free_port(), "dicom": 1})
     node = NodeProcess(model_dir, spool, pacs, "--destination", service.url,
-                       "--destination-token-file", token)
+                       "--destination-token-file", token, "--timeout", "3")
     try:
         sent = storescu(dx_files[:1], node.port)
         assert sent.returncode == 0, sent.stderr
@@ -223,6 +238,14 @@ def test_stow_rs_outage_partial_store_and_refusal(model_dir, dx_files, tmp_path)
         folder = next((spool / "outbox").iterdir())
         assert len(first) == len(list(folder.iterdir())) >= 2  # the report and its heatmaps
         report = next(ds.SOPInstanceUID for ds in first if ds.Modality == "SR")
+        # answers that say nothing of the objects are the service's or the settings' problem:
+        # retried, never given up (a redirect, a proxy's size limit, a body dripped)
+        for status, words in [(301, "redirected to https://elsewhere.example.org/dicom-web"),
+                              (413, "is over what the service, or a proxy before it, accepts"),
+                              ("drip", "no whole answer within"), (409, "HTTP 409")]:
+            service.answer = lambda datasets, status=status: (status, None)
+            wait_for(lambda: words in node.text(), 120, words)
+        assert not (spool / "failed").exists()
         # the report stored, the heatmaps refused: the report is not sent again
         service.answer = lambda datasets: (202, {
             **referenced([ds.SOPInstanceUID for ds in datasets if ds.Modality == "SR"]),
