@@ -10,6 +10,8 @@ top of this list down (none imports a script: serve.py, main.py, infer.py, repor
     network.py       pynetdicom's Storage SCP and the Doorman
     pynetdicom_internals.py   everything that reaches into pynetdicom's internals, and the
                      check of its version
+    retrieve.py      retrieve.py's query/retrieve in (C-FIND, C-MOVE to the node, the journal);
+                     imported by retrieve.py only, never by the node's own modules
     tls.py           SSL contexts, listening and to the destination (DICOM TLS, HTTPS)
     workers.py       the worker processes and the tasks they run
     pipeline.py      the OpenVINO model, its operating points, the inference thread

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import REPO
 
-SCRIPTS = {"serve", "main", "infer", "report"}
+SCRIPTS = {"serve", "retrieve", "main", "infer", "report"}
 
 
 def test_the_pynetdicom_check_accepts_the_versions_checked_and_refuses_another():
