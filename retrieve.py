@@ -24,29 +24,10 @@ if __name__ == "__main__":  # a missing package is one line, before the imports 
         sys.exit(f"error: {e}")
 from common import ArgumentParser, DataError, one_line, positive_float, positive_int  # noqa: E402
 from node.retrieve import RetrieveSettings, Run  # noqa: E402
-from node.settings import Destination  # noqa: E402
+from node.settings import ae_title, dicom_address  # noqa: E402
 
 MODALITIES = ("CR", "DX")  # what the node classifies
 MAX_RETRIEVALS = 8  # the node's --max-associations default: more would be refused there
-
-
-def ae_title(text):
-    import argparse
-    if not 0 < len(text) <= 16 or "\\" in text or not text.isprintable() or text.strip() != text:
-        raise argparse.ArgumentTypeError(f"{text!r}: an AE title is 1-16 printable characters, "
-                                         "no backslash, no leading or trailing space")
-    return text
-
-
-def pacs(text):
-    """'AE@HOST:PORT' -> Destination (argparse type)."""
-    import argparse
-    match = re.fullmatch(r"([^@]{1,16})@([^:@\s]+):(\d{1,5})", text)
-    if not match or not 0 < int(match.group(3)) < 65536:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected AE@HOST:PORT, e.g. "
-                                         "PACS@10.0.0.5:104")
-    ae_title(match.group(1))
-    return Destination(match.group(1), match.group(2), int(match.group(3)))
 
 
 def day(text):
@@ -71,7 +52,7 @@ def max_retrievals(text):
 
 def get_args(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--pacs", type=pacs, required=True, metavar="AE@HOST:PORT",
+    p.add_argument("--pacs", type=dicom_address, required=True, metavar="AE@HOST:PORT",
                    help="the PACS to query and move from: AE@HOST:PORT")
     p.add_argument("--node-ae", type=ae_title, required=True,
                    help="the node's AE title, as the PACS knows it among its modalities (the "

@@ -52,7 +52,8 @@ from node.logs import log, setup_logging  # noqa: E402
 from node.network import start_dicom  # noqa: E402
 from node.pipeline import Model  # noqa: E402
 from node.pynetdicom_internals import check_pynetdicom_version  # noqa: E402
-from node.settings import Destination, NodeSettings, WebDestination  # noqa: E402
+from node.settings import (NodeSettings, WebDestination, ae_title,  # noqa: E402
+                           dicom_address)
 from node.spool import Spool  # noqa: E402
 from node.stow import authorization  # noqa: E402
 from node.tls import sending_tls, tls_context  # noqa: E402
@@ -64,13 +65,9 @@ from node.tls import sending_tls, tls_context  # noqa: E402
 def destination(text):
     """'AE@HOST:PORT' -> Destination, 'https://HOST[:PORT]/PATH' (a DICOMweb service's root) ->
     WebDestination (argparse type)."""
-    import argparse
     if re.match(r"(?i)https?://", text):
         return web_destination(text)
-    match = re.fullmatch(r"([^@]{1,16})@([^:]+):(\d{1,5})", text)
-    if not match or not 0 < int(match.group(3)) < 65536:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected AE@HOST:PORT, e.g. PACS@10.0.0.5:104")
-    return Destination(match.group(1), match.group(2), int(match.group(3)))
+    return dicom_address(text)
 
 
 def web_destination(text):
@@ -92,14 +89,6 @@ def web_destination(text):
         raise argparse.ArgumentTypeError(f"{text!r}: expected the DICOMweb service's root, "
                                          "e.g. https://pacs.example.org/dicom-web")
     return WebDestination(text, url.scheme.lower(), url.hostname, port, url.path or "/")
-
-
-def ae_title(text):
-    import argparse
-    if not 0 < len(text) <= 16 or "\\" in text or not text.isprintable() or text.strip() != text:
-        raise argparse.ArgumentTypeError(f"{text!r}: an AE title is 1-16 printable characters, "
-                                         "no backslash")
-    return text
 
 
 def port(text):
