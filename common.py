@@ -264,6 +264,24 @@ def _number(text, kind, ok, what):
     return value
 
 
+def ae_title(text):
+    """An AE title as a flag gives it (argparse type: serve.py, retrieve.py)."""
+    if not 0 < len(text) <= 16 or "\\" in text or not text.isprintable() or text.strip() != text:
+        raise argparse.ArgumentTypeError(f"{text!r}: an AE title is 1-16 printable characters, "
+                                         "no backslash, no leading or trailing space")
+    return text
+
+
+def dicom_address(text):
+    """'AE@HOST:PORT' -> (AE, HOST, PORT) (argparse type: serve.py, retrieve.py)."""
+    match = re.fullmatch(r"([^@]{1,16})@([^:@\s]+):(\d{1,5})", text)
+    if not match or not 0 < int(match.group(3)) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected AE@HOST:PORT, e.g. "
+                                         "PACS@10.0.0.5:104")
+    ae_title(match.group(1))
+    return match.group(1), match.group(2), int(match.group(3))
+
+
 def fail(message, code=1):
     """Print the one-line error and exit."""
     print(f"error: {message}", file=sys.stderr)

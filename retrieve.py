@@ -22,12 +22,18 @@ if __name__ == "__main__":  # a missing package is one line, before the imports 
         optional.dicom_node()
     except optional.MissingPackage as e:
         sys.exit(f"error: {e}")
-from common import ArgumentParser, DataError, one_line, positive_float, positive_int  # noqa: E402
+from common import (ArgumentParser, DataError, ae_title, dicom_address, one_line,  # noqa: E402
+                    positive_float, positive_int)
 from node.retrieve import RetrieveSettings, Run  # noqa: E402
-from node.settings import ae_title, dicom_address  # noqa: E402
+from node.settings import Destination  # noqa: E402
 
 MODALITIES = ("CR", "DX")  # what the node classifies
 MAX_RETRIEVALS = 8  # the node's --max-associations default: more would be refused there
+
+
+def pacs(text):
+    """'AE@HOST:PORT' -> Destination (argparse type)."""
+    return Destination(*dicom_address(text))
 
 
 def day(text):
@@ -52,7 +58,7 @@ def max_retrievals(text):
 
 def get_args(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--pacs", type=dicom_address, required=True, metavar="AE@HOST:PORT",
+    p.add_argument("--pacs", type=pacs, required=True, metavar="AE@HOST:PORT",
                    help="the PACS to query and move from: AE@HOST:PORT")
     p.add_argument("--node-ae", type=ae_title, required=True,
                    help="the node's AE title, as the PACS knows it among its modalities (the "

@@ -42,8 +42,9 @@ if __name__ == "__main__":  # a missing package is one line, before the imports 
         sys.exit(f"error: {e}")
 # node/ imports pydicom, highdicom and pynetdicom here, once, before any thread: a first import
 # racing in several threads fails
-from common import (ArgumentParser, DataError, SetupError, exclusive_lock, one_line,  # noqa: E402
-                    os_reason, positive_float, positive_int)
+from common import (ArgumentParser, DataError, SetupError, ae_title,  # noqa: E402
+                    dicom_address, exclusive_lock, one_line, os_reason, positive_float,
+                    positive_int)
 from images import MAX_DECODED_BYTES  # noqa: E402
 from node.core import Node  # noqa: E402
 from node.dicom import UID_RE, VERSION, ServeError  # noqa: E402
@@ -52,8 +53,7 @@ from node.logs import log, setup_logging  # noqa: E402
 from node.network import start_dicom  # noqa: E402
 from node.pipeline import Model  # noqa: E402
 from node.pynetdicom_internals import check_pynetdicom_version  # noqa: E402
-from node.settings import (NodeSettings, WebDestination, ae_title,  # noqa: E402
-                           dicom_address)
+from node.settings import Destination, NodeSettings, WebDestination  # noqa: E402
 from node.spool import Spool  # noqa: E402
 from node.stow import authorization  # noqa: E402
 from node.tls import sending_tls, tls_context  # noqa: E402
@@ -67,7 +67,7 @@ def destination(text):
     WebDestination (argparse type)."""
     if re.match(r"(?i)https?://", text):
         return web_destination(text)
-    return dicom_address(text)
+    return Destination(*dicom_address(text))
 
 
 def web_destination(text):

@@ -1,7 +1,5 @@
 """The node's settings as values: serve.py builds one NodeSettings from its flags, once, and
 the node's modules take it (or the few values they need) from there, never the flags."""
-import argparse
-import re
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Tuple, Union
 
@@ -13,24 +11,6 @@ class Destination(NamedTuple):
 
     def __str__(self):
         return f"{self.ae_title}@{self.host}:{self.port}"
-
-
-def ae_title(text):
-    """An AE title as a flag gives it (argparse type, serve.py's and retrieve.py's)."""
-    if not 0 < len(text) <= 16 or "\\" in text or not text.isprintable() or text.strip() != text:
-        raise argparse.ArgumentTypeError(f"{text!r}: an AE title is 1-16 printable characters, "
-                                         "no backslash, no leading or trailing space")
-    return text
-
-
-def dicom_address(text):
-    """'AE@HOST:PORT' -> Destination (argparse type, serve.py's and retrieve.py's)."""
-    match = re.fullmatch(r"([^@]{1,16})@([^:@\s]+):(\d{1,5})", text)
-    if not match or not 0 < int(match.group(3)) < 65536:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected AE@HOST:PORT, e.g. "
-                                         "PACS@10.0.0.5:104")
-    ae_title(match.group(1))
-    return Destination(match.group(1), match.group(2), int(match.group(3)))
 
 
 class WebDestination(NamedTuple):

@@ -80,6 +80,7 @@ class StowLink:
             self.connection = http.client.HTTPConnection(destination.host, destination.port,
                                                          timeout=timeout)
         self.timeout, self.is_open, self.used, self.aborted = timeout, True, False, False
+        self.sock = None  # the socket of the request under way (_abort)
 
     def close(self):
         self.is_open = False
@@ -145,9 +146,15 @@ class StowLink:
             watchdog = threading.Timer(seconds, self._abort)
             watchdog.start()
             try:
+                self.sock = None
                 self.connection.request("POST", path, body=body, headers=headers)
+                # the socket kept: an answer that closes the connection (HTTP/1.0, Connection:
+                # close) takes it from the connection, and the watchdog must still reach it
+                self.sock = self.connection.sock
                 response = self.connection.getresponse()
                 answer = response.read(MAX_ANSWER_BYTES + 1)  # a few KB: more is not an answer
+                if self.aborted:  # cut short by the watchdog: not an answer
+                    raise http.client.IncompleteRead(answer)
                 if len(answer) > MAX_ANSWER_BYTES or response.will_close:
                     self.connection.close()
                     answer = answer[:0] if len(answer) > MAX_ANSWER_BYTES else answer
@@ -178,7 +185,7 @@ class StowLink:
     def _abort(self):
         """The request's time is up: its socket shut, so that a blocked read returns."""
         self.aborted = True
-        sock = self.connection.sock
+        sock = self.sock or self.connection.sock
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)

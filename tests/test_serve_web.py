@@ -185,7 +185,8 @@ class StowService:
                             self.wfile.flush()
                             time.sleep(1)
                     except OSError:  # the node gave up on it
-                        return
+                        pass
+                    return
                 self.send_response(status)
                 self.send_header("Content-Type", "application/dicom+json")
                 self.send_header("Content-Length", str(len(data)))
