@@ -145,6 +145,10 @@ def get_args(argv=None):
                    help="write heatmaps uncompressed (3 MB for a 1024x1024 image), not JPEG "
                         "Baseline (about 0.2 MB, lossy and marked so; sent decompressed to a "
                         "destination that does not accept JPEG)")
+    p.add_argument("--parametric-maps", action="store_true",
+                   help="also send each heatmap's class activation map as a DICOM Parametric "
+                        "Map (values 0-1 on the image's pixel grid, 2 MB for a 1024x1024 "
+                        "image), which a viewer can overlay on the X-ray (docs/serve.md)")
     p.add_argument("--uid-root", default="1.2.826.0.1.3680043.8.498.",
                    help="UID prefix of the results (your organisation's root)")
     p.add_argument("--keep-done-days", type=positive_float, default=None,
@@ -188,6 +192,8 @@ def get_args(argv=None):
                 "16-bit image: images.MAX_DECODED_BYTES)")
     if args.uncompressed_heatmaps and args.no_heatmaps:
         p.error("argument --uncompressed-heatmaps: not with --no-heatmaps")
+    if args.parametric_maps and args.no_heatmaps:
+        p.error("argument --parametric-maps: not with --no-heatmaps")
     if args.destination is None:
         p.error("argument --destination: where should the results go? AE@HOST:PORT or "
                 "https://HOST/dicom-web")

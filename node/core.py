@@ -85,6 +85,7 @@ class Node(Receiver, Processor, Sender):
             "spool": str(spool.root), "identity": model.identity, "points_note": self.points_note,
             "uid_root": settings.uid_root, "resize": model.resize, "crop": model.crop,
             "heatmaps": not settings.no_heatmaps, "log_level": settings.log_level.upper(),
+            "parametric_maps": settings.parametric_maps,
             "memory_bytes": int(self.memory_mb * 2 ** 20),
             "heatmap_syntax": (ExplicitVRLittleEndian if settings.uncompressed_heatmaps
                                else JPEGBaseline8Bit),

@@ -18,6 +18,7 @@ SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR (node/sr.py: T
 # the reports of versions before TID 1500, which an outbox may still hold at an upgrade
 OLD_SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
+PM_CLASS = "1.2.840.10008.5.1.4.1.1.30"  # Parametric Map (node/pmap.py, --parametric-maps)
 
 # DIMSE C-STORE statuses (PS3.4 B.2.3, PS3.7 C)
 SUCCESS = 0x0000

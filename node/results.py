@@ -118,17 +118,21 @@ def _heatmap_dataset(source, rgb, uid, identity, uid_root, syntax):
     if not known:
         sc.PatientOrientation = None  # type 2: empty, unknown (never guessed)
     sc.BurnedInAnnotation = "YES"
-    # General Series' Laterality (2C) is needed unless the body part is known to be unpaired:
-    # the source's body part where it names one properly, else Laterality empty (unknown)
-    body_part = str(source.get("BodyPartExamined") or "")
-    if re.fullmatch(r"[A-Z0-9_ ]{1,16}", body_part):
-        sc.BodyPartExamined = body_part
-    else:
-        sc.Laterality = None
+    source_laterality(sc, source)
     if jpeg:
         sc.LossyImageCompression = "01"
         sc.LossyImageCompressionMethod = "ISO_10918_1"
     return sc
+
+
+def source_laterality(ds, source):
+    """General Series' Laterality (2C) is needed unless the body part is known to be unpaired:
+    the source's body part where it names one properly, else Laterality empty (unknown)."""
+    body_part = str(source.get("BodyPartExamined") or "")
+    if re.fullmatch(r"[A-Z0-9_ ]{1,16}", body_part):
+        ds.BodyPartExamined = body_part
+    else:
+        ds.Laterality = None
 
 
 def uncompressed(ds):

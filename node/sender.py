@@ -15,7 +15,8 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
 
 from common import one_line
-from node.dicom import OLD_SR_CLASS, SC_CLASS, SR_CLASS, STORED_WARNINGS, SUCCESS, Refused
+from node.dicom import (OLD_SR_CLASS, PM_CLASS, SC_CLASS, SR_CLASS, STORED_WARNINGS, SUCCESS,
+                        Refused)
 from node.logs import log
 from node.pynetdicom_internals import quick_ack, tuned
 from node.results import uncompressed
@@ -113,7 +114,8 @@ class Sender:
         from pynetdicom import AE, evt
         ae_title, host, port = self.settings.destination
         ae = AE(ae_title=self.settings.ae_title)
-        for sop_class in (SR_CLASS, OLD_SR_CLASS, SC_CLASS):
+        for sop_class in (SR_CLASS, OLD_SR_CLASS, SC_CLASS) + (
+                (PM_CLASS,) if self.settings.parametric_maps else ()):
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         # JPEG heatmaps in a context of their own: a destination that accepts it takes them as
         # written; one that does not still accepts the context above (_send_folder decompresses)
@@ -133,6 +135,7 @@ class Sender:
                                      if assoc.is_aborted else "") + ")")
         tuned(assoc)
         self._tell_about_heatmaps(assoc)
+        self._tell_about_parametric_maps(assoc)
         return DimseLink(assoc)
 
     def _tell_about_heatmaps(self, assoc):
@@ -150,6 +153,22 @@ class Sender:
                     "sent (--uncompressed-heatmaps writes them so)")
         else:
             return
+        with self.lock:
+            told = what in self.told
+            self.told.add(what)
+        if not told:
+            log.warning("%s %s", self.settings.destination, what)
+
+    def _tell_about_parametric_maps(self, assoc):
+        """Once: a destination that takes no Parametric Map (--parametric-maps). Each goes to
+        SPOOL/failed/ after its refusals, as a heatmap does at a destination without Secondary
+        Capture; its image's report and heatmaps are sent before it (node/workers.py names the
+        files in that order), so they arrive."""
+        if not self.settings.parametric_maps or any(
+                cx.abstract_syntax == PM_CLASS for cx in assoc.accepted_contexts):
+            return
+        what = ("accepts no Parametric Map: parametric maps cannot be sent and go to failed/ "
+                "(without --parametric-maps none are made)")
         with self.lock:
             told = what in self.told
             self.told.add(what)

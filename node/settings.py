@@ -50,6 +50,7 @@ class NodeSettings:
     streams: Optional[int]
     no_heatmaps: bool
     uncompressed_heatmaps: bool
+    parametric_maps: bool
     uid_root: str
     keep_done_days: Optional[float]
     retry_seconds: float

@@ -195,12 +195,18 @@ def _sr_document(source, content, identity, uid_root, what="sr"):
                                                         uid_root),
         instance_number=1, manufacturer="CheXNet toolkit", is_complete=True,
         series_description="CheXNet AI findings - research use only", software_versions=VERSION)
-    scheme = pydicom.Dataset()  # PS3.3 C.12.1.1.2.1: a private coding scheme is identified
+    document.CodingSchemeIdentificationSequence = [coding_scheme_identification()]
+    return document
+
+
+def coding_scheme_identification():
+    """The item naming this project's private coding scheme (PS3.3 C.12.1.1.2.1: a private
+    scheme is identified in the objects that use its codes)."""
+    scheme = pydicom.Dataset()
     scheme.CodingSchemeDesignator = PRIVATE_SCHEME
     scheme.CodingSchemeName = "CheXNet toolkit chest X-ray findings (docs/serve.md)"
     scheme.CodingSchemeResponsibleOrganization = "CheXNet toolkit"
-    document.CodingSchemeIdentificationSequence = [scheme]
-    return document
+    return scheme
 
 
 def build_sr(source, findings, identity, points_note, uid_root):

@@ -23,6 +23,7 @@ import pydicom
 from common import DataError, one_line
 from node.dicom import DX_PRESENTATION, ServeError, SpoolError
 from node.logs import log, setup_logging
+from node.pmap import build_parametric_maps, map_values
 from node.results import build_heatmaps, with_type2
 from node.sr import ReportWriter, build_unclassified_sr
 from node.spool import Spool
@@ -306,17 +307,21 @@ def decode_in_worker(path, header=True):
 @in_worker
 def results_in_worker(uid, source, findings, maps, positive):
     """The report, and a heatmap per positive finding where `maps` (10, len(positive), h, w)
-    are given, written to the outbox: their file names."""
+    are given (and with --parametric-maps its parametric map, node/pmap.py), written to the
+    outbox: their file names, in the order they are sent (the report first, the parametric
+    maps last: a destination that refuses them still has the others)."""
     identity = _work["identity"]
 
     def files():  # one at a time, each written before the next is built
         yield "0-sr.dcm", _work["report"](source, findings)
         if maps is not None:
-            overlays = _overlays(_work["spool"].image(uid), findings, maps, positive,
-                                 identity, _work["resize"], _work["crop"])
+            gray, heat = _heat(_work["spool"].image(uid), maps, _work["resize"], _work["crop"])
+            overlays = _overlays(gray, heat, findings, positive, identity)
             for k, data in build_heatmaps(source, overlays, identity, _work["uid_root"],
                                           _work["heatmap_syntax"]):
                 yield f"1-sc-{k:02d}.dcm", data
+            if _work.get("parametric_maps"):
+                yield from _parametric_maps(uid, source, gray.shape, heat, positive, identity)
     return _work["spool"].put_results(uid, files())
 
 
@@ -344,12 +349,32 @@ def heatmap_caption(row, identity):
         "RESEARCH USE ONLY"]))
 
 
-def _overlays(path, findings, maps, positive, identity, resize, crop):
-    """(k, (H, W, 3) uint8) heatmap overlays at the image's resolution (cam.py)."""
-    from cam import registered_overlay, tencrop_heatmap
+def _parametric_maps(uid, source, shape, heat, positive, identity):
+    """("2-pm-KK.dcm", the file) of each positive finding (node/pmap.py). An optional extra: one
+    that cannot be built (a source highdicom refuses, memory) is said in the log and left out,
+    and the image's report and heatmaps go without it (a failure here would otherwise answer
+    the image with a no-result report)."""
+    values = ((k, map_values(heat[j], shape)) for j, k in enumerate(positive))
+    try:
+        for k, data in build_parametric_maps(source, values, identity, _work["uid_root"]):
+            yield f"2-pm-{k:02d}.dcm", data
+    except Exception as e:
+        log.warning("%s: parametric maps not built (%s: %s); its report and heatmaps go "
+                    "without them", uid, type(e).__name__, one_line(e)[:200])
+
+
+def _heat(path, maps, resize, crop):
+    """The image (H, W) uint8 and its findings' maps (K, h, w) over it (cam.py), at the
+    resized image's size: registered_overlay scales the colours to the X-ray's, map_values
+    the values."""
+    from cam import tencrop_heatmap
     from images import load_gray, shorter_to
     gray = np.asarray(load_gray(path))
-    # At the resized image's size: registered_overlay scales the colours to the X-ray's
-    heat = tencrop_heatmap(maps, shorter_to(gray.shape[::-1], resize)[::-1], crop)
+    return gray, tencrop_heatmap(maps, shorter_to(gray.shape[::-1], resize)[::-1], crop)
+
+
+def _overlays(gray, heat, findings, positive, identity):
+    """(k, (H, W, 3) uint8) heatmap overlays at the image's resolution (cam.py)."""
+    from cam import registered_overlay
     for j, k in enumerate(positive):
         yield k, registered_overlay(gray, heat[j], heatmap_caption(findings[k], identity))
