@@ -48,8 +48,8 @@ def need(binary):
     found = dcmtk(binary) if binary in ("storescu", "storescp") else (
         shutil.which(binary) or shutil.which(binary, path="/usr/sbin:/usr/bin"))
     if found is None:
-        message = (f"{binary} not installed (apt-get install orthanc dcmtk dicom3tools; "
-                   ".ci/run does it)")
+        message = (f"{binary} not installed (apt-get install orthanc orthanc-dicomweb dcmtk "
+                   "dicom3tools; .ci/run does it)")
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
