@@ -89,9 +89,14 @@ def _frame_of_reference(source, uid_root):
     source's, else one derived from its SOP Instance UID (the same for every map of the image,
     whichever model) with the indicator empty: no geometry claimed."""
     value = source.get("FrameOfReferenceUID")
-    if isinstance(value, str) and len(value) <= 64 and UID_RE.match(value):
+    # the standard's UID (no leading zero in a component), which the node's receive check,
+    # lenient with what modalities write, does not ask of a source
+    if isinstance(value, str) and len(value) <= 64 and UID_RE.match(value) and not any(
+            len(part) > 1 and part.startswith("0") for part in value.split(".")):
         indicator = source.get("PositionReferenceIndicator")
-        return value, indicator if isinstance(indicator, str) and len(indicator) <= 64 else ""
+        valid = isinstance(indicator, str) and len(indicator) <= 64 and "\\" not in indicator \
+            and indicator.isprintable()
+        return value, indicator if valid else ""
     return result_uid(str(source.SOPInstanceUID), "", "frame-of-reference", uid_root), ""
 
 

@@ -149,6 +149,14 @@ def test_a_parametric_map_holds_the_values_on_the_source_s_grid_and_claims_no_ge
     shared = pm.SharedFunctionalGroupsSequence[0]
     assert [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing] == [0.139, 0.14]
     assert len(shared.PlanePositionSequence[0]) == 0 and "ImagePositionPatient" not in pm
+    # a source's Frame of Reference UID the standard does not allow (a leading zero) is not
+    # copied, nor an indicator with control characters: each map would be invalid
+    framed.FrameOfReferenceUID, framed.PositionReferenceIndicator = "1.2.03.4", "XY"
+    _, pm = build(framed)[0]
+    assert pm.FrameOfReferenceUID == result_uid(uid, "", "frame-of-reference", UID_ROOT)
+    framed.FrameOfReferenceUID, framed.PositionReferenceIndicator = "1.2.3.4.5", "XY\x1b\x07"
+    _, pm = build(framed)[0]
+    assert (pm.FrameOfReferenceUID, pm.PositionReferenceIndicator) == ("1.2.3.4.5", "")
     detector_only = with_type2(pydicom.dcmread(path, stop_before_pixels=True))
     detector_only.ImagerPixelSpacing = [0.15, 0.15]
     detector_only.PixelSpacing = [0, 0.1]  # not a spacing: left out
