@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
-from common import DataError, os_reason
+from common import DataError, exclusive_lock, os_reason
 from node.settings import Destination
 
 JOURNAL_HEADER = {"journal": "chexnet retrieve.py", "version": 1}
@@ -108,6 +108,11 @@ class Journal:
         self.path, self.pacs_ae, self.node_ae = Path(path), pacs_ae, node_ae
         self.done, self.ignored, self.fd = {}, 0, None
         self.lock = threading.Lock()
+        # a device (/dev/null), a FIFO or a symlink would be written through, replaced or read
+        # for ever: a journal is a regular file of its own
+        if self.path.is_symlink() or (self.path.exists() and not self.path.is_file()):
+            raise RetrieveError(f"--state {path}: not a regular file (a symlink, a device, a "
+                                "FIFO or a folder); name a new file")
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -366,6 +371,17 @@ def suboperations(response, before):
     return tuple(max(int(c), b) if c is not None else b for c, b in zip(counts, before))
 
 
+def counted(outcome, series):
+    """A move that ended in success but counted fewer images stored than the series holds (or
+    none, where the PACS gave no number): not whole, so not journaled, and a rerun moves it
+    again (the node answers the images it has as duplicates)."""
+    if not outcome.whole or outcome.completed >= (series.images or 1):
+        return outcome
+    return Moved(False, outcome.completed, why=(
+        f"the PACS answered success but counted {outcome.completed} image(s) stored at the "
+        f"node of {series.images or 'at least 1'}: not recorded, a rerun moves it again"))
+
+
 def ended(settings, status, counts, response, aborted=False):
     """A C-MOVE's last response (None: none came) -> Moved: whole only on success with no
     failed sub-operation."""
@@ -423,7 +439,17 @@ class Run:
     def run(self):
         """0 where every series found is in the journal now (or listed: --dry-run);
         RetrieveError where one failed (each said in its line), where the run stopped (the
-        PACS, the set-up, the journal), or before any move where the query cannot be made."""
+        PACS, the set-up, the journal), or before any move where the query cannot be made.
+        One run per journal at a time (two would move everything twice, each within
+        --max-retrievals: twice that at the PACS)."""
+        state = Path(self.settings.state)
+        if self.settings.dry_run:
+            return self._run()
+        with exclusive_lock(state.with_name(f".{state.name}.lock"), "another retrieve.py",
+                            "give each run its own --state"):
+            return self._run()
+
+    def _run(self):
         s = self.settings
         journal = Journal(s.state, s.pacs.ae_title, s.node_ae, create=not s.dry_run)
         try:
@@ -481,6 +507,7 @@ class Run:
                 outcome = move(self.settings, series)
             except Exception as e:  # a failure of this series, never of the run's bookkeeping
                 outcome = Moved(False, why=f"{type(e).__name__}: {e}")
+            outcome = counted(outcome, series)
             if outcome.whole:
                 images = max(outcome.completed, series.images or 0)
                 try:

@@ -347,7 +347,12 @@ def test_bad_flags_are_one_line_naming_the_flag(tmp_path, capsys):
     fails([*ok[:-1], str(other)], "--state", "not a journal of retrieve.py")
     assert other.read_text() == "my notes\n"
     (tmp_path / "dir").mkdir()
-    fails([*ok[:-1], str(tmp_path / "dir")], "--state", "cannot read")
+    fails([*ok[:-1], str(tmp_path / "dir")], "--state", "not a regular file")
+    # nor written through or replaced: a device, a symlink (dangling or not)
+    fails([*ok[:-1], "/dev/null"], "--state", "not a regular file")
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "nowhere" / "x.jsonl")
+    fails([*ok[:-1], str(tmp_path / "link.jsonl")], "--state", "not a regular file")
+    assert not (tmp_path / "nowhere").exists()
 
     # an unreachable PACS: one line naming --pacs and the system's reason
     port = free_port()
@@ -498,3 +503,15 @@ def test_a_c_move_counts_as_done_only_on_success_without_failed_suboperations():
         settings, 0xB000, (2, 0), response(0xB000)).why
     assert "0xC001 (unable to process, no such series)" in ended(
         settings, 0xC001, (0, 0), response(0xC001, comment="no such series")).why
+
+
+def test_a_success_that_counts_fewer_images_than_the_series_holds_is_not_journaled():
+    """A PACS answering success with 0 images, no count at all, or 1 of 5: not whole (a rerun
+    moves the series again); all 5, or more: whole."""
+    from node.retrieve import Moved, counted
+    for completed, images in [(0, 5), (0, None), (1, 5)]:
+        outcome = counted(Moved(True, completed), series("1.1", images))
+        assert not outcome.whole and "not recorded" in outcome.why
+    assert counted(Moved(True, 5), series("1.1", 5)).whole
+    assert counted(Moved(True, 1), series("1.1", None)).whole
+    assert not counted(Moved(False, 5), series("1.1", 5)).whole
