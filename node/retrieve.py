@@ -82,6 +82,10 @@ class Series:
         return f"series {self.series} ({self.modality}, study {self.study}, {when}{count})"
 
 
+MAX_MATCHES = 100_000  # studies or series one query may find (a month of a large hospital: ~10,000)
+QUERY_TIMEOUTS = 10  # one query's whole time, in --timeout (a month's query takes seconds)
+
+
 @dataclass
 class Moved:
     """How one C-MOVE ended: whole (journaled) or not, and why not."""
@@ -256,12 +260,27 @@ def status_of(response):
 def find(assoc, identifier, settings, what):
     """The identifiers a C-FIND answers with; RetrieveError where the PACS refuses it."""
     found, since = [], time.monotonic()
+    started = progress = since
     for response, answer in assoc.send_c_find(identifier, STUDY_FIND):
         now = time.monotonic()
         status, waited, since = status_of(response), now - since, now
         if status in PENDING:
+            # --timeout bounds each answer; these bound the whole query: a PACS answering
+            # "pending" for ever, with nothing or without end, holds no run for ever
             if answer is not None:
                 found.append(answer)
+                progress = now
+            too_long = now - started > QUERY_TIMEOUTS * settings.timeout
+            if len(found) > MAX_MATCHES or too_long or now - progress > settings.timeout:
+                assoc.abort()
+                raise RetrieveError(
+                    f"--pacs {settings.pacs}: the {what} query "
+                    + (f"found over {MAX_MATCHES} matches: narrow --from/--to"
+                       if len(found) > MAX_MATCHES else
+                       f"took over {QUERY_TIMEOUTS} x --timeout ({len(found)} matches so far): "
+                       "narrow --from/--to" if too_long else
+                       f"answered 'pending' without a match for --timeout "
+                       f"{settings.timeout:g} s"))
         elif status == 0x0000:
             return found
         elif status is None and waited < settings.timeout and ended_by_peer(assoc):
@@ -346,6 +365,7 @@ def move(settings, series):
     identifier.StudyInstanceUID = series.study
     identifier.SeriesInstanceUID = series.series
     last, counts, since, waited = None, (0, 0), time.monotonic(), 0.0
+    progress, seen = time.monotonic(), None
     try:
         for response, _ in assoc.send_c_move(identifier, settings.node_ae, STUDY_MOVE):
             now = time.monotonic()
@@ -353,6 +373,18 @@ def move(settings, series):
             counts = suboperations(response, counts)
             if status_of(response) not in PENDING:
                 break
+            # pending answers whose counts stay the same for --timeout: a move that does not
+            # move (each answer within --timeout, the whole never ending) is given up
+            state = tuple(response.get(k, None) for k in (
+                "NumberOfRemainingSuboperations", "NumberOfCompletedSuboperations",
+                "NumberOfFailedSuboperations", "NumberOfWarningSuboperations"))
+            if state != seen:
+                seen, progress = state, now
+            elif now - progress > settings.timeout:
+                assoc.abort()
+                return Moved(False, counts[0], counts[1], why=(
+                    f"the PACS answered 'pending' without progress for --timeout "
+                    f"{settings.timeout:g} s; {counts[0]} image(s) stored at the node"))
     finally:
         aborted = (status_of(last) is None and waited < settings.timeout
                    and ended_by_peer(assoc))
