@@ -39,12 +39,21 @@ def pacs(text):
 def day(text):
     import argparse
     try:
-        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        # a year from 1000: a DICOM date is 8 digits (Python writes year 999 as 3)
+        if not re.fullmatch(r"[1-9]\d{3}-\d{2}-\d{2}", text):
             raise ValueError
         return datetime.date.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a date YYYY-MM-DD, e.g. "
                                          "2026-01-31") from None
+
+
+def timeout(text):
+    import argparse
+    value = positive_float(text)
+    if value > 3600:  # more is no timeout (and overflows the socket's)
+        raise argparse.ArgumentTypeError(f"at most 3600 seconds, got {text}")
+    return value
 
 
 def max_retrievals(text):
@@ -78,7 +87,7 @@ def get_args(argv=None):
     p.add_argument("--max-retrievals", type=max_retrievals, default=1, metavar="N",
                    help=f"C-MOVEs at once, each on an association of its own (default 1, at most "
                         f"{MAX_RETRIEVALS})")
-    p.add_argument("--timeout", type=positive_float, default=60.0,
+    p.add_argument("--timeout", type=timeout, default=60.0,
                    help="seconds to wait for each answer of the PACS (default 60)")
     p.add_argument("--dry-run", action="store_true",
                    help="list the series that would be moved; move nothing, write nothing")

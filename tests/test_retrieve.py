@@ -338,6 +338,8 @@ def test_bad_flags_are_one_line_naming_the_flag(tmp_path, capsys):
     fails([*ok, "--max-retrievals", "0"], "--max-retrievals")
     fails([*ok, "--max-retrievals", "9"], "--max-retrievals", "at most 8")
     fails([*ok, "--modality", "MR"], "--modality")
+    fails([*ok[:4], "--from", "0999-01-01", *ok[6:]], "--from")  # not 8 digits as DICOM
+    fails([*ok, "--timeout", "1e10"], "--timeout", "at most 3600")
     fails(ok[2:], "--pacs")
     assert not (tmp_path / "s.jsonl").exists()
 
