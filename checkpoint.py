@@ -3,7 +3,10 @@ what resume checks and repairs, and what evaluation, export and the back ends re
 
     {"model": bare state dict (torchvision key names; no DDP or compile prefixes),
      "optimizer", "scheduler", "scaler": their state dicts,
-     "args": the training flags, "class_names": the head's classes, in order,
+     "args": the training flags, the precision as applied among them ("amp", "amp_dtype",
+             "channels_last"; "precision" says it in words, "precision_note" why: the
+             hardware's default, the flags, or the checkpoint a resumed run keeps),
+     "class_names": the head's classes, in order,
      "data": which train/val lists it saw, "epoch", "step", "epoch_images", "partial",
      "best_auc", "best_epoch", "history": the metrics.jsonl records, "world_size", "batch_size"}
 

@@ -35,7 +35,7 @@ from fitting import (RECIPE_BATCH, LearningRate, MaskedBCE, StepSettings, epoch_
 from images import CENTRE_CROP, protocol_name
 from labels import UNCERTAIN_POLICIES
 from model import ARCH_NAMES, build_model
-from runtime import SetupError, default_precision, setup
+from runtime import Precision, SetupError, decide_precision, probe_hardware, setup
 from splitting import Data
 from store import image_names, open_store
 
@@ -95,12 +95,14 @@ def get_args(argv=None):
     p.add_argument("--workers", type=nonnegative_int, default=4, help="data-loader workers per process")
     add_device_args(p)
     p.add_argument("--amp", action=BooleanOptionalAction, default=None,
-                   help="mixed precision autocast (default: on for a CPU with AMX, where bf16 "
-                        "trains ~2x faster; off elsewhere)")
-    p.add_argument("--amp-dtype", default="bf16", choices=["bf16", "fp16"],
-                   help="autocast dtype (fp16 adds a gradient scaler; not on Gaudi)")
+                   help="mixed precision autocast (default: on where the hardware runs it "
+                        "natively: a CPU with AMX or AVX512-BF16, a GPU with tensor cores; "
+                        "off elsewhere and on Gaudi; runtime.decide_precision)")
+    p.add_argument("--amp-dtype", default=None, choices=["bf16", "fp16"],
+                   help="autocast dtype (default: bf16; fp16 on a GPU without bf16, Volta or "
+                        "Turing; fp16 adds a gradient scaler; not on Gaudi)")
     p.add_argument("--channels-last", action=BooleanOptionalAction, default=None,
-                   help="NHWC memory format (default: on for a CPU with AMX, off elsewhere)")
+                   help="NHWC memory format (default: on where --amp is on by default)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--resume", default=None, help="checkpoint to resume (default: out-dir/last.pt)")
     p.add_argument("--save-every", type=nonnegative_int, default=0,
@@ -181,21 +183,32 @@ def main(argv=None):
 def run(args, rt):
     """Train; returns the bare model (tests compare ranks' weights through it)."""
     log = print if rt.is_main else (lambda *a, **k: None)
-    if rt.device.type == "hpu" and args.amp and args.amp_dtype == "fp16":
-        raise SetupError("--amp-dtype fp16: Gaudi trains in bf16 (no fp16 gradient scaler); "
-                         "use --amp alone")
     data = Data(args.data_dir, args.split, args.split_seed, args.keep_laterals, args.resize,
                 args.crop_size)
     check_data_dir(data.data_dir, data.dataset)
-    # --amp and --channels-last left unset follow the CPU (bf16 + NHWC where it has AMX), or
-    # a resumed run's checkpoint
-    precision, note, defaulted = default_precision(rt.device.type, args.amp, args.channels_last,
-                                                   args.amp_dtype)
-    precision, note = keep_trained_precision(args, precision, note, defaulted, log)
+    # The precision: the flags given, the hardware's fastest native path for those left unset
+    # (runtime.decide_precision), or a resumed run's checkpoint's
+    hardware = probe_hardware(rt.device.type)
+    decision = decide_precision(hardware, args.amp, args.channels_last, args.amp_dtype)
+    precision, reason = keep_trained_precision(args, decision, log)
+    if rt.device.type == "hpu" and precision.uses_scaler:
+        raise SetupError("--amp-dtype fp16: Gaudi trains in bf16 (no fp16 gradient scaler); "
+                         "use --amp alone")
+    if rt.distributed:  # one precision for every rank, or none: the hardware may differ
+        chosen = [None] * rt.world_size
+        dist.all_gather_object(chosen, (str(precision), hardware.name))
+        if len({c[0] for c in chosen}) > 1:
+            other = next(r for r, c in enumerate(chosen) if c[0] != chosen[0][0])
+            raise SetupError(f"the ranks' hardware chooses different precisions (rank 0, "
+                             f"{chosen[0][1]}: {chosen[0][0]}; rank {other}, {chosen[other][1]}: "
+                             f"{chosen[other][0]}): pass --amp or --no-amp, --amp-dtype and "
+                             "--channels-last or --no-channels-last")
+    log(f"precision: {precision} ({reason})")
     # The training flags every checkpoint records ("args"): the flags, the precision as
-    # applied, and the note and defaults the record has always held beside them
-    flags = {**vars(args), "amp": precision.amp, "channels_last": precision.channels_last,
-             "precision_note": note, "precision_defaults": defaulted}
+    # applied, and what chose it and why
+    flags = {**vars(args), "amp": precision.amp, "amp_dtype": precision.amp_dtype,
+             "channels_last": precision.channels_last, "precision": str(precision),
+             "precision_note": reason, "precision_defaults": decision.defaulted}
     data = data.resolved()
     train_set, val_set = make_datasets(args, data, log)
     global_batch = args.batch_size * rt.world_size
@@ -216,24 +229,50 @@ def run(args, rt):
                       out_dir, log)
 
 
-def keep_trained_precision(args, precision, note, defaulted, log):
-    """(precision, note): a resumed run keeps the precision (autocast, channels_last) its
-    checkpoint was trained in for the flags left to their default (`defaulted`), unless a flag
-    says otherwise: the defaults follow the CPU, and a run resumed on another machine (or
-    node) would otherwise change precision half-way. No note then: the checkpoint decided."""
+PRECISION_FLAGS = {"amp": "--{}amp", "amp_dtype": "--amp-dtype {}",
+                   "channels_last": "--{}channels-last"}
+
+
+def _flag(key, value):
+    return PRECISION_FLAGS[key].format(value if key == "amp_dtype" else "" if value else "no-")
+
+
+def keep_trained_precision(args, decision, log):
+    """(precision, reason): a resumed run goes on in the precision (autocast, its dtype,
+    channels_last) its checkpoint was trained in, whatever this machine's default: a run
+    resumed on another machine (or node) would otherwise change precision half-way. A flag
+    given on resume wins over the checkpoint, with a line saying so; to or from fp16 (its
+    gradient scaler's state) load_checkpoint refuses in one line."""
+    precision, reason = decision.precision, decision.reason
     last = Path(args.out_dir) / "last.pt"
     resume = args.resume or (last if last.is_file() else None)
-    if not resume or not defaulted:
-        return precision, note
+    if not resume:
+        return precision, reason
     trained = read_training_flags(resume)
-    kept = {k: bool(trained[k]) for k in defaulted
-            if k in trained and bool(trained[k]) != getattr(precision, k)}
-    if not kept:
-        return precision, note
-    log(f"note: {resume} was trained with " + ", ".join(
-        f"--{'' if v else 'no-'}{k.replace('_', '-')}" for k, v in kept.items())
-        + ": resuming the same way (pass the flag to change it)")
-    return replace(precision, **kept), None
+    if "amp" not in trained:
+        return precision, reason
+    was = Precision(bool(trained["amp"]), trained.get("amp_dtype") or "bf16",
+                    bool(trained.get("channels_last")))
+    # a run trained without autocast recorded a dtype it never used: that one is not kept
+    resumed = replace(precision, **{k: getattr(was, k) for k in decision.defaulted
+                                    if k != "amp_dtype" or was.amp})
+    given = {k: getattr(precision, k) for k in PRECISION_FLAGS
+             if k not in decision.defaulted and getattr(precision, k) != getattr(was, k)
+             and (k != "amp_dtype" or was.amp or precision.amp)}
+    flags = ", ".join(_flag(k, v) for k, v in given.items())
+    if given:
+        if resumed.uses_scaler == was.uses_scaler:  # else load_checkpoint refuses
+            log(f"note: {resume} was trained in {was}; {flags} given: resuming in {resumed} "
+                "(the flag wins)")
+        return resumed, f"{flags} over the {was} {resume} was trained in"
+    if str(resumed) == str(precision):
+        return resumed, reason
+    change = ", ".join(_flag(k, getattr(precision, k)) for k in decision.defaulted
+                       if getattr(precision, k) != getattr(was, k))
+    log(f"note: {resume} was trained in {was}: resuming the same way, not in {precision} as "
+        f"this machine would ({change} changes it)")
+    return resumed, (f"as {resume} was trained; this machine would choose {precision}: "
+                     f"{decision.reason}")
 
 
 @dataclass
@@ -423,8 +462,6 @@ def _train(args, rt, precision, flags, data, train_set, val_set, global_batch, o
         val_set, num_replicas=rt.world_size, rank=rt.rank, shuffle=False)
     val_loader = make_loader(val_set, val_sampler, args.batch_size, args.workers, rt, train=False)
     lr = t.lr
-    if flags["precision_note"]:
-        log(f"note: {flags['precision_note']}")
     log(f"{args.arch} on {rt.world_size} x {rt.device.type}, {precision}: {n} train / "
         f"{len(val_set)} val images; global batch {global_batch} ({args.batch_size} x "
         f"{rt.world_size}), {t.steps_per_epoch} steps per epoch; lr {lr.peak:.3g}"

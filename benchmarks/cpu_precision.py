@@ -20,7 +20,7 @@ import data_loading  # noqa: E402
 import gpu  # noqa: E402
 
 from metrics import mean_auc, roc_aucs  # noqa: E402
-from runtime import cpu_has_amx, setup  # noqa: E402
+from runtime import cpu_has_amx, cpu_has_avx512_bf16, setup  # noqa: E402
 
 VARIANTS = {"fp32": [], "bf16 autocast": ["--amp"],
             "bf16 + channels_last": ["--amp", "--channels-last"]}
@@ -39,8 +39,9 @@ def main():
     root = data_loading.throwaway_data_dir(paths)
     labels = labels[:a.n]
     device = gpu.Device(setup("cpu"))
-    print(f"{device.name}; AMX: {cpu_has_amx()}; torch {torch.__version__}; {a.n} NIH images, "
-          f"ten-crop 224 from Resize(256), batch {a.batch_size}, {a.workers} loader workers")
+    print(f"{device.name}; AMX: {cpu_has_amx()}; AVX512-BF16: {cpu_has_avx512_bf16()}; torch "
+          f"{torch.__version__}; {a.n} NIH images, ten-crop 224 from Resize(256), batch "
+          f"{a.batch_size}, {a.workers} loader workers")
     probs, rows = [], {}
     for label, flags in VARIANTS.items():
         rate, _ = gpu.eval_row(device, root, 224, 256, a.batch_size, a.workers, a.n, flags, probs)

@@ -6,7 +6,9 @@
 
 Rows: DenseNet-121 training images/s at 224x224 (fitting.train_one_epoch on in-memory batches,
 forward + backward + Adam) in fp32, bf16 autocast, bf16 + channels_last and bf16 +
-channels_last + torch.compile, each at the largest batch of --batch-sizes that fits; the
+channels_last + torch.compile, each at the largest batch of --batch-sizes that fits, and
+main.py's default precision on this device against fp32 (a note: the gain, or that there is
+none; a row of its own where the default is none of these, fp16 on a GPU without bf16); the
 training loader's images/s (main.py's default workers) decoding PNGs and reading the 512 store
 (is the loader faster than the step?); ten-crop evaluation images/s of `infer.py --mode torch`
 (a random-weights checkpoint, PNGs decoded by its workers); and each row's peak device memory.
@@ -33,10 +35,11 @@ from runtime import setup  # noqa: E402
 # torch.OutOfMemoryError from torch 2.5; torch.cuda's before (a Gaudi container may be older)
 OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
 BUDGET_S = 480  # the whole command, the issue's 8 minutes
+BF16 = ["--amp", "--amp-dtype", "bf16"]
 TRAIN = {"fp32": ["--no-amp", "--no-channels-last"],
-         "AMP bf16": ["--amp", "--no-channels-last"],
-         "AMP bf16 + channels_last": ["--amp", "--channels-last"],
-         "AMP bf16 + channels_last + torch.compile": ["--amp", "--channels-last", "--compile"]}
+         "AMP bf16": [*BF16, "--no-channels-last"],
+         "AMP bf16 + channels_last": [*BF16, "--channels-last"],
+         "AMP bf16 + channels_last + torch.compile": [*BF16, "--channels-last", "--compile"]}
 
 
 class Device:
@@ -90,6 +93,29 @@ def train_row(device, flags, batch_sizes, steps, crop):
             if not device.out_of_memory(e):
                 raise
     return None, None, None
+
+
+def default_row(device, rows, batch_sizes, steps, crop):
+    """(rows, note): main.py's default precision on this device against fp32. The default is
+    one of the training rows, or (fp16 on a GPU without bf16) a row of its own after them."""
+    label, _, decision = training.default_variant(device.type)
+    precision = decision.precision
+    index = next((i for i, (name, flags) in enumerate(TRAIN.items()) if "--compile" not in flags
+                  and training.precision_of(flags, device.type) == precision), None)
+    if index is None:
+        batch, rate, peak = train_row(device, [], batch_sizes, steps, crop)
+        rows = rows[:len(TRAIN)] + [(f"train, {precision} (main.py's default)", batch, rate,
+                                     peak)] + rows[len(TRAIN):]
+        index = len(TRAIN)
+    fp32, default = rows[0], rows[index]
+    says = f"main.py's default here: {default[0].removeprefix('train, ')} ({decision.reason})"
+    if index == 0:
+        return rows, f"{says}: fp32 itself, nothing to gain over it on this device"
+    if fp32[2] is None or default[2] is None:
+        return rows, f"{says}: not compared, a row did not run"
+    gain = default[2] / fp32[2]
+    return rows, (f"{says}: {gain:.2f}x fp32's images/s (batch {default[1]} vs {fp32[1]})"
+                  + ("" if gain >= 1.05 else ": no gain over fp32 here"))
 
 
 def sample_paths(images, n):
@@ -203,6 +229,8 @@ def main(argv=None):
         batch, rate, peak = train_row(device, flags, batch_sizes, steps, crop)
         rows.append((f"train, {label}", batch, rate, peak))
         print(f"  {rows[-1]}", flush=True)
+    rows, note = default_row(device, rows, batch_sizes, steps, crop)
+    notes.append(note)
     paths, source = sample_paths(a.images, n)
     threads = torch.get_num_threads()
     root, rates = loader_rows(paths, workers, crop, passes=1 if tiny else 5)

@@ -29,6 +29,9 @@ def test_gpu_benchmark_runs_tiny_on_a_cpu(tmp_path, shared):
         assert float(row.split(" | ")[2]) > 0, row
     assert rows[3].split(" | ")[1:3] == ["-", "-"]  # compiling takes minutes: not in a tiny run
     assert "torch.compile: left out, a tiny run" in table
+    # main.py's default here against fp32: on a CPU without native bf16, fp32 itself
+    default = next(ln for ln in table.splitlines() if ln.startswith("- main.py's default here: "))
+    assert "fp32 itself, nothing to gain" in default or "x fp32's images/s" in default, default
     assert (REPO / "docs" / "benchmarks.md").read_text().count(
         "| measurement | batch | images/s | peak memory GiB |") == 1
 

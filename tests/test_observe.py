@@ -1,6 +1,6 @@
 """Watching a training run: the loader-wait share of the training loop, progress lines in a
 non-terminal log, TensorBoard event files read back with TensorBoard's own reader, the PNG of
-the run, and the CPU precision defaults."""
+the run (the precision defaults: tests/test_precision.py)."""
 import json
 import time
 
@@ -200,52 +200,3 @@ def test_without_the_tensorboard_package_training_goes_on(tmp_path):
     assert len(notes) == 1 and notes[0].startswith("note: the tensorboard package is not"), notes
     assert (out / "metrics.jsonl").is_file()
     assert not list(out.glob("tensorboard/*"))  # the directory --check made, empty
-
-
-# ---------------------------------------------------------------------------------------------
-# What the CPU has
-
-def test_precision_defaults_follow_the_cpu(monkeypatch):
-    import main
-    import runtime
-    from runtime import Precision, default_precision
-    args = main.get_args(["--device", "cpu"])  # unset: main.run resolves them
-    assert args.amp is None and args.channels_last is None
-    args = main.get_args(["--device", "cpu", "--amp", "--channels-last"])  # old command lines
-    assert args.amp and args.channels_last
-    monkeypatch.setattr(runtime, "cpu_has_amx", lambda: True)
-    precision, note, defaulted = default_precision("cpu")
-    assert precision == Precision(amp=True, channels_last=True) and "AMX" in note
-    assert defaulted == ["amp", "channels_last"]
-    assert default_precision("cuda")[0] == Precision()  # GPUs take --amp explicitly
-    precision, note, defaulted = default_precision("cpu", amp=False)
-    assert not precision.amp and precision.channels_last and defaulted == ["channels_last"]
-    precision, note, defaulted = default_precision("cpu", amp=False, channels_last=False)
-    assert precision == Precision() and note is None and defaulted == []
-    monkeypatch.setattr(runtime, "cpu_has_amx", lambda: False)
-    precision, note, _ = default_precision("cpu")  # no AMX: fp32 as before
-    assert precision == Precision() and note is None
-    assert default_precision("cpu", True, True)[0] == Precision(amp=True, channels_last=True)
-    assert str(Precision(amp=True, channels_last=True)) == "bf16 autocast + channels_last"
-
-
-@pytest.mark.integration
-def test_a_resumed_run_keeps_the_precision_it_was_trained_in(tmp_path, capsys, monkeypatch):
-    """Trained in fp32, resumed on a CPU whose default is bf16 + channels_last: it goes on in
-    fp32 and says so; a flag given on resume still wins."""
-    import runtime
-    out = tmp_path / "run"
-    common = [*TINY, "--limit", "16", "--out-dir", out, "--no-tensorboard"]
-    monkeypatch.setattr(runtime, "cpu_fast_path", lambda device: False)
-    first = run_main(capsys, *common, "--epochs", "1")
-    assert first.returncode == 0, first.stderr
-    monkeypatch.setattr(runtime, "cpu_fast_path", lambda device: device == "cpu")  # now "AMX"
-    resumed = run_main(capsys, *common, "--epochs", "2")
-    assert resumed.returncode == 0, resumed.stderr
-    assert "was trained with --no-amp, --no-channels-last: resuming the same way" in resumed.stdout
-    ckpt = torch.load(out / "last.pt", weights_only=True)
-    assert ckpt["epoch"] == 2 and not ckpt["args"]["amp"] and not ckpt["args"]["channels_last"]
-    again = run_main(capsys, *common, "--epochs", "3", "--channels-last")
-    assert again.returncode == 0, again.stderr
-    assert "--no-amp: resuming the same way" in again.stdout
-    assert torch.load(out / "last.pt", weights_only=True)["args"]["channels_last"]
