@@ -29,6 +29,7 @@ import highdicom as hd
 import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.valuerep import format_number_as_ds
 
 from node.dicom import UID_RE, VERSION, encode_file
 from node.results import result_charset, result_uid, source_laterality
@@ -107,7 +108,10 @@ def _pixel_spacing(source):
         spacing = [float(v) for v in source.get("PixelSpacing") or []]
     except (TypeError, ValueError):
         return None
-    return spacing if len(spacing) == 2 and all(0 < v < 1e4 for v in spacing) else None
+    if len(spacing) != 2 or not all(0 < v < 1e4 for v in spacing):
+        return None
+    # as DS allows them (16 characters): a float32's digits, 0.1868000030517578, are 18
+    return [format_number_as_ds(v) for v in spacing]
 
 
 def build_parametric_maps(source, maps, identity, uid_root):
@@ -151,6 +155,8 @@ def build_parametric_maps(source, maps, identity, uid_root):
             series_description="CheXNet class activation maps - research use only")
         _projection_geometry(pm, spacing, name)
         source_laterality(pm, source)
+        if "Laterality" in pm:  # Frame Laterality (U) says it: General Series' must be absent
+            del pm.Laterality
         # The source's orientation where it names one: the map lies on its pixels
         orientation = [str(v) for v in (source.get("PatientOrientation") or [])]
         if len(orientation) == 2 and all(v in ("A", "P", "L", "R", "H", "F") for v in orientation):

@@ -157,6 +157,14 @@ def test_a_parametric_map_holds_the_values_on_the_source_s_grid_and_claims_no_ge
     framed.FrameOfReferenceUID, framed.PositionReferenceIndicator = "1.2.3.4.5", "XY\x1b\x07"
     _, pm = build(framed)[0]
     assert (pm.FrameOfReferenceUID, pm.PositionReferenceIndicator) == ("1.2.3.4.5", "")
+    # a float32's spacing (18 digits) fits DS's 16; no body part: no empty Laterality beside
+    # the Frame Laterality (dciodvfy: present when the condition is unsatisfied)
+    framed.PixelSpacing = ["0.1868000030517578", "0.1868000030517578"]
+    del framed.BodyPartExamined
+    _, pm = build(framed)[0]
+    spacing = pm.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+    assert all(len(str(v)) <= 16 for v in spacing) and abs(float(spacing[0]) - 0.1868) < 1e-6
+    assert "Laterality" not in pm
     detector_only = with_type2(pydicom.dcmread(path, stop_before_pixels=True))
     detector_only.ImagerPixelSpacing = [0.15, 0.15]
     detector_only.PixelSpacing = [0, 0.1]  # not a spacing: left out
