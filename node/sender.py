@@ -133,9 +133,13 @@ class Sender:
                                   + (", or it accepts none of the node's presentation contexts:"
                                      " SR and SC in Explicit or Implicit VR Little Endian"
                                      if assoc.is_aborted else "") + ")")
-        tuned(assoc)
-        self._tell_about_heatmaps(assoc)
-        self._tell_about_parametric_maps(assoc)
+        try:
+            tuned(assoc)
+            self._tell_about_heatmaps(assoc)
+            self._tell_about_parametric_maps(assoc)
+        except BaseException:  # not left open behind the error
+            assoc.release()
+            raise
         return DimseLink(assoc)
 
     def _tell_about_heatmaps(self, assoc):
@@ -153,11 +157,7 @@ class Sender:
                     "sent (--uncompressed-heatmaps writes them so)")
         else:
             return
-        with self.lock:
-            told = what in self.told
-            self.told.add(what)
-        if not told:
-            log.warning("%s %s", self.settings.destination, what)
+        self._warn_once(what)
 
     def _tell_about_parametric_maps(self, assoc):
         """Once: a destination that takes no Parametric Map (--parametric-maps). Each goes to
@@ -169,6 +169,10 @@ class Sender:
             return
         what = ("accepts no Parametric Map: parametric maps cannot be sent and go to failed/ "
                 "(without --parametric-maps none are made)")
+        self._warn_once(what)
+
+    def _warn_once(self, what):
+        """A warning about the destination, logged once until the node restarts."""
         with self.lock:
             told = what in self.told
             self.told.add(what)
